@@ -1,0 +1,3 @@
+from tvlang.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""The ``tvlang`` command: a thin shell over :mod:`tvlang.api`.
+
+Exit codes: 0 success, 1 a user error (printed as a positioned report, no
+traceback), 2 an internal error (a bug: the traceback is printed), 130
+interrupted.  An interrupted or failed run leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import traceback
+from collections.abc import Sequence
+
+from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
+from tvlang.errors import TvError, TvParamError
+from tvlang.lower import Bound
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "--memory") -> int:
+    """``512M``, ``2G``, ``1.5GiB`` or plain bytes → bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise TvParamError(f"{what} {text!r} is not a size", help="write e.g. 512M, 2G or 1073741824", code="E402")
+    scale = 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    return int(float(m.group(1)) * scale)
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise TvParamError(f"{flag} {item!r}: expected NAME=VALUE", code="E402")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _params(args: argparse.Namespace) -> dict[str, float]:
+    params = {}
+    for name, value in _pairs(args.set, "--set"):
+        try:
+            params[name] = float(value)
+        except ValueError:
+            raise TvParamError(f"--set {name}={value}: {value!r} is not a number", code="E402") from None
+    return params
+
+
+def _bindings(args: argparse.Namespace) -> dict[str, Bound]:
+    bindings: dict[str, Bound] = {}
+    base = getattr(args, "base", "base")
+    for flag, role in (("bind", "model"), ("task", "task"), ("delta", "delta")):
+        for name, value in _pairs(getattr(args, flag, None), f"--{flag}"):
+            if name in bindings:
+                raise TvParamError(f"`{name}` is bound twice on the command line", code="E402")
+            if role == "task":
+                bindings[name] = task_vector(value, base=base)
+            elif role == "delta":
+                bindings[name] = delta(value)
+            else:
+                bindings[name] = Bound(value, "model")
+    return bindings
+
+
+def _options(args: argparse.Namespace) -> Options:
+    return Options(
+        dtype=args.dtype,
+        memory=parse_size(args.memory) if args.memory else Options.memory,
+        threads=args.threads,
+        chunk=args.chunk,
+        shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else Options.shard_size,
+        overwrite=getattr(args, "force", False),
+        progress=not getattr(args, "quiet", False),
+    )
+
+
+def _program(args: argparse.Namespace) -> Program:
+    if getattr(args, "expr", None) is not None:
+        return compile(args.expr, bindings=_bindings(args))
+    if getattr(args, "file", None) is None:
+        raise TvParamError("give a program file or -e EXPRESSION", code="E402")
+    return compile_file(args.file, bindings=_bindings(args))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    program = _program(args)
+    result = program.run(args.output, _params(args), options=_options(args))
+    if not args.quiet:
+        written = result.values() if isinstance(result, dict) else [result]
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    program = _program(args)
+    plan = program.plan(_params(args), options=_options(args))
+    outs = ", ".join(f"{o.name} ({o.kind}, {len(o.tensors)} tensors)" for o in plan.outputs)
+    print(f"ok: {len(plan.inputs)} input(s), output(s): {outs}; headers only, no tensor data read")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    print(_program(args).explain(_params(args), options=_options(args), all_tensors=args.all))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tvlang.demo import run_demo
+
+    return run_demo(args.dir, quiet=args.quiet)
+
+
+def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool = False) -> None:
+    if program:
+        p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a `param` (repeatable)")
+        p.add_argument("--bind", action="append", metavar="NAME=PATH", help="bind a name to a checkpoint")
+        p.add_argument(
+            "--task", action="append", metavar="NAME=PATH",
+            help="bind a name to a task vector: the checkpoint at PATH minus the base model",
+        )  # fmt: skip
+        p.add_argument("--delta", action="append", metavar="NAME=PATH", help="bind a stored task vector")
+        p.add_argument("--base", default="base", help="the binding --task vectors are relative to (default: base)")
+    p.add_argument("--dtype", help="output dtype of float tensors: bf16, fp16, fp32, fp64 (default: as the inputs)")
+    p.add_argument("--memory", help="working-memory budget, e.g. 512M (default 512M)")
+    p.add_argument("--threads", type=int, help="worker threads (default: all CPUs available)")
+    p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
+    if running:
+        p.add_argument("-o", "--output", required=True, help="output .safetensors file or directory")
+        p.add_argument("--force", action="store_true", help="replace an existing output once the new one is complete")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tvlang", description="Model-weight arithmetic: check, plan and run merges.")
+    parser.add_argument("--version", action="version", version=f"tvlang {__import__('tvlang').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a .tv program")
+    run.add_argument("file", help="the .tv program")
+    _common(run, running=True)
+    run.set_defaults(func=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate an expression over bound checkpoints")
+    ev.add_argument("expr", help='the expression, e.g. "base + 0.4*(ft - base)"')
+    _common(ev, running=True)
+    ev.set_defaults(func=_cmd_run)
+
+    for name, helptext, func in (
+        ("check", "check a program against checkpoint headers (reads no tensor data)", _cmd_check),
+        ("plan", "show the IR before and after the passes, and the per-tensor plan", _cmd_plan),
+        ("explain", "the same as plan", _cmd_plan),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("file", nargs="?", help="the .tv program")
+        p.add_argument("-e", "--expr", help="an expression instead of a file")
+        if func is _cmd_plan:
+            p.add_argument("--all", action="store_true", help="list every tensor, not the first dozen")
+        _common(p)
+        p.set_defaults(func=func)
+
+    demo = sub.add_parser("demo", help="run the mission's example on small checkpoints it makes itself")
+    demo.add_argument("--dir", help="keep the generated checkpoints and output here (default: a temporary directory)")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except TvError as err:
+        print(err.render(), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: no output was written", file=sys.stderr)
+        return 130
+    except Exception:
+        print("internal error (this is a bug in tvlang; please report it):", file=sys.stderr)
+        traceback.print_exc()
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

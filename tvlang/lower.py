@@ -1,0 +1,399 @@
+"""AST → IR: resolve names, check kinds, apply parameters, build the graph.
+
+This is where a program's meaning is fixed: every error that can be found
+without reading a checkpoint header is raised here, positioned at the source.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tvlang.builtins import BUILTINS, REQUIRED
+from tvlang.check import KindError, binary_kind, unary_kind
+from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
+from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
+from tvlang.ir.printer import format_weight
+from tvlang.passes.linearize import linear_form
+from tvlang.source import Source, Span
+from tvlang.syntax import ast
+
+_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "**": Op.POW}
+MAX_INPUTS = 4096
+MAX_OUTPUTS = 4096
+DEFAULT_OUTPUT = "out"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A name bound by the caller (CLI ``--bind``, Python ``bindings=``).
+
+    ``role`` is ``model`` (a checkpoint), ``delta`` (a stored task vector),
+    ``task`` (a fine-tuned checkpoint, bound as itself minus ``base``) or
+    ``scalar``.  ``value`` is a path, an in-memory mapping of tensors, or a number.
+    """
+
+    value: Any
+    role: str = "model"
+    base: str = "base"
+
+
+@dataclass(frozen=True)
+class Lowered:
+    graph: Graph
+    params: dict[str, float]  # every parameter's value as used
+    output_spans: dict[str, Span]
+
+
+class Lowering:
+    """One lowering of one program; holds the environment while walking it."""
+
+    def __init__(self, program: ast.Program, roots: Sequence[str | os.PathLike[str]] | None) -> None:
+        self.program = program
+        self.source = program.source
+        self.roots = None if roots is None else [Path(r).resolve() for r in roots]
+        self.env: dict[str, tuple[Node, Span | None]] = {}
+        self.n_inputs = 0
+
+    # -- paths ---------------------------------------------------------------
+    def resolve_checkpoint(self, path: str, span: Span) -> str:
+        """An absolute path for ``load()``'s argument: relative to the program's directory."""
+        base = Path(self.source.base_dir) if self.source.base_dir else Path.cwd()
+        candidates = [base / path]
+        if not path.endswith(".safetensors"):
+            candidates.append(base / (path + ".safetensors"))
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            looked = " or ".join(str(c) for c in candidates)
+            raise TvInputError(f"no such checkpoint: {path}", span, label=f"looked for {looked}", code="E300")
+        resolved = found.resolve()
+        if self.roots is not None and not any(resolved.is_relative_to(r) for r in self.roots):
+            raise TvInputError(
+                f"{path} is outside the directories this program may read",
+                span,
+                label=f"resolves to {resolved}",
+                help="allowed: " + ", ".join(str(r) for r in self.roots),
+                code="E305",
+            )
+        self.n_inputs += 1
+        if self.n_inputs > MAX_INPUTS:
+            raise TvInputError(f"more than {MAX_INPUTS} inputs", span, code="E306")
+        return str(resolved)
+
+    # -- expressions ---------------------------------------------------------
+    def expr(self, e: ast.Expr) -> Node:
+        if isinstance(e, ast.Number):
+            return const(e.value)
+        if isinstance(e, ast.Name):
+            return self.lookup(e)
+        if isinstance(e, ast.String):
+            raise TvTypeError(
+                "a string can only be a path argument",
+                e.span,
+                label="not a value",
+                help='load a checkpoint with `load("path")`',
+                code="E202",
+            )
+        if isinstance(e, ast.Unary):
+            operand = self.expr(e.operand)
+            if e.op == "+":
+                return operand
+            return Node(Op.NEG, (operand,), None, unary_kind("-", operand.kind))
+        if isinstance(e, ast.Binary):
+            return self.binary(e)
+        if isinstance(e, ast.Call):
+            return self.call(e)
+        raise AssertionError(f"unknown AST node {e!r}")
+
+    def lookup(self, name: ast.Name) -> Node:
+        if name.id in self.env:
+            return self.env[name.id][0]
+        if name.id in BUILTINS:
+            raise TvTypeError(
+                f"`{name.id}` is a function", name.span, label="call it with arguments", code="E202"
+            )
+        close = difflib.get_close_matches(name.id, list(self.env), n=1)
+        raise TvNameError(
+            f"unknown name `{name.id}`",
+            name.span,
+            label="not bound anywhere",
+            help=f"did you mean `{close[0]}`?" if close else _binding_help(name.id),
+            code="E200",
+        )
+
+    def binary(self, e: ast.Binary) -> Node:
+        left, right = self.expr(e.left), self.expr(e.right)
+        try:
+            kind = binary_kind(e.op, left.kind, right.kind, scalar_value(left), scalar_value(right))
+        except KindError as err:
+            raise TvTypeError(err.message, e.span, label=err.label, help=err.help, code="E201") from None
+        if e.op == "*" and left.kind.tensor:  # canonical: the scalar first
+            left, right = right, left
+        return Node(_OPS[e.op], (left, right), None, kind)
+
+    def call(self, e: ast.Call) -> Node:
+        fn = BUILTINS.get(e.func.id)
+        if fn is None:
+            close = difflib.get_close_matches(e.func.id, list(BUILTINS), n=1)
+            raise TvNameError(
+                f"unknown function `{e.func.id}`",
+                e.func.span,
+                help=f"did you mean `{close[0]}`?" if close else "functions: " + ", ".join(sorted(BUILTINS)),
+                code="E200",
+            )
+        names = [p.name for p in fn.params]
+        if len(e.args) > len(names):
+            raise TvTypeError(
+                f"`{fn.name}` takes {len(names)} argument{'s' if len(names) != 1 else ''}, got {len(e.args)}",
+                e.args[len(names)].span,
+                label="unexpected argument",
+                code="E203",
+            )
+        given: dict[str, ast.Expr] = dict(zip(names, e.args, strict=False))
+        for kw in e.kwargs:
+            if kw.name.id not in names:
+                close = difflib.get_close_matches(kw.name.id, names, n=1)
+                raise TvTypeError(
+                    f"`{fn.name}` has no parameter `{kw.name.id}`",
+                    kw.name.span,
+                    help=f"did you mean `{close[0]}`?" if close else "parameters: " + ", ".join(names),
+                    code="E203",
+                )
+            if kw.name.id in given:
+                raise TvTypeError(f"`{kw.name.id}` given twice", kw.span, code="E203")
+            given[kw.name.id] = kw.value
+        values: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        for p in fn.params:
+            if p.name not in given:
+                if p.default is REQUIRED:
+                    raise TvTypeError(
+                        f"`{fn.name}` needs its `{p.name}` argument", e.span, label="missing", code="E203"
+                    )
+                values[p.name] = p.default
+                continue
+            arg = given[p.name]
+            spans[p.name] = arg.span
+            if p.kind == "path":
+                if not isinstance(arg, ast.String):
+                    raise TvTypeError(
+                        f'`{fn.name}`\'s `{p.name}` must be a string path, like `{fn.name}("ckpt/base")`',
+                        arg.span,
+                        code="E203",
+                    )
+                values[p.name] = arg.value
+            else:
+                node = self.expr(arg)
+                want_tensor = p.kind != "scalar"
+                if node.kind.tensor != want_tensor:
+                    raise TvTypeError(
+                        f"`{fn.name}`'s `{p.name}` must be a {'tensor' if want_tensor else 'number'}",
+                        arg.span,
+                        label=f"this is {node.kind}",
+                        code="E203",
+                    )
+                if want_tensor:
+                    self.require_point_or_vector(node, arg)
+                values[p.name] = node
+        return fn.lower(self, values, spans, e.span)
+
+    # -- the affine rule at use sites ---------------------------------------
+    def require_point_or_vector(self, node: Node, e: ast.Expr) -> None:
+        kind = node.kind
+        if not kind.tensor:
+            raise TvTypeError(
+                "this is a number, not a model or task vector", e.span, label="a scalar", code="E204"
+            )
+        if kind.is_model or kind.is_delta:
+            return
+        form = linear_form(node)
+        weights = ", ".join(f"{a.arg.label} {format_weight(w)}" for a, w in form.items() if a.kind.is_model)
+        message = "this is neither a model nor a task vector"
+        help_ = "a model's weights must sum to 1 (e.g. `0.5*a + 0.5*b`), a task vector's to 0 (e.g. `a - b`)"
+        if isinstance(e, ast.Binary) and e.op == "+" and _is_model_expr(e.left, self) and _is_model_expr(e.right, self):
+            message = "cannot add `model` to `model`"
+            help_ = _add_models_help(e, self)
+        raise TvTypeError(
+            message,
+            e.span,
+            label=f"the weights of models here sum to {format_weight(kind.mass)}",
+            help=help_,
+            notes=(f"model weights: {weights}",) if weights else (),
+            code="E201",
+        )
+
+    # -- statements ----------------------------------------------------------
+    def bind(self, name: ast.Name, node: Node, span: Span | None) -> None:
+        if name.id in BUILTINS:
+            raise TvNameError(f"`{name.id}` is a function and cannot be rebound", name.span, code="E205")
+        if name.id in self.env:
+            previous = self.env[name.id][1]
+            where = ""
+            if previous is not None:
+                line, col = previous.line_col()
+                where = f" (first bound at {previous.source.name}:{line}:{col})"
+            raise TvNameError(
+                f"`{name.id}` is already bound{where}",
+                name.span,
+                label="bound again here",
+                help="names are bound once; pick a new name",
+                code="E205",
+            )
+        self.env[name.id] = (node, span)
+
+
+def _is_model_expr(e: ast.Expr, ctx: Lowering) -> bool:
+    try:
+        return ctx.expr(e).kind.is_model
+    except Exception:
+        return False
+
+
+def _add_models_help(e: ast.Binary, ctx: Lowering) -> str:
+    left = e.left.span.text
+    right = e.right.span.text
+    models = [n for n, (node, _) in ctx.env.items() if node.op is Op.INPUT and node.kind.is_model]
+    base = next((n for n in ("base", "pretrained", *models[:1]) if n in ctx.env), None)
+    average = f"to average the two models: `0.5*{left} + 0.5*{right}`"
+    if base and base != right:
+        return f"a task vector is a difference of models: did you mean `{left} + ({right} - {base})`? Or, {average}"
+    return f"{average}; to add a task vector, subtract the base model first"
+
+
+def _binding_help(name: str) -> str:
+    return f'bind it in the program (`{name} = load("path")`) or from the caller (`--bind {name}=PATH`)'
+
+
+def lower(
+    program: ast.Program,
+    *,
+    params: Mapping[str, float] | None = None,
+    bindings: Mapping[str, Bound] | None = None,
+    roots: Sequence[str | os.PathLike[str]] | None = None,
+) -> Lowered:
+    """Lower a parsed program to an IR graph with the given parameter values and bindings."""
+    ctx = Lowering(program, roots)
+    overrides = dict(params or {})
+    _bind_external(ctx, bindings or {})
+
+    declared: dict[str, float] = {}
+    outputs: list[tuple[str, Node]] = []
+    expressions: list[str] = []
+    output_spans: dict[str, Span] = {}
+    statements = program.statements
+    bare = [s for s in statements if isinstance(s, ast.ExprStmt)]
+    if bare and (len(bare) > 1 or bare[0] is not statements[-1] or any(isinstance(s, ast.Output) for s in statements)):
+        stray = bare[0] if bare[0] is not statements[-1] or len(bare) == 1 else bare[1]
+        raise TvTypeError(
+            "a bare expression can only be the last line of a program without `output` lines",
+            stray.span,
+            label="its value would be lost",
+            help="name it: `output NAME = ...`",
+            code="E206",
+        )
+
+    for stmt in statements:
+        if isinstance(stmt, ast.Param):
+            if stmt.target.id in overrides:
+                value = float(overrides.pop(stmt.target.id))
+            else:
+                default = ctx.expr(stmt.default)
+                v = scalar_value(default)
+                if v is None:
+                    raise TvTypeError(
+                        "a parameter's default must be a number",
+                        stmt.default.span,
+                        label=f"this is {default.kind}",
+                        code="E202",
+                    )
+                value = v
+            declared[stmt.target.id] = value
+            ctx.bind(stmt.target, const(value, stmt.target.id), stmt.span)
+        elif isinstance(stmt, ast.Binding):
+            ctx.bind(stmt.target, ctx.expr(stmt.value), stmt.span)
+        else:
+            name = DEFAULT_OUTPUT if isinstance(stmt, ast.ExprStmt) else stmt.target.id
+            if name in output_spans:
+                raise TvNameError(f"two outputs named `{name}`", stmt.span, code="E205")
+            node = ctx.expr(stmt.value)
+            ctx.require_point_or_vector(node, stmt.value)
+            if not linear_form(node):
+                raise TvTypeError(
+                    "the weights here cancel out: this output would be zero everywhere",
+                    stmt.value.span,
+                    code="E207",
+                )
+            outputs.append((name, node))
+            expressions.append(stmt.value.span.text)
+            output_spans[name] = stmt.span
+            if len(outputs) > MAX_OUTPUTS:
+                raise TvTypeError(f"more than {MAX_OUTPUTS} outputs", stmt.span, code="E208")
+    if overrides:
+        unknown = next(iter(overrides))
+        close = difflib.get_close_matches(unknown, list(declared), n=1)
+        raise TvParamError(
+            f"no parameter named `{unknown}`",
+            help=f"did you mean `{close[0]}`?"
+            if close
+            else ("parameters: " + ", ".join(declared) if declared else "this program declares no `param`"),
+            code="E401",
+        )
+    if not outputs:
+        end = len(program.source.text)
+        raise TvTypeError(
+            "nothing to compute",
+            Span(program.source, end, end),
+            help="add an output line: `output merged = ...`",
+            code="E209",
+        )
+    return Lowered(Graph(tuple(outputs), tuple(expressions)), declared, output_spans)
+
+
+def _bind_external(ctx: Lowering, bindings: Mapping[str, Bound]) -> None:
+    """Caller bindings become names in scope before the program's first line."""
+    order = sorted(bindings, key=lambda n: bindings[n].role == "task")  # tasks refer to their base
+    for name in order:
+        bound = bindings[name]
+        src = Source(f"{name}={_describe(bound.value)}", f"--bind {name}")
+        span = Span(src, 0, len(src.text))
+        if not name.isidentifier():
+            raise TvParamError(f"`{name}` is not a valid name", span, code="E403")
+        target = ast.Name(name, Span(src, 0, len(name)))
+        if bound.role == "scalar":
+            ctx.bind(target, const(float(bound.value), name), None)
+            continue
+        kind: Kind = DELTA if bound.role == "delta" else MODEL
+        if isinstance(bound.value, Mapping):
+            ref = InputRef(f"memory:{name}:{id(bound.value)}", name, kind, span, handle=bound.value)
+        else:
+            path = ctx.resolve_checkpoint(os.fspath(bound.value), span)
+            ref = InputRef(path, name, kind, span)
+        node = Node(Op.INPUT, (), ref, kind)
+        if bound.role == "task":
+            if bound.base not in ctx.env:
+                raise TvParamError(
+                    f"task vector `{name}` is relative to `{bound.base}`, which is not bound",
+                    span,
+                    help=f"bind the pretrained model too: `--bind {bound.base}=PATH`",
+                    code="E404",
+                )
+            base = ctx.env[bound.base][0]
+            node = Node(Op.SUB, (node, base), None, Kind(True, 1.0 - base.kind.mass))
+            if not node.kind.is_delta:
+                raise TvParamError(f"`{bound.base}` is not a model", span, code="E404")
+        elif bound.role not in ("model", "delta"):
+            raise TvParamError(f"unknown binding role {bound.role!r}", span, code="E403")
+        ctx.bind(target, node, None)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"<state dict of {len(value)} tensors>"
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else repr(value)
+
+
+__all__ = ["SCALAR", "Bound", "Lowered", "lower"]

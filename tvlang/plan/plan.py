@@ -1,0 +1,202 @@
+"""The Plan: what will be read, computed and written, as a printable value.
+
+Planning reads checkpoint headers only.  It checks that the inputs of every
+output agree on tensor names and shapes, decides each output tensor's dtype,
+the kernel that computes it and the accumulation dtype, and the chunk size
+that fits the memory budget.  The runtime then executes the plan and decides
+nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tvlang.ir.node import InputRef
+from tvlang.ir.printer import format_weight
+
+# Bytes per element for each safetensors dtype code.
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+WIDE = frozenset({"F64", "F32"})  # inputs/outputs this wide accumulate in float64
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class PlannedInput:
+    ref: InputRef
+    location: str  # a path, or "memory"
+    tensors: Mapping[str, TensorMeta] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class WeightedSum:
+    """``out = round(Σ weight_i · input_i)``: each product accumulated in ``acc`` (fused multiply-add,
+    in term order, starting from zero), rounded once to the output dtype."""
+
+    terms: tuple[tuple[float, int], ...]  # (weight, input index)
+    acc: str  # "F32" or "F64"
+
+    def describe(self) -> str:
+        parts = []
+        for i, (w, slot) in enumerate(self.terms):
+            sign = "" if i == 0 else (" - " if w < 0 else " + ")
+            parts.append(f"{sign}{format_weight(w if i == 0 else abs(w))}*in{slot}")
+        return f"wsum[{self.acc.lower()}] " + "".join(parts)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Pass a non-float tensor (integer ids, boolean masks) through from the template input unchanged."""
+
+    source: int
+
+    def describe(self) -> str:
+        return f"copy in{self.source}"
+
+
+Kernel = WeightedSum | Copy
+
+
+@dataclass(frozen=True)
+class TensorWrite:
+    output: int  # index into Plan.outputs
+    dtype: str
+    kernel: Kernel
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One tensor name: read each input's chunk once, compute every output from it."""
+
+    name: str
+    shape: tuple[int, ...]
+    reads: tuple[int, ...]  # input indices
+    writes: tuple[TensorWrite, ...]
+
+    @property
+    def numel(self) -> int:
+        return TensorMeta("U8", self.shape).numel
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    name: str
+    kind: str  # "model" or "delta"
+    template: int  # input whose names, order, non-float tensors and side files the output follows
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...] = field(repr=False)  # (name, dtype, shape), in order
+    expression: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(TensorMeta(d, s).nbytes for _, d, s in self.tensors)
+
+
+@dataclass(frozen=True)
+class Plan:
+    inputs: tuple[PlannedInput, ...]
+    outputs: tuple[PlannedOutput, ...]
+    tasks: tuple[TensorTask, ...] = field(repr=False)
+    chunk: int  # elements per chunk
+    threads: int
+    memory: int  # the budget, bytes
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(
+            self.inputs[i].tensors[t.name].nbytes for t in self.tasks for i in t.reads
+        )
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+    @property
+    def peak_memory(self) -> int:
+        """Estimated working memory: per worker, one chunk of every input mapped, the accumulator, the outputs."""
+        return self.threads * max((min(self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0)
+
+    def explain(self, *, per_tensor: int | None = 12) -> str:
+        """The per-tensor plan and totals, for people (``tvlang plan``)."""
+        lines = ["inputs:"]
+        for i, inp in enumerate(self.inputs):
+            size = sum(m.nbytes for m in inp.tensors.values())
+            lines.append(
+                f"  in{i}  {inp.ref.label:<16} {inp.ref.kind!s:<5}  {len(inp.tensors)} tensors, "
+                f"{_human(size)}  {inp.location}"
+            )
+        lines.append("outputs:")
+        for i, out in enumerate(self.outputs):
+            lines.append(
+                f"  out{i} {out.name:<16} {out.kind:<5}  {len(out.tensors)} tensors, {_human(out.nbytes)}"
+                f"  (layout of in{out.template})"
+            )
+        lines.append("tensors (one pass each: read every input chunk once, write every output):")
+        shown = self.tasks if per_tensor is None else self.tasks[:per_tensor]
+        for t in shown:
+            shape = "×".join(map(str, t.shape)) or "scalar"
+            lines.append(f"  {t.name}  [{shape}]  {-(-t.numel // self.chunk)} chunk(s)")
+            for w in t.writes:
+                lines.append(f"    out{w.output} {w.dtype:<5} = {w.kernel.describe()}")
+        if per_tensor is not None and len(self.tasks) > per_tensor:
+            lines.append(f"  … {len(self.tasks) - per_tensor} more tensors (--all to list them)")
+        lines.append(
+            f"totals: {len(self.tasks)} tensors, read {_human(self.bytes_read)}, "
+            f"write {_human(self.bytes_written)}, chunk {self.chunk:,} elements, {self.threads} thread(s), "
+            f"peak working memory ≈ {_human(self.peak_memory)} (budget {_human(self.memory)})"
+        )
+        return "\n".join(lines)
+
+
+def bytes_per_element(plan: Plan, task: TensorTask) -> int:
+    """Working bytes per element of a chunk: every input's mapped bytes, the accumulator, one output."""
+    inputs = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
+    acc = max((8 if isinstance(w.kernel, WeightedSum) and w.kernel.acc == "F64" else 4) for w in task.writes)
+    return inputs + acc + max(ITEMSIZE[w.dtype] for w in task.writes)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def human_bytes(n: float) -> str:
+    return _human(n)
+
+
+__all__: Sequence[str] = [
+    "FLOATS",
+    "ITEMSIZE",
+    "Copy",
+    "Kernel",
+    "Plan",
+    "PlannedInput",
+    "PlannedOutput",
+    "TensorMeta",
+    "TensorTask",
+    "TensorWrite",
+    "WeightedSum",
+    "human_bytes",
+]

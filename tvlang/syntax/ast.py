@@ -1,0 +1,106 @@
+"""The abstract syntax tree: frozen, slotted dataclasses, each with its source span.
+
+The parser builds it; :mod:`tvlang.lower` walks it.  Nothing here knows about
+kinds or tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvlang.source import Source, Span
+
+
+@dataclass(frozen=True, slots=True)
+class Number:
+    value: float
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class String:
+    value: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    id: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Unary:
+    op: str  # "-" or "+"
+    operand: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Binary:
+    op: str  # "+", "-", "*", "/", "**"
+    left: Expr
+    right: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Keyword:
+    name: Name
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    func: Name
+    args: tuple[Expr, ...]
+    kwargs: tuple[Keyword, ...]
+    span: Span
+
+
+Expr = Number | String | Name | Unary | Binary | Call
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """``name = expr``"""
+
+    target: Name
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """``param name = default``: a scalar the caller may override."""
+
+    target: Name
+    default: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """``output name = expr``: a checkpoint to write."""
+
+    target: Name
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class ExprStmt:
+    """A bare expression: the program's result when it has no ``output``."""
+
+    value: Expr
+    span: Span
+
+
+Stmt = Binding | Param | Output | ExprStmt
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    statements: tuple[Stmt, ...]
+    source: Source

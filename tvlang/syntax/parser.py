@@ -1,0 +1,286 @@
+"""Text → AST, through the Lark grammar in ``grammar/tvlang.lark`` (LALR, with positions).
+
+>>> prog = parse("out = base + 0.4*(ft - base)")
+>>> type(prog.statements[0]).__name__, prog.statements[0].value.op
+('Binding', '+')
+"""
+
+from __future__ import annotations
+
+import ast as pyast
+import os
+from collections.abc import Iterator
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+from lark.lark import PostLex
+
+from tvlang.errors import TvSyntaxError
+from tvlang.source import Source, Span
+from tvlang.syntax import ast
+
+# Limits against hostile input: deep nesting would otherwise overflow the
+# Python stack in later recursive passes.
+MAX_SOURCE_CHARS = 1_000_000
+MAX_NESTING = 200
+
+
+def grammar_text() -> str:
+    """The grammar: packaged inside the wheel, or read from the repository in a checkout."""
+    packaged = resources.files("tvlang").joinpath("grammar/tvlang.lark")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[2] / "grammar" / "tvlang.lark").read_text(encoding="utf-8")
+
+
+class _NewlinesInParens(PostLex):
+    """Drop newline tokens inside parentheses so expressions can wrap over lines."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream: Iterator[Token]) -> Iterator[Token]:
+        depth = 0
+        for tok in stream:
+            if tok.type == "LPAR":
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise _TooDeep(tok)
+            elif tok.type == "RPAR":
+                depth = max(0, depth - 1)
+            elif tok.type == "_NL" and depth:
+                continue
+            yield tok
+
+
+class _TooDeep(Exception):
+    def __init__(self, tok: Token) -> None:
+        self.tok = tok
+
+
+@cache
+def _lark() -> Lark:
+    return Lark(
+        grammar_text(),
+        parser="lalr",
+        propagate_positions=True,
+        postlex=_NewlinesInParens(),
+        maybe_placeholders=False,
+    )
+
+
+_FRIENDLY = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "STRING": "a string",
+    "LPAR": "`(`",
+    "RPAR": "`)`",
+    "COMMA": "`,`",
+    "EQUAL": "`=`",
+    "PLUS": "`+`",
+    "MINUS": "`-`",
+    "STAR": "`*`",
+    "SLASH": "`/`",
+    "__ANON_0": "`**`",
+    "_NL": "a new line",
+    "$END": "the end of the input",
+    "PARAM": "`param`",
+    "OUTPUT": "`output`",
+}
+
+
+def _describe_token(tok: Token) -> str:
+    if tok.type == "$END":
+        return "end of input"
+    if tok.type == "_NL":
+        return "end of line"
+    return f"`{tok.value}`"
+
+
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "__ANON_0"}
+
+
+def _expected(names: set[str]) -> str:
+    """A short English list of what the parser could have accepted."""
+    if names == {"NAME"}:
+        return "a name"
+    if names & {"NAME", "NUMBER", "STRING"}:
+        return "an expression"
+    friendly = []
+    if names & _OPERATORS:
+        friendly.append("an operator")
+    friendly.extend(sorted(_FRIENDLY.get(n, n.lower()) for n in names - _OPERATORS - {"LPAR", "$END"}))
+    if "$END" in names and "_NL" not in names:
+        friendly.append(_FRIENDLY["$END"])
+    if len(friendly) <= 2:
+        return " or ".join(friendly)
+    return ", ".join(friendly[:-1]) + " or " + friendly[-1]
+
+
+def parse(text: str, name: str = "<expr>", base_dir: str | os.PathLike[str] | None = None) -> ast.Program:
+    """Parse tvlang text (a ``.tv`` program or a bare expression) into an AST."""
+    source = Source(text, name, None if base_dir is None else os.fspath(base_dir))
+    if len(text) > MAX_SOURCE_CHARS:
+        raise TvSyntaxError(
+            f"source is {len(text)} characters; the limit is {MAX_SOURCE_CHARS}",
+            Span(source, 0, 0),
+            code="E103",
+        )
+    try:
+        tree = _lark().parse(text)
+    except _TooDeep as exc:
+        pos = exc.tok.start_pos or 0
+        raise TvSyntaxError(
+            f"parentheses nest more than {MAX_NESTING} deep", Span(source, pos, pos + 1), code="E103"
+        ) from None
+    except lark.UnexpectedCharacters as exc:
+        pos = exc.pos_in_stream or 0
+        raise TvSyntaxError(
+            f"unexpected character {text[pos]!r}",
+            Span(source, pos, pos + 1),
+            label="not part of the language",
+            code="E101",
+        ) from None
+    except lark.UnexpectedToken as exc:
+        tok = exc.token
+        if tok.type == "$END":
+            pos = len(text.rstrip())
+            span = Span(source, pos, pos)
+        else:
+            pos = tok.start_pos or 0
+            span = Span(source, pos, tok.end_pos or pos + 1)
+        expected = _expected(set(exc.accepts or exc.expected))
+        raise TvSyntaxError(
+            f"unexpected {_describe_token(tok)}", span, label=f"expected {expected}", code="E100"
+        ) from None
+    except lark.UnexpectedEOF as exc:
+        pos = len(text.rstrip())
+        raise TvSyntaxError(
+            "unexpected end of input",
+            Span(source, pos, pos),
+            label=f"expected {_expected(set(exc.expected))}",
+            code="E100",
+        ) from None
+    except RecursionError:
+        raise TvSyntaxError("expression nests too deeply", Span(source, 0, 0), code="E103") from None
+    try:
+        return _ToAst(source).transform_program(tree)
+    except lark.exceptions.VisitError as exc:
+        if isinstance(exc.orig_exc, TvSyntaxError):
+            raise exc.orig_exc from None
+        raise
+
+
+class _ToAst(Transformer[Token, Any]):
+    """Lark parse tree → :mod:`tvlang.syntax.ast` nodes with spans."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__()
+        self.source = source
+
+    def transform_program(self, tree: lark.Tree[Token]) -> ast.Program:
+        statements = self.transform(tree)
+        return ast.Program(tuple(statements), self.source)
+
+    def _span(self, meta: Any) -> Span:
+        return Span(self.source, meta.start_pos, meta.end_pos)
+
+    def _tok_span(self, tok: Token) -> Span:
+        return Span(self.source, tok.start_pos or 0, tok.end_pos or 0)
+
+    def _name(self, tok: Token) -> ast.Name:
+        return ast.Name(str(tok), self._tok_span(tok))
+
+    def start(self, children: list[ast.Stmt]) -> list[ast.Stmt]:
+        return children
+
+    @v_args(meta=True)
+    def binding(self, meta: Any, children: list[Any]) -> ast.Binding:
+        return ast.Binding(self._name(children[0]), children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def param(self, meta: Any, children: list[Any]) -> ast.Param:
+        return ast.Param(self._name(children[0]), children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def output(self, meta: Any, children: list[Any]) -> ast.Output:
+        return ast.Output(self._name(children[0]), children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def expr_stmt(self, meta: Any, children: list[Any]) -> ast.ExprStmt:
+        return ast.ExprStmt(children[0], self._span(meta))
+
+    def number(self, children: list[Token]) -> ast.Number:
+        tok = children[0]
+        return ast.Number(float(tok), self._tok_span(tok))
+
+    def string(self, children: list[Token]) -> ast.String:
+        tok = children[0]
+        try:
+            value = pyast.literal_eval(str(tok))
+        except (ValueError, SyntaxError):
+            raise TvSyntaxError(
+                "invalid escape in string", self._tok_span(tok), code="E102"
+            ) from None
+        return ast.String(value, self._tok_span(tok))
+
+    def name(self, children: list[Token]) -> ast.Name:
+        return self._name(children[0])
+
+    def _binary(self, op: str, meta: Any, children: list[Any]) -> ast.Binary:
+        return ast.Binary(op, children[0], children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def add(self, meta: Any, children: list[Any]) -> ast.Binary:
+        return self._binary("+", meta, children)
+
+    @v_args(meta=True)
+    def sub(self, meta: Any, children: list[Any]) -> ast.Binary:
+        return self._binary("-", meta, children)
+
+    @v_args(meta=True)
+    def mul(self, meta: Any, children: list[Any]) -> ast.Binary:
+        return self._binary("*", meta, children)
+
+    @v_args(meta=True)
+    def div(self, meta: Any, children: list[Any]) -> ast.Binary:
+        return self._binary("/", meta, children)
+
+    @v_args(meta=True)
+    def pow(self, meta: Any, children: list[Any]) -> ast.Binary:
+        return self._binary("**", meta, children)
+
+    @v_args(meta=True)
+    def neg(self, meta: Any, children: list[Any]) -> ast.Unary:
+        return ast.Unary("-", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def pos(self, meta: Any, children: list[Any]) -> ast.Unary:
+        return ast.Unary("+", children[0], self._span(meta))
+
+    @v_args(meta=True)
+    def call(self, meta: Any, children: list[Any]) -> ast.Call:
+        func = self._name(children[0])
+        items = children[1] if len(children) > 1 else []
+        args = tuple(a for a in items if not isinstance(a, ast.Keyword))
+        kwargs = tuple(a for a in items if isinstance(a, ast.Keyword))
+        first_kw = next((i for i, a in enumerate(items) if isinstance(a, ast.Keyword)), len(items))
+        if len(args) > first_kw:
+            stray = items[first_kw + 1 :][[isinstance(a, ast.Keyword) for a in items[first_kw + 1 :]].index(False)]
+            raise TvSyntaxError(
+                "positional argument after a keyword argument",
+                stray.span,
+                label="move it before the keyword arguments",
+                code="E104",
+            )
+        return ast.Call(func, args, kwargs, self._span(meta))
+
+    def arglist(self, children: list[Any]) -> list[Any]:
+        return children
+
+    @v_args(meta=True)
+    def kwarg(self, meta: Any, children: list[Any]) -> ast.Keyword:
+        return ast.Keyword(self._name(children[0]), children[1], self._span(meta))
