@@ -6,7 +6,15 @@ fused, chunked kernels without materialising a full model.
 """
 
 from tvlang.api import Options, Program, __version__, compile, compile_file, delta, evaluate, task_vector
-from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError, TvSyntaxError, TvTypeError
+from tvlang.errors import (
+    TvError,
+    TvInputError,
+    TvNameError,
+    TvOutputError,
+    TvParamError,
+    TvSyntaxError,
+    TvTypeError,
+)
 
 __all__ = [
     "Options",

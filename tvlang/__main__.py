@@ -1,3 +1,5 @@
-from tvlang.cli import main
 import sys
+
+from tvlang.cli import main
+
 sys.exit(main())

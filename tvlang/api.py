@@ -19,7 +19,15 @@ from typing import Any
 
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
-from tvlang.io.endpoints import CheckpointSource, MemorySink, MemorySource, Sink, Source, checkpoint_metas, memory_metas
+from tvlang.io.endpoints import (
+    CheckpointSource,
+    MemorySink,
+    MemorySource,
+    Sink,
+    Source,
+    checkpoint_metas,
+    memory_metas,
+)
 from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import Bound, Lowered, lower
 from tvlang.passes import optimize
@@ -35,7 +43,9 @@ __version__ = "0.1.0"
 class Options:
     """How to run a program; shared by the CLI and the Python API."""
 
-    dtype: str | None = None  # output dtype for float tensors (default: each tensor's dtype in the template input)
+    dtype: str | None = (
+        None  # output dtype for float tensors (default: each tensor's dtype in the template input)
+    )
     memory: int = DEFAULT_MEMORY  # working-memory budget in bytes; sets the chunk size
     threads: int | None = None  # worker threads (default: the CPUs this process may use)
     chunk: int | None = None  # elements per chunk (default: from the memory budget)
@@ -102,27 +112,45 @@ class Program:
     def source(self) -> str:
         return self.syntax.source.text
 
-    def lower(self, params: Mapping[str, float] | None = None, bindings: Mapping[str, Any] | None = None,
-              options: Options | None = None) -> Lowered:  # fmt: skip
+    def lower(
+        self,
+        params: Mapping[str, float] | None = None,
+        bindings: Mapping[str, Any] | None = None,
+        options: Options | None = None,
+    ) -> Lowered:
         merged = {**self.bindings, **{k: _as_bound(v) for k, v in (bindings or {}).items()}}
         roots = (options or Options()).roots
         return lower(self.syntax, params=params, bindings=merged, roots=roots)
 
-    def graph(self, params: Mapping[str, float] | None = None, bindings: Mapping[str, Any] | None = None,
-              *, optimized: bool = True) -> Graph:  # fmt: skip
+    def graph(
+        self,
+        params: Mapping[str, float] | None = None,
+        bindings: Mapping[str, Any] | None = None,
+        *,
+        optimized: bool = True,
+    ) -> Graph:
         graph = self.lower(params, bindings).graph
         return optimize(graph) if optimized else graph
 
-    def plan(self, params: Mapping[str, float] | None = None, bindings: Mapping[str, Any] | None = None,
-             options: Options | None = None) -> Plan:  # fmt: skip
+    def plan(
+        self,
+        params: Mapping[str, float] | None = None,
+        bindings: Mapping[str, Any] | None = None,
+        options: Options | None = None,
+    ) -> Plan:
         """The plan, from checkpoint headers only (no tensor data is read)."""
         options = options or Options()
         graph = optimize(self.lower(params, bindings, options).graph)
-        plan, opened = _plan(graph, options)
-        return plan
+        return _plan(graph, options)[0]
 
-    def explain(self, params: Mapping[str, float] | None = None, bindings: Mapping[str, Any] | None = None,
-                options: Options | None = None, *, all_tensors: bool = False) -> str:  # fmt: skip
+    def explain(
+        self,
+        params: Mapping[str, float] | None = None,
+        bindings: Mapping[str, Any] | None = None,
+        options: Options | None = None,
+        *,
+        all_tensors: bool = False,
+    ) -> str:
         """The IR as written, after the passes, and the per-tensor plan with totals."""
         options = options or Options()
         lowered = self.lower(params, bindings, options)
@@ -142,8 +170,13 @@ class Program:
             sections[0:0] = ["# parameters", *(f"{k} = {v:g}" for k, v in lowered.params.items()), ""]
         return "\n".join(sections)
 
-    def run(self, out: OutSpec = None, params: Mapping[str, float] | None = None,
-            bindings: Mapping[str, Any] | None = None, options: Options | None = None) -> Any:  # fmt: skip
+    def run(
+        self,
+        out: OutSpec = None,
+        params: Mapping[str, float] | None = None,
+        bindings: Mapping[str, Any] | None = None,
+        options: Options | None = None,
+    ) -> Any:
         """Compute every output.
 
         ``out=None`` returns the result in memory: a state dict for a program with one
@@ -169,7 +202,9 @@ class Program:
         try:
             for inp in plan.inputs:
                 handle = opened[inp.ref.key]
-                sources.append(CheckpointSource(handle) if isinstance(handle, Checkpoint) else MemorySource(handle))
+                sources.append(
+                    CheckpointSource(handle) if isinstance(handle, Checkpoint) else MemorySource(handle)
+                )
             for output, dest in zip(plan.outputs, dests, strict=True):
                 meta = {**metadata, "tvlang.expression": output.expression, "tvlang.output": output.name}
                 if dest is None:
@@ -178,8 +213,14 @@ class Program:
                 template = opened[plan.inputs[output.template].ref.key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
                 sinks.append(
-                    CheckpointWriter(dest, output.tensors, meta, max_shard_bytes=options.shard_size,
-                                     sidecars=sidecars, overwrite=options.overwrite)  # fmt: skip
+                    CheckpointWriter(
+                        dest,
+                        output.tensors,
+                        meta,
+                        max_shard_bytes=options.shard_size,
+                        sidecars=sidecars,
+                        overwrite=options.overwrite,
+                    )
                 )
             progress = Progress(plan.bytes_read + plan.bytes_written, _stderr()) if options.progress else None
             execute(plan, sources, sinks, progress=progress)
@@ -234,7 +275,9 @@ def _destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[s
     if isinstance(out, Mapping):
         unknown = [k for k in out if k not in names]
         if unknown:
-            raise TvParamError(f"no output named `{unknown[0]}`", help="outputs: " + ", ".join(names), code="E405")
+            raise TvParamError(
+                f"no output named `{unknown[0]}`", help="outputs: " + ", ".join(names), code="E405"
+            )
         missing = [n for n in names if n not in out]
         if missing:
             raise TvParamError(f"no destination for output `{missing[0]}`", code="E405")
@@ -272,7 +315,9 @@ def _refuse_overwriting_inputs(plan: Plan, dests: Sequence[str | None]) -> None:
                 )
 
 
-def compile(source: str, *, filename: str | None = None, bindings: Mapping[str, Any] | None = None) -> Program:  # noqa: A001
+def compile(
+    source: str, *, filename: str | None = None, bindings: Mapping[str, Any] | None = None
+) -> Program:
     """Parse a program or expression.  ``filename`` names it in errors; relative ``load()`` paths
     resolve against its directory (the current directory for strings without one)."""
     base_dir = os.path.dirname(os.path.abspath(filename)) if filename else None

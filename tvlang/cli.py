@@ -24,7 +24,9 @@ def parse_size(text: str, what: str = "--memory") -> int:
     """``512M``, ``2G``, ``1.5GiB`` or plain bytes → bytes (binary units)."""
     m = _SIZE.match(text)
     if not m:
-        raise TvParamError(f"{what} {text!r} is not a size", help="write e.g. 512M, 2G or 1073741824", code="E402")
+        raise TvParamError(
+            f"{what} {text!r} is not a size", help="write e.g. 512M, 2G or 1073741824", code="E402"
+        )
     scale = 1024 ** " kmgt".index((m.group(2) or " ").lower())
     return int(float(m.group(1)) * scale)
 
@@ -119,24 +121,34 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
         p.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a `param` (repeatable)")
         p.add_argument("--bind", action="append", metavar="NAME=PATH", help="bind a name to a checkpoint")
         p.add_argument(
-            "--task", action="append", metavar="NAME=PATH",
+            "--task",
+            action="append",
+            metavar="NAME=PATH",
             help="bind a name to a task vector: the checkpoint at PATH minus the base model",
-        )  # fmt: skip
+        )
         p.add_argument("--delta", action="append", metavar="NAME=PATH", help="bind a stored task vector")
-        p.add_argument("--base", default="base", help="the binding --task vectors are relative to (default: base)")
-    p.add_argument("--dtype", help="output dtype of float tensors: bf16, fp16, fp32, fp64 (default: as the inputs)")
+        p.add_argument(
+            "--base", default="base", help="the binding --task vectors are relative to (default: base)"
+        )
+    p.add_argument(
+        "--dtype", help="output dtype of float tensors: bf16, fp16, fp32, fp64 (default: as the inputs)"
+    )
     p.add_argument("--memory", help="working-memory budget, e.g. 512M (default 512M)")
     p.add_argument("--threads", type=int, help="worker threads (default: all CPUs available)")
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
     if running:
         p.add_argument("-o", "--output", required=True, help="output .safetensors file or directory")
-        p.add_argument("--force", action="store_true", help="replace an existing output once the new one is complete")
+        p.add_argument(
+            "--force", action="store_true", help="replace an existing output once the new one is complete"
+        )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tvlang", description="Model-weight arithmetic: check, plan and run merges.")
+    parser = argparse.ArgumentParser(
+        prog="tvlang", description="Model-weight arithmetic: check, plan and run merges."
+    )
     parser.add_argument("--version", action="version", version=f"tvlang {__import__('tvlang').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -164,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="run the mission's example on small checkpoints it makes itself")
-    demo.add_argument("--dir", help="keep the generated checkpoints and output here (default: a temporary directory)")
+    demo.add_argument(
+        "--dir", help="keep the generated checkpoints and output here (default: a temporary directory)"
+    )
     demo.add_argument("-q", "--quiet", action="store_true")
     demo.set_defaults(func=_cmd_demo)
     return parser

@@ -58,6 +58,10 @@ class Lowering:
         self.roots = None if roots is None else [Path(r).resolve() for r in roots]
         self.env: dict[str, tuple[Node, Span | None]] = {}
         self.n_inputs = 0
+        # Names the program binds, so a use before the binding gets a precise error.
+        self.later_bindings: dict[str, Span] = {
+            s.target.id: s.target.span for s in program.statements if isinstance(s, (ast.Binding, ast.Param))
+        }
 
     # -- paths ---------------------------------------------------------------
     def resolve_checkpoint(self, path: str, span: Span) -> str:
@@ -116,7 +120,17 @@ class Lowering:
             raise TvTypeError(
                 f"`{name.id}` is a function", name.span, label="call it with arguments", code="E202"
             )
-        close = difflib.get_close_matches(name.id, list(self.env), n=1)
+        later = self.later_bindings.get(name.id)
+        if later is not None:
+            line, _ = later.line_col()
+            raise TvNameError(
+                f"`{name.id}` is used before it is bound",
+                name.span,
+                label=f"bound later, on line {line}",
+                help="move its binding above this line",
+                code="E200",
+            )
+        close = difflib.get_close_matches(name.id, [*self.env, *self.later_bindings], n=1)
         raise TvNameError(
             f"unknown name `{name.id}`",
             name.span,
@@ -193,7 +207,7 @@ class Lowering:
                     raise TvTypeError(
                         f"`{fn.name}`'s `{p.name}` must be a {'tensor' if want_tensor else 'number'}",
                         arg.span,
-                        label=f"this is {node.kind}",
+                        label=f"this is a {node.kind}",
                         code="E203",
                     )
                 if want_tensor:
@@ -214,7 +228,12 @@ class Lowering:
         weights = ", ".join(f"{a.arg.label} {format_weight(w)}" for a, w in form.items() if a.kind.is_model)
         message = "this is neither a model nor a task vector"
         help_ = "a model's weights must sum to 1 (e.g. `0.5*a + 0.5*b`), a task vector's to 0 (e.g. `a - b`)"
-        if isinstance(e, ast.Binary) and e.op == "+" and _is_model_expr(e.left, self) and _is_model_expr(e.right, self):
+        if (
+            isinstance(e, ast.Binary)
+            and e.op == "+"
+            and _is_model_expr(e.left, self)
+            and _is_model_expr(e.right, self)
+        ):
             message = "cannot add `model` to `model`"
             help_ = _add_models_help(e, self)
         raise TvTypeError(
@@ -244,6 +263,8 @@ class Lowering:
                 code="E205",
             )
         self.env[name.id] = (node, span)
+        if span is not None and self.later_bindings.get(name.id) == name.span:
+            del self.later_bindings[name.id]
 
 
 def _is_model_expr(e: ast.Expr, ctx: Lowering) -> bool:
@@ -286,7 +307,9 @@ def lower(
     output_spans: dict[str, Span] = {}
     statements = program.statements
     bare = [s for s in statements if isinstance(s, ast.ExprStmt)]
-    if bare and (len(bare) > 1 or bare[0] is not statements[-1] or any(isinstance(s, ast.Output) for s in statements)):
+    if bare and (
+        len(bare) > 1 or bare[0] is not statements[-1] or any(isinstance(s, ast.Output) for s in statements)
+    ):
         stray = bare[0] if bare[0] is not statements[-1] or len(bare) == 1 else bare[1]
         raise TvTypeError(
             "a bare expression can only be the last line of a program without `output` lines",
@@ -307,7 +330,7 @@ def lower(
                     raise TvTypeError(
                         "a parameter's default must be a number",
                         stmt.default.span,
-                        label=f"this is {default.kind}",
+                        label=f"this is a {default.kind}",
                         code="E202",
                     )
                 value = v

@@ -1,7 +1,7 @@
 """Measuring results against exact ones, in units of the result dtype's last place.
 
 >>> import torch
->>> exact = torch.tensor([1.0 + 2**-9], dtype=torch.float64)   # halfway between two bf16 values
+>>> exact = torch.tensor([1.0 + 2**-8], dtype=torch.float64)  # halfway between two bf16 values
 >>> ulp_error(torch.tensor([1.0], dtype=torch.bfloat16), exact).item()
 0.5
 """

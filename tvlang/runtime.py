@@ -125,7 +125,12 @@ def execute(
 
 
 def _run_chunk(
-    task: TensorTask, start: int, stop: int, sources: Sequence[Source], sinks: Sequence[Sink], scratch: Scratch
+    task: TensorTask,
+    start: int,
+    stop: int,
+    sources: Sequence[Source],
+    sinks: Sequence[Sink],
+    scratch: Scratch,
 ) -> None:
     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
     n = stop - start

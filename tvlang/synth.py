@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 
-def llama_shapes(hidden: int = 64, layers: int = 2, vocab: int = 256, intermediate: int | None = None
-                 ) -> dict[str, tuple[int, ...]]:  # fmt: skip
+def llama_shapes(
+    hidden: int = 64, layers: int = 2, vocab: int = 256, intermediate: int | None = None
+) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a Llama-style decoder."""
     inter = intermediate or hidden * 8 // 3
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -43,8 +44,13 @@ def shapes_for_bytes(total_bytes: int, itemsize: int = 2, layers: int = 8) -> di
     return llama_shapes(h, layers, vocab)
 
 
-def make_state(shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype = torch.bfloat16,
-               base: dict[str, torch.Tensor] | None = None, scale: float = 0.01) -> dict[str, torch.Tensor]:  # fmt: skip
+def make_state(
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    dtype: torch.dtype = torch.bfloat16,
+    base: dict[str, torch.Tensor] | None = None,
+    scale: float = 0.01,
+) -> dict[str, torch.Tensor]:
     """A base state (``base=None``: N(0, 0.02) weights, norms at 1) or a fine-tune of ``base``."""
     g = torch.Generator().manual_seed(seed)
     state = {}
@@ -83,9 +89,16 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str, *, shards: int = 
         json.dump({"version": "1.0", "model": {"type": "BPE"}}, f)
 
 
-def make_family(directory: str, names: Sequence[str], shapes: dict[str, tuple[int, ...]], *,
-                dtype: torch.dtype = torch.bfloat16, base_shards: int = 1, seed: int = 0,
-                layout: str = "file") -> dict[str, str]:  # fmt: skip
+def make_family(
+    directory: str,
+    names: Sequence[str],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    base_shards: int = 1,
+    seed: int = 0,
+    layout: str = "file",
+) -> dict[str, str]:
     """Write ``names[0]`` as the base and the rest as fine-tunes of it under ``directory``.
 
     ``layout="file"``: ``NAME.safetensors``; ``"dir"``: HF directories (the base with

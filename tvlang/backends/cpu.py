@@ -35,7 +35,9 @@ class Scratch:
         return buf[:n]
 
 
-def run_kernel(kernel: Kernel, views: Mapping[int, torch.Tensor], out: torch.Tensor, scratch: Scratch) -> None:
+def run_kernel(
+    kernel: Kernel, views: Mapping[int, torch.Tensor], out: torch.Tensor, scratch: Scratch
+) -> None:
     """Compute one output chunk into ``out`` from the input chunks ``views`` (by input index)."""
     if isinstance(kernel, Copy):
         out.copy_(views[kernel.source])

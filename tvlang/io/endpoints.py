@@ -61,7 +61,9 @@ def memory_metas(state: Mapping[str, Any], label: str) -> dict[str, TensorMeta]:
                 f"`{label}`: entry `{name}` is a {type(tensor).__name__}, not a tensor", code="E307"
             )
         if tensor.dtype not in DTYPE_CODES:
-            raise TvInputError(f"`{label}`: tensor `{name}` has unsupported dtype {tensor.dtype}", code="E307")
+            raise TvInputError(
+                f"`{label}`: tensor `{name}` has unsupported dtype {tensor.dtype}", code="E307"
+            )
         if tensor.device.type != "cpu":
             raise TvInputError(
                 f"`{label}`: tensor `{name}` is on {tensor.device}; the CPU backend reads CPU tensors",

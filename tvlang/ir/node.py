@@ -147,7 +147,7 @@ def scalar_value(node: Node) -> float | None:
     vals = [scalar_value(a) for a in node.args]
     if any(v is None for v in vals):
         return None
-    return _SCALAR_OPS[node.op](*vals)
+    return float(_SCALAR_OPS[node.op](*vals))
 
 
 def _div(a: float, b: float) -> float:

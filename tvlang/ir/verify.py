@@ -66,6 +66,10 @@ def _check(node: Node) -> str | None:
         if len({id(a) for a in args}) != len(args):
             return "wsum repeats an operand"
         expected = sum(w * _mass(a) for w, a in zip(node.arg, args, strict=True))
-    if kind.tensor and expected is not None and abs(expected - kind.mass) > MASS_TOLERANCE * max(1.0, abs(expected)):
+    if (
+        kind.tensor
+        and expected is not None
+        and abs(expected - kind.mass) > MASS_TOLERANCE * max(1.0, abs(expected))
+    ):
         return f"mass {kind.mass} but operands give {expected}"
     return None

@@ -1,6 +1,15 @@
 """Planning: the per-tensor passes, chunking and memory, as a printable value."""
 
-from tvlang.plan.plan import Copy, Plan, PlannedInput, PlannedOutput, TensorMeta, TensorTask, WeightedSum, human_bytes
+from tvlang.plan.plan import (
+    Copy,
+    Plan,
+    PlannedInput,
+    PlannedOutput,
+    TensorMeta,
+    TensorTask,
+    WeightedSum,
+    human_bytes,
+)
 from tvlang.plan.planner import DEFAULT_MEMORY, build_plan, parse_dtype
 
 __all__ = [

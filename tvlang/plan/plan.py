@@ -17,9 +17,19 @@ from tvlang.ir.printer import format_weight
 
 # Bytes per element for each safetensors dtype code.
 ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 WIDE = frozenset({"F64", "F32"})  # inputs/outputs this wide accumulate in float64
 
@@ -103,7 +113,9 @@ class PlannedOutput:
     name: str
     kind: str  # "model" or "delta"
     template: int  # input whose names, order, non-float tensors and side files the output follows
-    tensors: tuple[tuple[str, str, tuple[int, ...]], ...] = field(repr=False)  # (name, dtype, shape), in order
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...] = field(
+        repr=False
+    )  # (name, dtype, shape), in order
     expression: str = ""
 
     @property
@@ -122,9 +134,7 @@ class Plan:
 
     @property
     def bytes_read(self) -> int:
-        return sum(
-            self.inputs[i].tensors[t.name].nbytes for t in self.tasks for i in t.reads
-        )
+        return sum(self.inputs[i].tensors[t.name].nbytes for t in self.tasks for i in t.reads)
 
     @property
     def bytes_written(self) -> int:
@@ -133,7 +143,9 @@ class Plan:
     @property
     def peak_memory(self) -> int:
         """Estimated working memory: per worker, one chunk of every input mapped, the accumulator, the outputs."""
-        return self.threads * max((min(self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0)
+        return self.threads * max(
+            (min(self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0
+        )
 
     def explain(self, *, per_tensor: int | None = 12) -> str:
         """The per-tensor plan and totals, for people (``tvlang plan``)."""

@@ -31,10 +31,21 @@ MIN_CHUNK = 1 << 12
 DEFAULT_MEMORY = 512 << 20
 
 DTYPE_ALIASES = {
-    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "f16": "F16", "float16": "F16", "half": "F16",
-    "fp32": "F32", "f32": "F32", "float32": "F32", "float": "F32", "fp64": "F64", "f64": "F64",
-    "float64": "F64", "double": "F64",
-}  # fmt: skip
+    "bf16": "BF16",
+    "bfloat16": "BF16",
+    "fp16": "F16",
+    "f16": "F16",
+    "float16": "F16",
+    "half": "F16",
+    "fp32": "F32",
+    "f32": "F32",
+    "float32": "F32",
+    "float": "F32",
+    "fp64": "F64",
+    "f64": "F64",
+    "float64": "F64",
+    "double": "F64",
+}
 
 
 def parse_dtype(name: str | None) -> str | None:

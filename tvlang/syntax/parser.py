@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-import ast as pyast
 import os
+import re
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
@@ -35,6 +35,10 @@ def grammar_text() -> str:
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
     return (Path(__file__).resolve().parents[2] / "grammar" / "tvlang.lark").read_text(encoding="utf-8")
+
+
+_ESCAPE = re.compile(r"\\(.)")
+_ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
 
 
 class _NewlinesInParens(PostLex):
@@ -219,12 +223,17 @@ class _ToAst(Transformer[Token, Any]):
 
     def string(self, children: list[Token]) -> ast.String:
         tok = children[0]
-        try:
-            value = pyast.literal_eval(str(tok))
-        except (ValueError, SyntaxError):
+        body = str(tok)[1:-1]
+        bad = next((m for m in _ESCAPE.finditer(body) if m.group(1) not in _ESCAPES), None)
+        if bad is not None:
+            start = (tok.start_pos or 0) + 1 + bad.start()
             raise TvSyntaxError(
-                "invalid escape in string", self._tok_span(tok), code="E102"
-            ) from None
+                f"unknown escape `{bad.group(0)}` in string",
+                Span(self.source, start, start + 2),
+                help="write a backslash as `\\\\`; known escapes: " + " ".join(f"\\{c}" for c in _ESCAPES),
+                code="E102",
+            )
+        value = _ESCAPE.sub(lambda m: _ESCAPES[m.group(1)], body)
         return ast.String(value, self._tok_span(tok))
 
     def name(self, children: list[Token]) -> ast.Name:
@@ -269,7 +278,9 @@ class _ToAst(Transformer[Token, Any]):
         kwargs = tuple(a for a in items if isinstance(a, ast.Keyword))
         first_kw = next((i for i, a in enumerate(items) if isinstance(a, ast.Keyword)), len(items))
         if len(args) > first_kw:
-            stray = items[first_kw + 1 :][[isinstance(a, ast.Keyword) for a in items[first_kw + 1 :]].index(False)]
+            stray = items[first_kw + 1 :][
+                [isinstance(a, ast.Keyword) for a in items[first_kw + 1 :]].index(False)
+            ]
             raise TvSyntaxError(
                 "positional argument after a keyword argument",
                 stray.span,
