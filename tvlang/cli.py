@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
 from tvlang.errors import TvError, TvParamError
 from tvlang.lower import Bound
+from tvlang.source import Source, Span
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -47,7 +48,13 @@ def _params(args: argparse.Namespace) -> dict[str, float]:
         try:
             params[name] = float(value)
         except ValueError:
-            raise TvParamError(f"--set {name}={value}: {value!r} is not a number", code="E402") from None
+            src = Source(f"{name}={value}", "--set")
+            raise TvParamError(
+                f"`{value}` is not a number",
+                Span(src, len(name) + 1, len(src.text)),
+                label=f"the value of `{name}`",
+                code="E402",
+            ) from None
     return params
 
 

@@ -358,8 +358,11 @@ def lower(
     if overrides:
         unknown = next(iter(overrides))
         close = difflib.get_close_matches(unknown, list(declared), n=1)
+        src = Source(f"{unknown}={overrides[unknown]:g}", "--set")
         raise TvParamError(
             f"no parameter named `{unknown}`",
+            Span(src, 0, len(unknown)),
+            label="overridden here",
             help=f"did you mean `{close[0]}`?"
             if close
             else ("parameters: " + ", ".join(declared) if declared else "this program declares no `param`"),

@@ -162,21 +162,36 @@ class Plan:
                 f"  out{i} {out.name:<16} {out.kind:<5}  {len(out.tensors)} tensors, {_human(out.nbytes)}"
                 f"  (layout of in{out.template})"
             )
-        lines.append("tensors (one pass each: read every input chunk once, write every output):")
+        kernels: dict[tuple[str, ...], str] = {}
+        for t in self.tasks:
+            kernels.setdefault(_writes_text(t), f"k{len(kernels)}")
+        counts = {k: 0 for k in kernels.values()}
+        for t in self.tasks:
+            counts[kernels[_writes_text(t)]] += 1
+        lines.append("kernels (each reads its inputs' chunks once and writes every output):")
+        for text, kid in kernels.items():
+            lines.append(f"  {kid}  ({counts[kid]} tensor{'s' if counts[kid] != 1 else ''})")
+            lines.extend(f"      {line}" for line in text)
+        lines.append("tensors:")
         shown = self.tasks if per_tensor is None else self.tasks[:per_tensor]
         for t in shown:
             shape = "×".join(map(str, t.shape)) or "scalar"
-            lines.append(f"  {t.name}  [{shape}]  {-(-t.numel // self.chunk)} chunk(s)")
-            for w in t.writes:
-                lines.append(f"    out{w.output} {w.dtype:<5} = {w.kernel.describe()}")
+            chunks = max(1, -(-t.numel // self.chunk))
+            lines.append(
+                f"  {t.name}  [{shape}]  {kernels[_writes_text(t)]}  {chunks} chunk{'s' if chunks > 1 else ''}"
+            )
         if per_tensor is not None and len(self.tasks) > per_tensor:
-            lines.append(f"  … {len(self.tasks) - per_tensor} more tensors (--all to list them)")
+            lines.append(f"  … {len(self.tasks) - per_tensor} more tensors (--all lists them)")
         lines.append(
             f"totals: {len(self.tasks)} tensors, read {_human(self.bytes_read)}, "
             f"write {_human(self.bytes_written)}, chunk {self.chunk:,} elements, {self.threads} thread(s), "
             f"peak working memory ≈ {_human(self.peak_memory)} (budget {_human(self.memory)})"
         )
         return "\n".join(lines)
+
+
+def _writes_text(task: TensorTask) -> tuple[str, ...]:
+    return tuple(f"out{w.output} {w.dtype:<5} = {w.kernel.describe()}" for w in task.writes)
 
 
 def bytes_per_element(plan: Plan, task: TensorTask) -> int:
