@@ -27,6 +27,7 @@ from tvlang.io.safetensors import (
     ChunkReader,
     SafetensorsWriter,
     TensorInfo,
+    Transaction,
     check_free_space,
     fsync_dir,
     is_pickle_path,
@@ -238,7 +239,7 @@ class CheckpointReader:
         self.close()
 
 
-class CheckpointWriter:
+class CheckpointWriter(Transaction):
     """Writes one output checkpoint, atomically.
 
     A path ending in ``.safetensors`` is a single file; anything else an HF directory with
@@ -444,16 +445,3 @@ class CheckpointWriter:
             writer.abort()
         if self._tmpdir is not None:
             self._finalizer()
-
-    def __enter__(self) -> CheckpointWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._state != "open":
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()

@@ -35,11 +35,13 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from tvlang.errors import TvInputError, TvOutputError
+
+_T = TypeVar("_T", bound="Transaction")
 
 __all__ = [
     "DTYPES",
@@ -524,7 +526,32 @@ class _Slot(NamedTuple):
     dtype: torch.dtype
 
 
-class SafetensorsWriter:
+class Transaction:
+    """A context manager that commits on success and aborts on an exception (writers share it)."""
+
+    _state: str
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state != "open":
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(Transaction):
     """Streams one ``.safetensors`` file whose layout is fixed before any data exists.
 
     The header is written first and the file ``ftruncate``\\ d to its final size, so each
@@ -662,19 +689,6 @@ class SafetensorsWriter:
         """Close and delete the temporary file; idempotent, and a no-op after commit."""
         if self._close_to_writes("aborted"):
             self._finalizer()
-
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._state != "open":
-            return
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 def fsync_dir(directory: str) -> None:
