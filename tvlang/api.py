@@ -32,7 +32,7 @@ from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import Bound, Lowered, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
-from tvlang.runtime import Progress, execute
+from tvlang.runtime import Progress, check_nonfinite_mode, execute
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 
@@ -53,6 +53,9 @@ class Options:
     overwrite: bool = False  # replace an existing output (only once the new one is complete)
     progress: bool = False  # a progress line with throughput on stderr
     roots: tuple[str, ...] | None = None  # if set, load() may only read below these directories
+    # NaN/±inf in inputs (E308) and overflow to ±inf in the output dtype (E309): "error" stops the
+    # run and writes nothing, "warn" writes and prints one line per tensor on stderr, "propagate" writes
+    nonfinite: str = "error"
 
     def resolved_threads(self) -> int:
         if self.threads is not None:
@@ -186,6 +189,7 @@ class Program:
         Returns the written path(s) in the same shape.
         """
         options = options or Options()
+        check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
         plan, opened = _plan(graph, options)
@@ -223,7 +227,7 @@ class Program:
                     )
                 )
             progress = Progress(plan.bytes_read + plan.bytes_written, _stderr()) if options.progress else None
-            execute(plan, sources, sinks, progress=progress)
+            report = execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
             for sink in sinks:
                 sink.commit()
         except BaseException:
@@ -233,6 +237,10 @@ class Program:
         finally:
             for source in sources:
                 source.close()
+        if report:
+            stderr = _stderr()
+            for line in report.lines():
+                print(line, file=stderr)
         if all(d is None for d in dests):
             results = {o.name: s.result for o, s in zip(plan.outputs, sinks, strict=True)}  # type: ignore[attr-defined]
         else:

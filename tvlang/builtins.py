@@ -1,8 +1,8 @@
 """The functions a program can call: one literal table.
 
-Each entry declares its parameters (with the kind each must have) and how it
-lowers to IR.  The checker reads the declarations, so misuse is a positioned
-error like any other.
+Each entry declares its parameters (with the kind each must have), a summary,
+a paper link where there is one, and how it lowers to IR.  The lowering checks
+calls against these declarations, so misuse is a positioned error like any other.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tvlang.ir.node import DELTA, MODEL, InputRef, Node, Op
+from tvlang import methods
+from tvlang.check import KindError
+from tvlang.ir.build import call, div, mul, numel, rand, reduce, sub
+from tvlang.ir.node import DELTA, MODEL, InputRef, Kind, Node, Op, scalar_value
+from tvlang.ops import ELEMENTWISE
 from tvlang.source import Span
 
 if TYPE_CHECKING:
@@ -23,8 +27,13 @@ REQUIRED: Any = object()
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    kind: str  # "path" (a string), "scalar", "tensor"
+    # "path" | "string" (a string literal), "number" (a scalar, possibly per tensor), "int" (a
+    # constant integer), "model" | "delta" | "tensor" (either), "value" (a number or a tensor),
+    # "numbers" (a list of scalars)
+    kind: str
     default: Any = REQUIRED
+    variadic: bool = False  # collects the remaining positional arguments
+    choices: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -33,11 +42,14 @@ class Builtin:
     params: tuple[ParamSpec, ...]
     summary: str
     lower: Callable[[Lowering, dict[str, Any], dict[str, Span], Span], Node]
+    paper: str = ""
+    group: str = "function"  # "input", "element-wise", "reduction", "method"
 
 
-def _load(kind_name: str) -> Callable[[Lowering, dict[str, Any], dict[str, Span], Span], Node]:
-    kind = MODEL if kind_name == "model" else DELTA
+Lower = Callable[["Lowering", dict[str, Any], dict[str, Span], Span], Node]
 
+
+def _load(kind: Kind) -> Lower:
     def lower(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
         path = ctx.resolve_checkpoint(args["path"], spans["path"])
         return Node(Op.INPUT, (), InputRef(path, args["path"], kind, span), kind)
@@ -45,20 +57,300 @@ def _load(kind_name: str) -> Callable[[Lowering, dict[str, Any], dict[str, Span]
     return lower
 
 
+def _elementwise(name: str) -> Lower:
+    """On numbers: a number.  On tensors: kind-preserving for where/clamp/min/max when every tensor
+    operand is a model (or every one a delta); a vector (delta) otherwise."""
+    keeps_kind = name in ("where", "clamp", "min", "max")
+
+    def lower(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
+        values = [args[p.name] for p in BUILTINS[name].params]
+        selected = values[1:] if name == "where" else values
+        tensors = [v for v in selected if v.kind.tensor]
+        kind = None
+        if keeps_kind and tensors and all(t.kind.is_model for t in tensors):
+            if len(tensors) != len(selected):
+                raise KindError(f"`{name}` cannot mix a model with numbers")
+            kind = MODEL
+        elif any(t.kind.tensor and not t.kind.is_delta for t in values):
+            raise KindError(f"`{name}` works on numbers and task vectors, not on models")
+        return call(name, *values, kind=kind)
+
+    return lower
+
+
+def _reduction(fn: Callable[..., Node]) -> Lower:
+    def lower(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
+        return fn(**args)
+
+    return lower
+
+
+def _stream(node: Node) -> str:
+    """A stable name for a tensor expression: the labels of the checkpoints it reads."""
+    labels = [n.arg.label for n in node.toposort() if n.op is Op.INPUT]
+    return "|".join(labels) or "const"
+
+
+def _weights(args: dict[str, Any], n: int, what: str = "weights") -> list[Node | float]:
+    weights = args.get(what)
+    if weights is None:
+        return [1.0] * n
+    if len(weights) != n:
+        raise KindError(f"{len(weights)} {what} for {n} operands", "one per operand")
+    return list(weights)
+
+
+def _lower_ties(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    deltas = a["deltas"]
+    return methods.ties(deltas, _weights(a, len(deltas)), a["density"], a["elect"], a["divide"])
+
+
+def _dared(a: dict[str, Any]) -> list[Node]:
+    return [methods.dare(d, sub(1.0, a["density"]), a["seed"], _stream(d), a["rescale"]) for d in a["deltas"]]
+
+
+def _lower_dare_ties(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    dared = _dared(a)
+    return methods.ties(dared, _weights(a, len(dared)), 1.0, a["elect"], a["divide"])
+
+
+def _lower_dare_linear(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    dared = _dared(a)
+    return methods.linear(dared, _weights(a, len(dared)), normalize=False)
+
+
+def _lower_linear(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    models = a["models"]
+    return methods.linear(models, _weights(a, len(models)), bool(_const(a["normalize"], "normalize")))
+
+
+def _const(node: Node | float, what: str) -> float:
+    value = node if isinstance(node, float) else scalar_value(node)
+    if value is None:
+        raise KindError(f"`{what}` must be a number known before any data is read")
+    return value
+
+
+def _p(name: str, kind: str, default: Any = REQUIRED, **kw: Any) -> ParamSpec:
+    return ParamSpec(name, kind, default, **kw)
+
+
+_TIES = "https://arxiv.org/abs/2306.01708"
+_DARE = "https://arxiv.org/abs/2311.03099"
+_ELECT = _p("elect", "string", "sum", choices=("sum", "count"))
+_DIVIDE = _p("divide", "string", "weights", choices=("weights", "count", "none"))
+
+_ELEMENTWISE_PARAMS = {
+    "where": (_p("cond", "value"), _p("a", "value"), _p("b", "value")),
+    "clamp": (_p("x", "value"), _p("lo", "value"), _p("hi", "value")),
+}
+
 BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
         Builtin(
             "load",
-            (ParamSpec("path", "path"),),
-            "a model: a .safetensors file or a (sharded) Hugging Face directory, relative to the .tv file",
-            _load("model"),
+            (_p("path", "path"),),
+            "a model: a .safetensors file or a (sharded) Hugging Face "
+            "directory, relative to the program file",
+            _load(MODEL),
+            group="input",
         ),
         Builtin(
             "delta",
-            (ParamSpec("path", "path"),),
+            (_p("path", "path"),),
             "a stored task vector (fine-tuned minus base), in the same formats as load()",
-            _load("delta"),
+            _load(DELTA),
+            group="input",
+        ),
+        *(
+            Builtin(
+                op.name,
+                _ELEMENTWISE_PARAMS.get(op.name, tuple(_p(n, "value") for n in ("x", "y")[: op.arity])),
+                op.summary,
+                _elementwise(op.name),
+                group="element-wise",
+            )
+            for op in ELEMENTWISE.values()
+            if op.name not in ("lt", "le", "gt", "ge", "eq", "ne")
+        ),
+        Builtin(
+            "sum",
+            (_p("x", "tensor"),),
+            "the sum of all elements (per tensor)",
+            _reduction(lambda x: reduce("sum", x)),
+            group="reduction",
+        ),
+        Builtin(
+            "mean",
+            (_p("x", "tensor"),),
+            "the mean of all elements",
+            _reduction(lambda x: div(reduce("sum", x), numel(x))),
+            group="reduction",
+        ),
+        Builtin(
+            "norm",
+            (_p("x", "tensor"),),
+            "the L2 norm of the whole tensor",
+            _reduction(lambda x: call("sqrt", reduce("sumsq", x))),
+            group="reduction",
+        ),
+        Builtin(
+            "dot",
+            (_p("x", "tensor"), _p("y", "tensor")),
+            "the dot product of two tensors, flattened",
+            _reduction(lambda x, y: reduce("dot", x, y)),
+            group="reduction",
+        ),
+        Builtin(
+            "count",
+            (_p("x", "tensor"),),
+            "the number of non-zero elements",
+            _reduction(lambda x: reduce("count", x)),
+            group="reduction",
+        ),
+        Builtin(
+            "numel",
+            (_p("x", "tensor"),),
+            "the number of elements (from the header; no pass)",
+            _reduction(lambda x: numel(x)),
+            group="reduction",
+        ),
+        Builtin(
+            "kth",
+            (_p("x", "tensor"), _p("k", "number")),
+            "the k-th largest element (exact radix selection over the chunks; +inf for k < 1)",
+            _reduction(lambda x, k: methods.kth(x, k)),
+            group="reduction",
+        ),
+        Builtin(
+            "quantile",
+            (_p("x", "tensor"), _p("q", "number")),
+            "the q-quantile (lower): the k-th smallest element with k = floor(q·(numel-1)) + 1",
+            _reduction(lambda x, q: methods.kth(x, sub(numel(x), call("floor", mul(q, sub(numel(x), 1.0)))))),
+            group="reduction",
+        ),
+        Builtin(
+            "rand",
+            (_p("like", "tensor"), _p("seed", "int", 0)),
+            "uniform [0, 1) per element, keyed by (seed, the operand's checkpoints, tensor name, index): "
+            "the same bits for any chunking, thread count or device",
+            lambda ctx, a, s, sp: rand(a["like"], a["seed"], _stream(a["like"])),
+            group="element-wise",
+        ),
+        Builtin(
+            "magnitude_prune",
+            (_p("d", "delta"), _p("density", "number")),
+            "keep the floor(density·numel) largest magnitudes of a task vector",
+            _reduction(methods.magnitude_prune),
+            group="method",
+            paper=_TIES,
+        ),
+        Builtin(
+            "breadcrumbs",
+            (_p("d", "delta"), _p("density", "number"), _p("gamma", "number", 0.01)),
+            "drop the largest gamma share (outliers) and the smallest magnitudes, keeping density",
+            _reduction(methods.breadcrumbs),
+            group="method",
+            paper="https://arxiv.org/abs/2312.06795",
+        ),
+        Builtin(
+            "dare",
+            (
+                _p("d", "delta"),
+                _p("p", "number"),
+                _p("seed", "int", 0),
+                _p("rescale", "string", "inverse", choices=("inverse", "l1", "none")),
+            ),
+            "drop elements with probability p (seeded), rescale by 1/(1-p), to the L1 norm, or not",
+            lambda ctx, a, s, sp: methods.dare(a["d"], a["p"], a["seed"], _stream(a["d"]), a["rescale"]),
+            group="method",
+            paper=_DARE,
+        ),
+        Builtin(
+            "ties",
+            (
+                _p("deltas", "delta", variadic=True),
+                _p("weights", "numbers", None),
+                _p("density", "number", 1.0),
+                _ELECT,
+                _DIVIDE,
+            ),
+            "TIES-merging: trim, elect signs, disjoint mean (a task vector)",
+            _lower_ties,
+            group="method",
+            paper=_TIES,
+        ),
+        Builtin(
+            "dare_ties",
+            (
+                _p("deltas", "delta", variadic=True),
+                _p("weights", "numbers", None),
+                _p("density", "number", 1.0),
+                _p("seed", "int", 0),
+                _p("rescale", "string", "l1", choices=("inverse", "l1", "none")),
+                _ELECT,
+                _DIVIDE,
+            ),
+            "DARE (keep probability density, mergekit's L1 rescale) then TIES sign election",
+            _lower_dare_ties,
+            group="method",
+            paper=_DARE,
+        ),
+        Builtin(
+            "dare_linear",
+            (
+                _p("deltas", "delta", variadic=True),
+                _p("weights", "numbers", None),
+                _p("density", "number", 1.0),
+                _p("seed", "int", 0),
+                _p("rescale", "string", "l1", choices=("inverse", "l1", "none")),
+            ),
+            "DARE then a weighted sum of the task vectors",
+            _lower_dare_linear,
+            group="method",
+            paper=_DARE,
+        ),
+        Builtin(
+            "linear",
+            (
+                _p("models", "tensor", variadic=True),
+                _p("weights", "numbers", None),
+                _p("normalize", "number", 1.0),
+            ),
+            "a weighted average of models (divided by the summed weights when normalize ≠ 0)",
+            _lower_linear,
+            group="method",
+            paper="https://arxiv.org/abs/2203.05482",
+        ),
+        Builtin(
+            "lerp",
+            (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number")),
+            "a + t·(b - a)",
+            _reduction(methods.lerp),
+            group="method",
+        ),
+        Builtin(
+            "slerp",
+            (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number")),
+            "spherical interpolation per tensor (linear when nearly colinear)",
+            _reduction(methods.slerp),
+            group="method",
+        ),
+        Builtin(
+            "model_stock",
+            (_p("base", "model"), _p("models", "model", variadic=True)),
+            "Model Stock: move from the base toward the mean by the angle between task vectors",
+            lambda ctx, a, s, sp: methods.model_stock(a["base"], a["models"]),
+            group="method",
+            paper="https://arxiv.org/abs/2403.19522",
+        ),
+        Builtin(
+            "nearswap",
+            (_p("base", "model"), _p("model", "model"), _p("t", "number")),
+            "move each element toward model by clamp(t/|model - base|, 0, 1)",
+            _reduction(methods.nearswap),
+            group="method",
         ),
     )
 }

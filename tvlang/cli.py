@@ -83,6 +83,7 @@ def _options(args: argparse.Namespace) -> Options:
         shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else Options.shard_size,
         overwrite=getattr(args, "force", False),
         progress=not getattr(args, "quiet", False),
+        nonfinite=getattr(args, "nonfinite", None) or Options.nonfinite,
     )
 
 
@@ -150,6 +151,13 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
             "--force", action="store_true", help="replace an existing output once the new one is complete"
         )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+        p.add_argument(
+            "--nonfinite",
+            choices=("error", "warn", "propagate"),
+            default="error",
+            help="NaN/inf in an input, or overflow to inf in the output dtype: stop without writing (error, "
+            "the default), write and print a warning per tensor (warn), or write silently (propagate)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvlang.builtins import BUILTINS, REQUIRED
-from tvlang.check import KindError, binary_kind, unary_kind
+from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec
+from tvlang.check import KindError, unary_kind
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
+from tvlang.ir import build
 from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
 from tvlang.ir.printer import format_weight
+from tvlang.ops import COMPARISONS
 from tvlang.passes.linearize import linear_form
 from tvlang.source import Source, Span
 from tvlang.syntax import ast
+from tvlang.syntax.parser import too_deep
 
-_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "**": Op.POW}
 MAX_INPUTS = 4096
 MAX_OUTPUTS = 4096
+MAX_EXPANSION = 64
 DEFAULT_OUTPUT = "out"
 
 
@@ -57,6 +60,8 @@ class Lowering:
         self.source = program.source
         self.roots = None if roots is None else [Path(r).resolve() for r in roots]
         self.env: dict[str, tuple[Node, Span | None]] = {}
+        self.defs: dict[str, ast.Define] = {}
+        self.depth = 0
         self.n_inputs = 0
         # Names the program binds, so a use before the binding gets a precise error.
         self.later_bindings: dict[str, Span] = {
@@ -70,7 +75,10 @@ class Lowering:
         candidates = [base / path]
         if not path.endswith(".safetensors"):
             candidates.append(base / (path + ".safetensors"))
-        found = next((c for c in candidates if c.exists()), None)
+        try:
+            found = next((c for c in candidates if c.exists()), None)
+        except OSError as e:  # a name too long for the filesystem, say
+            raise TvInputError(f"cannot use {path!r} as a path: {e.strerror}", span, code="E300") from None
         if found is None:
             looked = " or ".join(str(c) for c in candidates)
             raise TvInputError(f"no such checkpoint: {path}", span, label=f"looked for {looked}", code="E300")
@@ -109,9 +117,32 @@ class Lowering:
             return Node(Op.NEG, (operand,), None, unary_kind("-", operand.kind))
         if isinstance(e, ast.Binary):
             return self.binary(e)
+        if isinstance(e, ast.Compare):
+            left, right = self.expr(e.left), self.expr(e.right)
+            return self.checked(e.span, lambda: self._compare(e.op, left, right))
         if isinstance(e, ast.Call):
             return self.call(e)
+        if isinstance(e, ast.List):
+            raise TvTypeError(
+                "a list can only be a function argument",
+                e.span,
+                help="e.g. `ties(a, b, weights=[0.6, 0.4])`",
+                code="E202",
+            )
         raise AssertionError(f"unknown AST node {e!r}")
+
+    @staticmethod
+    def _compare(op: str, left: Node, right: Node) -> Node:
+        if (left.kind.tensor and not left.kind.is_delta) or (right.kind.tensor and not right.kind.is_delta):
+            raise KindError("comparisons work on numbers and task vectors, not on models")
+        return build.call(COMPARISONS[op], left, right)
+
+    def checked(self, span: Span, make: Callable[[], Node]) -> Node:
+        """Run an IR constructor, turning a kind-rule violation into a positioned error."""
+        try:
+            return make()
+        except KindError as err:
+            raise TvTypeError(err.message, span, label=err.label, help=err.help, code="E201") from None
 
     def lookup(self, name: ast.Name) -> Node:
         if name.id in self.env:
@@ -141,79 +172,160 @@ class Lowering:
 
     def binary(self, e: ast.Binary) -> Node:
         left, right = self.expr(e.left), self.expr(e.right)
-        try:
-            kind = binary_kind(e.op, left.kind, right.kind, scalar_value(left), scalar_value(right))
-        except KindError as err:
-            raise TvTypeError(err.message, e.span, label=err.label, help=err.help, code="E201") from None
-        if e.op == "*" and left.kind.tensor:  # canonical: the scalar first
-            left, right = right, left
-        return Node(_OPS[e.op], (left, right), None, kind)
+        return self.checked(e.span, lambda: build.binary(e.op, left, right))
 
     def call(self, e: ast.Call) -> Node:
+        if e.func.id in self.defs:
+            return self.expand(self.defs[e.func.id], e)
         fn = BUILTINS.get(e.func.id)
         if fn is None:
-            close = difflib.get_close_matches(e.func.id, list(BUILTINS), n=1)
+            known = [*BUILTINS, *self.defs]
+            close = difflib.get_close_matches(e.func.id, known, n=1)
             raise TvNameError(
                 f"unknown function `{e.func.id}`",
                 e.func.span,
-                help=f"did you mean `{close[0]}`?" if close else "functions: " + ", ".join(sorted(BUILTINS)),
+                help=f"did you mean `{close[0]}`?" if close else "functions: " + ", ".join(sorted(known)),
                 code="E200",
             )
-        names = [p.name for p in fn.params]
-        if len(e.args) > len(names):
+        given, spans = self.bind_arguments(
+            fn.name, [(p.name, p.default is REQUIRED, p.variadic) for p in fn.params], e
+        )
+        values: dict[str, Any] = {}
+        for p in fn.params:
+            if p.name not in given:
+                values[p.name] = p.default
+                continue
+            arg = given[p.name]
+            if p.variadic:
+                assert isinstance(arg, tuple)
+                values[p.name] = tuple(self.argument(fn.name, p, a) for a in arg)
+            else:
+                values[p.name] = self.argument(fn.name, p, arg)
+        return self.checked(e.span, lambda: fn.lower(self, values, spans, e.span))
+
+    def bind_arguments(
+        self, fname: str, params: list[tuple[str, bool, bool]], e: ast.Call
+    ) -> tuple[dict[str, Any], dict[str, Span]]:
+        """Match a call's arguments to parameters (name, required, variadic)."""
+        names = [n for n, _, _ in params]
+        variadic = next((n for n, _, v in params if v), None)
+        positional = [n for n, _, v in params if not v]
+        given: dict[str, Any] = {}
+        spans: dict[str, Span] = {}
+        args = list(e.args)
+        if variadic is not None:
+            # parameters before the variadic one take the first arguments; it takes the rest
+            lead = [n for n, _, _ in params[: names.index(variadic)]]
+            rest = args[len(lead) :]
+            given[variadic] = tuple(rest)
+            if rest:
+                spans[variadic] = rest[0].span
+            args, positional = args[: len(lead)], lead
+        if len(args) > len(positional):
             raise TvTypeError(
-                f"`{fn.name}` takes {len(names)} argument{'s' if len(names) != 1 else ''}, got {len(e.args)}",
-                e.args[len(names)].span,
+                f"`{fname}` takes {len(positional)} argument{'s' if len(positional) != 1 else ''}, got {len(args)}",
+                args[len(positional)].span,
                 label="unexpected argument",
                 code="E203",
             )
-        given: dict[str, ast.Expr] = dict(zip(names, e.args, strict=False))
+        for name, arg in zip(positional, args, strict=False):
+            given[name], spans[name] = arg, arg.span
         for kw in e.kwargs:
-            if kw.name.id not in names:
+            if kw.name.id not in names or kw.name.id == variadic:
                 close = difflib.get_close_matches(kw.name.id, names, n=1)
                 raise TvTypeError(
-                    f"`{fn.name}` has no parameter `{kw.name.id}`",
+                    f"`{fname}` has no parameter `{kw.name.id}`",
                     kw.name.span,
                     help=f"did you mean `{close[0]}`?" if close else "parameters: " + ", ".join(names),
                     code="E203",
                 )
             if kw.name.id in given:
                 raise TvTypeError(f"`{kw.name.id}` given twice", kw.span, code="E203")
-            given[kw.name.id] = kw.value
-        values: dict[str, Any] = {}
-        spans: dict[str, Span] = {}
-        for p in fn.params:
-            if p.name not in given:
-                if p.default is REQUIRED:
-                    raise TvTypeError(
-                        f"`{fn.name}` needs its `{p.name}` argument", e.span, label="missing", code="E203"
-                    )
-                values[p.name] = p.default
-                continue
-            arg = given[p.name]
-            spans[p.name] = arg.span
-            if p.kind == "path":
-                if not isinstance(arg, ast.String):
-                    raise TvTypeError(
-                        f'`{fn.name}`\'s `{p.name}` must be a string path, like `{fn.name}("ckpt/base")`',
-                        arg.span,
-                        code="E203",
-                    )
-                values[p.name] = arg.value
-            else:
-                node = self.expr(arg)
-                want_tensor = p.kind != "scalar"
-                if node.kind.tensor != want_tensor:
-                    raise TvTypeError(
-                        f"`{fn.name}`'s `{p.name}` must be a {'tensor' if want_tensor else 'number'}",
-                        arg.span,
-                        label=f"this is a {node.kind}",
-                        code="E203",
-                    )
-                if want_tensor:
-                    self.require_point_or_vector(node, arg)
-                values[p.name] = node
-        return fn.lower(self, values, spans, e.span)
+            given[kw.name.id], spans[kw.name.id] = kw.value, kw.value.span
+        for name, required, is_variadic in params:
+            if required and (name not in given or (is_variadic and not given[name])):
+                raise TvTypeError(
+                    f"`{fname}` needs its `{name}` argument", e.span, label="missing", code="E203"
+                )
+        return given, spans
+
+    def argument(self, fname: str, p: ParamSpec, arg: ast.Expr) -> Any:
+        """One argument, checked against its declared kind."""
+        if p.kind in ("path", "string"):
+            if not isinstance(arg, ast.String):
+                example = (
+                    f'{fname}("ckpt/base")' if p.kind == "path" else f'{p.name}="{(p.choices or ("…",))[0]}"'
+                )
+                raise TvTypeError(
+                    f"`{fname}`'s `{p.name}` must be a string, like `{example}`", arg.span, code="E203"
+                )
+            if p.choices and arg.value not in p.choices:
+                raise TvTypeError(
+                    f"`{fname}`'s `{p.name}` must be one of " + ", ".join(f'"{c}"' for c in p.choices),
+                    arg.span,
+                    code="E203",
+                )
+            return arg.value
+        if p.kind == "numbers":
+            if not isinstance(arg, ast.List):
+                raise TvTypeError(
+                    f"`{fname}`'s `{p.name}` must be a list, like `[0.5, 0.5]`", arg.span, code="E203"
+                )
+            return tuple(self.argument(fname, ParamSpec(p.name, "number"), item) for item in arg.items)
+        node = self.expr(arg)
+        if p.kind == "value":
+            if node.kind.tensor:
+                self.require_point_or_vector(node, arg)
+            return node
+        if p.kind in ("number", "int"):
+            if node.kind.tensor:
+                raise TvTypeError(
+                    f"`{fname}`'s `{p.name}` must be a number",
+                    arg.span,
+                    label=f"this is a {node.kind}",
+                    code="E203",
+                )
+            if p.kind == "int":
+                value = scalar_value(node)
+                if value is None or value != int(value):
+                    raise TvTypeError(f"`{fname}`'s `{p.name}` must be a whole number", arg.span, code="E203")
+                return int(value)
+            return node
+        self.require_point_or_vector(node, arg)
+        if (p.kind == "model" and not node.kind.is_model) or (p.kind == "delta" and not node.kind.is_delta):
+            hint = " (a task vector is a difference of models, e.g. `ft - base`)" if p.kind == "delta" else ""
+            raise TvTypeError(
+                f"`{fname}`'s `{p.name}` must be a {p.kind}{hint}",
+                arg.span,
+                label=f"this is a {node.kind}",
+                code="E203",
+            )
+        return node
+
+    def expand(self, define: ast.Define, e: ast.Call) -> Node:
+        """A user method: its body lowered with the parameters bound to the arguments."""
+        params = [(name.id, default is None, False) for name, default in define.params]
+        given, _ = self.bind_arguments(
+            define.name.id, params, e
+        )  # every parameter without a default is given
+        self.depth += 1
+        if self.depth > MAX_EXPANSION:
+            raise TvTypeError(
+                f"`{define.name.id}` expands more than {MAX_EXPANSION} levels deep (does it call itself?)",
+                e.span,
+                code="E210",
+            )
+        scope = {name.id: self.expr(given.get(name.id, default)) for name, default in define.params}  # type: ignore[arg-type]
+        saved = {k: self.env[k] for k in scope if k in self.env}
+        try:
+            for k, v in scope.items():
+                self.env[k] = (v, None)
+            return self.expr(define.body)
+        finally:
+            for k in scope:
+                del self.env[k]
+            self.env.update(saved)
+            self.depth -= 1
 
     # -- the affine rule at use sites ---------------------------------------
     def require_point_or_vector(self, node: Node, e: ast.Expr) -> None:
@@ -246,6 +358,18 @@ class Lowering:
         )
 
     # -- statements ----------------------------------------------------------
+    def define(self, d: ast.Define) -> None:
+        name = d.name
+        if name.id in BUILTINS or name.id in self.defs:
+            what = "a built-in function" if name.id in BUILTINS else "already defined"
+            raise TvNameError(f"`{name.id}` is {what}", name.span, label="defined again here", code="E205")
+        seen: set[str] = set()
+        for pname, _ in d.params:
+            if pname.id in seen:
+                raise TvNameError(f"parameter `{pname.id}` appears twice", pname.span, code="E205")
+            seen.add(pname.id)
+        self.defs[name.id] = d
+
     def bind(self, name: ast.Name, node: Node, span: Span | None) -> None:
         if name.id in BUILTINS:
             raise TvNameError(f"`{name.id}` is a function and cannot be rebound", name.span, code="E205")
@@ -297,6 +421,19 @@ def lower(
     roots: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Lowered:
     """Lower a parsed program to an IR graph with the given parameter values and bindings."""
+    try:
+        return _lower(program, params=params, bindings=bindings, roots=roots)
+    except RecursionError:
+        raise too_deep(program.source) from None
+
+
+def _lower(
+    program: ast.Program,
+    *,
+    params: Mapping[str, float] | None,
+    bindings: Mapping[str, Bound] | None,
+    roots: Sequence[str | os.PathLike[str]] | None,
+) -> Lowered:
     ctx = Lowering(program, roots)
     overrides = dict(params or {})
     _bind_external(ctx, bindings or {})
@@ -338,6 +475,8 @@ def lower(
             ctx.bind(stmt.target, const(value, stmt.target.id), stmt.span)
         elif isinstance(stmt, ast.Binding):
             ctx.bind(stmt.target, ctx.expr(stmt.value), stmt.span)
+        elif isinstance(stmt, ast.Define):
+            ctx.define(stmt)
         else:
             name = DEFAULT_OUTPUT if isinstance(stmt, ast.ExprStmt) else stmt.target.id
             if name in output_spans:

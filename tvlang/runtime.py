@@ -6,10 +6,19 @@ tensors, handed out in plan order; torch runs one intra-op thread per worker
 (on a shared 2-core machine OpenMP regions inside small ops wait on
 descheduled threads; see benchmarks/RESULTS.md), and parallelism comes from
 the workers.
+
+Non-finite values: every rounded float output chunk gets one cheap check
+(:func:`~tvlang.backends.cpu.output_finite`); only a chunk that fails it is
+examined to say which input holds how many NaN/±inf values, or whether the
+result overflowed.  ``nonfinite="error"`` stops the run at the first such chunk
+(E308 for inputs, E309 for overflow), ``"warn"`` counts everything into a
+:class:`NonFiniteReport`, ``"propagate"`` skips the check altogether.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import threading
 import time
@@ -19,10 +28,15 @@ from typing import TextIO
 
 import torch
 
-from tvlang.backends.cpu import Scratch, run_kernel
+from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
+from tvlang.backends.program import ProgramState
+from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.endpoints import Sink, Source
 from tvlang.io.safetensors import DTYPES
-from tvlang.plan.plan import ITEMSIZE, Plan, TensorTask, human_bytes
+from tvlang.plan.plan import ITEMSIZE, Plan, ProgramOutput, TensorTask, TensorWrite, WeightedSum, human_bytes
+
+NONFINITE_MODES = ("error", "warn", "propagate")
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class Progress:
@@ -64,13 +78,117 @@ class Progress:
             self._draw(time.perf_counter(), end="\n")
 
 
+class NonFiniteReport:
+    """NaN/±inf counts of a run per (tensor, cause), gathered from every chunk and thread.
+
+    ``inputs[(tensor, input index)] = [nan, inf]``; ``overflow[(tensor, output index)] =
+    [in rounding, in accumulating]``.
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.inputs: dict[tuple[str, int], list[int]] = {}
+        self.overflow: dict[tuple[str, int], list[int]] = {}
+        self.program: dict[tuple[str, int], int] = {}  # NaN/±inf from a method's arithmetic (not attributed)
+        self._lock = threading.Lock()
+
+    def add(self, tensor: str, output: int, found: Census) -> None:
+        with self._lock:
+            for slot, (nan, inf) in found.inputs.items():
+                if nan or inf:
+                    counts = self.inputs.setdefault((tensor, slot), [0, 0])
+                    counts[0] += nan
+                    counts[1] += inf
+            if found.rounding or found.accumulation:
+                counts = self.overflow.setdefault((tensor, output), [0, 0])
+                counts[0] += found.rounding
+                counts[1] += found.accumulation
+
+    def add_program(self, tensor: str, output: int, count: int) -> None:
+        with self._lock:
+            self.program[(tensor, output)] = self.program.get((tensor, output), 0) + count
+
+    def __bool__(self) -> bool:
+        return bool(self.inputs or self.overflow or self.program)
+
+    def lines(self) -> list[str]:
+        """One warning line per tensor, in plan order."""
+        by_tensor: dict[str, list[str]] = {}
+        codes: dict[str, set[str]] = {}
+        for (tensor, slot), (nan, inf) in sorted(self.inputs.items(), key=lambda kv: kv[0][1]):
+            inp = self.plan.inputs[slot]
+            by_tensor.setdefault(tensor, []).append(
+                f"input `{inp.ref.label}` ({inp.location}) has {_counts(nan, inf)}"
+            )
+            codes.setdefault(tensor, set()).add("E308")
+        for (tensor, output), (rounding, accumulating) in sorted(
+            self.overflow.items(), key=lambda kv: kv[0][1]
+        ):
+            by_tensor.setdefault(tensor, []).append(
+                _overflow_text(self.plan, tensor, output, rounding, accumulating)
+            )
+            codes.setdefault(tensor, set()).add("E309")
+        for (tensor, output), count in self.program.items():
+            by_tensor.setdefault(tensor, []).append(
+                f"{count:,} NaN/±inf value{'s' if count != 1 else ''} in output `{self.plan.outputs[output].name}`"
+            )
+            codes.setdefault(tensor, set()).add("E309")
+        order = {t.name: i for i, t in enumerate(self.plan.tasks)}
+        return [
+            f"warning[{'/'.join(sorted(codes[t]))}]: tensor `{t}`: " + "; ".join(parts) + " (propagated)"
+            for t, parts in sorted(by_tensor.items(), key=lambda kv: order.get(kv[0], 0))
+        ]
+
+
+def _counts(nan: int, inf: int) -> str:
+    parts = ([f"{nan:,} NaN"] if nan else []) + ([f"{inf:,} ±inf"] if inf else [])
+    return " and ".join(parts) + (" values" if nan + inf != 1 else " value")
+
+
+def _overflow_text(plan: Plan, tensor: str, output: int, rounding: int, accumulating: int) -> str:
+    out = plan.outputs[output]
+    dtype = next((d for n, d, _ in out.tensors if n == tensor), "?")
+    parts = []
+    if rounding:
+        parts.append(
+            f"{rounding:,} finite result{'s' if rounding != 1 else ''} overflow{'s' if rounding == 1 else ''} "
+            f"to ±inf when rounded to {dtype}"
+        )
+    if accumulating:
+        parts.append(
+            f"{accumulating:,} sum{'s' if accumulating != 1 else ''} of finite inputs overflow"
+            f"{'s' if accumulating == 1 else ''} the accumulator"
+        )
+    return " and ".join(parts) + f" in output `{out.name}`"
+
+
+def check_nonfinite_mode(mode: str) -> str:
+    if mode not in NONFINITE_MODES:
+        raise TvParamError(
+            f"unknown non-finite policy {mode!r}",
+            help="choose one of " + ", ".join(NONFINITE_MODES),
+            code="E402",
+        )
+    return mode
+
+
+WHOLE_TASK = -1  # a work item that runs every pass of a task with reductions, in one worker
+
+
 def _work(plan: Plan) -> Iterator[tuple[TensorTask, int, int]]:
     for task in plan.tasks:
-        n = task.numel
-        if n == 0:
-            yield task, 0, 0
-        for start in range(0, n, plan.chunk):
-            yield task, start, min(n, start + plan.chunk)
+        if task.passes > 1:
+            yield task, WHOLE_TASK, WHOLE_TASK
+            continue
+        yield from _chunks(plan, task)
+
+
+def _chunks(plan: Plan, task: TensorTask) -> Iterator[tuple[TensorTask, int, int]]:
+    n, chunk = task.numel, task.chunk or plan.chunk
+    if n == 0:
+        yield task, 0, 0
+    for start in range(0, n, chunk):
+        yield task, start, min(n, start + chunk)
 
 
 def execute(
@@ -79,8 +197,15 @@ def execute(
     sinks: Sequence[Sink],
     *,
     progress: Progress | None = None,
-) -> None:
-    """Run every chunk of every tensor task; the first exception stops the run and is re-raised."""
+    nonfinite: str = "error",
+) -> NonFiniteReport:
+    """Run every chunk of every tensor task; the first exception stops the run and is re-raised.
+
+    ``nonfinite``: ``"error"`` raises E308/E309 at the first NaN/±inf in an output chunk,
+    ``"warn"`` counts them into the returned report, ``"propagate"`` does not look.
+    """
+    check_nonfinite_mode(nonfinite)
+    report = NonFiniteReport(plan)
     items = _work(plan)
     lock = threading.Lock()
     failed = threading.Event()
@@ -99,11 +224,14 @@ def execute(
                 return
             task, start, stop = item
             try:
-                _run_chunk(task, start, stop, sources, sinks, scratch)
+                if start == WHOLE_TASK:
+                    _run_task(plan, task, sources, sinks, scratch, nonfinite, report, progress, failed)
+                else:
+                    _run_chunk(plan, task, start, stop, sources, sinks, scratch, nonfinite, report)
             except BaseException:
                 failed.set()
                 raise
-            if progress is not None:
+            if progress is not None and start != WHOLE_TASK:
                 progress.advance((stop - start) * per_chunk_bytes[id(task)])
 
     previous_threads = torch.get_num_threads()
@@ -113,8 +241,12 @@ def execute(
             worker()
         else:
             with ThreadPoolExecutor(plan.threads, thread_name_prefix="tvlang") as pool:
-                futures = [pool.submit(worker) for _ in range(plan.threads)]
-                errors = [f.exception() for f in futures]
+                try:
+                    futures = [pool.submit(worker) for _ in range(plan.threads)]
+                    errors = [f.exception() for f in futures]
+                except BaseException:  # Ctrl-C lands here: stop the workers after their chunk, not at the end
+                    failed.set()
+                    raise
             first = next((e for e in errors if e is not None), None)
             if first is not None:
                 raise first
@@ -122,28 +254,181 @@ def execute(
         torch.set_num_threads(previous_threads)
     if progress is not None:
         progress.finish()
+    return report
 
 
 def _run_chunk(
+    plan: Plan,
     task: TensorTask,
     start: int,
     stop: int,
     sources: Sequence[Source],
     sinks: Sequence[Sink],
     scratch: Scratch,
+    nonfinite: str,
+    report: NonFiniteReport,
+    state: ProgramState | None = None,
 ) -> None:
     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
     n = stop - start
+    counted: set[int] = set()  # inputs already counted in this chunk (several outputs read them)
+    program_outputs: list[torch.Tensor] = []
+    if task.program is not None:
+        state = state or ProgramState(task.program, task.name, task.numel)
+        program_outputs = state.outputs(views, start, stop, scratch)
     for write in task.writes:
         out = scratch.get("out", DTYPES[write.dtype], n)
+        if isinstance(write.kernel, ProgramOutput):
+            out.copy_(program_outputs[write.kernel.index])  # the one rounding
+            if nonfinite != "propagate" and not all_finite(out, scratch):
+                bad = int(out.numel() - torch.isfinite(out).sum())
+                if nonfinite == "error":
+                    raise _program_nonfinite_error(plan, task, write, bad)
+                report.add_program(task.name, write.output, bad)
+            _write(sinks[write.output], task.name, start, out)
+            continue
         run_kernel(write.kernel, views, out, scratch)
-        sinks[write.output].write(task.name, start, out)
+        if nonfinite != "propagate" and not output_finite(write.kernel, out, scratch):
+            assert isinstance(write.kernel, WeightedSum)
+            if nonfinite == "error":
+                raise _nonfinite_error(plan, task, write, sources, scratch)
+            found = census(write.kernel, views, out, scratch)
+            found.inputs = {i: c for i, c in found.inputs.items() if i not in counted}
+            counted.update(found.inputs)
+            report.add(task.name, write.output, found)
+        _write(sinks[write.output], task.name, start, out)
     for i in task.reads:
         sources[i].release(task.name, start, stop)
+
+
+def _run_task(
+    plan: Plan,
+    task: TensorTask,
+    sources: Sequence[Source],
+    sinks: Sequence[Sink],
+    scratch: Scratch,
+    nonfinite: str,
+    report: NonFiniteReport,
+    progress: Progress | None,
+    failed: threading.Event,
+) -> None:
+    """Every pass of a task with reductions: the reduction passes feed the program's accumulators
+    chunk by chunk, then the last pass writes the outputs."""
+    assert task.program is not None
+    state = ProgramState(task.program, task.name, task.numel)
+    read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
+    write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
+    for q in range(1, task.passes + 1):
+        for _, start, stop in _chunks(plan, task):
+            if failed.is_set():
+                return
+            if q < task.passes:
+                views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
+                state.feed(q, views, start, stop, scratch)
+                for i in task.reads:
+                    sources[i].release(task.name, start, stop)
+                moved = read_bytes
+            else:
+                _run_chunk(plan, task, start, stop, sources, sinks, scratch, nonfinite, report, state)
+                moved = read_bytes + write_bytes
+            if progress is not None:
+                progress.advance((stop - start) * moved)
+        if q < task.passes:
+            state.end_pass(q)
+
+
+def _program_nonfinite_error(plan: Plan, task: TensorTask, write: TensorWrite, count: int) -> TvError:
+    out = plan.outputs[write.output]
+    return TvInputError(
+        f"tensor `{task.name}` of output `{out.name}` has {count:,} NaN/±inf value{'s' if count != 1 else ''} "
+        "in this chunk",
+        help="a method's arithmetic or its inputs produced them; `--nonfinite warn` writes them anyway",
+        code="E309",
+    )
+
+
+def _write(sink: Sink, name: str, start: int, out: torch.Tensor) -> None:
+    """``sink.write``, with any OSError turned into an error that names the output (never a temporary)."""
+    try:
+        sink.write(name, start, out)
+    except OSError as e:
+        path = getattr(sink, "path", None) or "the output"
+        code = _errno(e)
+        reason = os.strerror(code) if code is not None else (e.message if isinstance(e, TvError) else str(e))
+        if code in _DISK_FULL:
+            raise TvOutputError(
+                f"disk full while writing {path}",
+                notes=(reason,),
+                help="free space on that filesystem or write elsewhere; nothing was left behind",
+                code="E503",
+            ) from None
+        raise TvOutputError(f"{path}: cannot write: {reason}", code="E500") from None
+
+
+def _errno(e: BaseException) -> int | None:
+    """The errno of an OSError, or of the one it wraps (the writer re-raises OSError as TvOutputError)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if isinstance(code, int):
+            return code
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _nonfinite_error(
+    plan: Plan, task: TensorTask, write: TensorWrite, sources: Sequence[Source], scratch: Scratch
+) -> TvError:
+    """The E308/E309 error for the tensor of a chunk whose output is not finite, with counts over
+    the whole tensor (a second pass over just this tensor: this is the path that stops the run)."""
+    kernel = write.kernel
+    assert isinstance(kernel, WeightedSum)
+    total = NonFiniteReport(plan)
+    slots = sorted({slot for _, slot in kernel.terms})
+    for lo in range(0, task.numel, plan.chunk):
+        hi = min(task.numel, lo + plan.chunk)
+        views = {i: sources[i].read(task.name, lo, hi) for i in slots}
+        out = scratch.get("census", DTYPES[write.dtype], hi - lo)
+        run_kernel(kernel, views, out, scratch)
+        if not output_finite(kernel, out, scratch):
+            total.add(task.name, write.output, census(kernel, views, out, scratch))
+        for i in slots:
+            sources[i].release(task.name, lo, hi)
+    bad = [(slot, counts) for (_, slot), counts in sorted(total.inputs.items(), key=lambda kv: kv[0][1])]
+    how = 'rerun with --nonfinite warn (Options(nonfinite="warn")) to write the output anyway, or propagate'
+    if bad:
+        slot, (nan, inf) = bad[0]
+        inp = plan.inputs[slot]
+        others = [f"`{plan.inputs[s].ref.label}` has {_counts(a, b)} too" for s, (a, b) in bad[1:]]
+        return TvInputError(
+            f"input `{inp.ref.label}` has {_counts(nan, inf)} in tensor `{task.name}`",
+            inp.ref.span,
+            label="this input",
+            notes=(f"`{inp.ref.label}`: {inp.location}", *others),
+            help=f"the checkpoint is damaged or diverged; {how}",
+            code="E308",
+        )
+    if not total.overflow:  # the data changed between the two passes
+        return TvInputError(f"tensor `{task.name}`: non-finite values appeared in the output", code="E308")
+    (_, output), (rounding, accumulating) = next(iter(total.overflow.items()))
+    wider = {"F64": None, "F32": "fp64"}.get(write.dtype, "fp32")
+    fix = f"write a wider dtype (--dtype {wider}), " if wider else ""
+    return TvInputError(
+        f"tensor `{task.name}`: " + _overflow_text(plan, task.name, output, rounding, accumulating),
+        help=f"the exact result is beyond the range of {write.dtype}: {fix}check the weights, or {how}",
+        code="E309",
+    )
 
 
 def progress_stream(enabled: bool) -> TextIO | None:
     return sys.stderr if enabled else None
 
 
-__all__ = ["Progress", "execute", "progress_stream"]
+__all__ = [
+    "NONFINITE_MODES",
+    "NonFiniteReport",
+    "Progress",
+    "check_nonfinite_mode",
+    "execute",
+    "progress_stream",
+]

@@ -8,11 +8,18 @@ The weighted sum's reference semantics (which a GPU backend must match):
 dtype (float32 for 16-bit inputs, float64 when any input or the output is
 32-bit or wider), then one round-to-nearest-even conversion to the output
 dtype.  Element-wise, so the bits do not depend on chunking or threads.
+
+Non-finite values (see docs/safety.md): :func:`all_finite` is the cheap test every
+rounded output chunk gets, one min/max reduction into reused 0-dim tensors; only
+when it fails does :func:`census` look at the chunk's inputs and accumulator to
+say why.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,14 +32,23 @@ class Scratch:
     """Per-thread reusable buffers, one per (role, dtype), grown to the largest chunk seen."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[object, torch.dtype], torch.Tensor] = {}
 
-    def get(self, role: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+    def get(self, role: object, dtype: torch.dtype, n: int) -> torch.Tensor:
         buf = self._buffers.get((role, dtype))
         if buf is None or buf.numel() < n:
             buf = torch.empty(n, dtype=dtype)
             self._buffers[(role, dtype)] = buf
         return buf[:n]
+
+    def bounds(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two reused 0-dim tensors for a (min, max) reduction's results."""
+        lo = self._buffers.get(("min", dtype))
+        hi = self._buffers.get(("max", dtype))
+        if lo is None or hi is None:
+            lo = self._buffers[("min", dtype)] = torch.empty((), dtype=dtype)
+            hi = self._buffers[("max", dtype)] = torch.empty((), dtype=dtype)
+        return lo, hi
 
 
 def run_kernel(
@@ -50,3 +66,83 @@ def run_kernel(
         # (exact), so no converted copy of the input chunk is made.
         acc.add_(views[slot], alpha=weight)
     out.copy_(acc)  # the one rounding
+
+
+# Dtypes with a CPU min/max reduction and isinf; float8 values are widened first (rare, not fast).
+_REDUCIBLE = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
+
+
+def accumulator(kernel: WeightedSum, scratch: Scratch, n: int) -> torch.Tensor:
+    """The accumulator :func:`run_kernel` last used for ``kernel`` (it holds that chunk's exact sums)."""
+    return scratch.get("acc", ACC_DTYPES[kernel.acc], n)
+
+
+def all_finite(x: torch.Tensor, scratch: Scratch) -> bool:
+    """True when no element of the float chunk ``x`` is NaN or ±inf.
+
+    One pass: ``aminmax`` into two reused 0-dim tensors (NaN propagates to both
+    results, and an infinity is the min or the max), about a tenth of a 5-input
+    kernel's time; ``isfinite(x).all()`` allocates and costs as much as the kernel.
+    """
+    if x.numel() == 0:
+        return True
+    if x.dtype not in _REDUCIBLE:
+        wide = scratch.get("widen", torch.float32, x.numel())
+        wide.copy_(x)
+        x = wide
+    lo, hi = scratch.bounds(x.dtype)
+    torch.aminmax(x, out=(lo, hi))
+    return -math.inf < lo.item() and hi.item() < math.inf
+
+
+def output_finite(kernel: Kernel, out: torch.Tensor, scratch: Scratch) -> bool:
+    """The hot-path check after :func:`run_kernel`: is this output chunk free of NaN and ±inf?
+
+    Copies (integer and bool tensors) are always finite.  A float8 e4m3fn output has no
+    infinity (conversion saturates), so for float8 outputs the accumulator is checked too.
+    """
+    if not isinstance(kernel, WeightedSum):
+        return True
+    if not all_finite(out, scratch):
+        return False
+    if out.dtype in _REDUCIBLE:
+        return True
+    return all_finite(accumulator(kernel, scratch, out.numel()), scratch)
+
+
+@dataclass
+class Census:
+    """Why a chunk's output is not finite (the slow path; allocates freely)."""
+
+    inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # input index → (NaN, ±inf) counts
+    rounding: int = 0  # finite accumulator, non-finite output: overflow when rounding to the output dtype
+    accumulation: int = 0  # finite inputs, non-finite accumulator: overflow while summing
+
+    def __bool__(self) -> bool:
+        return bool(self.rounding or self.accumulation or any(a or b for a, b in self.inputs.values()))
+
+
+def _widened(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in _REDUCIBLE else x.float()
+
+
+def census(
+    kernel: WeightedSum, views: Mapping[int, torch.Tensor], out: torch.Tensor, scratch: Scratch
+) -> Census:
+    """Attribute the non-finite elements of ``out``, just computed by :func:`run_kernel` from
+    ``views``: NaN and ±inf counts per input, and overflow in accumulating or in rounding."""
+    result = Census()
+    acc = accumulator(kernel, scratch, out.numel())
+    inputs_bad = torch.zeros(out.numel(), dtype=torch.bool)
+    for _, slot in kernel.terms:
+        if slot in result.inputs:
+            continue
+        v = _widened(views[slot])
+        nan, inf = torch.isnan(v), torch.isinf(v)
+        result.inputs[slot] = (int(nan.sum()), int(inf.sum()))
+        inputs_bad |= nan | inf
+    out_bad = ~torch.isfinite(_widened(out))
+    acc_finite = torch.isfinite(acc)
+    result.rounding = int((out_bad & acc_finite).sum())
+    result.accumulation = int((~acc_finite & ~inputs_bad).sum())
+    return result

@@ -33,6 +33,17 @@ class Op(enum.Enum):
     NEG = "neg"
     POW = "pow"  # scalars only
     WSUM = "wsum"  # arg: weights (floats), one per arg: the linearised form
+    CALL = "call"  # arg: element-wise function name (tvlang.ops.ELEMENTWISE); scalars broadcast
+    REDUCE = "reduce"  # arg: reduction name (see REDUCTIONS); a per-tensor scalar from a pass over the data
+    NUMEL = "numel"  # the element count of the operand tensor: a per-tensor scalar known from headers
+    RAND = (
+        "rand"  # arg: (seed, stream): uniform [0, 1) per element, keyed by (seed, stream, tensor name, index)
+    )
+
+
+# Reductions and the number of passes over the data each needs (the k-th
+# largest is an exact radix selection: one histogram pass per 16 bits).
+REDUCTIONS = {"sum": 1, "sumsq": 1, "dot": 1, "count": 1, "kth": 2}
 
 
 @dataclass(frozen=True)
@@ -144,10 +155,21 @@ def scalar_value(node: Node) -> float | None:
         return None
     if node.op is Op.CONST:
         return float(node.arg[0])
+    if node.op is Op.CALL:
+        from tvlang.ops import ELEMENTWISE
+
+        fn = ELEMENTWISE[node.arg].scalar
+    elif node.op in _SCALAR_OPS:
+        fn = _SCALAR_OPS[node.op]
+    else:
+        return None  # a per-tensor scalar: known only when planning or running
     vals = [scalar_value(a) for a in node.args]
     if any(v is None for v in vals):
         return None
-    return float(_SCALAR_OPS[node.op](*vals))
+    try:
+        return float(fn(*vals))
+    except (ValueError, ZeroDivisionError, OverflowError, TypeError):  # TypeError: a complex result
+        return None
 
 
 def _div(a: float, b: float) -> float:

@@ -44,4 +44,9 @@ def _format_rhs(node: Node, names: dict[int, str]) -> str:
                 sign = "-" if w < 0 else "+"
                 terms.append(f"{sign} {format_weight(abs(w))}*{a}")
         return "wsum " + " ".join(terms)
+    if node.op in (Op.CALL, Op.REDUCE):
+        return f"{node.arg}({', '.join(args)})"
+    if node.op is Op.RAND:
+        seed, stream = node.arg
+        return f"rand(like={args[0]}, seed={seed}, stream={stream!r})"
     return f"{node.op.value} " + ", ".join(args)

@@ -37,25 +37,29 @@ def _check(node: Node) -> str | None:
     if op is Op.INPUT:
         return None if kind == node.arg.kind else "input kind disagrees with its reference"
     if op in (Op.ADD, Op.SUB):
-        if args[0].kind.tensor != args[1].kind.tensor:
-            return "adds a scalar to a tensor"
+        if args[0].kind.tensor != args[1].kind.tensor and _mass(args[0]) + _mass(args[1]) != 0.0:
+            return "adds a scalar to a model"
         sign = 1.0 if op is Op.ADD else -1.0
         expected = _mass(args[0]) + sign * _mass(args[1])
     elif op is Op.NEG:
         expected = -_mass(args[0])
     elif op is Op.MUL:
-        if args[0].kind.tensor:
-            return "mul's first operand must be the scalar"
+        if args[0].kind.tensor and _mass(args[0]) != 0.0:
+            return "mul's first operand must be a scalar or a vector"
         s = scalar_value(args[0])
         expected = _mass(args[1]) * s if s is not None else None
     elif op is Op.DIV:
-        if args[1].kind.tensor:
-            return "divides by a tensor"
+        if args[1].kind.tensor and _mass(args[0]) != 0.0:
+            return "divides a model by a tensor"
         s = scalar_value(args[1])
         expected = _mass(args[0]) / s if s else None
     elif op is Op.POW:
         if kind.tensor or any(a.kind.tensor for a in args):
             return "pow of a tensor"
+    elif op in (Op.CALL, Op.REDUCE, Op.NUMEL, Op.RAND):
+        if op in (Op.REDUCE, Op.NUMEL) and kind.tensor:
+            return f"{op.value} must give a scalar"
+        return None
     elif op is Op.WSUM:
         if len(node.arg) != len(args) or not args:
             return "wsum weights and operands differ in number"

@@ -19,7 +19,7 @@ output out = %2
 from __future__ import annotations
 
 from tvlang.ir.node import Graph, Node, Op, scalar_value
-from tvlang.passes.rewrite import rewrite
+from tvlang.passes.rewrite import rebuild, rewrite
 
 # Weights this much smaller than the largest in their sum are float noise from
 # cancellation (0.1 + 0.2 - 0.3); dropping them changes results far below one
@@ -40,6 +40,8 @@ def linear_form(node: Node, memo: dict[int, LinearForm] | None = None) -> Linear
 
 def _form(node: Node, memo: dict[int, LinearForm]) -> LinearForm:
     op, args = node.op, node.args
+    if op in (Op.ADD, Op.SUB) and not all(a.kind.tensor for a in args):
+        return {node: 1.0}  # a vector plus a number: element-wise, not a combination of checkpoints
     if op is Op.ADD:
         return _combine((1.0, memo[id(args[0])]), (1.0, memo[id(args[1])]))
     if op is Op.SUB:
@@ -73,18 +75,22 @@ def _drop_zeros(form: LinearForm) -> LinearForm:
 
 
 def linearize(graph: Graph) -> Graph:
-    memo: dict[int, LinearForm] = {}
+    # Forms are computed bottom-up on the rewritten nodes, so a non-linear atom (an
+    # element-wise call, say) is rebuilt over its already-linearised operands.
+    forms: dict[int, LinearForm] = {}
 
     def rule(node: Node, args: tuple[Node, ...]) -> Node:
-        if not node.kind.tensor or node.op is Op.INPUT:
+        node = rebuild(node, args)
+        if not node.kind.tensor:
             return node
-        form = linear_form(node, memo)
-        if len(form) == 1:
-            ((atom, w),) = form.items()
-            if w == 1.0:
-                return atom
-        return Node(Op.WSUM, tuple(form), tuple(form.values()), node.kind)
+        form = _drop_zeros(_form(node, forms))
+        if len(form) == 1 and next(iter(form.values())) == 1.0:
+            result = next(iter(form))
+        elif form == {node: 1.0}:
+            result = node
+        else:
+            result = Node(Op.WSUM, tuple(form), tuple(form.values()), node.kind)
+        forms[id(result)] = form if result.op is Op.WSUM else {result: 1.0}
+        return result
 
-    # Linear forms are computed on the original nodes; atoms are inputs, which
-    # no rule changes, so the rewritten graph refers to the same atoms.
     return rewrite(graph, rule)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
+from tvlang.plan.program import TensorProgram
 
 # Bytes per element for each safetensors dtype code.
 ITEMSIZE = {
@@ -84,7 +85,18 @@ class Copy:
         return f"copy in{self.source}"
 
 
-Kernel = WeightedSum | Copy
+@dataclass(frozen=True)
+class ProgramOutput:
+    """Output ``index`` of the task's :class:`~tvlang.plan.program.TensorProgram` (element-wise
+    functions, reductions, random masks), rounded once to the output dtype."""
+
+    index: int
+
+    def describe(self) -> str:
+        return f"program output {self.index}"
+
+
+Kernel = WeightedSum | Copy | ProgramOutput
 
 
 @dataclass(frozen=True)
@@ -102,10 +114,16 @@ class TensorTask:
     shape: tuple[int, ...]
     reads: tuple[int, ...]  # input indices
     writes: tuple[TensorWrite, ...]
+    program: TensorProgram | None = None  # for ProgramOutput writes
+    chunk: int = 0  # elements per chunk (0: the plan's)
 
     @property
     def numel(self) -> int:
         return TensorMeta("U8", self.shape).numel
+
+    @property
+    def passes(self) -> int:
+        return self.program.passes if self.program is not None else 1
 
 
 @dataclass(frozen=True)
@@ -191,13 +209,17 @@ class Plan:
 
 
 def _writes_text(task: TensorTask) -> tuple[str, ...]:
-    return tuple(f"out{w.output} {w.dtype:<5} = {w.kernel.describe()}" for w in task.writes)
+    lines = tuple(f"out{w.output} {w.dtype:<5} = {w.kernel.describe()}" for w in task.writes)
+    return lines + (tuple(task.program.describe()) if task.program is not None else ())
 
 
 def bytes_per_element(plan: Plan, task: TensorTask) -> int:
     """Working bytes per element of a chunk: every input's mapped bytes, the accumulator, one output."""
     inputs = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     acc = max((8 if isinstance(w.kernel, WeightedSum) and w.kernel.acc == "F64" else 4) for w in task.writes)
+    if task.program is not None:
+        width = 8 if task.program.acc == "F64" else 4
+        acc = max(acc, width * (1 + sum(ins.tensor for ins in task.program.instrs)))
     return inputs + acc + max(ITEMSIZE[w.dtype] for w in task.writes)
 
 
@@ -221,6 +243,7 @@ __all__: Sequence[str] = [
     "Plan",
     "PlannedInput",
     "PlannedOutput",
+    "ProgramOutput",
     "TensorMeta",
     "TensorTask",
     "TensorWrite",

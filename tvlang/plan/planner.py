@@ -7,6 +7,7 @@ positioned error that names the tensor and both inputs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op
@@ -14,21 +15,26 @@ from tvlang.plan.plan import (
     FLOATS,
     WIDE,
     Copy,
+    Kernel,
     Plan,
     PlannedInput,
     PlannedOutput,
+    ProgramOutput,
     TensorMeta,
     TensorTask,
     TensorWrite,
     WeightedSum,
     bytes_per_element,
 )
+from tvlang.plan.program import TensorProgram, compile_program
+
+BLOCK = 4096  # tvlang.backends.reductions.BLOCK: reductions sum fixed blocks of this many elements
 
 OpenInput = Callable[[InputRef], tuple[str, Mapping[str, TensorMeta]]]
 
 MAX_CHUNK = 1 << 20  # elements; eager chunked kernels are fastest at 256K–1M (benchmarks/RESULTS.md)
 MIN_CHUNK = 1 << 12
-DEFAULT_MEMORY = 512 << 20
+DEFAULT_MEMORY = 256 << 20
 
 DTYPE_ALIASES = {
     "bf16": "BF16",
@@ -85,49 +91,80 @@ def build_plan(
         inputs.append(PlannedInput(ref, location, tensors))
 
     outputs: list[PlannedOutput] = []
-    tasks: dict[tuple[str, tuple[int, ...]], tuple[list[int], list[TensorWrite]]] = {}
+    # (tensor name, shape) -> reads, writes, generic roots (for a program)
+    tasks: dict[tuple[str, tuple[int, ...]], tuple[list[int], list[TensorWrite], list[Node]]] = {}
     for out_idx, (name, node) in enumerate(graph.outputs):
+        used = _inputs_of(node, index)
+        template = used[0]
+        _check_compatible(inputs, used)
         terms = _terms(node, index)
-        template = terms[0][1]
-        _check_compatible(inputs, [i for _, i in terms])
         order = []
         for tname, meta in inputs[template].tensors.items():
-            metas = [inputs[i].tensors[tname] for _, i in terms]
+            metas = [inputs[i].tensors[tname] for i in used]
+            task_reads, writes, roots = tasks.setdefault((tname, meta.shape), ([], [], []))
             if meta.dtype in FLOATS:
                 odt = out_dtype or meta.dtype
                 wide = any(m.dtype in WIDE for m in metas) or odt in WIDE
-                kernel: WeightedSum | Copy = WeightedSum(tuple(terms), "F64" if wide else "F32")
-                reads = sorted({i for _, i in terms})
+                kernel: Kernel
+                if terms is not None:
+                    kernel = WeightedSum(tuple(terms), "F64" if wide else "F32")
+                else:
+                    kernel = ProgramOutput(len(roots))
+                    roots.append(node)
+                reads = used
             else:
                 odt, kernel, reads = meta.dtype, Copy(template), [template]
             order.append((tname, odt, meta.shape))
-            key = (tname, meta.shape)
-            task_reads, writes = tasks.setdefault(key, ([], []))
             task_reads.extend(r for r in reads if r not in task_reads)
             writes.append(TensorWrite(out_idx, odt, kernel))
         kind = "model" if node.kind.is_model else "delta"
         expr = graph.expressions[out_idx] if out_idx < len(graph.expressions) else ""
         outputs.append(PlannedOutput(name, kind, template, tuple(order), expr))
 
-    planned_tasks = tuple(
-        TensorTask(name, shape, tuple(sorted(reads)), tuple(writes))
-        for (name, shape), (reads, writes) in tasks.items()
-    )
-    plan = Plan(tuple(inputs), tuple(outputs), planned_tasks, chunk or MAX_CHUNK, threads, memory)
+    slots = {ref.key: i for i, ref in enumerate(refs)}
+    programs: dict[tuple[tuple[int, ...], str], TensorProgram] = {}
+    planned_tasks = []
+    for (tname, shape), (reads, writes, roots) in tasks.items():
+        program = None
+        if roots:
+            dtypes = [inputs[i].tensors[tname].dtype for i in reads]
+            wide = any(d in WIDE for d in dtypes) or any(w.dtype in WIDE for w in writes)
+            acc = "F64" if wide else "F32"
+            key = (tuple(id(r) for r in roots), acc)
+            if key not in programs:
+                programs[key] = compile_program(roots, slots, acc)
+            program = programs[key]
+        planned_tasks.append(TensorTask(tname, shape, tuple(sorted(reads)), tuple(writes), program))
+    plan = Plan(tuple(inputs), tuple(outputs), tuple(planned_tasks), chunk or MAX_CHUNK, threads, memory)
     if chunk is None:
         per_element = max((bytes_per_element(plan, t) for t in planned_tasks), default=1)
         fit = memory // max(1, threads * per_element)
         chunk = max(MIN_CHUNK, min(MAX_CHUNK, fit // MIN_CHUNK * MIN_CHUNK))
-        plan = Plan(plan.inputs, plan.outputs, plan.tasks, chunk, threads, memory)
-    return plan
+    # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits then never depend on chunking).
+    block_chunk = -(-chunk // BLOCK) * BLOCK
+    final = tuple(replace(t, chunk=block_chunk) if t.passes > 1 else t for t in planned_tasks)
+    return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory)
 
 
-def _terms(node: Node, index: Mapping[str, int]) -> list[tuple[float, int]]:
+def _inputs_of(node: Node, index: Mapping[str, int]) -> list[int]:
+    """The inputs an output reads, in first-use order (the first is its template)."""
+    seen: list[int] = []
+    for n in node.toposort():
+        if n.op is Op.INPUT and index[n.arg.key] not in seen:
+            seen.append(index[n.arg.key])
+    if node.op is Op.WSUM:  # the linear form's order puts the base first
+        firsts = [index[a.arg.key] for a in node.args if a.op is Op.INPUT]
+        seen = firsts + [i for i in seen if i not in firsts]
+    return seen
+
+
+def _terms(node: Node, index: Mapping[str, int]) -> list[tuple[float, int]] | None:
+    """The weighted sum an output is, if it is one over inputs (the fast path); else None."""
     if node.op is Op.INPUT:
         return [(1.0, index[node.arg.key])]
     if node.op is Op.WSUM and all(a.op is Op.INPUT for a in node.args):
         return [(w, index[a.arg.key]) for w, a in zip(node.arg, node.args, strict=True)]
-    raise AssertionError(f"no kernel for {node!r}: the passes should have linearised it")
+    return None
 
 
 def _check_compatible(inputs: list[PlannedInput], used: list[int]) -> None:

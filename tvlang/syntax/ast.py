@@ -59,7 +59,23 @@ class Call:
     span: Span
 
 
-Expr = Number | String | Name | Unary | Binary | Call
+@dataclass(frozen=True, slots=True)
+class Compare:
+    op: str  # "<", "<=", ">", ">=", "==", "!="
+    left: Expr
+    right: Expr
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class List:
+    """``[a, b, c]``: only as a function argument (e.g. ``weights=[0.5, 0.5]``)."""
+
+    items: tuple[Expr, ...]
+    span: Span
+
+
+Expr = Number | String | Name | Unary | Binary | Compare | List | Call
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +113,17 @@ class ExprStmt:
     span: Span
 
 
-Stmt = Binding | Param | Output | ExprStmt
+@dataclass(frozen=True, slots=True)
+class Define:
+    """``def name(a, b, density=0.5) = expr``: a method, expanded where it is called."""
+
+    name: Name
+    params: tuple[tuple[Name, Expr | None], ...]
+    body: Expr
+    span: Span
+
+
+Stmt = Binding | Param | Output | ExprStmt | Define
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,11 +49,11 @@ class _NewlinesInParens(PostLex):
     def process(self, stream: Iterator[Token]) -> Iterator[Token]:
         depth = 0
         for tok in stream:
-            if tok.type == "LPAR":
+            if tok.type in ("LPAR", "LSQB"):
                 depth += 1
                 if depth > MAX_NESTING:
                     raise _TooDeep(tok)
-            elif tok.type == "RPAR":
+            elif tok.type in ("RPAR", "RSQB"):
                 depth = max(0, depth - 1)
             elif tok.type == "_NL" and depth:
                 continue
@@ -92,6 +92,10 @@ _FRIENDLY = {
     "_NL": "a new line",
     "$END": "the end of the input",
     "PARAM": "`param`",
+    "DEF": "`def`",
+    "COMPARE": "a comparison",
+    "LSQB": "`[`",
+    "RSQB": "`]`",
     "OUTPUT": "`output`",
 }
 
@@ -175,7 +179,21 @@ def parse(text: str, name: str = "<expr>", base_dir: str | os.PathLike[str] | No
     except lark.exceptions.VisitError as exc:
         if isinstance(exc.orig_exc, TvSyntaxError):
             raise exc.orig_exc from None
+        if isinstance(exc.orig_exc, RecursionError):
+            raise too_deep(source) from None
         raise
+    except RecursionError:
+        raise too_deep(source) from None
+
+
+def too_deep(source: Source) -> TvSyntaxError:
+    """Chains of thousands of operators overflow the recursive passes: a clear error instead."""
+    return TvSyntaxError(
+        "expression is nested or chained too deeply",
+        Span(source, 0, min(len(source.text), 1)),
+        help="split it into named bindings (`part1 = ...`), or use a function such as linear(...)",
+        code="E103",
+    )
 
 
 class _ToAst(Transformer[Token, Any]):
@@ -212,6 +230,29 @@ class _ToAst(Transformer[Token, Any]):
     @v_args(meta=True)
     def output(self, meta: Any, children: list[Any]) -> ast.Output:
         return ast.Output(self._name(children[0]), children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def define(self, meta: Any, children: list[Any]) -> ast.Define:
+        params = children[1] if len(children) > 2 else []
+        return ast.Define(self._name(children[0]), tuple(params), children[-1], self._span(meta))
+
+    def defparams(self, children: list[Any]) -> list[Any]:
+        return children
+
+    def defparam(self, children: list[Any]) -> tuple[ast.Name, ast.Expr | None]:
+        return (self._name(children[0]), children[1] if len(children) > 1 else None)
+
+    @v_args(meta=True)
+    def compare(self, meta: Any, children: list[Any]) -> ast.Compare:
+        return ast.Compare(str(children[1]), children[0], children[2], self._span(meta))
+
+    @v_args(meta=True)
+    def list_expr(self, meta: Any, children: list[Any]) -> ast.List:
+        items = children[0] if children else []
+        return ast.List(tuple(items), self._span(meta))
+
+    def exprlist(self, children: list[Any]) -> list[Any]:
+        return children
 
     @v_args(meta=True)
     def expr_stmt(self, meta: Any, children: list[Any]) -> ast.ExprStmt:

@@ -1,0 +1,220 @@
+"""General tensor programs on the CPU: element-wise functions, reductions, random masks.
+
+A :class:`ProgramState` runs one tensor's :class:`~tvlang.plan.program.TensorProgram`:
+the runtime feeds it each chunk once per data pass; after the reduction passes
+its per-tensor scalars are known and it computes the outputs chunk by chunk.
+Every instruction writes into a per-thread scratch buffer, evaluated in the
+accumulation dtype; per-tensor scalars are float64 numbers.
+
+The random generator is counter based, so masks do not depend on chunking,
+threads or device: ``u[i] = top bits of fmix64(key ^ (i · 0x9E3779B97F4A7C15))``
+with ``key = fmix64(fmix64(seed ^ fnv1a(stream)) ^ fnv1a(tensor name))``, where
+``stream`` names the checkpoints the operand reads and fmix64 is MurmurHash3's
+64-bit finaliser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvlang.backends.cpu import ACC_DTYPES, Scratch
+from tvlang.backends.reductions import BlockSum, Count, KthLargest
+from tvlang.ops import ELEMENTWISE
+from tvlang.plan.program import Instr, TensorProgram
+
+_FMIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # the constants of MurmurHash3's 64-bit finaliser, as int64
+_FMIX2 = 0xC4CEB9FE1A85EC53 - (1 << 64)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def fmix64(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ _shr(x, 33)
+    x = x * _FMIX1
+    x = x ^ _shr(x, 33)
+    x = x * _FMIX2
+    return x ^ _shr(x, 33)
+
+
+def _hash_text(text: str) -> int:
+    """FNV-1a, 64 bits, as int64."""
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h - (1 << 64) if h >= 1 << 63 else h
+
+
+def random_key(seed: int, stream: str, tensor: str) -> int:
+    """The per-(seed, operand, tensor) key of the counter-based generator."""
+    k = torch.tensor(
+        [(seed & 0xFFFFFFFFFFFFFFFF) - (1 << 64) if seed >= 1 << 63 else seed], dtype=torch.int64
+    )
+    k = fmix64(k ^ _hash_text(stream))
+    k = fmix64(k ^ _hash_text(tensor))
+    return int(k.item())
+
+
+def uniform(key: int, start: int, stop: int, out: torch.Tensor) -> None:
+    """u[i] = top bits of fmix64(key ^ (i · golden)) for element indices i in [start, stop):
+    24 bits in float32, 53 in float64, so u < 1 exactly and every chunking gives the same bits."""
+    x = fmix64((torch.arange(start, stop, dtype=torch.int64) * _GOLDEN) ^ key)
+    bits = 53 if out.dtype == torch.float64 else 24
+    out.copy_(_shr(x, 64 - bits).to(torch.float64) * (2.0**-bits))
+
+
+def _binary(op: str, a: Any, b: Any, out: torch.Tensor) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        fn: Any = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}[
+            op
+        ]
+        result: torch.Tensor = fn(a, b, out=out)
+        return result
+    # a number on the left
+    if op == "add":
+        return torch.add(b, a, out=out)
+    if op == "mul":
+        return torch.mul(b, a, out=out)
+    if op == "sub":
+        return torch.sub(b, a, out=out).neg_()
+    if op == "div":
+        return torch.reciprocal(b, out=out).mul_(a)
+    return torch.pow(a, b, out=out)
+
+
+def _scalar_binary(op: str, a: float, b: float) -> float:
+    with np.errstate(all="ignore"):
+        x, y = np.float64(a), np.float64(b)
+        r = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y, "pow": x**y}[op]
+    return float(r)
+
+
+class ProgramState:
+    """One tensor's run of a program: its per-tensor scalars and reduction accumulators."""
+
+    def __init__(self, program: TensorProgram, tensor: str, numel: int) -> None:
+        self.program = program
+        self.tensor = tensor
+        self.numel = numel
+        self.acc_dtype = ACC_DTYPES[program.acc]
+        self.scalars: dict[int, float] = {}
+        self.reducers: dict[int, Any] = {}
+        self._settle(0)
+
+    def _settle(self, done: int) -> None:
+        """Compute every scalar known once ``done`` data passes have finished."""
+        for i, ins in enumerate(self.program.instrs):
+            if ins.tensor or i in self.scalars or ins.need > done:
+                continue
+            if ins.op == "reduce":
+                self.scalars[i] = self.reducers.pop(i).result()
+            else:
+                self.scalars[i] = self._scalar(ins)
+        for i, ins in enumerate(self.program.instrs):  # reductions starting in the next pass
+            if (
+                ins.op == "reduce"
+                and i not in self.reducers
+                and i not in self.scalars
+                and ins.need - ins.rounds == done
+            ):
+                if ins.attr == "kth":
+                    self.reducers[i] = KthLargest(self.scalars[ins.args[1]], self.numel, self.acc_dtype)
+                elif ins.attr == "count":
+                    self.reducers[i] = Count()
+                else:
+                    self.reducers[i] = BlockSum()
+
+    def _scalar(self, ins: Instr) -> float:
+        if ins.op == "const":
+            return float(ins.attr)
+        if ins.op == "numel":
+            return float(self.numel)
+        vals = [self.scalars[a] for a in ins.args]
+        if ins.op == "neg":
+            return -vals[0]
+        if ins.op == "call":
+            out = torch.empty((), dtype=torch.float64)
+            ELEMENTWISE[ins.attr].chunk(out, *vals)
+            return float(out)
+        return _scalar_binary(ins.op, vals[0], vals[1])
+
+    def feed(
+        self, q: int, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
+    ) -> None:
+        """Data pass ``q`` over one chunk: advance the reductions that run in it."""
+        memo: dict[int, Any] = {}
+        for i, round_ in self.program.reductions_in(q):
+            ins = self.program.instrs[i]
+            operand = self._eval(ins.args[0], views, start, stop, scratch, memo)
+            red = self.reducers[i]
+            if ins.attr == "kth":
+                red.add(operand, start, round_)
+            elif ins.attr == "dot":
+                other = self._eval(ins.args[1], views, start, stop, scratch, memo)
+                red.add(operand.to(torch.float64) * other.to(torch.float64), start)
+            elif ins.attr == "sumsq":
+                red.add(operand.to(torch.float64).square(), start)
+            else:
+                red.add(operand, start)
+
+    def end_pass(self, q: int) -> None:
+        for i, _ in self.program.reductions_in(q):
+            red = self.reducers[i]
+            if isinstance(red, KthLargest):
+                red.end_round()
+        self._settle(q)
+
+    def outputs(
+        self, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
+    ) -> list[torch.Tensor]:
+        memo: dict[int, Any] = {}
+        return [self._as_chunk(self._eval(i, views, start, stop, scratch, memo), stop - start, scratch)
+                for i in self.program.outputs]  # fmt: skip
+
+    def _as_chunk(self, value: Any, n: int, scratch: Scratch) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            return value
+        return scratch.get("const", self.acc_dtype, n).fill_(value)
+
+    def _eval(
+        self,
+        i: int,
+        views: Mapping[int, torch.Tensor],
+        start: int,
+        stop: int,
+        scratch: Scratch,
+        memo: dict[int, Any],
+    ) -> Any:
+        if i in self.scalars:
+            return self.scalars[i]
+        if i in memo:
+            return memo[i]
+        ins = self.program.instrs[i]
+        args = [self._eval(a, views, start, stop, scratch, memo) for a in ins.args]
+        out = scratch.get(("i", i), self.acc_dtype, stop - start)
+        if ins.op == "input":
+            out.copy_(views[ins.attr])  # exact widening
+        elif ins.op == "wsum":
+            out.zero_()
+            for w, x in zip(ins.attr, args, strict=True):
+                if isinstance(x, torch.Tensor):
+                    out.add_(x, alpha=w)
+                else:
+                    out.add_(w * x)
+        elif ins.op == "neg":
+            torch.neg(args[0], out=out)
+        elif ins.op == "call":
+            ELEMENTWISE[ins.attr].chunk(out, *args)
+        elif ins.op == "rand":
+            uniform(random_key(ins.attr[0], ins.attr[1], self.tensor), start, stop, out)
+        else:
+            _binary(ins.op, args[0], args[1], out)
+        memo[i] = out
+        return out

@@ -1,0 +1,118 @@
+"""Per-tensor reductions over chunks, with results that do not depend on chunking.
+
+Sums are taken over fixed blocks of ``BLOCK`` elements in float64 and the block
+sums are added in block order at the end, so chunk size and thread count never
+change the bits.  The k-th largest value is an exact radix selection: each
+round histograms the next 16 bits of an order-preserving integer key, among
+the elements whose higher bits matched the rounds before.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 4096
+DIGIT = 1 << 16
+
+
+class BlockSum:
+    """Σ of values (or of products of two operands) in float64, chunk-order independent."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    def add(self, values: torch.Tensor, start: int) -> None:
+        v = values.to(torch.float64)
+        n = v.numel() // BLOCK * BLOCK
+        parts = [v[:n].view(-1, BLOCK).sum(dim=1)] if n else []
+        if n < v.numel():
+            parts.append(v[n:].sum().reshape(1))
+        self._blocks[start] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def result(self) -> float:
+        if not self._blocks:
+            return 0.0
+        return float(torch.cat([self._blocks[s] for s in sorted(self._blocks)]).sum())
+
+
+class Count:
+    """The number of non-zero values."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, values: torch.Tensor, start: int) -> None:
+        self.total += int(torch.count_nonzero(values))
+
+    def result(self) -> float:
+        return float(self.total)
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Integer keys (int64 holding the unsigned bit pattern) that sort like the floats."""
+    if values.dtype == torch.float64:
+        bits = values.view(torch.int64)
+        # negative floats: flip every bit; others: flip the sign bit
+        return torch.where(bits < 0, ~bits, bits ^ (-(1 << 63)))
+    bits = values.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    return torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+def key_to_float(key: int, dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        signed = key - (1 << 64) if key >= 1 << 63 else key  # as int64
+        bits = (signed ^ (-(1 << 63))) if signed < 0 else ~signed
+        return float(torch.tensor([bits], dtype=torch.int64).view(torch.float64).item())
+    bits = key ^ 0x80000000 if key >= 0x80000000 else key ^ 0xFFFFFFFF
+    signed32 = bits - (1 << 32) if bits >= 1 << 31 else bits
+    return float(torch.tensor([signed32], dtype=torch.int32).view(torch.float32).item())
+
+
+class KthLargest:
+    """The k-th largest value, selected exactly over ``rounds`` passes of 16 bits each."""
+
+    def __init__(self, k: float, numel: int, dtype: torch.dtype) -> None:
+        self.bits = 64 if dtype == torch.float64 else 32
+        self.rounds = self.bits // 16
+        self.dtype = dtype
+        k_int = math.floor(k) if math.isfinite(k) else (0 if k < 0 else numel + 1)
+        self.fixed: float | None = None
+        if k_int < 1:
+            self.fixed = math.inf
+        elif k_int > numel:
+            self.fixed = -math.inf
+        self.remaining = k_int
+        self.prefix = 0  # the digits found so far
+        self.round = 0
+        self.hist = torch.zeros(DIGIT, dtype=torch.int64)
+
+    def add(self, values: torch.Tensor, start: int, round_: int) -> None:
+        if self.fixed is not None:
+            return
+        assert round_ == self.round, "rounds run in order"
+        keys = order_keys(values)
+        shift = self.bits - 16 * (round_ + 1)
+        if round_:
+            higher = (keys >> (shift + 16)) & ((1 << (16 * round_)) - 1)
+            keys = keys[higher == self.prefix]
+        digits = (keys >> shift) & 0xFFFF
+        self.hist += torch.bincount(digits, minlength=DIGIT)
+
+    def end_round(self) -> None:
+        if self.fixed is not None:
+            return
+        above = torch.flip(torch.cumsum(torch.flip(self.hist, [0]), 0), [0])  # count with digit >= d
+        # the largest digit d whose count of elements with digit >= d reaches the remaining k
+        d = int(torch.nonzero(above >= self.remaining).max())
+        greater = int(above[d + 1]) if d + 1 < DIGIT else 0
+        self.remaining -= greater
+        self.prefix = (self.prefix << 16) | d
+        self.round += 1
+        self.hist.zero_()
+
+    def result(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        return key_to_float(self.prefix, self.dtype)

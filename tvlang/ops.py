@@ -1,0 +1,87 @@
+"""Element-wise functions: one table shared by constant folding and the kernels.
+
+Each entry gives the arity, the value on plain floats (used when every operand
+is a number) and the torch implementation on chunks (``out=`` a scratch buffer,
+operands already in the accumulation dtype or Python floats).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ElementwiseOp:
+    name: str
+    arity: int
+    scalar: Callable[..., float]
+    chunk: Callable[..., Any]  # (out, *operands) -> None; operands are tensors or floats
+    summary: str
+
+
+def _t(x: Any, like: torch.Tensor) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=like.dtype)
+
+
+def _where(out: torch.Tensor, c: Any, a: Any, b: Any) -> None:
+    torch.where(_t(c, out) != 0, _t(a, out), _t(b, out), out=out)
+
+
+def _compare(fn: Callable[..., torch.Tensor]) -> Callable[..., None]:
+    def run(out: torch.Tensor, a: Any, b: Any) -> None:
+        out.copy_(fn(_t(a, out), _t(b, out)))
+
+    return run
+
+
+def _sign(x: float) -> float:
+    return float((x > 0) - (x < 0))
+
+
+def _clamp(out: torch.Tensor, x: Any, lo: Any, hi: Any) -> None:
+    torch.clamp(_t(x, out), min=_t(lo, out), max=_t(hi, out), out=out)
+
+
+ELEMENTWISE: dict[str, ElementwiseOp] = {
+    op.name: op
+    for op in (
+        ElementwiseOp("abs", 1, abs, lambda out, x: torch.abs(_t(x, out), out=out), "absolute value"),
+        ElementwiseOp("sign", 1, _sign, lambda out, x: torch.sign(_t(x, out), out=out), "-1, 0 or 1"),
+        ElementwiseOp("sqrt", 1, math.sqrt, lambda out, x: torch.sqrt(_t(x, out), out=out), "square root"),
+        ElementwiseOp("floor", 1, math.floor, lambda out, x: torch.floor(_t(x, out), out=out), "round down"),
+        ElementwiseOp("ceil", 1, math.ceil, lambda out, x: torch.ceil(_t(x, out), out=out), "round up"),
+        ElementwiseOp("sin", 1, math.sin, lambda out, x: torch.sin(_t(x, out), out=out), "sine"),
+        ElementwiseOp("acos", 1, math.acos, lambda out, x: torch.acos(_t(x, out), out=out), "arc cosine"),
+        ElementwiseOp(
+            "min",
+            2,
+            min,
+            lambda out, a, b: torch.minimum(_t(a, out), _t(b, out), out=out),
+            "element-wise minimum",
+        ),
+        ElementwiseOp(
+            "max",
+            2,
+            max,
+            lambda out, a, b: torch.maximum(_t(a, out), _t(b, out), out=out),
+            "element-wise maximum",
+        ),
+        ElementwiseOp("clamp", 3, lambda x, lo, hi: min(max(x, lo), hi), _clamp, "clamp(x, lo, hi)"),
+        ElementwiseOp(
+            "where", 3, lambda c, a, b: a if c else b, _where, "where(cond, a, b): a where cond ≠ 0"
+        ),
+        ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare(torch.lt), "a < b as 1 or 0"),
+        ElementwiseOp("le", 2, lambda a, b: float(a <= b), _compare(torch.le), "a <= b as 1 or 0"),
+        ElementwiseOp("gt", 2, lambda a, b: float(a > b), _compare(torch.gt), "a > b as 1 or 0"),
+        ElementwiseOp("ge", 2, lambda a, b: float(a >= b), _compare(torch.ge), "a >= b as 1 or 0"),
+        ElementwiseOp("eq", 2, lambda a, b: float(a == b), _compare(torch.eq), "a == b as 1 or 0"),
+        ElementwiseOp("ne", 2, lambda a, b: float(a != b), _compare(torch.ne), "a != b as 1 or 0"),
+    )
+}
+
+COMPARISONS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}

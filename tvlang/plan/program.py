@@ -1,0 +1,124 @@
+"""A tensor program: the instructions that compute one tensor's outputs, and its passes.
+
+Reductions (sums, norms, dot products, k-th largest values) need the whole
+tensor, so they are scheduled into data passes before the element-wise pass
+that writes the outputs: pass *q* evaluates every reduction whose operands
+depend only on scalars known after pass *q-1*.  A k-th largest value is an
+exact radix selection that takes one pass per 16 bits of the accumulation
+dtype (2 for float32, 4 for float64), so memory stays one chunk at a time.
+
+The same program serves every float tensor of a task; what differs per tensor
+(its name, element count, reduction results) is supplied when it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tvlang.ir.node import Node, Op
+from tvlang.ir.printer import format_weight
+
+RADIX_BITS = 16
+
+
+@dataclass(frozen=True)
+class Instr:
+    op: str  # input, const, numel, wsum, add, sub, mul, div, neg, pow, call, reduce, rand
+    args: tuple[int, ...] = ()
+    attr: Any = None  # input index | constant | weights | function name | (seed, stream)
+    tensor: bool = True  # a chunk of values (else one number per tensor)
+    need: int = 0  # data passes that must finish before this value is known
+    rounds: int = 0  # for reductions: the passes it takes
+
+
+@dataclass(frozen=True)
+class TensorProgram:
+    instrs: tuple[Instr, ...]
+    outputs: tuple[int, ...]  # the instruction computing each output
+    acc: str  # "F32" or "F64"
+
+    @property
+    def passes(self) -> int:
+        """Data passes: every reduction round, then the element-wise pass."""
+        return max((self.instrs[i].need for i in self.outputs), default=0) + 1
+
+    def reductions_in(self, q: int) -> list[tuple[int, int]]:
+        """(instruction, round) pairs that run in data pass ``q`` (1-based)."""
+        out = []
+        for i, ins in enumerate(self.instrs):
+            if ins.op == "reduce":
+                start = ins.need - ins.rounds  # passes finished before its first round
+                if start < q <= ins.need:
+                    out.append((i, q - start - 1))
+        return out
+
+    def describe(self) -> list[str]:
+        lines = []
+        for q in range(1, self.passes + 1):
+            if q < self.passes:
+                what = ", ".join(
+                    f"{self.instrs[i].attr}(…)"
+                    + (f" round {r + 1}/{self.instrs[i].rounds}" if self.instrs[i].rounds > 1 else "")
+                    for i, r in self.reductions_in(q)
+                )
+                lines.append(f"pass {q}: reduce {what}")
+            else:
+                lines.append(
+                    f"pass {q}: element-wise, {sum(ins.tensor for ins in self.instrs)} ops [{self.acc.lower()}]"
+                )
+        for n, i in enumerate(self.outputs):
+            lines.append(f"  out{n} = {self.render(i)}")
+        return lines
+
+    def render(self, i: int, depth: int = 0) -> str:
+        ins = self.instrs[i]
+        if depth > 6:
+            return "…"
+        args = [self.render(a, depth + 1) for a in ins.args]
+        if ins.op == "input":
+            return f"in{ins.attr}"
+        if ins.op == "const":
+            return format_weight(ins.attr)
+        if ins.op == "wsum":
+            return (
+                "(" + " + ".join(f"{format_weight(w)}*{a}" for w, a in zip(ins.attr, args, strict=True)) + ")"
+            )
+        if ins.op in ("call", "reduce"):
+            return f"{ins.attr}({', '.join(args)})"
+        if ins.op == "rand":
+            return f"rand(seed={ins.attr[0]})"
+        if ins.op == "numel":
+            return f"numel({args[0]})"
+        if ins.op == "neg":
+            return f"-{args[0]}"
+        sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}[ins.op]
+        return f"({args[0]} {sym} {args[1]})"
+
+
+def compile_program(roots: Sequence[Node], slots: Mapping[str, int], acc: str) -> TensorProgram:
+    """Instructions for ``roots`` (optimised IR), inputs mapped to the task's input indices."""
+    index: dict[int, int] = {}
+    instrs: list[Instr] = []
+    radix_rounds = (64 if acc == "F64" else 32) // RADIX_BITS
+    for node in _toposort(roots):
+        args = tuple(index[id(a)] for a in node.args)
+        need = 0 if node.op is Op.NUMEL else max((instrs[a].need for a in args), default=0)
+        op, attr, rounds = node.op.value, node.arg, 0
+        if node.op is Op.INPUT:
+            attr = slots[node.arg.key]
+        elif node.op is Op.CONST:
+            attr = node.arg[0]
+        elif node.op is Op.REDUCE:
+            rounds = radix_rounds if node.arg == "kth" else 1
+            need += rounds
+        instrs.append(Instr(op, args, attr, node.kind.tensor, need, rounds))
+        index[id(node)] = len(instrs) - 1
+    return TensorProgram(tuple(instrs), tuple(index[id(r)] for r in roots), acc)
+
+
+def _toposort(roots: Sequence[Node]) -> list[Node]:
+    from tvlang.ir.node import toposort
+
+    return toposort(list(roots))
