@@ -670,9 +670,6 @@ def test_roots_apply_to_absolute_paths_and_bindings(jail: tuple[Path, Path]) -> 
     assert tvlang.compile('load("ok")', filename=str(root / "p.tv")).run(options=opts)["w"].tolist() == [1, 1]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="roots check the checkpoint path only, not the files inside a directory"
-)
 def test_roots_reject_symlinks_inside_a_checkpoint_directory(jail: tuple[Path, Path], tmp_path: Path) -> None:
     root, outside = jail
     ck = root / "ck"
@@ -681,7 +678,12 @@ def test_roots_reject_symlinks_inside_a_checkpoint_directory(jail: tuple[Path, P
     (outside / "secret.txt").write_text("secret")
     (ck / "config.json").symlink_to(outside / "secret.txt")
     prog = tvlang.compile('load("ck")', filename=str(root / "p.tv"))
-    with pytest.raises(tvlang.TvInputError):
+    with pytest.raises(tvlang.TvInputError) as info:
+        prog.run(tmp_path / "out", options=tvlang.Options(roots=(str(root),)))
+    assert info.value.code == "E305" and not (tmp_path / "out").exists()
+    (ck / "model.safetensors").unlink()
+    (ck / "model.safetensors").write_bytes((outside / "secret.safetensors").read_bytes())
+    with pytest.raises(tvlang.TvInputError, match="config.json"):  # the side file alone is caught too
         prog.run(tmp_path / "out", options=tvlang.Options(roots=(str(root),)))
 
 

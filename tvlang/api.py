@@ -262,6 +262,8 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
             opened[ref.key] = ref.handle
             return "memory", memory_metas(ref.handle, ref.label)
         ckpt = Checkpoint.open(ref.key)
+        if options.roots is not None:
+            _check_inside_roots(ckpt, options.roots, ref)
         opened[ref.key] = ckpt
         return ref.key, checkpoint_metas(ckpt)
 
@@ -274,6 +276,22 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         chunk=options.chunk,
     )
     return plan, opened
+
+
+def _check_inside_roots(ckpt: Checkpoint, roots: Sequence[str], ref: InputRef) -> None:
+    """Every file a checkpoint directory reads or carries over must resolve inside the roots too,
+    so a symlinked shard or config.json cannot pull in a file from elsewhere."""
+    allowed = [Path(r).resolve() for r in roots]
+    for path in [*ckpt.files, *ckpt.sidecar_files()]:
+        real = Path(path).resolve()
+        if not any(real.is_relative_to(r) for r in allowed):
+            raise TvInputError(
+                f"{path} is outside the directories this program may read",
+                ref.span,
+                label=f"this checkpoint's file resolves to {real}",
+                help="allowed: " + ", ".join(str(r) for r in allowed),
+                code="E305",
+            )
 
 
 def _destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[str | None]:
