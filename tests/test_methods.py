@@ -141,7 +141,7 @@ def test_ties_edge_cases_zero_and_opposite_deltas() -> None:
 def test_dare_matches_its_documented_mask_and_rescale() -> None:
     s = _states(3, 2)
     out = tvlang.evaluate("base + dare(m1 - base, 0.7, seed=5)", _bind(s))
-    stream = "m1|base"
+    stream = "m1 - base"
     for k, b in s[0].items():
         d = s[1][k].double() - b.double()
         u = torch.empty(d.numel(), dtype=torch.float64)
@@ -157,6 +157,22 @@ def test_dare_l1_rescale_and_keep_rate() -> None:
     kept = (out != 0).double().mean().item()
     assert 0.08 < kept < 0.12
     assert out.abs().sum().item() == pytest.approx(ft["w"].double().abs().sum().item(), rel=1e-6)
+
+
+def test_random_streams_follow_the_source_text() -> None:
+    s = _states(10, 3, shapes=((64, 64),))
+    b = _bind(s)
+    prog = tvlang.compile(
+        "def my(d) = dare(d, 0.5, seed=3)\n"
+        "output x = base + my(m1 - base)\n"
+        "output y = base + my(m2 - base)\n"
+        "output z = base + dare(m1 - base, 0.5, seed=3)\n",
+        bindings=b,
+    )
+    out = prog.run()
+    mask = {k: (v - s[0]["t0"]) != 0 for k, v in ((k, out[k]["t0"]) for k in "xyz")}
+    assert not torch.equal(mask["x"], mask["y"])  # two expansions of one method draw different masks
+    assert not torch.equal(mask["x"], mask["z"])  # ... and differ from a direct call
 
 
 def test_dare_is_seeded_and_chunking_independent() -> None:

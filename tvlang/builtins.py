@@ -85,10 +85,13 @@ def _reduction(fn: Callable[..., Node]) -> Lower:
     return lower
 
 
-def _stream(node: Node) -> str:
-    """A stable name for a tensor expression: the labels of the checkpoints it reads."""
-    labels = [n.arg.label for n in node.toposort() if n.op is Op.INPUT]
-    return "|".join(labels) or "const"
+def _streams(ctx: Lowering, spans: dict[str, Span], name: str, count: int = 1) -> list[str]:
+    """Random-stream names for a method's operands: each operand's source text, prefixed by the
+    calls of user methods it was expanded from (so ``my(x)`` and ``my(y)`` draw different masks)."""
+    texts = [
+        spans[f"{name}[{i}]"].text if f"{name}[{i}]" in spans else spans[name].text for i in range(count)
+    ]
+    return ["/".join([*ctx.expansions, t]) for t in texts]
 
 
 def _weights(args: dict[str, Any], n: int, what: str = "weights") -> list[Node | float]:
@@ -105,17 +108,21 @@ def _lower_ties(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span
     return methods.ties(deltas, _weights(a, len(deltas)), a["density"], a["elect"], a["divide"])
 
 
-def _dared(a: dict[str, Any]) -> list[Node]:
-    return [methods.dare(d, sub(1.0, a["density"]), a["seed"], _stream(d), a["rescale"]) for d in a["deltas"]]
+def _dared(ctx: Lowering, a: dict[str, Any], s: dict[str, Span]) -> list[Node]:
+    streams = _streams(ctx, s, "deltas", len(a["deltas"]))
+    return [
+        methods.dare(d, sub(1.0, a["density"]), a["seed"], stream, a["rescale"])
+        for d, stream in zip(a["deltas"], streams, strict=True)
+    ]
 
 
 def _lower_dare_ties(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
-    dared = _dared(a)
+    dared = _dared(ctx, a, s)
     return methods.ties(dared, _weights(a, len(dared)), 1.0, a["elect"], a["divide"])
 
 
 def _lower_dare_linear(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
-    dared = _dared(a)
+    dared = _dared(ctx, a, s)
     return methods.linear(dared, _weights(a, len(dared)), normalize=False)
 
 
@@ -235,7 +242,7 @@ BUILTINS: dict[str, Builtin] = {
             (_p("like", "tensor"), _p("seed", "int", 0)),
             "uniform [0, 1) per element, keyed by (seed, the operand's checkpoints, tensor name, index): "
             "the same bits for any chunking, thread count or device",
-            lambda ctx, a, s, sp: rand(a["like"], a["seed"], _stream(a["like"])),
+            lambda ctx, a, s, sp: rand(a["like"], a["seed"], _streams(ctx, s, "like")[0]),
             group="element-wise",
         ),
         Builtin(
@@ -263,7 +270,9 @@ BUILTINS: dict[str, Builtin] = {
                 _p("rescale", "string", "inverse", choices=("inverse", "l1", "none")),
             ),
             "drop elements with probability p (seeded), rescale by 1/(1-p), to the L1 norm, or not",
-            lambda ctx, a, s, sp: methods.dare(a["d"], a["p"], a["seed"], _stream(a["d"]), a["rescale"]),
+            lambda ctx, a, s, sp: methods.dare(
+                a["d"], a["p"], a["seed"], _streams(ctx, s, "d")[0], a["rescale"]
+            ),
             group="method",
             paper=_DARE,
         ),

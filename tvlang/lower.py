@@ -62,6 +62,7 @@ class Lowering:
         self.env: dict[str, tuple[Node, Span | None]] = {}
         self.defs: dict[str, ast.Define] = {}
         self.depth = 0
+        self.expansions: list[str] = []  # call sites of the user methods being expanded (random streams)
         self.n_inputs = 0
         # Names the program binds, so a use before the binding gets a precise error.
         self.later_bindings: dict[str, Span] = {
@@ -218,6 +219,8 @@ class Lowering:
             lead = [n for n, _, _ in params[: names.index(variadic)]]
             rest = args[len(lead) :]
             given[variadic] = tuple(rest)
+            for i, item in enumerate(rest):
+                spans[f"{variadic}[{i}]"] = item.span
             if rest:
                 spans[variadic] = rest[0].span
             args, positional = args[: len(lead)], lead
@@ -308,14 +311,16 @@ class Lowering:
         given, _ = self.bind_arguments(
             define.name.id, params, e
         )  # every parameter without a default is given
-        self.depth += 1
-        if self.depth > MAX_EXPANSION:
+        # arguments are evaluated where the call is, before its body is entered
+        scope = {name.id: self.expr(given.get(name.id, default)) for name, default in define.params}  # type: ignore[arg-type]
+        if self.depth >= MAX_EXPANSION:
             raise TvTypeError(
                 f"`{define.name.id}` expands more than {MAX_EXPANSION} levels deep (does it call itself?)",
                 e.span,
                 code="E210",
             )
-        scope = {name.id: self.expr(given.get(name.id, default)) for name, default in define.params}  # type: ignore[arg-type]
+        self.depth += 1
+        self.expansions.append(e.span.text)
         saved = {k: self.env[k] for k in scope if k in self.env}
         try:
             for k, v in scope.items():
@@ -326,6 +331,7 @@ class Lowering:
                 del self.env[k]
             self.env.update(saved)
             self.depth -= 1
+            self.expansions.pop()
 
     # -- the affine rule at use sites ---------------------------------------
     def require_point_or_vector(self, node: Node, e: ast.Expr) -> None:
