@@ -184,6 +184,39 @@ def test_dare_is_seeded_and_chunking_independent() -> None:
     assert not torch.equal(runs[0]["t0"], other["t0"])
 
 
+def ref_della(d: torch.Tensor, density: float, eps: float, u: torch.Tensor, rescale: str) -> torch.Tensor:
+    rows = d.reshape(d.shape[0], -1) if d.dim() > 1 else d.reshape(1, -1)
+    n = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order)).double()
+    probs = (density - eps) + (ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)) * 2 * eps
+    masked = (rows * (u.reshape(rows.shape) < probs)).reshape(d.shape)
+    if rescale == "inverse":
+        return masked / probs.reshape(d.shape)
+    before, after = d.abs().sum(), masked.abs().sum()
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+@pytest.mark.parametrize("rescale", ["l1", "inverse"])
+def test_della(rescale: str) -> None:
+    s = _states(11, 2)
+    out = tvlang.evaluate(f'base + della(m1 - base, 0.5, 0.3, seed=2, rescale="{rescale}")', _bind(s))
+    for k, b in s[0].items():
+        d = s[1][k].double() - b.double()
+        u = torch.empty(d.numel(), dtype=torch.float64)
+        uniform(random_key(2, "m1 - base", k), 0, d.numel(), u)
+        _close(out[k], b.double() + ref_della(d, 0.5, 0.3, u, rescale))
+
+
+def test_della_rows_survive_any_chunking_and_bad_epsilon_is_an_error() -> None:
+    s = _states(12, 2, shapes=((3000, 7), (50,)))
+    src = 'base + della(m1 - base, 0.4, 0.1, seed=9, rescale="none")'
+    runs = [tvlang.evaluate(src, _bind(s), chunk=c, threads=t) for c, t in ((None, 1), (70, 2), (64, 1))]
+    assert all(torch.equal(runs[0][k], r[k]) for r in runs[1:] for k in runs[0])
+    with pytest.raises(tvlang.TvTypeError, match="epsilon"):
+        tvlang.evaluate("base + della(m1 - base, 0.5, 0.6)", _bind(s))
+
+
 @pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.01), (0.9, 0.2), (0.3, 0.0)])
 def test_breadcrumbs(density: float, gamma: float) -> None:
     s = _states(5, 2)

@@ -21,6 +21,7 @@ output dare = base + dare(a, 0.5, seed=7)
 output dare_ties = base + dare_ties(a, b, c, weights=[1, 1, 1], density=0.6, seed=1)
 output dare_linear = base + dare_linear(a, b, weights=[0.5, 0.5], density=0.6, seed=2)
 output pruned = base + magnitude_prune(a, 0.2)
+output della = base + ties(della(a, 0.5, 0.2, seed=3), della(b, 0.5, 0.2, seed=3))
 output crumbs = base + breadcrumbs(b, 0.5, 0.05)
 output soup = linear(load("ckpt/amazon_sent"), load("ckpt/yelp_lm"), weights=[2, 1])
 output lerp = lerp(base, load("ckpt/toxic"), 0.25)
@@ -49,7 +50,7 @@ def test_every_method_runs_on_sharded_bf16(bf16_sharded: dict[str, str], tmp_pat
         == 0
     )
     outputs = sorted(os.listdir(tmp_path / "out"))
-    assert len(outputs) == 12
+    assert len(outputs) == 13
 
     # The same program over in-memory copies of the checkpoints gives the same bits.
     states = {n: _load_dir(p) for n, p in bf16_sharded.items()}

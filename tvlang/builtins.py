@@ -277,6 +277,27 @@ BUILTINS: dict[str, Builtin] = {
             paper=_DARE,
         ),
         Builtin(
+            "della",
+            (
+                _p("d", "delta"),
+                _p("density", "number"),
+                _p("epsilon", "number"),
+                _p("seed", "int", 0),
+                _p("rescale", "string", "l1", choices=("l1", "inverse", "none")),
+            ),
+            "DELLA MagPrune: keep each element with a probability that rises with its magnitude rank in its row",
+            lambda ctx, a, s, sp: methods.della(
+                a["d"],
+                _const(a["density"], "density"),
+                _const(a["epsilon"], "epsilon"),
+                a["seed"],
+                _streams(ctx, s, "d")[0],
+                a["rescale"],
+            ),
+            group="method",
+            paper="https://arxiv.org/abs/2406.11617",
+        ),
+        Builtin(
             "ties",
             (
                 _p("deltas", "delta", variadic=True),

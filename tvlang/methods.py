@@ -76,6 +76,33 @@ def dare(d: Node, p: Node | float, seed: int, stream: str, rescale: str = "inver
     if rescale == "inverse":
         survive = sub(1.0, p)
         return mul(call("where", call("gt", survive, 0.0), div(1.0, call("max", survive, EPS)), 0.0), masked)
+    return _l1_rescale(d, masked)
+
+
+def della(d: Node, density: float, epsilon: float, seed: int, stream: str, rescale: str = "l1") -> Node:
+    """DELLA's MagPrune as mergekit computes it: within each row (the tensor as ``(shape[0], -1)``; a
+    vector is one row) an element of rank r (by magnitude, 0 = smallest) is kept with probability
+    ``density - epsilon + 2·epsilon·r/(n-1)``; the survivors are rescaled to the original L1 norm
+    (mergekit), by their own 1/p (``inverse``, the paper), or not (``none``)."""
+    if density >= 1.0:
+        return d
+    if density <= 0.0:
+        return mul(0.0, d)
+    if not (density - epsilon > 0.0 and density + epsilon < 1.0):
+        raise KindError(
+            "epsilon must keep density ± epsilon inside (0, 1)", f"density {density:g}, epsilon {epsilon:g}"
+        )
+    p = add(density - epsilon, mul(2.0 * epsilon, call("rowrank", call("abs", d))))
+    keep = call("lt", rand(d, seed, stream), p)
+    masked = mul(d, keep)
+    if rescale == "none":
+        return masked
+    if rescale == "inverse":
+        return div(masked, p)
+    return _l1_rescale(d, masked)
+
+
+def _l1_rescale(d: Node, masked: Node) -> Node:
     before = reduce("sum", call("abs", d))
     after = reduce("sum", call("abs", masked))
     small = call("max", call("lt", before, 1e-7), call("lt", after, 1e-7))
@@ -187,6 +214,7 @@ def nearswap(base: Node, model: Node, t: Node | float) -> Node:
 __all__ = [
     "breadcrumbs",
     "dare",
+    "della",
     "kth",
     "lerp",
     "linear",

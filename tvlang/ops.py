@@ -75,6 +75,13 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
         ElementwiseOp(
             "where", 3, lambda c, a, b: a if c else b, _where, "where(cond, a, b): a where cond ≠ 0"
         ),
+        ElementwiseOp(
+            "rowrank",
+            1,
+            lambda x: 0.5,
+            lambda out, x: out.fill_(0.5),  # needs the row length: run by tvlang.backends.program.row_rank
+            "rank within its row, scaled to [0, 1] (ties by position); chunks hold whole rows",
+        ),
         ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare(torch.lt), "a < b as 1 or 0"),
         ElementwiseOp("le", 2, lambda a, b: float(a <= b), _compare(torch.le), "a <= b as 1 or 0"),
         ElementwiseOp("gt", 2, lambda a, b: float(a > b), _compare(torch.gt), "a > b as 1 or 0"),

@@ -33,7 +33,16 @@ from tvlang.backends.program import ProgramState
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.endpoints import Sink, Source
 from tvlang.io.safetensors import DTYPES
-from tvlang.plan.plan import ITEMSIZE, Plan, ProgramOutput, TensorTask, TensorWrite, WeightedSum, human_bytes
+from tvlang.plan.plan import (
+    ITEMSIZE,
+    Plan,
+    ProgramOutput,
+    TensorTask,
+    TensorWrite,
+    WeightedSum,
+    human_bytes,
+    row_length,
+)
 
 NONFINITE_MODES = ("error", "warn", "propagate")
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -274,7 +283,7 @@ def _run_chunk(
     counted: set[int] = set()  # inputs already counted in this chunk (several outputs read them)
     program_outputs: list[torch.Tensor] = []
     if task.program is not None:
-        state = state or ProgramState(task.program, task.name, task.numel)
+        state = state or ProgramState(task.program, task.name, task.numel, row_length(task.shape))
         program_outputs = state.outputs(views, start, stop, scratch)
     for write in task.writes:
         out = scratch.get("out", DTYPES[write.dtype], n)
@@ -315,7 +324,7 @@ def _run_task(
     """Every pass of a task with reductions: the reduction passes feed the program's accumulators
     chunk by chunk, then the last pass writes the outputs."""
     assert task.program is not None
-    state = ProgramState(task.program, task.name, task.numel)
+    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
     read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
     for q in range(1, task.passes + 1):

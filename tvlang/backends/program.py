@@ -96,13 +96,27 @@ def _scalar_binary(op: str, a: float, b: float) -> float:
     return float(r)
 
 
+def row_rank(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
+    """Each element's rank within its row, scaled to [0, 1] (ties broken by position; 0.5 for
+    one-element rows).  The chunk holds whole rows (the planner aligns it)."""
+    if row <= 1:
+        out.fill_(0.5)
+        return
+    rows = x.reshape(-1, row)
+    order = torch.argsort(rows, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(row, dtype=order.dtype).expand_as(order))
+    out.view(-1, row).copy_(ranks).div_(row - 1)
+
+
 class ProgramState:
     """One tensor's run of a program: its per-tensor scalars and reduction accumulators."""
 
-    def __init__(self, program: TensorProgram, tensor: str, numel: int) -> None:
+    def __init__(self, program: TensorProgram, tensor: str, numel: int, row: int = 1) -> None:
         self.program = program
         self.tensor = tensor
         self.numel = numel
+        self.row = row  # elements per row, for row-wise operations (chunks then hold whole rows)
         self.acc_dtype = ACC_DTYPES[program.acc]
         self.scalars: dict[int, float] = {}
         self.reducers: dict[int, Any] = {}
@@ -210,6 +224,8 @@ class ProgramState:
                     out.add_(w * x)
         elif ins.op == "neg":
             torch.neg(args[0], out=out)
+        elif ins.op == "call" and ins.attr == "rowrank":
+            row_rank(args[0], self.row, out)
         elif ins.op == "call":
             ELEMENTWISE[ins.attr].chunk(out, *args)
         elif ins.op == "rand":

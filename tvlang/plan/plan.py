@@ -194,9 +194,12 @@ class Plan:
         shown = self.tasks if per_tensor is None else self.tasks[:per_tensor]
         for t in shown:
             shape = "×".join(map(str, t.shape)) or "scalar"
-            chunks = max(1, -(-t.numel // self.chunk))
+            chunks = max(1, -(-t.numel // (t.chunk or self.chunk)))
+            notes = f", {t.passes} passes" if t.passes > 1 else ""
+            if t.program is not None and t.program.row_wise:
+                notes += f", whole rows of {row_length(t.shape):,} per chunk"
             lines.append(
-                f"  {t.name}  [{shape}]  {kernels[_writes_text(t)]}  {chunks} chunk{'s' if chunks > 1 else ''}"
+                f"  {t.name}  [{shape}]  {kernels[_writes_text(t)]}  {chunks} chunk{'s' if chunks > 1 else ''}{notes}"
             )
         if per_tensor is not None and len(self.tasks) > per_tensor:
             lines.append(f"  … {len(self.tasks) - per_tensor} more tensors (--all lists them)")
@@ -206,6 +209,13 @@ class Plan:
             f"peak working memory ≈ {_human(self.peak_memory)} (budget {_human(self.memory)})"
         )
         return "\n".join(lines)
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """Elements per row for row-wise operations: the tensor flattened to (shape[0], -1); a vector is one row."""
+    if len(shape) < 2:
+        return max(1, TensorMeta("U8", shape).numel)
+    return max(1, TensorMeta("U8", shape[1:]).numel)
 
 
 def _writes_text(task: TensorTask) -> tuple[str, ...]:
@@ -249,4 +259,5 @@ __all__: Sequence[str] = [
     "TensorWrite",
     "WeightedSum",
     "human_bytes",
+    "row_length",
 ]

@@ -6,6 +6,7 @@ positioned error that names the tensor and both inputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -25,6 +26,7 @@ from tvlang.plan.plan import (
     TensorWrite,
     WeightedSum,
     bytes_per_element,
+    row_length,
 )
 from tvlang.plan.program import TensorProgram, compile_program
 
@@ -141,9 +143,21 @@ def build_plan(
         fit = memory // max(1, threads * per_element)
         chunk = max(MIN_CHUNK, min(MAX_CHUNK, fit // MIN_CHUNK * MIN_CHUNK))
     # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits then never depend on chunking).
-    block_chunk = -(-chunk // BLOCK) * BLOCK
-    final = tuple(replace(t, chunk=block_chunk) if t.passes > 1 else t for t in planned_tasks)
+    final = tuple(_aligned(t, chunk) for t in planned_tasks)
     return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory)
+
+
+def _aligned(task: TensorTask, chunk: int) -> TensorTask:
+    """Reductions sum fixed blocks and row-wise operations need whole rows: round the chunk up so
+    that every chunk starts on a block (and a row) boundary."""
+    unit = 1
+    if task.passes > 1:
+        unit = BLOCK
+    if task.program is not None and task.program.row_wise:
+        unit = math.lcm(unit, row_length(task.shape))
+    if unit == 1:
+        return task
+    return replace(task, chunk=-(-chunk // unit) * unit)
 
 
 def _inputs_of(node: Node, index: Mapping[str, int]) -> list[int]:

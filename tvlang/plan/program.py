@@ -40,6 +40,11 @@ class TensorProgram:
     acc: str  # "F32" or "F64"
 
     @property
+    def row_wise(self) -> bool:
+        """Whether an instruction needs whole rows in each chunk (ranks within rows)."""
+        return any(ins.op == "call" and ins.attr == "rowrank" for ins in self.instrs)
+
+    @property
     def passes(self) -> int:
         """Data passes: every reduction round, then the element-wise pass."""
         return max((self.instrs[i].need for i in self.outputs), default=0) + 1
