@@ -1,0 +1,1 @@
+"""Runnable examples for tvlang; each subpackage runs with ``python -m examples.<name>``."""
