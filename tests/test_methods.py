@@ -233,6 +233,26 @@ def test_slerp(t: float) -> None:
         _close(out[k], ref_slerp(s[1][k].double(), s[2][k].double(), t))
 
 
+def ref_nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    n0, n1 = v0.norm().clamp(min=1e-7), v1.norm().clamp(min=1e-7)
+    theta = torch.acos(((v0 / n0) * (v1 / n1)).sum().clamp(-1, 1))
+    if torch.sin(theta).abs() < 1e-8:
+        return (1 - t) * v0 + t * v1
+    return (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+
+
+@pytest.mark.parametrize("t", [0.25, 0.6])
+def test_nuslerp_models_and_task_vectors(t: float) -> None:
+    s = _states(13, 3)
+    b = _bind(s)
+    plain = tvlang.evaluate(f"nuslerp(m1, m2, {t})", b)
+    based = tvlang.evaluate(f"base + nuslerp(m1 - base, m2 - base, {t})", b)
+    for k, base in s[0].items():
+        m1, m2, base = s[1][k].double(), s[2][k].double(), base.double()
+        _close(plain[k], ref_nuslerp(t, m1, m2))
+        _close(based[k], base + ref_nuslerp(t, m1 - base, m2 - base))
+
+
 def test_slerp_colinear_falls_back_to_lerp() -> None:
     a = {"w": torch.tensor([1.0, 2.0, 3.0])}
     b = {"w": torch.tensor([2.0, 4.0, 6.0])}

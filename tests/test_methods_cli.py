@@ -26,6 +26,7 @@ output crumbs = base + breadcrumbs(b, 0.5, 0.05)
 output soup = linear(load("ckpt/amazon_sent"), load("ckpt/yelp_lm"), weights=[2, 1])
 output lerp = lerp(base, load("ckpt/toxic"), 0.25)
 output slerp = slerp(base, load("ckpt/toxic"), 0.4)
+output nuslerp = base + nuslerp(a, b, 0.3)
 output stock = model_stock(base, load("ckpt/amazon_sent"), load("ckpt/yelp_lm"), load("ckpt/toxic"))
 output swap = nearswap(base, load("ckpt/amazon_sent"), 0.001)
 """
@@ -50,7 +51,7 @@ def test_every_method_runs_on_sharded_bf16(bf16_sharded: dict[str, str], tmp_pat
         == 0
     )
     outputs = sorted(os.listdir(tmp_path / "out"))
-    assert len(outputs) == 13
+    assert len(outputs) == 14
 
     # The same program over in-memory copies of the checkpoints gives the same bits.
     states = {n: _load_dir(p) for n, p in bf16_sharded.items()}

@@ -368,6 +368,13 @@ BUILTINS: dict[str, Builtin] = {
             group="method",
         ),
         Builtin(
+            "nuslerp",
+            (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number", 0.5)),
+            "mergekit's nuslerp over the whole tensor; with a base write base + nuslerp(a - base, b - base, t)",
+            _reduction(methods.nuslerp),
+            group="method",
+        ),
+        Builtin(
             "model_stock",
             (_p("base", "model"), _p("models", "model", variadic=True)),
             "Model Stock: move from the base toward the mean by the angle between task vectors",

@@ -172,14 +172,36 @@ def slerp(a: Node, b: Node, t: Node | float) -> Node:
     safe_sin = call("where", colinear, 1.0, sin_theta)
     s0 = call("where", colinear, sub(1.0, t), div(call("sin", mul(sub(1.0, t), theta)), safe_sin))
     s1 = call("where", colinear, t, div(call("sin", mul(t, theta)), safe_sin))
+    return _interpolation(a, b, t, s0, s1)
+
+
+def nuslerp(a: Node, b: Node, t: Node | float) -> Node:
+    """mergekit's ``nuslerp`` over the whole tensor (``nuslerp_flatten``, its default): the angle
+    between the tensors normalised with norms clamped at 1e-7, and linear interpolation where
+    |sin θ| < 1e-8.  With a base, mergekit interpolates the task vectors: write
+    ``base + nuslerp(a - base, b - base, t)``; mergekit's weights w₀, w₁ give t = w₁/(w₀ + w₁)."""
+    na = call("max", call("sqrt", reduce("sumsq", a)), 1e-7)
+    nb = call("max", call("sqrt", reduce("sumsq", b)), 1e-7)
+    cos = call("clamp", div(reduce("dot", a, b), mul(na, nb)), -1.0, 1.0)
+    theta = call("acos", cos)
+    sin_theta = call("sin", theta)
+    colinear = call("lt", call("abs", sin_theta), EPS)
+    safe_sin = call("where", colinear, 1.0, sin_theta)
+    s0 = call("where", colinear, sub(1.0, t), div(call("sin", mul(sub(1.0, t), theta)), safe_sin))
+    s1 = call("where", colinear, t, div(call("sin", mul(t, theta)), safe_sin))
+    return _interpolation(a, b, t, s0, s1)
+
+
+def _interpolation(a: Node, b: Node, t: Node | float, s0: Node, s1: Node) -> Node:
+    """``s0·a + s1·b`` for per-tensor coefficients: a model for two models (for the affine
+    bookkeeping it counts as the lerp it generalises, masses 1-t and t), a delta for two deltas."""
     if a.kind.is_model and b.kind.is_model:
-        # For the affine bookkeeping slerp counts as the lerp it generalises: masses 1-t and t.
         t_value = scalar_value(lift(t))
         mass_a = 1.0 - t_value if t_value is not None else 0.5
         return Node(Op.ADD, (_scaled(s0, a, mass_a), _scaled(s1, b, 1.0 - mass_a)), None, MODEL)
     if a.kind.is_delta and b.kind.is_delta:
         return add(mul(s0, a), mul(s1, b))
-    raise KindError("slerp needs two models or two task vectors")
+    raise KindError("interpolation needs two models or two task vectors")
 
 
 def model_stock(base: Node, models: Sequence[Node]) -> Node:
@@ -221,6 +243,7 @@ __all__ = [
     "magnitude_prune",
     "model_stock",
     "nearswap",
+    "nuslerp",
     "slerp",
     "ties",
 ]
