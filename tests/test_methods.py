@@ -325,3 +325,22 @@ def test_method_misuse_is_positioned() -> None:
         tvlang.evaluate('base + ties(m1 - base, elect="vote")', _bind(s))
     with pytest.raises(tvlang.TvTypeError, match="weights"):
         tvlang.evaluate("base + ties(m1 - base, weights=[1, 2])", _bind(s))
+
+
+def test_ties_with_a_model_wide_trim() -> None:
+    s = _states(14, 3)
+    out = tvlang.evaluate('base + ties(m1 - base, m2 - base, density=0.3, scope="model")', _bind(s))
+    names = list(s[0])
+    deltas = [[s[i][k].double() - s[0][k].double() for k in names] for i in (1, 2)]
+    for i in range(2):  # the reference trims each task vector by one threshold over all its tensors
+        flat = torch.cat([d.reshape(-1) for d in deltas[i]])
+        thr = torch.sort(flat.abs(), descending=True).values[math.floor(0.3 * flat.numel()) - 1]
+        deltas[i] = [torch.where(d.abs() >= thr, d, 0.0) for d in deltas[i]]
+    for j, k in enumerate(names):
+        ref = ref_ties([deltas[0][j], deltas[1][j]], [1.0, 1.0], 1.0)
+        _close(out[k], s[0][k].double() + ref)
+    plan = tvlang.compile(
+        'base + ties(m1 - base, m2 - base, density=0.3, scope="model")', bindings=_bind(s)
+    ).plan()
+    assert len(plan.model_reductions) == 2 and "model-wide" in plan.explain()
+    assert plan.model_reductions[0].k == math.floor(0.3 * sum(t.numel for t in plan.tasks))

@@ -105,7 +105,7 @@ def _weights(args: dict[str, Any], n: int, what: str = "weights") -> list[Node |
 
 def _lower_ties(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
     deltas = a["deltas"]
-    return methods.ties(deltas, _weights(a, len(deltas)), a["density"], a["elect"], a["divide"])
+    return methods.ties(deltas, _weights(a, len(deltas)), a["density"], a["elect"], a["divide"], a["scope"])
 
 
 def _dared(ctx: Lowering, a: dict[str, Any], s: dict[str, Span]) -> list[Node]:
@@ -146,6 +146,7 @@ _TIES = "https://arxiv.org/abs/2306.01708"
 _DARE = "https://arxiv.org/abs/2311.03099"
 _ELECT = _p("elect", "string", "sum", choices=("sum", "count"))
 _DIVIDE = _p("divide", "string", "weights", choices=("weights", "count", "none"))
+_SCOPE = _p("scope", "string", "tensor", choices=("tensor", "model"))
 
 _ELEMENTWISE_PARAMS = {
     "where": (_p("cond", "value"), _p("a", "value"), _p("b", "value")),
@@ -247,8 +248,8 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             "magnitude_prune",
-            (_p("d", "delta"), _p("density", "number")),
-            "keep the floor(density·numel) largest magnitudes of a task vector",
+            (_p("d", "delta"), _p("density", "number"), _SCOPE),
+            "keep the floor(density·numel) largest magnitudes of a task vector (per tensor, or over the model)",
             _reduction(methods.magnitude_prune),
             group="method",
             paper=_TIES,
@@ -305,6 +306,7 @@ BUILTINS: dict[str, Builtin] = {
                 _p("density", "number", 1.0),
                 _ELECT,
                 _DIVIDE,
+                _SCOPE,
             ),
             "TIES-merging: trim, elect signs, disjoint mean (a task vector)",
             _lower_ties,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tvlang.check import KindError
-from tvlang.ir.build import add, call, div, lift, mul, numel, rand, reduce, sub
+from tvlang.ir.build import add, call, div, lift, model_kth, mul, numel, rand, reduce, sub
 from tvlang.ir.node import DELTA, MODEL, Kind, Node, Op, scalar_value
 
 EPS = 1e-8
@@ -37,13 +37,17 @@ def kth(x: Node, k: Node | float) -> Node:
     return reduce("kth", x, k)
 
 
-def magnitude_prune(d: Node, density: Node | float) -> Node:
+def magnitude_prune(d: Node, density: Node | float, scope: str = "tensor") -> Node:
     """Keep the ``floor(density·numel)`` largest magnitudes, zero the rest (elements tied with the
-    k-th largest magnitude are all kept).  mergekit's ``magnitude`` sparsification."""
+    k-th largest magnitude are all kept).  mergekit's ``magnitude`` sparsification; with
+    ``scope="model"`` the top-k runs over the whole model (the TIES paper's global trim)."""
     if scalar_value(lift(density)) is not None and scalar_value(lift(density)) >= 1.0:  # type: ignore[operator]
         return d
     mag = call("abs", d)
-    threshold = kth(mag, call("floor", mul(density, numel(d))))
+    if scope == "model":
+        threshold = model_kth(mag, density)
+    else:
+        threshold = kth(mag, call("floor", mul(density, numel(d))))
     return call("where", call("ge", mag, threshold), d, 0.0, kind=DELTA)
 
 
@@ -115,6 +119,7 @@ def ties(
     density: Node | float = 1.0,
     elect: str = "sum",
     divide: str = "weights",
+    scope: str = "tensor",
 ) -> Node:
     """TIES-merging: trim each task vector to its top ``density`` magnitudes, elect a sign per
     element, and average the agreeing entries.
@@ -123,8 +128,9 @@ def ties(
     (``sum``: the sign of their sum, ties going to +), zeros never agree, and the result is divided
     by the summed weights of the agreeing entries.  ``elect="count"`` elects by majority of signs
     (PEFT's ``frequency``); ``divide="count"`` divides by the number of agreeing entries (PEFT's
-    disjoint merge); ``divide="none"`` sums them (the paper with λ)."""
-    trimmed = [magnitude_prune(d, density) for d in deltas]
+    disjoint merge); ``divide="none"`` sums them (the paper with λ).  ``scope="model"`` trims by a
+    top-k over the whole model (the paper's and FusionBench's global trim) instead of per tensor."""
+    trimmed = [magnitude_prune(d, density, scope) for d in deltas]
     weighted = [mul(w, t) for w, t in zip(weights, trimmed, strict=True)]
     signs = [call("sign", w) for w in weighted]
     vote = _sum(weighted) if elect == "sum" else _sum(signs)

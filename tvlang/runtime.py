@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TextIO
 
@@ -30,6 +30,7 @@ import torch
 
 from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
 from tvlang.backends.program import ProgramState
+from tvlang.backends.reductions import KthLargest
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.endpoints import Sink, Source
 from tvlang.io.safetensors import DTYPES
@@ -215,6 +216,7 @@ def execute(
     """
     check_nonfinite_mode(nonfinite)
     report = NonFiniteReport(plan)
+    model_values: dict[int, float] = {}
     items = _work(plan)
     lock = threading.Lock()
     failed = threading.Event()
@@ -234,9 +236,23 @@ def execute(
             task, start, stop = item
             try:
                 if start == WHOLE_TASK:
-                    _run_task(plan, task, sources, sinks, scratch, nonfinite, report, progress, failed)
+                    _run_task(
+                        plan, task, sources, sinks, scratch, nonfinite, report, progress, failed, model_values
+                    )
                 else:
-                    _run_chunk(plan, task, start, stop, sources, sinks, scratch, nonfinite, report)
+                    _run_chunk(
+                        plan,
+                        task,
+                        start,
+                        stop,
+                        sources,
+                        sinks,
+                        scratch,
+                        nonfinite,
+                        report,
+                        None,
+                        model_values,
+                    )
             except BaseException:
                 failed.set()
                 raise
@@ -246,6 +262,7 @@ def execute(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        model_values.update(_model_reductions(plan, sources, progress))
         if plan.threads <= 1:
             worker()
         else:
@@ -277,13 +294,16 @@ def _run_chunk(
     nonfinite: str,
     report: NonFiniteReport,
     state: ProgramState | None = None,
+    model_values: Mapping[int, float] | None = None,
 ) -> None:
     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
     n = stop - start
     counted: set[int] = set()  # inputs already counted in this chunk (several outputs read them)
     program_outputs: list[torch.Tensor] = []
     if task.program is not None:
-        state = state or ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+        state = state or ProgramState(
+            task.program, task.name, task.numel, row_length(task.shape), model_values
+        )
         program_outputs = state.outputs(views, start, stop, scratch)
     for write in task.writes:
         out = scratch.get("out", DTYPES[write.dtype], n)
@@ -320,11 +340,12 @@ def _run_task(
     report: NonFiniteReport,
     progress: Progress | None,
     failed: threading.Event,
+    model_values: Mapping[int, float],
 ) -> None:
     """Every pass of a task with reductions: the reduction passes feed the program's accumulators
     chunk by chunk, then the last pass writes the outputs."""
     assert task.program is not None
-    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), model_values)
     read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
     for q in range(1, task.passes + 1):
@@ -338,12 +359,41 @@ def _run_task(
                     sources[i].release(task.name, start, stop)
                 moved = read_bytes
             else:
-                _run_chunk(plan, task, start, stop, sources, sinks, scratch, nonfinite, report, state)
+                _run_chunk(
+                    plan, task, start, stop, sources, sinks, scratch, nonfinite, report, state, model_values
+                )
                 moved = read_bytes + write_bytes
             if progress is not None:
                 progress.advance((stop - start) * moved)
         if q < task.passes:
             state.end_pass(q)
+
+
+def _model_reductions(plan: Plan, sources: Sequence[Source], progress: Progress | None) -> dict[int, float]:
+    """Model-wide k-th largest values, before any tensor is written: an exact float64 radix selection
+    whose every round is one pass over every chunk of every tensor that uses it."""
+    values: dict[int, float] = {}
+    scratch = Scratch()
+    for red in plan.model_reductions:
+        select = KthLargest(red.k, red.numel, torch.float64)
+        for round_ in range(select.rounds):
+            for task_index, operand in red.users:
+                task = plan.tasks[task_index]
+                assert task.program is not None
+                state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+                nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
+                for _, start, stop in _chunks(plan, task):
+                    views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
+                    select.add(
+                        state.value(operand, views, start, stop, scratch).to(torch.float64), start, round_
+                    )
+                    for i in task.reads:
+                        sources[i].release(task.name, start, stop)
+                    if progress is not None:
+                        progress.advance((stop - start) * nbytes)
+            select.end_round()
+        values[red.key] = select.result()
+    return values
 
 
 def _program_nonfinite_error(plan: Plan, task: TensorTask, write: TensorWrite, count: int) -> TvError:

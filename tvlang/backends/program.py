@@ -112,10 +112,18 @@ def row_rank(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
 class ProgramState:
     """One tensor's run of a program: its per-tensor scalars and reduction accumulators."""
 
-    def __init__(self, program: TensorProgram, tensor: str, numel: int, row: int = 1) -> None:
+    def __init__(
+        self,
+        program: TensorProgram,
+        tensor: str,
+        numel: int,
+        row: int = 1,
+        model_values: Mapping[int, float] | None = None,
+    ) -> None:
         self.program = program
         self.tensor = tensor
         self.numel = numel
+        self.model_values = model_values or {}  # model-wide scalars, computed before the per-tensor work
         self.row = row  # elements per row, for row-wise operations (chunks then hold whole rows)
         self.acc_dtype = ACC_DTYPES[program.acc]
         self.scalars: dict[int, float] = {}
@@ -129,6 +137,9 @@ class ProgramState:
                 continue
             if ins.op == "reduce":
                 self.scalars[i] = self.reducers.pop(i).result()
+            elif ins.op == "global":
+                if ins.attr in self.model_values:  # (absent while the model-wide pass itself runs)
+                    self.scalars[i] = self.model_values[ins.attr]
             else:
                 self.scalars[i] = self._scalar(ins)
         for i, ins in enumerate(self.program.instrs):  # reductions starting in the next pass
@@ -177,6 +188,12 @@ class ProgramState:
                 red.add(operand.to(torch.float64).square(), start)
             else:
                 red.add(operand, start)
+
+    def value(
+        self, i: int, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
+    ) -> Any:
+        """Instruction ``i`` on one chunk (for the model-wide passes)."""
+        return self._eval(i, views, start, stop, scratch, {})
 
     def end_pass(self, q: int) -> None:
         for i, _ in self.program.reductions_in(q):

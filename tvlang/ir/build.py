@@ -68,6 +68,11 @@ def reduce(name: str, *args: Node | float) -> Node:
     return Node(Op.REDUCE, tuple(lift(a) for a in args), name, SCALAR)
 
 
+def model_kth(x: Node, density: Node | float) -> Node:
+    """The k-th largest element of ``x`` over the whole model, k = floor(density · total elements)."""
+    return Node(Op.GLOBAL, (x, lift(density)), "kth", SCALAR)
+
+
 def numel(x: Node) -> Node:
     return Node(Op.NUMEL, (x,), None, SCALAR)
 

@@ -34,16 +34,13 @@ class Op(enum.Enum):
     POW = "pow"  # scalars only
     WSUM = "wsum"  # arg: weights (floats), one per arg: the linearised form
     CALL = "call"  # arg: element-wise function name (tvlang.ops.ELEMENTWISE); scalars broadcast
-    REDUCE = "reduce"  # arg: reduction name (see REDUCTIONS); a per-tensor scalar from a pass over the data
+    REDUCE = "reduce"  # arg: sum, sumsq, dot, count or kth: a per-tensor scalar from passes over the data
     NUMEL = "numel"  # the element count of the operand tensor: a per-tensor scalar known from headers
-    RAND = (
-        "rand"  # arg: (seed, stream): uniform [0, 1) per element, keyed by (seed, stream, tensor name, index)
-    )
-
-
-# Reductions and the number of passes over the data each needs (the k-th
-# largest is an exact radix selection: one histogram pass per 16 bits).
-REDUCTIONS = {"sum": 1, "sumsq": 1, "dot": 1, "count": 1, "kth": 2}
+    # arg: (seed, stream): uniform [0, 1) per element, keyed by (seed, stream, tensor name, index)
+    RAND = "rand"
+    # arg "kth", args (x, density): a model-wide scalar, the k-th largest x over every float tensor
+    # that uses it, k = floor(density · their total element count)
+    GLOBAL = "global"
 
 
 @dataclass(frozen=True)

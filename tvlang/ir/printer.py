@@ -46,6 +46,8 @@ def _format_rhs(node: Node, names: dict[int, str]) -> str:
         return "wsum " + " ".join(terms)
     if node.op in (Op.CALL, Op.REDUCE):
         return f"{node.arg}({', '.join(args)})"
+    if node.op is Op.GLOBAL:
+        return f"model_{node.arg}({', '.join(args)})"
     if node.op is Op.RAND:
         seed, stream = node.arg
         return f"rand(like={args[0]}, seed={seed}, stream={stream!r})"

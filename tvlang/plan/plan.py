@@ -142,6 +142,19 @@ class PlannedOutput:
 
 
 @dataclass(frozen=True)
+class ModelReduction:
+    """A model-wide k-th largest value (TIES with ``scope="model"``): exact radix selection in float64
+    over every chunk of every tensor that uses it, 4 passes over those tensors before the per-tensor work."""
+
+    key: int
+    users: tuple[tuple[int, int], ...]  # (task index, instruction of its operand)
+    k: int
+    numel: int
+
+    ROUNDS = 4
+
+
+@dataclass(frozen=True)
 class Plan:
     inputs: tuple[PlannedInput, ...]
     outputs: tuple[PlannedOutput, ...]
@@ -149,10 +162,16 @@ class Plan:
     chunk: int  # elements per chunk
     threads: int
     memory: int  # the budget, bytes
+    model_reductions: tuple[ModelReduction, ...] = ()
 
     @property
     def bytes_read(self) -> int:
-        return sum(self.inputs[i].tensors[t.name].nbytes for t in self.tasks for i in t.reads)
+        """Bytes read from the inputs, every pass (model-wide ones included) counted."""
+        per_task = [sum(self.inputs[i].tensors[t.name].nbytes for i in t.reads) for t in self.tasks]
+        model_wide = sum(
+            per_task[i] * ModelReduction.ROUNDS for r in self.model_reductions for i, _ in r.users
+        )
+        return sum(b * t.passes for b, t in zip(per_task, self.tasks, strict=True)) + model_wide
 
     @property
     def bytes_written(self) -> int:
@@ -190,6 +209,11 @@ class Plan:
         for text, kid in kernels.items():
             lines.append(f"  {kid}  ({counts[kid]} tensor{'s' if counts[kid] != 1 else ''})")
             lines.extend(f"      {line}" for line in text)
+        for r in self.model_reductions:
+            lines.append(
+                f"model-wide: model_kth#{r.key}: the {r.k:,}-th largest of {r.numel:,} elements in {len(r.users)} "
+                f"tensors, {ModelReduction.ROUNDS} passes over them before the per-tensor work"
+            )
         lines.append("tensors:")
         shown = self.tasks if per_tensor is None else self.tasks[:per_tensor]
         for t in shown:
@@ -250,6 +274,7 @@ __all__: Sequence[str] = [
     "ITEMSIZE",
     "Copy",
     "Kernel",
+    "ModelReduction",
     "Plan",
     "PlannedInput",
     "PlannedOutput",

@@ -7,16 +7,17 @@ positioned error that names the tensor and both inputs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from tvlang.errors import TvInputError, TvParamError
-from tvlang.ir.node import Graph, InputRef, Node, Op
+from tvlang.errors import TvInputError, TvParamError, TvPlanError
+from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value
 from tvlang.plan.plan import (
     FLOATS,
     WIDE,
     Copy,
     Kernel,
+    ModelReduction,
     Plan,
     PlannedInput,
     PlannedOutput,
@@ -124,6 +125,8 @@ def build_plan(
         outputs.append(PlannedOutput(name, kind, template, tuple(order), expr))
 
     slots = {ref.key: i for i, ref in enumerate(refs)}
+    global_nodes = [n for n in graph.nodes() if n.op is Op.GLOBAL]
+    global_index = {id(n): i for i, n in enumerate(global_nodes)}
     programs: dict[tuple[tuple[int, ...], str], TensorProgram] = {}
     planned_tasks = []
     for (tname, shape), (reads, writes, roots) in tasks.items():
@@ -134,7 +137,7 @@ def build_plan(
             acc = "F64" if wide else "F32"
             key = (tuple(id(r) for r in roots), acc)
             if key not in programs:
-                programs[key] = compile_program(roots, slots, acc)
+                programs[key] = compile_program(roots, slots, acc, global_index)
             program = programs[key]
         planned_tasks.append(TensorTask(tname, shape, tuple(sorted(reads)), tuple(writes), program))
     plan = Plan(tuple(inputs), tuple(outputs), tuple(planned_tasks), chunk or MAX_CHUNK, threads, memory)
@@ -144,7 +147,30 @@ def build_plan(
         chunk = max(MIN_CHUNK, min(MAX_CHUNK, fit // MIN_CHUNK * MIN_CHUNK))
     # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits then never depend on chunking).
     final = tuple(_aligned(t, chunk) for t in planned_tasks)
-    return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory)
+    globals_ = tuple(_model_reduction(i, n, final) for i, n in enumerate(global_nodes))
+    return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory, globals_)
+
+
+def _model_reduction(key: int, node: Node, tasks: Sequence[TensorTask]) -> ModelReduction:
+    """A model-wide k-th largest: which tensors feed it and k, from the headers."""
+    users = []
+    for i, t in enumerate(tasks):
+        if t.program is None:
+            continue
+        for ins in t.program.instrs:
+            if ins.op == "global" and ins.attr == key:
+                if t.program.instrs[ins.args[0]].need:
+                    raise TvPlanError(
+                        "a model-wide threshold cannot depend on per-tensor statistics",
+                        help="compute it from the task vectors themselves (e.g. abs(d))",
+                        code="E601",
+                    )
+                users.append((i, ins.args[0]))
+    density = scalar_value(node.args[1])
+    if density is None:
+        raise TvPlanError("a model-wide density must be a number known before any data is read", code="E601")
+    total = sum(tasks[i].numel for i, _ in users)
+    return ModelReduction(key, tuple(users), math.floor(density * total), total)
 
 
 def _aligned(task: TensorTask, chunk: int) -> TensorTask:

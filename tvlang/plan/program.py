@@ -96,14 +96,19 @@ class TensorProgram:
             return f"rand(seed={ins.attr[0]})"
         if ins.op == "numel":
             return f"numel({args[0]})"
+        if ins.op == "global":
+            return f"model_kth#{ins.attr}"
         if ins.op == "neg":
             return f"-{args[0]}"
         sym = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}[ins.op]
         return f"({args[0]} {sym} {args[1]})"
 
 
-def compile_program(roots: Sequence[Node], slots: Mapping[str, int], acc: str) -> TensorProgram:
-    """Instructions for ``roots`` (optimised IR), inputs mapped to the task's input indices."""
+def compile_program(
+    roots: Sequence[Node], slots: Mapping[str, int], acc: str, globals_: Mapping[int, int] | None = None
+) -> TensorProgram:
+    """Instructions for ``roots`` (optimised IR), inputs mapped to the task's input indices;
+    ``globals_`` maps model-wide reduction nodes (by id) to their index in the plan."""
     index: dict[int, int] = {}
     instrs: list[Instr] = []
     radix_rounds = (64 if acc == "F64" else 32) // RADIX_BITS
@@ -118,6 +123,9 @@ def compile_program(roots: Sequence[Node], slots: Mapping[str, int], acc: str) -
         elif node.op is Op.REDUCE:
             rounds = radix_rounds if node.arg == "kth" else 1
             need += rounds
+        elif node.op is Op.GLOBAL:
+            attr = (globals_ or {})[id(node)]  # known before the per-tensor work starts
+            need = 0
         instrs.append(Instr(op, args, attr, node.kind.tensor, need, rounds))
         index[id(node)] = len(instrs) - 1
     return TensorProgram(tuple(instrs), tuple(index[id(r)] for r in roots), acc)
