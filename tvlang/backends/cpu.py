@@ -62,9 +62,12 @@ def run_kernel(
     acc = scratch.get("acc", ACC_DTYPES[kernel.acc], out.numel())
     acc.zero_()
     for weight, slot in kernel.terms:
-        # Mixed-dtype add_ upcasts the input element by element inside the loop
-        # (exact), so no converted copy of the input chunk is made.
-        acc.add_(views[slot], alpha=weight)
+        x = views[slot]
+        if x.dtype != acc.dtype:
+            # Widen (exactly) into a reused buffer: a mixed-dtype add_ would allocate a
+            # converted copy of the chunk on every call (measured: +60–110 MiB peak RSS).
+            x = scratch.get("widened", acc.dtype, acc.numel()).copy_(x)
+        acc.add_(x, alpha=weight)
     out.copy_(acc)  # the one rounding
 
 
