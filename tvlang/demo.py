@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 from tvlang.api import Options, compile_file
-from tvlang.numerics import ulp_error
+from tvlang.numerics import ulp, ulp_error
 from tvlang.synth import llama_shapes, make_family
 
 PROGRAM = """\
@@ -58,22 +58,27 @@ def _demo(directory: str, quiet: bool) -> int:
     say("$ tvlang run sentiment.tv -o merged")
     program.run(out, options=options)
 
-    worst, exact_share = _verify(paths, out)
+    worst, exact_share, beyond = _verify(paths, out)
     say(
         "",
         f"output: {out}  ({', '.join(sorted(os.listdir(out)))})",
         f"checked against a float64 reference: worst error {worst:.3f} ulp, "
         f"{exact_share:.4%} of values correctly rounded",
     )
-    if worst >= 1.0:
-        print("demo FAILED: an output value is more than one rounding from the exact result", file=sys.stderr)
+    if beyond:
+        print(
+            f"demo FAILED: {beyond} output value(s) further from the exact result than one rounding plus "
+            "float32 rounding of the operands",
+            file=sys.stderr,
+        )
         return 1
     say("demo ok")
     return 0
 
 
-def _verify(paths: dict[str, str], out: str) -> tuple[float, float]:
-    """The naive computation: whole state dicts in float64."""
+def _verify(paths: dict[str, str], out: str) -> tuple[float, float, int]:
+    """The naive computation, whole state dicts in float64: the worst error in ulps, the share
+    correctly rounded, and how many values miss the accuracy bound."""
     from tvlang.io.checkpoint import Checkpoint
 
     def load(path: str) -> dict[str, torch.Tensor]:
@@ -83,13 +88,18 @@ def _verify(paths: dict[str, str], out: str) -> tuple[float, float]:
 
     s = {name: load(p) for name, p in paths.items()}
     merged = load(out)
-    worst, exact, total = 0.0, 0, 0
+    weights = {"base": 1.6, "amazon_sent": 0.4, "amazon_lm": -0.4, "yelp_lm": 0.4, "toxic": -1.0}
+    worst, exact, total, beyond = 0.0, 0, 0, 0
     for name, result in merged.items():
         b = s["base"][name].double()
         tau = {k: s[k][name].double() - b for k in NAMES[1:]}
         ref = b + 0.4 * (tau["amazon_sent"] - tau["amazon_lm"] + tau["yelp_lm"]) - tau["toxic"]
         err = ulp_error(result, ref)
+        # One rounding, plus float32 rounding of the operands where the result cancels out of them.
+        magnitude = sum(abs(w) * s[k][name].double().abs() for k, w in weights.items())
+        allowed = 1.0 + 2.0**-24 * magnitude / ulp(ref, result.dtype)
+        beyond += int((err > allowed).sum())
         worst = max(worst, err.max().item())
         exact += int((err <= 0.5).sum())
         total += err.numel()
-    return worst, exact / total
+    return worst, exact / total, beyond
