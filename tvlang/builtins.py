@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tvlang import methods
 from tvlang.check import KindError
-from tvlang.ir.build import call, div, mul, numel, rand, reduce, sub
+from tvlang.ir.build import call, context, div, mul, numel, rand, reduce, sub
 from tvlang.ir.node import DELTA, MODEL, InputRef, Kind, Node, Op, scalar_value
 from tvlang.ops import ELEMENTWISE
 from tvlang.source import Span
@@ -43,7 +43,7 @@ class Builtin:
     summary: str
     lower: Callable[[Lowering, dict[str, Any], dict[str, Span], Span], Node]
     paper: str = ""
-    group: str = "function"  # "input", "element-wise", "reduction", "method"
+    group: str = "function"  # "input", "element-wise", "reduction", "context", "method"
 
 
 Lower = Callable[["Lowering", dict[str, Any], dict[str, Span], Span], Node]
@@ -245,6 +245,35 @@ BUILTINS: dict[str, Builtin] = {
             "the same bits for any chunking, thread count or device",
             lambda ctx, a, s, sp: rand(a["like"], a["seed"], _streams(ctx, s, "like")[0]),
             group="element-wise",
+        ),
+        Builtin(
+            "matches",
+            (_p("pattern", "string"),),
+            "1 for tensors whose name matches the glob (or `re:` regular expression), else 0",
+            lambda ctx, a, s, sp: context("matches", a["pattern"]),
+            group="context",
+        ),
+        Builtin(
+            "layer",
+            (),
+            "the tensor's layer index (from `layers.N.`, `h.N.`, `blocks.N.` …), -1 outside the layers",
+            lambda ctx, a, s, sp: context("layer"),
+            group="context",
+        ),
+        Builtin(
+            "num_layers",
+            (),
+            "the number of layers of the output's template checkpoint",
+            lambda ctx, a, s, sp: context("num_layers"),
+            group="context",
+        ),
+        Builtin(
+            "gradient",
+            (_p("values", "numbers"),),
+            "mergekit's gradient: the list interpolated along the layers (embeddings take the first "
+            "value, the final norm and head the last)",
+            lambda ctx, a, s, sp: context("gradient", tuple(_const(v, "gradient") for v in a["values"])),
+            group="context",
         ),
         Builtin(
             "magnitude_prune",

@@ -73,6 +73,11 @@ def model_kth(x: Node, density: Node | float) -> Node:
     return Node(Op.GLOBAL, (x, lift(density)), "kth", SCALAR)
 
 
+def context(*what: object) -> Node:
+    """A per-tensor number known from the tensor's name (see tvlang.context)."""
+    return Node(Op.CTX, (), tuple(what), SCALAR)
+
+
 def numel(x: Node) -> Node:
     return Node(Op.NUMEL, (x,), None, SCALAR)
 

@@ -41,6 +41,9 @@ class Op(enum.Enum):
     # arg "kth", args (x, density): a model-wide scalar, the k-th largest x over every float tensor
     # that uses it, k = floor(density · their total element count)
     GLOBAL = "global"
+    # arg: ("layer",) | ("num_layers",) | ("matches", pattern) | ("gradient", values): a per-tensor
+    # number known from the tensor's name (tvlang.context), resolved when planning
+    CTX = "ctx"
 
 
 @dataclass(frozen=True)

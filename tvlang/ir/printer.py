@@ -46,6 +46,9 @@ def _format_rhs(node: Node, names: dict[int, str]) -> str:
         return "wsum " + " ".join(terms)
     if node.op in (Op.CALL, Op.REDUCE):
         return f"{node.arg}({', '.join(args)})"
+    if node.op is Op.CTX:
+        what, *rest = node.arg
+        return f"{what}({', '.join(repr(r) for r in rest)})"
     if node.op is Op.GLOBAL:
         return f"model_{node.arg}({', '.join(args)})"
     if node.op is Op.RAND:

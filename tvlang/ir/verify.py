@@ -56,8 +56,8 @@ def _check(node: Node) -> str | None:
     elif op is Op.POW:
         if kind.tensor or any(a.kind.tensor for a in args):
             return "pow of a tensor"
-    elif op in (Op.CALL, Op.REDUCE, Op.NUMEL, Op.RAND, Op.GLOBAL):
-        if op in (Op.REDUCE, Op.NUMEL, Op.GLOBAL) and kind.tensor:
+    elif op in (Op.CALL, Op.REDUCE, Op.NUMEL, Op.RAND, Op.GLOBAL, Op.CTX):
+        if op in (Op.REDUCE, Op.NUMEL, Op.GLOBAL, Op.CTX) and kind.tensor:
             return f"{op.value} must give a scalar"
         return None
     elif op is Op.WSUM:

@@ -10,8 +10,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
+from tvlang.context import TensorContext, count_layers
 from tvlang.errors import TvInputError, TvParamError, TvPlanError
-from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value
+from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
+from tvlang.passes.specialize import has_context, specialize
 from tvlang.plan.plan import (
     FLOATS,
     WIDE,
@@ -100,12 +102,15 @@ def build_plan(
         used = _inputs_of(node, index)
         template = used[0]
         _check_compatible(inputs, used)
-        terms = _terms(node, index)
+        per_tensor = has_context(node)  # weights that depend on the tensor's name or layer
+        num_layers = count_layers(inputs[template].tensors)
         order = []
         for tname, meta in inputs[template].tensors.items():
             metas = [inputs[i].tensors[tname] for i in used]
             task_reads, writes, roots = tasks.setdefault((tname, meta.shape), ([], [], []))
             if meta.dtype in FLOATS:
+                tensor_node = specialize(node, TensorContext(tname, num_layers)) if per_tensor else node
+                terms = _terms(tensor_node, index)
                 odt = out_dtype or meta.dtype
                 wide = any(m.dtype in WIDE for m in metas) or odt in WIDE
                 kernel: Kernel
@@ -113,8 +118,8 @@ def build_plan(
                     kernel = WeightedSum(tuple(terms), "F64" if wide else "F32")
                 else:
                     kernel = ProgramOutput(len(roots))
-                    roots.append(node)
-                reads = used
+                    roots.append(tensor_node)
+                reads = _inputs_of(tensor_node, index) if per_tensor else used
             else:
                 odt, kernel, reads = meta.dtype, Copy(template), [template]
             order.append((tname, odt, meta.shape))
@@ -125,7 +130,8 @@ def build_plan(
         outputs.append(PlannedOutput(name, kind, template, tuple(order), expr))
 
     slots = {ref.key: i for i, ref in enumerate(refs)}
-    global_nodes = [n for n in graph.nodes() if n.op is Op.GLOBAL]
+    all_roots = [r for _, _, roots in tasks.values() for r in roots]
+    global_nodes = [n for n in toposort(all_roots) if n.op is Op.GLOBAL]
     global_index = {id(n): i for i, n in enumerate(global_nodes)}
     programs: dict[tuple[tuple[int, ...], str], TensorProgram] = {}
     planned_tasks = []
