@@ -29,7 +29,7 @@ from tvlang.io.endpoints import (
     memory_metas,
 )
 from tvlang.ir import Graph, InputRef, format_graph
-from tvlang.lower import Bound, Lowered, lower
+from tvlang.lower import Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
 from tvlang.runtime import Progress, check_nonfinite_mode, execute
@@ -117,7 +117,7 @@ class Program:
 
     def lower(
         self,
-        params: Mapping[str, float] | None = None,
+        params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         options: Options | None = None,
     ) -> Lowered:
@@ -127,7 +127,7 @@ class Program:
 
     def graph(
         self,
-        params: Mapping[str, float] | None = None,
+        params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         *,
         optimized: bool = True,
@@ -137,7 +137,7 @@ class Program:
 
     def plan(
         self,
-        params: Mapping[str, float] | None = None,
+        params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         options: Options | None = None,
     ) -> Plan:
@@ -148,7 +148,7 @@ class Program:
 
     def explain(
         self,
-        params: Mapping[str, float] | None = None,
+        params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         options: Options | None = None,
         *,
@@ -176,7 +176,7 @@ class Program:
     def run(
         self,
         out: OutSpec = None,
-        params: Mapping[str, float] | None = None,
+        params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         options: Options | None = None,
     ) -> Any:
@@ -195,10 +195,7 @@ class Program:
         plan, opened = _plan(graph, options)
         dests = _destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, dests)
-        metadata = {
-            "tvlang.version": __version__,
-            "tvlang.params": json.dumps(lowered.params, sort_keys=True),
-        }
+        metadata = {"tvlang.version": __version__}
         if self.syntax.source.name != "<expr>":
             metadata["tvlang.program"] = self.source
         sources: list[Source] = []
@@ -209,8 +206,14 @@ class Program:
                 sources.append(
                     CheckpointSource(handle) if isinstance(handle, Checkpoint) else MemorySource(handle)
                 )
-            for output, dest in zip(plan.outputs, dests, strict=True):
-                meta = {**metadata, "tvlang.expression": output.expression, "tvlang.output": output.name}
+            for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
+                params_used = lowered.output_params[i]
+                meta = {
+                    **metadata,
+                    "tvlang.expression": output.expression,
+                    "tvlang.output": output.name,
+                    "tvlang.params": json.dumps(params_used, sort_keys=True),
+                }
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
@@ -368,7 +371,7 @@ def evaluate(
     bindings: Mapping[str, Any] | None = None,
     *,
     out: OutSpec = None,
-    params: Mapping[str, float] | None = None,
+    params: Mapping[str, ParamValue] | None = None,
     **options: Any,
 ) -> Any:
     """Compile and run ``source`` once.  ``bindings`` maps names to paths, state dicts,

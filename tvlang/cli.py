@@ -42,15 +42,25 @@ def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _params(args: argparse.Namespace) -> dict[str, float]:
-    params = {}
+def _params(args: argparse.Namespace) -> dict[str, float | list[float]]:
+    """``--set lam=0.4``; a sweep: ``--set lam=0.2,0.4,0.6`` or ``--set lam=0:1:0.25`` (stop included)."""
+    params: dict[str, float | list[float]] = {}
     for name, value in _pairs(args.set, "--set"):
         try:
-            params[name] = float(value)
+            if ":" in value:
+                start, stop, step = (float(v) for v in value.split(":"))
+                if step <= 0 or stop < start:
+                    raise ValueError
+                count = int((stop - start) / step + 1e-9) + 1
+                params[name] = [round(start + i * step, 12) for i in range(count)]
+            elif "," in value:
+                params[name] = [float(v) for v in value.split(",")]
+            else:
+                params[name] = float(value)
         except ValueError:
             src = Source(f"{name}={value}", "--set")
             raise TvParamError(
-                f"`{value}` is not a number",
+                f"`{value}` is not a number, a list `a,b,c` or a range `start:stop:step`",
                 Span(src, len(name) + 1, len(src.text)),
                 label=f"the value of `{name}`",
                 code="E402",

@@ -7,6 +7,7 @@ without reading a checkpoint header is raised here, positioned at the source.
 from __future__ import annotations
 
 import difflib
+import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ class Bound:
 @dataclass(frozen=True)
 class Lowered:
     graph: Graph
-    params: dict[str, float]  # every parameter's value as used
+    params: dict[str, float]  # every parameter's value as used (the first combination of a sweep)
     output_spans: dict[str, Span]
+    output_params: tuple[dict[str, float], ...] = ()  # per output, for sweeps
 
 
 class Lowering:
@@ -419,24 +421,108 @@ def _binding_help(name: str) -> str:
     return f'bind it in the program (`{name} = load("path")`) or from the caller (`--bind {name}=PATH`)'
 
 
+ParamValue = float | Sequence[float]
+
+
 def lower(
     program: ast.Program,
     *,
-    params: Mapping[str, float] | None = None,
+    params: Mapping[str, ParamValue] | None = None,
     bindings: Mapping[str, Bound] | None = None,
     roots: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Lowered:
-    """Lower a parsed program to an IR graph with the given parameter values and bindings."""
+    """Lower a parsed program to an IR graph with the given parameter values and bindings.
+
+    A parameter given a list of values (``param lam = [0.2, 0.4]``, ``--set lam=0:1:0.1``) is a
+    sweep: every output that depends on it is produced once per value, all in one graph, so
+    one pass over the inputs writes them all.  Each is named ``NAME[lam=0.2]``.
+    """
     try:
-        return _lower(program, params=params, bindings=bindings, roots=roots)
+        sweeps = _sweeps(program, params or {})
+        if not sweeps:
+            return _lower(program, params=params, bindings=bindings, roots=roots)
+        return _lower_sweep(program, dict(params or {}), sweeps, bindings, roots)
     except RecursionError:
         raise too_deep(program.source) from None
+
+
+def _sweeps(program: ast.Program, params: Mapping[str, ParamValue]) -> dict[str, tuple[float, ...]]:
+    """The swept parameters and their values, in declaration order."""
+    sweeps: dict[str, tuple[float, ...]] = {}
+    for stmt in program.statements:
+        if not isinstance(stmt, ast.Param):
+            continue
+        given = params.get(stmt.target.id)
+        if given is not None and not isinstance(given, (int, float)):
+            values = tuple(float(v) for v in given)
+        elif given is None and isinstance(stmt.default, ast.List):
+            values = tuple(_constant(program, item) for item in stmt.default.items)
+        else:
+            continue
+        if not values:
+            span = stmt.default.span if given is None else None
+            raise TvParamError(f"parameter `{stmt.target.id}` sweeps over no values", span, code="E402")
+        sweeps[stmt.target.id] = values
+    return sweeps
+
+
+def _constant(program: ast.Program, e: ast.Expr) -> float:
+    value = scalar_value(Lowering(program, None).expr(e))
+    if value is None:
+        raise TvTypeError("a swept parameter's values must be numbers", e.span, code="E202")
+    return value
+
+
+def _lower_sweep(
+    program: ast.Program,
+    params: dict[str, ParamValue],
+    sweeps: dict[str, tuple[float, ...]],
+    bindings: Mapping[str, Bound] | None,
+    roots: Sequence[str | os.PathLike[str]] | None,
+) -> Lowered:
+    combos = [dict(zip(sweeps, values, strict=True)) for values in itertools.product(*sweeps.values())]
+    if len(combos) > MAX_OUTPUTS:
+        raise TvParamError(
+            f"the sweep has {len(combos)} combinations; the limit is {MAX_OUTPUTS}", code="E402"
+        )
+    runs = [_lower(program, params={**params, **combo}, bindings=bindings, roots=roots) for combo in combos]
+    outputs: list[tuple[str, Node]] = []
+    expressions: list[str] = []
+    output_params: list[dict[str, float]] = []
+    spans: dict[str, Span] = {}
+    first = runs[0]
+    for j, (name, _) in enumerate(first.graph.outputs):
+        seen: dict[int, str] = {}
+        # the swept parameters this output depends on: changing one alone changes its graph
+        # (on a full grid that also catches every joint dependence, so labels never collide)
+        deps = [p for p in sweeps if _varies(runs, combos, j, p)]
+        for run, combo in zip(runs, combos, strict=True):
+            node = run.graph.outputs[j][1]
+            if id(node) in seen:
+                continue
+            label = name + ("[" + ",".join(f"{p}={combo[p]:g}" for p in deps) + "]" if deps else "")
+            seen[id(node)] = label
+            outputs.append((label, node))
+            expressions.append(run.graph.expressions[j])
+            output_params.append(run.params)
+            spans[label] = first.output_spans[name]
+    graph = Graph(tuple(outputs), tuple(expressions))
+    return Lowered(graph, first.params, spans, tuple(output_params))
+
+
+def _varies(runs: Sequence[Lowered], combos: Sequence[dict[str, float]], j: int, p: str) -> bool:
+    """Whether output ``j`` changes when only parameter ``p`` changes."""
+    by_rest: dict[tuple[tuple[str, float], ...], set[int]] = {}
+    for run, combo in zip(runs, combos, strict=True):
+        rest = tuple(sorted((k, v) for k, v in combo.items() if k != p))
+        by_rest.setdefault(rest, set()).add(id(run.graph.outputs[j][1]))
+    return any(len(ids) > 1 for ids in by_rest.values())
 
 
 def _lower(
     program: ast.Program,
     *,
-    params: Mapping[str, float] | None,
+    params: Mapping[str, ParamValue] | None,
     bindings: Mapping[str, Bound] | None,
     roots: Sequence[str | os.PathLike[str]] | None,
 ) -> Lowered:
@@ -465,7 +551,7 @@ def _lower(
     for stmt in statements:
         if isinstance(stmt, ast.Param):
             if stmt.target.id in overrides:
-                value = float(overrides.pop(stmt.target.id))
+                value = float(overrides.pop(stmt.target.id))  # type: ignore[arg-type]
             else:
                 default = ctx.expr(stmt.default)
                 v = scalar_value(default)
@@ -521,7 +607,9 @@ def _lower(
             help="add an output line: `output merged = ...`",
             code="E209",
         )
-    return Lowered(Graph(tuple(outputs), tuple(expressions)), declared, output_spans)
+    return Lowered(
+        Graph(tuple(outputs), tuple(expressions)), declared, output_spans, tuple(declared for _ in outputs)
+    )
 
 
 def _bind_external(ctx: Lowering, bindings: Mapping[str, Bound]) -> None:
