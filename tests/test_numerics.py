@@ -123,3 +123,15 @@ def test_empty_and_scalar_tensors(tmp_path) -> None:
     save_file(a, path)
     out = tvlang.evaluate("0.5*a + 0.5*b", {"a": path, "b": b})
     assert out["e"].shape == (0, 4) and out["s"].item() == 3.0
+
+
+def test_fp8_inputs_compute_in_float32(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(4096, generator=g).to(torch.float8_e4m3fn)}
+    b = {"w": torch.randn(4096, generator=g).to(torch.float8_e5m2)}
+    path = str(tmp_path / "a.safetensors")
+    save_file(a, path)  # read back through the safetensors reader (F8_E4M3)
+    out = tvlang.evaluate("0.3*a + 0.7*b", {"a": path, "b": b}, dtype="bf16")
+    exact = 0.3 * a["w"].double() + 0.7 * b["w"].double()
+    assert ulp_error(out["w"], exact).max().item() <= 0.5
+    assert tvlang.evaluate("0.3*a + 0.7*b", {"a": a, "b": b})["w"].dtype == torch.float8_e4m3fn
