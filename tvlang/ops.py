@@ -8,6 +8,7 @@ operands already in the accumulation dtype or Python floats).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,19 +25,44 @@ class ElementwiseOp:
     summary: str
 
 
+_local = threading.local()
+
+
+def work_buffer(name: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+    """A per-thread buffer reused across chunks, so element-wise ops allocate no temporaries
+    on the hot path (freed temporaries fragment the heap: hundreds of MiB on large merges)."""
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get((name, dtype))
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        buffers[(name, dtype)] = buf
+    return buf[:n]
+
+
 def _t(x: Any, like: torch.Tensor) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=like.dtype)
 
 
 def _where(out: torch.Tensor, c: Any, a: Any, b: Any) -> None:
-    torch.where(_t(c, out) != 0, _t(a, out), _t(b, out), out=out)
+    if not isinstance(c, torch.Tensor):  # a per-tensor number: one branch or the other, whole
+        chosen = a if c else b
+        out.copy_(chosen) if isinstance(chosen, torch.Tensor) else out.fill_(chosen)
+        return
+    cond = torch.ne(c, 0, out=work_buffer("where", torch.bool, c.numel()).view(c.shape))
+    torch.where(cond, _t(a, out), _t(b, out), out=out)
 
 
 def _compare(fn: Callable[..., torch.Tensor]) -> Callable[..., None]:
     def run(out: torch.Tensor, a: Any, b: Any) -> None:
-        out.copy_(fn(_t(a, out), _t(b, out)))
+        if not isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):  # number on the left: flip
+            _FLIP.get(fn, fn)(b, a, out=out)
+        else:
+            fn(_t(a, out), _t(b, out), out=out)
 
     return run
+
+
+_FLIP: dict[Any, Any] = {torch.lt: torch.gt, torch.le: torch.ge, torch.gt: torch.lt, torch.ge: torch.le}
 
 
 def _sign(x: float) -> float:

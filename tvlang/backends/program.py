@@ -23,7 +23,7 @@ import torch
 
 from tvlang.backends.cpu import ACC_DTYPES, Scratch
 from tvlang.backends.reductions import BlockSum, Count, KthLargest
-from tvlang.ops import ELEMENTWISE
+from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.program import Instr, TensorProgram
 
 _FMIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # the constants of MurmurHash3's 64-bit finaliser, as int64
@@ -64,10 +64,20 @@ def random_key(seed: int, stream: str, tensor: str) -> int:
 
 def uniform(key: int, start: int, stop: int, out: torch.Tensor) -> None:
     """u[i] = top bits of fmix64(key ^ (i · golden)) for element indices i in [start, stop):
-    24 bits in float32, 53 in float64, so u < 1 exactly and every chunking gives the same bits."""
-    x = fmix64((torch.arange(start, stop, dtype=torch.int64) * _GOLDEN) ^ key)
+    24 bits in float32, 53 in float64, so u < 1 exactly and every chunking gives the same bits.
+    Computed in place in two reused int64 buffers."""
+    n = stop - start
+    x = torch.arange(start, stop, dtype=torch.int64, out=work_buffer("rng-x", torch.int64, n))
+    t = work_buffer("rng-t", torch.int64, n)
+    x.mul_(_GOLDEN).bitwise_xor_(key)
+    for multiplier in (_FMIX1, _FMIX2, None):  # fmix64, in place
+        torch.bitwise_right_shift(x, 33, out=t).bitwise_and_((1 << 31) - 1)
+        x.bitwise_xor_(t)
+        if multiplier is not None:
+            x.mul_(multiplier)
     bits = 53 if out.dtype == torch.float64 else 24
-    out.copy_(_shr(x, 64 - bits).to(torch.float64) * (2.0**-bits))
+    torch.bitwise_right_shift(x, 64 - bits, out=t).bitwise_and_((1 << bits) - 1)
+    out.copy_(t).mul_(2.0**-bits)  # exact: integers below 2^bits, then a power of two
 
 
 def _binary(op: str, a: Any, b: Any, out: torch.Tensor) -> torch.Tensor:
@@ -174,18 +184,22 @@ class ProgramState:
         self, q: int, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
     ) -> None:
         """Data pass ``q`` over one chunk: advance the reductions that run in it."""
-        memo: dict[int, Any] = {}
-        for i, round_ in self.program.reductions_in(q):
+        work = self.program.reductions_in(q)
+        targets = tuple(
+            a for i, _ in work for a in self.program.instrs[i].args[:2] if self.program.instrs[a].tensor
+        )
+        values = dict(zip(targets, self._run(targets, views, start, stop, scratch), strict=True))
+        for i, round_ in work:
             ins = self.program.instrs[i]
-            operand = self._eval(ins.args[0], views, start, stop, scratch, memo)
+            operand = values[ins.args[0]]
             red = self.reducers[i]
             if ins.attr == "kth":
                 red.add(operand, start, round_)
-            elif ins.attr == "dot":
-                other = self._eval(ins.args[1], views, start, stop, scratch, memo)
-                red.add(operand.to(torch.float64) * other.to(torch.float64), start)
-            elif ins.attr == "sumsq":
-                red.add(operand.to(torch.float64).square(), start)
+            elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
+                n = operand.numel()
+                a64 = work_buffer("red-a", torch.float64, n).copy_(operand)
+                other = operand if ins.attr == "sumsq" else values[ins.args[1]]
+                red.add(a64.mul_(work_buffer("red-b", torch.float64, n).copy_(other)), start)
             else:
                 red.add(operand, start)
 
@@ -193,7 +207,7 @@ class ProgramState:
         self, i: int, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
     ) -> Any:
         """Instruction ``i`` on one chunk (for the model-wide passes)."""
-        return self._eval(i, views, start, stop, scratch, {})
+        return self._run((i,), views, start, stop, scratch)[0]
 
     def end_pass(self, q: int) -> None:
         for i, _ in self.program.reductions_in(q):
@@ -205,31 +219,42 @@ class ProgramState:
     def outputs(
         self, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
     ) -> list[torch.Tensor]:
-        memo: dict[int, Any] = {}
-        return [self._as_chunk(self._eval(i, views, start, stop, scratch, memo), stop - start, scratch)
-                for i in self.program.outputs]  # fmt: skip
+        values = self._run(self.program.outputs, views, start, stop, scratch)
+        return [self._as_chunk(v, stop - start, scratch) for v in values]
 
     def _as_chunk(self, value: Any, n: int, scratch: Scratch) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
         return scratch.get("const", self.acc_dtype, n).fill_(value)
 
-    def _eval(
+    def _run(
         self,
-        i: int,
+        targets: tuple[int, ...],
         views: Mapping[int, torch.Tensor],
         start: int,
         stop: int,
         scratch: Scratch,
-        memo: dict[int, Any],
-    ) -> Any:
-        if i in self.scalars:
-            return self.scalars[i]
-        if i in memo:
-            return memo[i]
-        ins = self.program.instrs[i]
-        args = [self._eval(a, views, start, stop, scratch, memo) for a in ins.args]
-        out = scratch.get(("i", i), self.acc_dtype, stop - start)
+    ) -> list[Any]:
+        """Evaluate ``targets`` on one chunk, in instruction order, in reused slot buffers."""
+        values: dict[int, Any] = self.scalars
+        chunk: dict[int, torch.Tensor] = {}
+        for i, slot in self.program.schedule(targets, frozenset(self.scalars)):
+            ins = self.program.instrs[i]
+            args = [chunk[a] if a in chunk else values[a] for a in ins.args]
+            out = scratch.get(("slot", slot), self.acc_dtype, stop - start)
+            self._compute(ins, args, views, start, stop, out)
+            chunk[i] = out
+        return [chunk[t] if t in chunk else values[t] for t in targets]
+
+    def _compute(
+        self,
+        ins: Instr,
+        args: list[Any],
+        views: Mapping[int, torch.Tensor],
+        start: int,
+        stop: int,
+        out: torch.Tensor,
+    ) -> None:
         if ins.op == "input":
             out.copy_(views[ins.attr])  # exact widening
         elif ins.op == "wsum":
@@ -249,5 +274,3 @@ class ProgramState:
             uniform(random_key(ins.attr[0], ins.attr[1], self.tensor), start, stop, out)
         else:
             _binary(ins.op, args[0], args[1], out)
-        memo[i] = out
-        return out

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from tvlang.ops import work_buffer
+
 BLOCK = 4096
 DIGIT = 1 << 16
 
@@ -24,7 +26,9 @@ class BlockSum:
         self._blocks: dict[int, torch.Tensor] = {}
 
     def add(self, values: torch.Tensor, start: int) -> None:
-        v = values.to(torch.float64)
+        v = work_buffer("blocksum", torch.float64, values.numel()).copy_(
+            values
+        )  # widened once, no allocation
         n = v.numel() // BLOCK * BLOCK
         parts = [v[:n].view(-1, BLOCK).sum(dim=1)] if n else []
         if n < v.numel():
@@ -50,14 +54,23 @@ class Count:
         return float(self.total)
 
 
-def order_keys(values: torch.Tensor) -> torch.Tensor:
-    """Integer keys (int64 holding the unsigned bit pattern) that sort like the floats."""
+def order_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer keys (int64 holding the unsigned bit pattern) that sort like the floats, computed in
+    place in ``out``: negative floats get every bit flipped, the others just the sign bit."""
+    n = values.numel()
+    keys = work_buffer("keys", torch.int64, n) if out is None else out
+    flip = work_buffer("keys-flip", torch.int64, n)
+    negative = work_buffer("keys-neg", torch.bool, n)
     if values.dtype == torch.float64:
-        bits = values.view(torch.int64)
-        # negative floats: flip every bit; others: flip the sign bit
-        return torch.where(bits < 0, ~bits, bits ^ (-(1 << 63)))
-    bits = values.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return torch.where(bits >= 0x80000000, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+        keys.copy_(values.view(torch.int64))
+        torch.lt(keys, 0, out=negative)
+        sign, rest = -(1 << 63), (1 << 63) - 1
+    else:
+        keys.copy_(values.to(torch.float32).view(torch.int32)).bitwise_and_(0xFFFFFFFF)
+        torch.ge(keys, 0x80000000, out=negative)
+        sign, rest = 0x80000000, 0x7FFFFFFF
+    keys.bitwise_xor_(sign)
+    return keys.bitwise_xor_(flip.copy_(negative).mul_(rest))
 
 
 def key_to_float(key: int, dtype: torch.dtype) -> float:
@@ -86,24 +99,29 @@ class KthLargest:
         self.remaining = k_int
         self.prefix = 0  # the digits found so far
         self.round = 0
-        self.hist = torch.zeros(DIGIT, dtype=torch.int64)
+        self.hist = torch.zeros(DIGIT + 1, dtype=torch.int64)  # the last bin: not under the prefix
 
     def add(self, values: torch.Tensor, start: int, round_: int) -> None:
         if self.fixed is not None:
             return
         assert round_ == self.round, "rounds run in order"
+        n = values.numel()
         keys = order_keys(values)
         shift = self.bits - 16 * (round_ + 1)
-        if round_:
-            higher = (keys >> (shift + 16)) & ((1 << (16 * round_)) - 1)
-            keys = keys[higher == self.prefix]
-        digits = (keys >> shift) & 0xFFFF
-        self.hist += torch.bincount(digits, minlength=DIGIT)
+        digits = work_buffer("digits", torch.int64, n)
+        torch.bitwise_right_shift(keys, shift, out=digits).bitwise_and_(0xFFFF)
+        if round_:  # elements whose higher digits differ from the prefix found so far count nowhere
+            higher = torch.bitwise_right_shift(keys, shift + 16, out=keys).bitwise_and_(
+                (1 << (16 * round_)) - 1
+            )
+            other = torch.ne(higher, self.prefix, out=work_buffer("digits-other", torch.bool, n))
+            digits.masked_fill_(other, DIGIT)
+        self.hist.index_add_(0, digits, work_buffer("ones", torch.int64, n).fill_(1))
 
     def end_round(self) -> None:
         if self.fixed is not None:
             return
-        above = torch.flip(torch.cumsum(torch.flip(self.hist, [0]), 0), [0])  # count with digit >= d
+        above = torch.flip(torch.cumsum(torch.flip(self.hist[:DIGIT], [0]), 0), [0])  # count with digit >= d
         # the largest digit d whose count of elements with digit >= d reaches the remaining k
         d = int(torch.nonzero(above >= self.remaining).max())
         greater = int(above[d + 1]) if d + 1 < DIGIT else 0

@@ -181,7 +181,7 @@ class Plan:
     def peak_memory(self) -> int:
         """Estimated working memory: per worker, one chunk of every input mapped, the accumulator, the outputs."""
         return self.threads * max(
-            (min(self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0
+            (min(t.chunk or self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0
         )
 
     def explain(self, *, per_tensor: int | None = 12) -> str:
@@ -253,7 +253,7 @@ def bytes_per_element(plan: Plan, task: TensorTask) -> int:
     acc = max((8 if isinstance(w.kernel, WeightedSum) and w.kernel.acc == "F64" else 4) for w in task.writes)
     if task.program is not None:
         width = 8 if task.program.acc == "F64" else 4
-        acc = max(acc, width * (1 + sum(ins.tensor for ins in task.program.instrs)))
+        acc = max(acc, width * (1 + task.program.max_live))
     return inputs + acc + max(ITEMSIZE[w.dtype] for w in task.writes)
 
 

@@ -39,6 +39,7 @@ OpenInput = Callable[[InputRef], tuple[str, Mapping[str, TensorMeta]]]
 
 MAX_CHUNK = 1 << 20  # elements; eager chunked kernels are fastest at 256K–1M (benchmarks/RESULTS.md)
 MIN_CHUNK = 1 << 12
+PROGRAM_CHUNK = 1 << 18
 DEFAULT_MEMORY = 256 << 20
 
 DTYPE_ALIASES = {
@@ -182,6 +183,10 @@ def _model_reduction(key: int, node: Node, tasks: Sequence[TensorTask]) -> Model
 def _aligned(task: TensorTask, chunk: int) -> TensorTask:
     """Reductions sum fixed blocks and row-wise operations need whole rows: round the chunk up so
     that every chunk starts on a block (and a row) boundary."""
+    if task.program is not None:
+        # Eager element-wise programs run many ops per chunk, each with small temporaries:
+        # chunks of 256K elements keep them in cache and the allocator's footprint small.
+        chunk = min(chunk, PROGRAM_CHUNK)
     unit = 1
     if task.passes > 1:
         unit = BLOCK

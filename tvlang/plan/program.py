@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from tvlang.ir.node import Node, Op
@@ -38,6 +39,52 @@ class TensorProgram:
     instrs: tuple[Instr, ...]
     outputs: tuple[int, ...]  # the instruction computing each output
     acc: str  # "F32" or "F64"
+
+    @cached_property
+    def _schedules(self) -> dict[tuple[tuple[int, ...], frozenset[int]], tuple[tuple[int, int], ...]]:
+        return {}
+
+    def schedule(self, targets: tuple[int, ...], known: frozenset[int]) -> tuple[tuple[int, int], ...]:
+        """The chunk instructions that compute ``targets`` (given the scalars already ``known``), in
+        order, each with a buffer slot; a slot is reused once its value is dead, so a chunk needs
+        only as many buffers as values are live at once, not one per instruction."""
+        key = (targets, known)
+        cached = self._schedules.get(key)
+        if cached is not None:
+            return cached
+        needed: set[int] = set()
+        stack = list(targets)
+        while stack:
+            i = stack.pop()
+            if i in needed or i in known or not self.instrs[i].tensor:
+                continue
+            needed.add(i)
+            stack.extend(self.instrs[i].args)
+        order = sorted(needed)
+        last_use = {i: i for i in order}
+        for i in order:
+            for a in self.instrs[i].args:
+                if a in needed:
+                    last_use[a] = i
+        for t in targets:
+            last_use[t] = len(self.instrs)  # results stay live until the caller has them
+        free: list[int] = []
+        slots: dict[int, int] = {}
+        out = []
+        for i in order:
+            slots[i] = free.pop() if free else len(slots)
+            out.append((i, slots[i]))
+            for a in set(self.instrs[i].args):  # after assigning i: an output never aliases its operands
+                if a in needed and last_use[a] == i:
+                    free.append(slots[a])
+        result = tuple(out)
+        self._schedules[key] = result
+        return result
+
+    @property
+    def max_live(self) -> int:
+        """Buffers one chunk of the element-wise pass needs at once."""
+        return len({slot for _, slot in self.schedule(self.outputs, frozenset())}) or 1
 
     @property
     def row_wise(self) -> bool:
