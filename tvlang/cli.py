@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Sequence
 
 from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
+from tvlang.config import JOB_SUFFIXES
 from tvlang.errors import TvError, TvParamError
 from tvlang.lower import Bound
 from tvlang.source import Source, Span
@@ -105,9 +106,38 @@ def _program(args: argparse.Namespace) -> Program:
     return compile_file(args.file, bindings=_bindings(args))
 
 
+def _run_job(args: argparse.Namespace) -> object:
+    """``tvlang run job.yaml``: the job gives everything; flags given override its fields."""
+    from tvlang.config import load_job, run_job
+
+    job = load_job(args.file)
+    if args.output is None and job.output is None:
+        raise TvParamError(f"{args.file} has no `output:`", help="add one, or give -o PATH", code="E406")
+    flags = {"dtype": args.dtype, "threads": args.threads, "chunk": args.chunk, "nonfinite": args.nonfinite}
+    options = {k: v for k, v in flags.items() if v is not None}
+    if args.memory:
+        options["memory"] = parse_size(args.memory)
+    if args.shard_size:
+        options["shard_size"] = parse_size(args.shard_size, "--shard-size")
+    if args.force:
+        options["overwrite"] = True
+    return run_job(
+        job,
+        output=args.output,
+        params=_params(args),
+        bindings=_bindings(args),
+        progress=not args.quiet,
+        **options,
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    program = _program(args)
-    result = program.run(args.output, _params(args), options=_options(args))
+    if getattr(args, "file", None) is not None and args.file.lower().endswith(JOB_SUFFIXES):
+        result = _run_job(args)
+    else:
+        if args.output is None:
+            args.parser.error("the following arguments are required: -o/--output")
+        result = _program(args).run(args.output, _params(args), options=_options(args))
     if not args.quiet:
         written = result.values() if isinstance(result, dict) else [result]
         for path in written:
@@ -156,7 +186,9 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
     if running:
-        p.add_argument("-o", "--output", required=True, help="output .safetensors file or directory")
+        p.add_argument(
+            "-o", "--output", help="output .safetensors file or directory (a job file may give it as output:)"
+        )
         p.add_argument(
             "--force", action="store_true", help="replace an existing output once the new one is complete"
         )
@@ -164,7 +196,6 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
         p.add_argument(
             "--nonfinite",
             choices=("error", "warn", "propagate"),
-            default="error",
             help="NaN/inf in an input, or overflow to inf in the output dtype: stop without writing (error, "
             "the default), write and print a warning per tensor (warn), or write silently (propagate)",
         )
@@ -177,15 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tvlang {__import__('tvlang').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a .tv program")
-    run.add_argument("file", help="the .tv program")
+    run = sub.add_parser("run", help="run a .tv program or a job file (.yaml, .yml, .json)")
+    run.add_argument("file", help="the .tv program, or a job file whose fields the flags override")
     _common(run, running=True)
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_run, parser=run)
 
     ev = sub.add_parser("eval", help="evaluate an expression over bound checkpoints")
     ev.add_argument("expr", help='the expression, e.g. "base + 0.4*(ft - base)"')
     _common(ev, running=True)
-    ev.set_defaults(func=_cmd_run)
+    ev.set_defaults(func=_cmd_run, parser=ev)
 
     for name, helptext, func in (
         ("check", "check a program against checkpoint headers (reads no tensor data)", _cmd_check),
