@@ -65,6 +65,7 @@ MAX_JOB_CHARS = 1 << 20  # a job is a few lines; refuse anything that could not 
 FieldPath = tuple[str | int, ...]
 _Marks = dict[FieldPath, tuple[int, int, int, int]]  # key start, key end, value start, value end
 _MARK_DEPTH = 3  # bindings.NAME.FIELD is the deepest field in the schema
+_MAX_MARKS = 1 << 16  # a job is a few lines; stop recording positions (only errors use them) beyond this
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,10 @@ FIELDS = ("program", "expression", "bindings", "params", "output", "device", *_O
 
 
 def _job(f: _Fields, data: Any) -> Job:
+    if isinstance(data, Mapping) and "merge_method" in data:  # a mergekit config (docs/mergekit.md)
+        from tvlang.mergekit import mergekit_job
+
+        return mergekit_job(f, data)
     if not isinstance(data, Mapping):
         f.fail((), f"a job is a mapping of fields, not {_what(data)}", help="fields: " + ", ".join(FIELDS))
     f.keys((), data, FIELDS)
@@ -382,10 +387,12 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     source = Source(text, path)
     if len(text) > MAX_JOB_CHARS:
         raise TvParamError(f"{path} is over {MAX_JOB_CHARS} characters: not a job file", code="E406")
-    if path.lower().endswith(".json"):
-        data, marks = _read_json(source)
-    else:
-        data, marks = _read_yaml(source)
+    reader = _read_json if path.lower().endswith(".json") else _read_yaml
+    data, marks = reader(source)
+    if isinstance(data, Mapping) and "merge_method" in data:  # a mergekit config (docs/mergekit.md)
+        from tvlang.mergekit import MARK_DEPTH
+
+        data, marks = reader(source, depth=MARK_DEPTH)  # its fields nest deeper than a job's
     if data is None:
         raise TvParamError(f"{path} is empty", help="a job needs `program:` or `expression:`", code="E406")
     f = _Fields(path, os.path.dirname(os.path.abspath(path)), source, marks)
@@ -401,7 +408,7 @@ def _syntax_error(source: Source, pos: int, message: str, end: int | None = None
     return TvParamError(f"{source.name} is not valid: {message}", span, code="E406")
 
 
-def _read_yaml(source: Source) -> tuple[Any, _Marks]:
+def _read_yaml(source: Source, depth: int = _MARK_DEPTH) -> tuple[Any, _Marks]:
     try:
         import yaml
     except ImportError:
@@ -424,7 +431,7 @@ def _read_yaml(source: Source) -> tuple[Any, _Marks]:
     marks: _Marks = {}
 
     def walk(n: Any, path: FieldPath) -> None:
-        if len(path) >= _MARK_DEPTH:  # no deeper fields; aliases could make a deep walk exponential
+        if len(path) >= depth or len(marks) > _MAX_MARKS:  # aliases could make a deep walk exponential
             return
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
@@ -447,7 +454,7 @@ def _read_yaml(source: Source) -> tuple[Any, _Marks]:
     return data, marks
 
 
-def _read_json(source: Source) -> tuple[Any, _Marks]:
+def _read_json(source: Source, depth: int = _MARK_DEPTH) -> tuple[Any, _Marks]:
     text = source.text
     try:
         data = json.loads(text) if text.strip() else None
@@ -465,7 +472,7 @@ def _read_json(source: Source) -> tuple[Any, _Marks]:
 
     def value(i: int, path: FieldPath) -> int:  # the end of the value starting at i (valid JSON)
         i = skip(i)
-        if len(path) >= _MARK_DEPTH or text[i] not in "{[":
+        if len(path) >= depth or text[i] not in "{[":
             return decoder.raw_decode(text, i)[1]
         close, n = ("}" if text[i] == "{" else "]"), 0
         i = skip(i + 1)
