@@ -305,6 +305,7 @@ def _run_chunk(
             task.program, task.name, task.numel, row_length(task.shape), model_values
         )
         program_outputs = state.outputs(views, start, stop, scratch)
+    widened: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # inputs converted once per chunk
     for write in task.writes:
         out = scratch.get("out", DTYPES[write.dtype], n)
         if isinstance(write.kernel, ProgramOutput):
@@ -316,7 +317,7 @@ def _run_chunk(
                 report.add_program(task.name, write.output, bad)
             _write(sinks[write.output], task.name, start, out)
             continue
-        run_kernel(write.kernel, views, out, scratch)
+        run_kernel(write.kernel, views, out, scratch, widened)
         if nonfinite != "propagate" and not output_finite(write.kernel, out, scratch):
             assert isinstance(write.kernel, WeightedSum)
             if nonfinite == "error":

@@ -52,21 +52,32 @@ class Scratch:
 
 
 def run_kernel(
-    kernel: Kernel, views: Mapping[int, torch.Tensor], out: torch.Tensor, scratch: Scratch
+    kernel: Kernel,
+    views: Mapping[int, torch.Tensor],
+    out: torch.Tensor,
+    scratch: Scratch,
+    widened: dict[tuple[int, torch.dtype], torch.Tensor] | None = None,
 ) -> None:
-    """Compute one output chunk into ``out`` from the input chunks ``views`` (by input index)."""
+    """Compute one output chunk into ``out`` from the input chunks ``views`` (by input index).
+
+    ``widened`` caches each input chunk converted to the accumulation dtype, so that the outputs
+    of one chunk (a sweep writes many) widen every input once, not once per output."""
     if isinstance(kernel, Copy):
         out.copy_(views[kernel.source])
         return
     assert isinstance(kernel, WeightedSum)
     acc = scratch.get("acc", ACC_DTYPES[kernel.acc], out.numel())
     acc.zero_()
+    cache = {} if widened is None else widened
     for weight, slot in kernel.terms:
         x = views[slot]
         if x.dtype != acc.dtype:
             # Widen (exactly) into a reused buffer: a mixed-dtype add_ would allocate a
             # converted copy of the chunk on every call (measured: +60–110 MiB peak RSS).
-            x = scratch.get("widened", acc.dtype, acc.numel()).copy_(x)
+            key = (slot, acc.dtype)
+            if key not in cache:
+                cache[key] = scratch.get(("widened", slot), acc.dtype, acc.numel()).copy_(x)
+            x = cache[key]
         acc.add_(x, alpha=weight)
     out.copy_(acc)  # the one rounding
 
