@@ -17,6 +17,7 @@ from typing import Any
 from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec
 from tvlang.check import KindError, unary_kind
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
+from tvlang.io.hub import resolve_reference
 from tvlang.ir import build
 from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
 from tvlang.ir.printer import format_weight
@@ -73,11 +74,13 @@ class Lowering:
 
     # -- paths ---------------------------------------------------------------
     def resolve_checkpoint(self, path: str, span: Span) -> str:
-        """An absolute path for ``load()``'s argument: relative to the program's directory."""
+        """An absolute path for ``load()``'s argument: relative to the program's directory, or the cached
+        snapshot of a Hugging Face reference (``hf://org/name[@rev]``; see :mod:`tvlang.io.hub`)."""
         base = Path(self.source.base_dir) if self.source.base_dir else Path.cwd()
-        candidates = [base / path]
-        if not path.endswith(".safetensors"):
-            candidates.append(base / (path + ".safetensors"))
+        local = resolve_reference(path, base, span)  # a Hugging Face reference → its cached snapshot
+        candidates = [base / local]
+        if not local.endswith(".safetensors"):
+            candidates.append(base / (local + ".safetensors"))
         try:
             found = next((c for c in candidates if c.exists()), None)
         except OSError as e:  # a name too long for the filesystem, say
