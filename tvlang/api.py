@@ -28,8 +28,9 @@ from tvlang.io.endpoints import (
     checkpoint_metas,
     memory_metas,
 )
+from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.ir import Graph, InputRef, format_graph
-from tvlang.lower import Bound, Lowered, ParamValue, lower
+from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
 from tvlang.runtime import Progress, check_nonfinite_mode, execute
@@ -53,6 +54,7 @@ class Options:
     overwrite: bool = False  # replace an existing output (only once the new one is complete)
     progress: bool = False  # a progress line with throughput on stderr
     roots: tuple[str, ...] | None = None  # if set, load() may only read below these directories
+    keys: str = "exact"  # tensor names across an output's inputs: exact (else E303), intersection or union
     # NaN/±inf in inputs (E308) and overflow to ±inf in the output dtype (E309): "error" stops the
     # run and writes nothing, "warn" writes and prints one line per tensor on stderr, "propagate" writes
     nonfinite: str = "error"
@@ -203,9 +205,12 @@ class Program:
         try:
             for inp in plan.inputs:
                 handle = opened[inp.ref.key]
-                sources.append(
-                    CheckpointSource(handle) if isinstance(handle, Checkpoint) else MemorySource(handle)
-                )
+                if isinstance(handle, Checkpoint):
+                    sources.append(CheckpointSource(handle))
+                elif isinstance(handle, LoraAdapter):
+                    sources.append(LoraSource(handle))
+                else:
+                    sources.append(MemorySource(handle))
             for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
                 params_used = lowered.output_params[i]
                 meta = {
@@ -260,15 +265,19 @@ def _stderr() -> Any:
 def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
     opened: dict[str, Any] = {}
 
-    def open_input(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta]]:
+    def open_input(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
         if ref.handle is not None:
             opened[ref.key] = ref.handle
-            return "memory", memory_metas(ref.handle, ref.label)
+            return "memory", memory_metas(ref.handle, ref.label), False
+        if ref.key.startswith(LORA_KEY):
+            adapter = LoraAdapter.open(ref.key[len(LORA_KEY) :])
+            opened[ref.key] = adapter
+            return adapter.path, adapter.metas(), True
         ckpt = Checkpoint.open(ref.key)
         if options.roots is not None:
             _check_inside_roots(ckpt, options.roots, ref)
         opened[ref.key] = ckpt
-        return ref.key, checkpoint_metas(ckpt)
+        return ref.key, checkpoint_metas(ckpt), False
 
     plan = build_plan(
         graph,
@@ -277,6 +286,7 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         memory=options.memory,
         threads=options.resolved_threads(),
         chunk=options.chunk,
+        keys=options.keys,
     )
     return plan, opened
 

@@ -57,6 +57,7 @@ class PlannedInput:
     ref: InputRef
     location: str  # a path, or "memory"
     tensors: Mapping[str, TensorMeta] = field(repr=False)
+    sparse: bool = False  # a task vector that is zero on the tensors it lacks (a LoRA adapter)
 
 
 @dataclass(frozen=True)

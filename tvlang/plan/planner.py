@@ -35,7 +35,8 @@ from tvlang.plan.program import TensorProgram, compile_program
 
 BLOCK = 4096  # tvlang.backends.reductions.BLOCK: reductions sum fixed blocks of this many elements
 
-OpenInput = Callable[[InputRef], tuple[str, Mapping[str, TensorMeta]]]
+# ref -> (location, tensors, sparse): a sparse input is a task vector that is zero where it has no tensor
+OpenInput = Callable[[InputRef], tuple[str, Mapping[str, TensorMeta], bool]]
 
 MAX_CHUNK = 1 << 20  # elements; eager chunked kernels are fastest at 256K–1M (benchmarks/RESULTS.md)
 MIN_CHUNK = 1 << 12
@@ -82,35 +83,61 @@ def build_plan(
     memory: int = DEFAULT_MEMORY,
     threads: int = 1,
     chunk: int | None = None,
+    keys: str = "exact",
 ) -> Plan:
+    """``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
+    ``intersection`` (only the names all of them hold) or ``union`` (every name any holds; a model
+    that lacks a tensor counts as the first input that has it, so its task vector is zero there,
+    and a stored task vector that lacks one is zero there)."""
+    if keys not in KEY_POLICIES:
+        raise TvParamError(
+            f"unknown key policy {keys!r}", help="choose one of " + ", ".join(KEY_POLICIES), code="E402"
+        )
     out_dtype = parse_dtype(dtype)
     refs = graph.inputs()
     index = {ref.key: i for i, ref in enumerate(refs)}
     inputs = []
     for ref in refs:
         try:
-            location, tensors = open_input(ref)
+            location, tensors, sparse = open_input(ref)
         except TvInputError as err:
             if err.span is None and ref.span is not None:
                 err.span = ref.span
             raise
-        inputs.append(PlannedInput(ref, location, tensors))
+        inputs.append(PlannedInput(ref, location, tensors, sparse))
 
     outputs: list[PlannedOutput] = []
     # (tensor name, shape) -> reads, writes, generic roots (for a program)
     tasks: dict[tuple[str, tuple[int, ...]], tuple[list[int], list[TensorWrite], list[Node]]] = {}
     for out_idx, (name, node) in enumerate(graph.outputs):
         used = _inputs_of(node, index)
+        dense = [i for i in used if not inputs[i].sparse]
+        used = dense + [i for i in used if inputs[i].sparse]
         template = used[0]
-        _check_compatible(inputs, used)
+        if inputs[template].sparse:
+            raise TvInputError(
+                f"output `{name}` reads only adapters, which hold just the layers they change",
+                inputs[template].ref.span,
+                help='add the adapter to the model it was trained on: `base + lora("path")`',
+                code="E303",
+            )
+        _check_compatible(inputs, used, names=keys == "exact")
         per_tensor = has_context(node)  # weights that depend on the tensor's name or layer
         num_layers = count_layers(inputs[template].tensors)
+        input_nodes = {index[n.arg.key]: n for n in node.toposort() if n.op is Op.INPUT}
         order = []
-        for tname, meta in inputs[template].tensors.items():
-            metas = [inputs[i].tensors[tname] for i in used]
+        for tname in _tensor_names(inputs, used, keys):
+            present = [i for i in used if tname in inputs[i].tensors]
+            meta = inputs[present[0]].tensors[tname]
+            metas = [inputs[i].tensors[tname] for i in present]
             task_reads, writes, roots = tasks.setdefault((tname, meta.shape), ([], [], []))
             if meta.dtype in FLOATS:
-                tensor_node = specialize(node, TensorContext(tname, num_layers)) if per_tensor else node
+                absent = {id(input_nodes[i]): _stand_in(input_nodes[i], input_nodes[present[0]])
+                          for i in used if i not in present}  # fmt: skip
+                tensor_node = node
+                if per_tensor or absent:
+                    tensor_node = specialize(node, TensorContext(tname, num_layers), absent)
+                per_tensor_reads = per_tensor or bool(absent)
                 terms = _terms(tensor_node, index)
                 odt = out_dtype or meta.dtype
                 wide = any(m.dtype in WIDE for m in metas) or odt in WIDE
@@ -120,9 +147,9 @@ def build_plan(
                 else:
                     kernel = ProgramOutput(len(roots))
                     roots.append(tensor_node)
-                reads = _inputs_of(tensor_node, index) if per_tensor else used
+                reads = _inputs_of(tensor_node, index) if per_tensor_reads else used
             else:
-                odt, kernel, reads = meta.dtype, Copy(template), [template]
+                odt, kernel, reads = meta.dtype, Copy(present[0]), [present[0]]
             order.append((tname, odt, meta.shape))
             task_reads.extend(r for r in reads if r not in task_reads)
             writes.append(TensorWrite(out_idx, odt, kernel))
@@ -218,14 +245,41 @@ def _terms(node: Node, index: Mapping[str, int]) -> list[tuple[float, int]] | No
     return None
 
 
-def _check_compatible(inputs: list[PlannedInput], used: list[int]) -> None:
-    """Every input of one output must hold the same tensor names with the same shapes."""
+KEY_POLICIES = ("exact", "intersection", "union")
+
+
+def _tensor_names(inputs: list[PlannedInput], used: list[int], keys: str) -> list[str]:
+    """An output's tensors, in the template's order (then, for a union, each other input's new ones)."""
+    names = list(inputs[used[0]].tensors)
+    if keys == "intersection":
+        return [n for n in names if all(n in inputs[i].tensors for i in used)]
+    if keys == "union":
+        seen = set(names)
+        for i in used[1:]:
+            for n in inputs[i].tensors:
+                if n not in seen:
+                    seen.add(n)
+                    names.append(n)
+    return names
+
+
+def _stand_in(missing: Node, present: Node) -> Node:
+    """What an input that lacks a tensor contributes under the union policy: a model counts as the
+    first input that has it (so its task vector is zero), a stored task vector as zero."""
+    if missing.kind.is_model and present.kind.is_model:
+        return present
+    return Node(Op.WSUM, (), (), missing.kind)
+
+
+def _check_compatible(inputs: list[PlannedInput], used: list[int], *, names: bool = True) -> None:
+    """The inputs of one output must agree on the shapes of the tensors they share, and (unless
+    ``names`` is off, for the union and intersection policies) hold the same tensor names."""
     ref = inputs[used[0]]
     for i in used[1:]:
         other = inputs[i]
-        missing = [n for n in ref.tensors if n not in other.tensors]
+        missing = [] if other.sparse else [n for n in ref.tensors if n not in other.tensors]
         extra = [n for n in other.tensors if n not in ref.tensors]
-        if missing or extra:
+        if (names or other.sparse) and (missing or extra):
             if missing:
                 what = f"tensor `{missing[0]}` of `{ref.ref.label}` is missing from `{other.ref.label}`"
             else:
@@ -239,6 +293,8 @@ def _check_compatible(inputs: list[PlannedInput], used: list[int]) -> None:
                 code="E303",
             )
         for name, meta in ref.tensors.items():
+            if name not in other.tensors:
+                continue
             theirs = other.tensors[name]
             if theirs.shape != meta.shape:
                 raise TvInputError(
