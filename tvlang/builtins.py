@@ -57,6 +57,14 @@ def _load(kind: Kind) -> Lower:
     return lower
 
 
+def _lower_lora(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
+    from tvlang.lower import LORA_KEY
+
+    path = ctx.resolve_checkpoint(args["path"], spans["path"])
+    ref = InputRef(LORA_KEY + path, args["path"], DELTA, span)
+    return Node(Op.INPUT, (), ref, DELTA)
+
+
 def _elementwise(name: str) -> Lower:
     """On numbers: a number.  On tensors: kind-preserving for where/clamp/min/max when every tensor
     operand is a model (or every one a delta); a vector (delta) otherwise."""
@@ -162,6 +170,14 @@ BUILTINS: dict[str, Builtin] = {
             "a model: a .safetensors file or a (sharded) Hugging Face "
             "directory, relative to the program file",
             _load(MODEL),
+            group="input",
+        ),
+        Builtin(
+            "lora",
+            (_p("path", "path"),),
+            "a PEFT LoRA adapter directory as a task vector: scale·B@A on the layers it targets, formed "
+            "chunk by chunk (never a dense copy), zero elsewhere",
+            _lower_lora,
             group="input",
         ),
         Builtin(

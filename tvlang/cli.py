@@ -8,6 +8,7 @@ interrupted.  An interrupted or failed run leaves no output behind.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
 from tvlang.config import JOB_SUFFIXES
-from tvlang.errors import TvError, TvParamError
+from tvlang.errors import TvError, TvOutputError, TvParamError
 from tvlang.lower import Bound
 from tvlang.source import Source, Span
 
@@ -95,6 +96,7 @@ def _options(args: argparse.Namespace) -> Options:
         overwrite=getattr(args, "force", False),
         progress=not getattr(args, "quiet", False),
         nonfinite=getattr(args, "nonfinite", None) or Options.nonfinite,
+        keys=args.keys or Options.keys,
     )
 
 
@@ -113,7 +115,13 @@ def _run_job(args: argparse.Namespace) -> object:
     job = load_job(args.file)
     if args.output is None and job.output is None:
         raise TvParamError(f"{args.file} has no `output:`", help="add one, or give -o PATH", code="E406")
-    flags = {"dtype": args.dtype, "threads": args.threads, "chunk": args.chunk, "nonfinite": args.nonfinite}
+    flags = {
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "chunk": args.chunk,
+        "nonfinite": args.nonfinite,
+        "keys": args.keys,
+    }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
         options["memory"] = parse_size(args.memory)
@@ -158,6 +166,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_mergekit(args: argparse.Namespace) -> int:
+    """``tvlang import-mergekit merge.yml [-o merge.tv]``: the equivalent tvlang program."""
+    from tvlang.mergekit import load_config
+
+    out = args.output
+    translation = load_config(args.file, out_dir=os.path.dirname(os.path.abspath(out)) if out else None)
+    if out is None:
+        sys.stdout.write(translation.program)
+    else:
+        if os.path.abspath(out) == os.path.abspath(args.file):
+            raise TvOutputError(f"refusing to write {out}: it is the config being imported", code="E502")
+        if os.path.exists(out) and not args.force:
+            raise TvOutputError(f"{out} exists", help="use --force to replace it", code="E500")
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.write(translation.program)
+        print(f"wrote {out}", file=sys.stderr)
+    if translation.dtype is not None:
+        sys.stdout.flush()
+        print(f"note: mergekit's output dtype: run it with --dtype {translation.dtype}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tvlang.demo import run_demo
 
@@ -184,6 +214,12 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
     p.add_argument("--memory", help="working-memory budget, e.g. 512M (default 512M)")
     p.add_argument("--threads", type=int, help="worker threads (default: all CPUs available)")
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--keys",
+        choices=("exact", "intersection", "union"),
+        help="when inputs hold different tensor names: an error (exact, the default), only the shared ones "
+        "(intersection), or all of them, a model lacking one counting as the first input that has it (union)",
+    )
     p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
     if running:
         p.add_argument(
@@ -208,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tvlang {__import__('tvlang').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a .tv program or a job file (.yaml, .yml, .json)")
+    run = sub.add_parser(
+        "run", help="run a .tv program, a job file (.yaml, .yml, .json) or a mergekit config"
+    )
     run.add_argument("file", help="the .tv program, or a job file whose fields the flags override")
     _common(run, running=True)
     run.set_defaults(func=_cmd_run, parser=run)
@@ -230,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--all", action="store_true", help="list every tensor, not the first dozen")
         _common(p)
         p.set_defaults(func=func)
+
+    imp = sub.add_parser("import-mergekit", help="translate a mergekit config (YAML) into a .tv program")
+    imp.add_argument("file", help="the mergekit config (also runnable as it is: tvlang run merge.yml -o OUT)")
+    imp.add_argument("-o", "--output", help="write the program here (default: print it; paths are absolute)")
+    imp.add_argument("--force", action="store_true", help="replace an existing output file")
+    imp.set_defaults(func=_cmd_import_mergekit)
 
     demo = sub.add_parser("demo", help="run the mission's example on small checkpoints it makes itself")
     demo.add_argument(

@@ -30,6 +30,7 @@ from tvlang.syntax.parser import too_deep
 MAX_INPUTS = 4096
 MAX_OUTPUTS = 4096
 MAX_EXPANSION = 64
+LORA_KEY = "lora:"  # input keys of PEFT LoRA adapters (tvlang.io.lora): sparse, low-rank task vectors
 DEFAULT_OUTPUT = "out"
 
 
