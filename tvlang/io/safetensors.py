@@ -645,13 +645,17 @@ class SafetensorsWriter(Transaction):
         """Tensors whose written element count differs from their size (a bug upstream)."""
         return [name for name, slot in self._slots.items() if self._written[name] != slot.numel]
 
-    def _close_to_writes(self, state: str) -> bool:
-        """Refuse new writes and wait for those in flight; False if already closed."""
+    def _close_to_writes(self, state: str, timeout: float | None = None) -> bool:
+        """Refuse new writes and wait for those in flight; False if already closed.
+
+        An abort waits at most ``timeout``: a Ctrl-C can land between a write's count going up
+        and its ``finally``, in the very thread that is now aborting, and nobody would ever
+        bring the count down again (the file is being discarded anyway)."""
         with self._cond:
             if self._state != "open":
                 return False
             self._state = state
-            self._cond.wait_for(lambda: self._inflight == 0)
+            self._cond.wait_for(lambda: self._inflight == 0, timeout=timeout)
             return True
 
     def commit(self, durable: bool = False) -> None:
@@ -687,7 +691,7 @@ class SafetensorsWriter(Transaction):
 
     def abort(self) -> None:
         """Close and delete the temporary file; idempotent, and a no-op after commit."""
-        if self._close_to_writes("aborted"):
+        if self._close_to_writes("aborted", timeout=5.0):
             self._finalizer()
 
 
