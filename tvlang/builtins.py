@@ -367,9 +367,10 @@ BUILTINS: dict[str, Builtin] = {
                 _p("seed", "int", 0),
                 _p("rescale", "string", "l1", choices=("inverse", "l1", "none")),
                 _ELECT,
-                _DIVIDE,
+                # mergekit's dare_ties does not normalise (default_normalize=False), unlike its ties
+                _p("divide", "string", "none", choices=("weights", "count", "none")),
             ),
-            "DARE (keep probability density, mergekit's L1 rescale) then TIES sign election",
+            "DARE (keep probability density, mergekit's L1 rescale) then TIES sign election, summed",
             _lower_dare_ties,
             group="method",
             paper=_DARE,
