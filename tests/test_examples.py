@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tvlang import cli
-from tvlang.synth import llama_shapes, make_family
+from tvlang.synth import llama_shapes, make_family, make_lora_adapter
 
 from .conftest import NAMES
 
@@ -19,7 +19,9 @@ EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examp
 
 @pytest.mark.parametrize("program", EXAMPLES, ids=os.path.basename)
 def test_example_runs(program: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    make_family(str(tmp_path / "ckpt"), NAMES, llama_shapes(32, 2, 64), layout="dir", base_shards=2)
+    shapes = llama_shapes(32, 2, 64)
+    make_family(str(tmp_path / "ckpt"), NAMES, shapes, layout="dir", base_shards=2)
+    make_lora_adapter(str(tmp_path / "ckpt" / "adapter"), shapes)  # for examples/lora
     local = tmp_path / os.path.basename(program)
     shutil.copy(program, local)
     assert cli.main(["check", str(local)]) == 0

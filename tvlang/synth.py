@@ -113,3 +113,32 @@ def make_family(
         save_checkpoint(state, path, shards=base_shards if (i == 0 and layout == "dir") else 1)
         paths[name] = path
     return paths
+
+
+def make_lora_adapter(
+    path: str,
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+) -> None:
+    """A PEFT-format LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) on the
+    projections named in ``targets``, with small seeded bf16 A and B."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        if len(shape) != 2 or not any(f".{t}.weight" in name for t in targets):
+            continue
+        module = "base_model.model." + name[: -len(".weight")]
+        tensors[module + ".lora_A.weight"] = (torch.randn(rank, shape[1], generator=g) * 0.05).to(
+            torch.bfloat16
+        )
+        tensors[module + ".lora_B.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.05).to(
+            torch.bfloat16
+        )
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets)}, f)
