@@ -53,3 +53,24 @@ def test_union_from_the_command_line(models, tmp_path) -> None:
     assert cli.main([*args, "--keys", "union"]) == 0
     with pytest.raises(tvlang.TvParamError):
         tvlang.evaluate("base", models, keys="some")
+
+
+def test_resized_vocabulary_merges_the_common_rows(tmp_path) -> None:
+    g = torch.Generator().manual_seed(1)
+    base = {"embed": torch.randn(10, 4, generator=g), "w": torch.randn(4, 4, generator=g)}
+    ft = {"embed": torch.randn(12, 4, generator=g), "w": torch.randn(4, 4, generator=g)}  # two added tokens
+    with pytest.raises(tvlang.TvInputError) as info:
+        tvlang.evaluate("base + 0.5*(ft - base)", {"base": base, "ft": ft})
+    assert info.value.code == "E304" and "--rows common" in str(info.value)
+    out = tvlang.evaluate("base + 0.5*(ft - base)", {"base": base, "ft": ft}, rows="common")
+    assert out["embed"].shape == (10, 4)
+    torch.testing.assert_close(out["embed"], 0.5 * base["embed"] + 0.5 * ft["embed"][:10])
+    for name, sd in (("base", base), ("ft", ft)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={tmp_path}/base.safetensors",
+            "--bind", f"ft={tmp_path}/ft.safetensors", "-o", str(tmp_path / "o.safetensors"), "-q", "--rows", "common"]  # fmt: skip
+    assert cli.main(args) == 0
+    with pytest.raises(tvlang.TvInputError):  # other dimensions must still agree
+        tvlang.evaluate(
+            "0.5*a + 0.5*b", {"a": {"x": torch.zeros(3, 4)}, "b": {"x": torch.zeros(3, 5)}}, rows="common"
+        )

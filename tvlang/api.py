@@ -55,6 +55,7 @@ class Options:
     progress: bool = False  # a progress line with throughput on stderr
     roots: tuple[str, ...] | None = None  # if set, load() may only read below these directories
     keys: str = "exact"  # tensor names across an output's inputs: exact (else E303), intersection or union
+    rows: str = "exact"  # shapes differing only in rows (resized vocabularies): exact (else E304) or common
     # NaN/±inf in inputs (E308) and overflow to ±inf in the output dtype (E309): "error" stops the
     # run and writes nothing, "warn" writes and prints one line per tensor on stderr, "propagate" writes
     nonfinite: str = "error"
@@ -287,6 +288,7 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         threads=options.resolved_threads(),
         chunk=options.chunk,
         keys=options.keys,
+        rows=options.rows,
     )
     return plan, opened
 

@@ -97,6 +97,7 @@ def _options(args: argparse.Namespace) -> Options:
         progress=not getattr(args, "quiet", False),
         nonfinite=getattr(args, "nonfinite", None) or Options.nonfinite,
         keys=args.keys or Options.keys,
+        rows=args.rows or Options.rows,
     )
 
 
@@ -121,6 +122,7 @@ def _run_job(args: argparse.Namespace) -> object:
         "chunk": args.chunk,
         "nonfinite": args.nonfinite,
         "keys": args.keys,
+        "rows": args.rows,
     }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
@@ -214,6 +216,12 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
     p.add_argument("--memory", help="working-memory budget, e.g. 512M (default 512M)")
     p.add_argument("--threads", type=int, help="worker threads (default: all CPUs available)")
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--rows",
+        choices=("exact", "common"),
+        help="tensors whose shapes differ only in their rows (a resized vocabulary): an error (exact, the "
+        "default) or merge the rows every input has (common)",
+    )
     p.add_argument(
         "--keys",
         choices=("exact", "intersection", "union"),

@@ -168,7 +168,10 @@ class Plan:
     @property
     def bytes_read(self) -> int:
         """Bytes read from the inputs, every pass (model-wide ones included) counted."""
-        per_task = [sum(self.inputs[i].tensors[t.name].nbytes for i in t.reads) for t in self.tasks]
+        per_task = [
+            sum(TensorMeta(self.inputs[i].tensors[t.name].dtype, t.shape).nbytes for i in t.reads)
+            for t in self.tasks
+        ]
         model_wide = sum(
             per_task[i] * ModelReduction.ROUNDS for r in self.model_reductions for i, _ in r.users
         )

@@ -84,11 +84,16 @@ def build_plan(
     threads: int = 1,
     chunk: int | None = None,
     keys: str = "exact",
+    rows: str = "exact",
 ) -> Plan:
     """``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
     ``intersection`` (only the names all of them hold) or ``union`` (every name any holds; a model
     that lacks a tensor counts as the first input that has it, so its task vector is zero there,
-    and a stored task vector that lacks one is zero there)."""
+    and a stored task vector that lacks one is zero there).  ``rows``: ``exact`` (shapes must match,
+    else E304) or ``common`` (tensors whose shapes differ only in their first dimension, such as
+    embeddings over a resized vocabulary, merge the rows every input has)."""
+    if rows not in ("exact", "common"):
+        raise TvParamError(f"unknown row policy {rows!r}", help="choose exact or common", code="E402")
     if keys not in KEY_POLICIES:
         raise TvParamError(
             f"unknown key policy {keys!r}", help="choose one of " + ", ".join(KEY_POLICIES), code="E402"
@@ -121,7 +126,7 @@ def build_plan(
                 help='add the adapter to the model it was trained on: `base + lora("path")`',
                 code="E303",
             )
-        _check_compatible(inputs, used, names=keys == "exact")
+        _check_compatible(inputs, used, names=keys == "exact", common_rows=rows == "common")
         per_tensor = has_context(node)  # weights that depend on the tensor's name or layer
         num_layers = count_layers(inputs[template].tensors)
         input_nodes = {index[n.arg.key]: n for n in node.toposort() if n.op is Op.INPUT}
@@ -130,6 +135,8 @@ def build_plan(
             present = [i for i in used if tname in inputs[i].tensors]
             meta = inputs[present[0]].tensors[tname]
             metas = [inputs[i].tensors[tname] for i in present]
+            if rows == "common" and meta.shape:  # the rows every input has: a prefix of each
+                meta = TensorMeta(meta.dtype, (min(m.shape[0] for m in metas), *meta.shape[1:]))
             task_reads, writes, roots = tasks.setdefault((tname, meta.shape), ([], [], []))
             if meta.dtype in FLOATS:
                 absent = {id(input_nodes[i]): _stand_in(input_nodes[i], input_nodes[present[0]])
@@ -271,7 +278,14 @@ def _stand_in(missing: Node, present: Node) -> Node:
     return Node(Op.WSUM, (), (), missing.kind)
 
 
-def _check_compatible(inputs: list[PlannedInput], used: list[int], *, names: bool = True) -> None:
+def _rows_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Shapes that differ only in their first dimension (an embedding or head over a resized vocabulary)."""
+    return len(a) == len(b) >= 1 and a[1:] == b[1:] and a[0] != b[0]
+
+
+def _check_compatible(
+    inputs: list[PlannedInput], used: list[int], *, names: bool = True, common_rows: bool = False
+) -> None:
     """The inputs of one output must agree on the shapes of the tensors they share, and (unless
     ``names`` is off, for the union and intersection policies) hold the same tensor names."""
     ref = inputs[used[0]]
@@ -296,13 +310,17 @@ def _check_compatible(inputs: list[PlannedInput], used: list[int], *, names: boo
             if name not in other.tensors:
                 continue
             theirs = other.tensors[name]
-            if theirs.shape != meta.shape:
+            if theirs.shape != meta.shape and not (common_rows and _rows_only(theirs.shape, meta.shape)):
                 raise TvInputError(
                     f"tensor `{name}` has shape {list(meta.shape)} in `{ref.ref.label}` "
                     f"but {list(theirs.shape)} in `{other.ref.label}`",
                     other.ref.span,
                     label="this input",
                     notes=(f"{ref.ref.label}: {ref.location}", f"{other.ref.label}: {other.location}"),
+                    help="they differ only in their rows (a resized vocabulary?): `--rows common` merges the rows "
+                    "every input has"
+                    if _rows_only(theirs.shape, meta.shape)
+                    else None,
                     code="E304",
                 )
             if (theirs.dtype in FLOATS) != (meta.dtype in FLOATS):
