@@ -352,3 +352,30 @@ def test_incomplete_snapshot(cache: Cache, work: Path, monkeypatch: pytest.Monke
     text = str(e.value)
     assert "snapshot of acme/tiny-llama (revision main) is incomplete" in text and "model.safetensors" in text
     assert f"download {REPO} --revision main" in text
+
+
+def test_the_hub_example_runs_from_the_cache(
+    tmp_path: Path, family: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/hub/chat_half.tv against a cache holding its two repositories."""
+    pytest.importorskip(
+        "huggingface_hub", reason="huggingface_hub is not installed: pip install 'tvlang[hub]'"
+    )
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    hub = home / "hub"
+    add_snapshot(hub, "Qwen/Qwen2.5-0.5B", "a" * 40, family["base"], refs=("main",))
+    add_snapshot(hub, "Qwen/Qwen2.5-0.5B-Instruct", "b" * 40, family["ft_main"], refs=("main",))
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    example = Path(__file__).resolve().parents[1] / "examples" / "hub" / "chat_half.tv"
+    program = tmp_path / "chat_half.tv"
+    program.write_text(example.read_text())
+    out = tmp_path / "merged"
+    assert cli.main(["run", str(program), "-o", str(out), "-q", "--set", "lam=0.3"]) == 0
+    _assert_close(
+        load_file(str(out / "model.safetensors")), _expected(family["base"], family["ft_main"], 0.3)
+    )
