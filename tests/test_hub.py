@@ -379,3 +379,16 @@ def test_the_hub_example_runs_from_the_cache(
     _assert_close(
         load_file(str(out / "model.safetensors")), _expected(family["base"], family["ft_main"], 0.3)
     )
+
+
+@needs_hub
+def test_job_file_bindings_take_hub_references(cache: Cache, work: Path, family: dict[str, str]) -> None:
+    job = work / "job.yaml"
+    job.write_text(
+        f"expression: base + 0.5*(ft - base)\nbindings:\n  base: {family['base']}\n  ft: hf://{REPO}@v1.0\n"
+        "output: merged\n"
+    )
+    assert cli.main(["run", str(job), "-q"]) == 0
+    _assert_close(
+        load_file(str(work / "merged" / "model.safetensors")), _expected(family["base"], family["ft_v1"], 0.5)
+    )

@@ -191,6 +191,8 @@ class _Fields:
 
     def path(self, path: FieldPath, value: Any) -> str:
         text = os.path.expanduser(self.string(path, value))
+        if text.startswith("hf://"):  # a Hugging Face cache reference, resolved like load("hf://…")
+            return text
         return os.path.normpath(os.path.join(self.base_dir, text))
 
     def choice(self, path: FieldPath, value: Any, choices: tuple[str, ...]) -> str:
