@@ -492,11 +492,6 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
         "must be a finite number",
         "x",
     ),
-    (
-        "merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "org/model-7b"),
-        "Hugging Face Hub id",
-        "org/model-7b",
-    ),
     ("merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "ckpt/b+lora/x"), "LoRA", "ckpt/b+lora/x"),
     (
         "merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "ckpt/b.safetensors"),
@@ -626,3 +621,9 @@ def test_translation_is_deterministic_and_parses(root: Path) -> None:
             tvlang.compile(first.program)
         except TvError as e:  # pragma: no cover - a translation that does not parse is a bug
             pytest.fail(f"{case}: {e.render()}")
+
+
+def test_hub_ids_become_cache_references() -> None:
+    text = "merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "org/model-7b@v2")
+    program = translate(text, source_name="m.yml", base_dir="/nonexistent").program
+    assert 'load("hf://org/model-7b@v2")' in program

@@ -446,20 +446,9 @@ class _Translator:
                 f"`{text}` names a LoRA (`model+lora`): applying LoRA adapters is not supported",
                 help="merge the adapter into its model first (PEFT's merge_and_unload) and give that path",
             )
-        if "@" in text:
-            self.fail(
-                at,
-                f"`{text}` names a revision (`model@revision`): only local paths are supported today",
-                help="download that revision and give its local path",
-            )
-        if _HUB_ID.fullmatch(text) and not text.startswith("."):
-            self.fail(
-                at,
-                f"`{text}` is not a local path and looks like a Hugging Face Hub id: only local paths are "
-                "supported today",
-                help=f"download it (`huggingface-cli download {text} --local-dir DIR`) and give DIR; "
-                f"relative paths are relative to {self.f.base_dir}",
-            )
+        if "@" in text or (_HUB_ID.fullmatch(text) and not text.startswith(".")):
+            # a Hugging Face Hub id (with or without @revision): read from the local cache (docs/language.md)
+            return "hf://" + text
         return path  # missing: reported (E300) at this line when run
 
     def _base(self) -> _Model | None:
