@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import tvlang
 from tvlang import cli
@@ -74,3 +76,17 @@ def test_resized_vocabulary_merges_the_common_rows(tmp_path) -> None:
         tvlang.evaluate(
             "0.5*a + 0.5*b", {"a": {"x": torch.zeros(3, 4)}, "b": {"x": torch.zeros(3, 5)}}, rows="common"
         )
+
+
+def test_the_union_example_job(models, tmp_path) -> None:
+    import shutil
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "keys", "tied_head.yaml")
+    (tmp_path / "ckpt").mkdir()
+    save_file(models["base"], str(tmp_path / "ckpt" / "base.safetensors"))
+    save_file(models["ft"], str(tmp_path / "ckpt" / "ft_tied.safetensors"))
+    shutil.copy(example, tmp_path / "job.yaml")
+    assert cli.main(["run", str(tmp_path / "job.yaml"), "-q"]) == 0
+    out = load_file(str(tmp_path / "merged.safetensors"))
+    assert sorted(out) == ["embed", "extra", "head", "step"]
+    torch.testing.assert_close(out["head"], models["base"]["head"])

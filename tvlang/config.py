@@ -19,6 +19,8 @@ multirun can sweep ``merge.params.lam``.  The schema (see ``docs/config.md``)::
     shard_size: 5G
     overwrite: false
     nonfinite: error             # error | warn | propagate
+    keys: exact                  # exact | intersection | union: inputs holding different tensor names
+    rows: exact                  # exact | common: tensors differing only in rows (resized vocabularies)
     roots: [ckpt]                # if set, inputs may only be read below these directories
 
 Relative paths resolve against the job file's directory (``base_dir`` for a mapping), so a job
@@ -52,6 +54,7 @@ from tvlang.api import Options, OutSpec, Program, compile_file
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import parse_dtype
+from tvlang.plan.planner import KEY_POLICIES
 from tvlang.source import Source, Span
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
@@ -321,6 +324,8 @@ _OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
     "overwrite": lambda f, v: f.boolean(("overwrite",), v),
     "nonfinite": lambda f, v: f.choice(("nonfinite",), v, NONFINITE),
     "roots": _roots,
+    "keys": lambda f, v: f.choice(("keys",), v, KEY_POLICIES),
+    "rows": lambda f, v: f.choice(("rows",), v, ("exact", "common")),
 }
 _OVERRIDES_ONLY: dict[str, Callable[[_Fields, Any], Any]] = {
     "progress": lambda f, v: f.boolean(("progress",), v),
