@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,7 +236,9 @@ class Program:
                         overwrite=options.overwrite,
                     )
                 )
-            progress = Progress(plan.bytes_read + plan.bytes_written, _stderr()) if options.progress else None
+            progress = (
+                Progress(plan.bytes_read + plan.bytes_written, sys.stderr) if options.progress else None
+            )
             report = execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
             for sink in sinks:
                 sink.commit()
@@ -247,7 +250,7 @@ class Program:
             for source in sources:
                 source.close()
         if report:
-            stderr = _stderr()
+            stderr = sys.stderr
             for line in report.lines():
                 print(line, file=stderr)
         if all(d is None for d in dests):
@@ -255,12 +258,6 @@ class Program:
         else:
             results = {o.name: d for o, d in zip(plan.outputs, dests, strict=True)}
         return next(iter(results.values())) if len(results) == 1 else results
-
-
-def _stderr() -> Any:
-    import sys
-
-    return sys.stderr
 
 
 def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:

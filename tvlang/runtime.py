@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -480,15 +479,10 @@ def _nonfinite_error(
     )
 
 
-def progress_stream(enabled: bool) -> TextIO | None:
-    return sys.stderr if enabled else None
-
-
 __all__ = [
     "NONFINITE_MODES",
     "NonFiniteReport",
     "Progress",
     "check_nonfinite_mode",
     "execute",
-    "progress_stream",
 ]

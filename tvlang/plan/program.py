@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from tvlang.ir.node import Node, Op
+from tvlang.ir.node import Node, Op, toposort
 from tvlang.ir.printer import format_weight
 
 RADIX_BITS = 16
@@ -159,7 +159,7 @@ def compile_program(
     index: dict[int, int] = {}
     instrs: list[Instr] = []
     radix_rounds = (64 if acc == "F64" else 32) // RADIX_BITS
-    for node in _toposort(roots):
+    for node in toposort(list(roots)):
         args = tuple(index[id(a)] for a in node.args)
         need = 0 if node.op is Op.NUMEL else max((instrs[a].need for a in args), default=0)
         op, attr, rounds = node.op.value, node.arg, 0
@@ -176,9 +176,3 @@ def compile_program(
         instrs.append(Instr(op, args, attr, node.kind.tensor, need, rounds))
         index[id(node)] = len(instrs) - 1
     return TensorProgram(tuple(instrs), tuple(index[id(r)] for r in roots), acc)
-
-
-def _toposort(roots: Sequence[Node]) -> list[Node]:
-    from tvlang.ir.node import toposort
-
-    return toposort(list(roots))
