@@ -344,3 +344,12 @@ def test_ties_with_a_model_wide_trim() -> None:
     ).plan()
     assert len(plan.model_reductions) == 2 and "model-wide" in plan.explain()
     assert plan.model_reductions[0].k == math.floor(0.3 * sum(t.numel for t in plan.tasks))
+
+
+def test_model_wide_trim_of_a_rescaled_vector_is_a_positioned_error() -> None:
+    s = _states(15, 2)
+    with pytest.raises(tvlang.TvTypeError) as info:
+        tvlang.evaluate(
+            'base + magnitude_prune(dare(m1 - base, 0.5, rescale="l1"), 0.5, scope="model")', _bind(s)
+        )
+    assert "per-tensor statistics" in info.value.message and info.value.span is not None

@@ -86,7 +86,9 @@ def _elementwise(name: str) -> Lower:
     return lower
 
 
-def _reduction(fn: Callable[..., Node]) -> Lower:
+def _apply(fn: Callable[..., Node]) -> Lower:
+    """Lower by calling ``fn`` with the checked argument values as keywords."""
+
     def lower(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
         return fn(**args)
 
@@ -202,56 +204,56 @@ BUILTINS: dict[str, Builtin] = {
             "sum",
             (_p("x", "tensor"),),
             "the sum of all elements (per tensor)",
-            _reduction(lambda x: reduce("sum", x)),
+            _apply(lambda x: reduce("sum", x)),
             group="reduction",
         ),
         Builtin(
             "mean",
             (_p("x", "tensor"),),
             "the mean of all elements",
-            _reduction(lambda x: div(reduce("sum", x), numel(x))),
+            _apply(lambda x: div(reduce("sum", x), numel(x))),
             group="reduction",
         ),
         Builtin(
             "norm",
             (_p("x", "tensor"),),
             "the L2 norm of the whole tensor",
-            _reduction(lambda x: call("sqrt", reduce("sumsq", x))),
+            _apply(lambda x: call("sqrt", reduce("sumsq", x))),
             group="reduction",
         ),
         Builtin(
             "dot",
             (_p("x", "tensor"), _p("y", "tensor")),
             "the dot product of two tensors, flattened",
-            _reduction(lambda x, y: reduce("dot", x, y)),
+            _apply(lambda x, y: reduce("dot", x, y)),
             group="reduction",
         ),
         Builtin(
             "count",
             (_p("x", "tensor"),),
             "the number of non-zero elements",
-            _reduction(lambda x: reduce("count", x)),
+            _apply(lambda x: reduce("count", x)),
             group="reduction",
         ),
         Builtin(
             "numel",
             (_p("x", "tensor"),),
             "the number of elements (from the header; no pass)",
-            _reduction(lambda x: numel(x)),
+            _apply(lambda x: numel(x)),
             group="reduction",
         ),
         Builtin(
             "kth",
             (_p("x", "tensor"), _p("k", "number")),
             "the k-th largest element (exact radix selection over the chunks; +inf for k < 1)",
-            _reduction(lambda x, k: methods.kth(x, k)),
+            _apply(lambda x, k: methods.kth(x, k)),
             group="reduction",
         ),
         Builtin(
             "quantile",
             (_p("x", "tensor"), _p("q", "number")),
             "the q-quantile (lower): the k-th smallest element with k = floor(q·(numel-1)) + 1",
-            _reduction(lambda x, q: methods.kth(x, sub(numel(x), call("floor", mul(q, sub(numel(x), 1.0)))))),
+            _apply(lambda x, q: methods.kth(x, sub(numel(x), call("floor", mul(q, sub(numel(x), 1.0)))))),
             group="reduction",
         ),
         Builtin(
@@ -295,7 +297,7 @@ BUILTINS: dict[str, Builtin] = {
             "magnitude_prune",
             (_p("d", "delta"), _p("density", "number"), _SCOPE),
             "keep the floor(density·numel) largest magnitudes of a task vector (per tensor, or over the model)",
-            _reduction(methods.magnitude_prune),
+            _apply(methods.magnitude_prune),
             group="method",
             paper=_TIES,
         ),
@@ -303,7 +305,7 @@ BUILTINS: dict[str, Builtin] = {
             "breadcrumbs",
             (_p("d", "delta"), _p("density", "number"), _p("gamma", "number", 0.01)),
             "drop the largest gamma share (outliers) and the smallest magnitudes, keeping density",
-            _reduction(methods.breadcrumbs),
+            _apply(methods.breadcrumbs),
             group="method",
             paper="https://arxiv.org/abs/2312.06795",
         ),
@@ -405,21 +407,21 @@ BUILTINS: dict[str, Builtin] = {
             "lerp",
             (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number")),
             "a + t·(b - a)",
-            _reduction(methods.lerp),
+            _apply(methods.lerp),
             group="method",
         ),
         Builtin(
             "slerp",
             (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number")),
             "spherical interpolation per tensor (linear when nearly colinear)",
-            _reduction(methods.slerp),
+            _apply(methods.slerp),
             group="method",
         ),
         Builtin(
             "nuslerp",
             (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number", 0.5)),
             "mergekit's nuslerp over the whole tensor; with a base write base + nuslerp(a - base, b - base, t)",
-            _reduction(methods.nuslerp),
+            _apply(methods.nuslerp),
             group="method",
         ),
         Builtin(
@@ -434,7 +436,7 @@ BUILTINS: dict[str, Builtin] = {
             "nearswap",
             (_p("base", "model"), _p("model", "model"), _p("t", "number")),
             "move each element toward model by clamp(t/|model - base|, 0, 1)",
-            _reduction(methods.nearswap),
+            _apply(methods.nearswap),
             group="method",
         ),
     )

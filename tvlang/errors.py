@@ -8,7 +8,6 @@ E2xx    names and kinds (the checker): unknown names, affine rule, arguments
 E3xx    inputs: missing or malformed files, mismatched tensors
 E4xx    parameters, options and bindings given by the caller
 E5xx    outputs: existing paths, write failures
-E6xx    planning: programs the planner cannot schedule
 ======  =====================================================
 
 Errors subclass both :class:`TvError` and the builtin category they belong to
@@ -92,9 +91,3 @@ class TvOutputError(TvError, OSError):
     """An output cannot be written where asked."""
 
     code = "E500"
-
-
-class TvPlanError(TvError, ValueError):
-    """A well-typed program the planner cannot schedule (e.g. a model-wide statistic of per-tensor ones)."""
-
-    code = "E601"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec
-from tvlang.check import KindError, unary_kind
+from tvlang.check import KindError
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
 from tvlang.io.hub import resolve_reference
 from tvlang.ir import build
@@ -119,9 +119,7 @@ class Lowering:
             )
         if isinstance(e, ast.Unary):
             operand = self.expr(e.operand)
-            if e.op == "+":
-                return operand
-            return Node(Op.NEG, (operand,), None, unary_kind("-", operand.kind))
+            return operand if e.op == "+" else build.neg(operand)
         if isinstance(e, ast.Binary):
             return self.binary(e)
         if isinstance(e, ast.Compare):

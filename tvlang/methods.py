@@ -45,6 +45,16 @@ def magnitude_prune(d: Node, density: Node | float, scope: str = "tensor") -> No
         return d
     mag = call("abs", d)
     if scope == "model":
+        # The model-wide threshold is selected in passes before any per-tensor work, so neither its
+        # operand nor its density may depend on per-tensor statistics.
+        if scalar_value(lift(density)) is None:
+            raise KindError("a model-wide density must be a number known before any data is read")
+        if any(n.op in (Op.REDUCE, Op.GLOBAL) for n in mag.toposort()):
+            raise KindError(
+                "a model-wide trim cannot apply to a value that needs per-tensor statistics",
+                "this task vector depends on a reduction (a norm, a sum, an L1 rescale…)",
+                help='trim the plain task vector, e.g. `magnitude_prune(ft - base, 0.5, scope="model")`',
+            )
         threshold = model_kth(mag, density)
     else:
         threshold = kth(mag, call("floor", mul(density, numel(d))))

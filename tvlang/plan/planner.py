@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from tvlang.context import TensorContext, count_layers
-from tvlang.errors import TvInputError, TvParamError, TvPlanError
+from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
 from tvlang.passes.specialize import has_context, specialize
 from tvlang.plan.plan import (
@@ -200,16 +200,12 @@ def _model_reduction(key: int, node: Node, tasks: Sequence[TensorTask]) -> Model
             continue
         for ins in t.program.instrs:
             if ins.op == "global" and ins.attr == key:
-                if t.program.instrs[ins.args[0]].need:
-                    raise TvPlanError(
-                        "a model-wide threshold cannot depend on per-tensor statistics",
-                        help="compute it from the task vectors themselves (e.g. abs(d))",
-                        code="E601",
-                    )
+                # lowering guarantees both (tvlang.methods.magnitude_prune): no per-tensor statistic
+                # feeds a model-wide one, and its density is a constant
+                assert t.program.instrs[ins.args[0]].need == 0
                 users.append((i, ins.args[0]))
     density = scalar_value(node.args[1])
-    if density is None:
-        raise TvPlanError("a model-wide density must be a number known before any data is read", code="E601")
+    assert density is not None
     total = sum(tasks[i].numel for i, _ in users)
     return ModelReduction(key, tuple(users), math.floor(density * total), total)
 
