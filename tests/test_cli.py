@@ -159,8 +159,8 @@ def test_failed_run_leaves_nothing(program: str, tmp_path, capsys, monkeypatch) 
             raise RuntimeError("simulated failure mid-run")
         return real(*args, **kwargs)
 
-    real = tvlang.runtime.run_kernel
-    monkeypatch.setattr(tvlang.runtime, "run_kernel", failing)
+    real = tvlang.runtime._write  # both kernel paths write through it
+    monkeypatch.setattr(tvlang.runtime, "_write", failing)
     outdir = tmp_path / "out"
     outdir.mkdir()
     rc, _, err = run("run", program, "-o", str(outdir / "merged"), "-q", "--threads", "1", capsys=capsys)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
+from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
@@ -60,6 +62,23 @@ class Options:
     # NaN/±inf in inputs (E308) and overflow to ±inf in the output dtype (E309): "error" stops the
     # run and writes nothing, "warn" writes and prints one line per tensor on stderr, "propagate" writes
     nonfinite: str = "error"
+    # CPU kernels: "auto" (fused loops compiled by the system C compiler when there is one, else
+    # "eager"), "compiled" (error without a compiler) or "eager" (torch, op by op); same results
+    kernels: str = "auto"
+
+    def resolved_kernels(self) -> str:
+        if self.kernels not in KERNEL_MODES:
+            raise TvParamError(
+                f"unknown kernel mode {self.kernels!r}", help="choose auto, compiled or eager", code="E402"
+            )
+        mode = resolve_mode(self.kernels)
+        if mode == "compiled" and compiler() is None:
+            raise TvParamError(
+                "compiled kernels need a C compiler, and none was found",
+                help="install gcc or clang (or set CC), or use kernels=eager (--kernels eager)",
+                code="E402",
+            )
+        return mode
 
     def resolved_threads(self) -> int:
         if self.threads is not None:
@@ -286,6 +305,7 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         chunk=options.chunk,
         keys=options.keys,
         rows=options.rows,
+        kernels=options.resolved_kernels(),
     )
     return plan, opened
 

@@ -98,6 +98,7 @@ def _options(args: argparse.Namespace) -> Options:
         nonfinite=getattr(args, "nonfinite", None) or Options.nonfinite,
         keys=args.keys or Options.keys,
         rows=args.rows or Options.rows,
+        kernels=args.kernels or Options.kernels,
     )
 
 
@@ -216,6 +217,12 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
     p.add_argument("--memory", help="working-memory budget, e.g. 512M (default 512M)")
     p.add_argument("--threads", type=int, help="worker threads (default: all CPUs available)")
     p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "compiled", "eager"),
+        help="CPU kernels: fused loops built by the system C compiler (compiled; auto uses them when a "
+        "compiler is found, the default) or torch op by op (eager); the results are the same",
+    )
     p.add_argument(
         "--rows",
         choices=("exact", "common"),

@@ -27,6 +27,7 @@ from typing import TextIO
 
 import torch
 
+from tvlang.backends.compiled import Kernels, TaskKernel, call, prepare_kernels
 from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
 from tvlang.backends.program import ProgramState
 from tvlang.backends.reductions import KthLargest
@@ -215,6 +216,7 @@ def execute(
     """
     check_nonfinite_mode(nonfinite)
     report = NonFiniteReport(plan)
+    kernels = prepare_kernels(plan) if plan.kernels == "compiled" else None
     model_values: dict[int, float] = {}
     items = _work(plan)
     lock = threading.Lock()
@@ -236,7 +238,17 @@ def execute(
             try:
                 if start == WHOLE_TASK:
                     _run_task(
-                        plan, task, sources, sinks, scratch, nonfinite, report, progress, failed, model_values
+                        plan,
+                        task,
+                        sources,
+                        sinks,
+                        scratch,
+                        nonfinite,
+                        report,
+                        progress,
+                        failed,
+                        model_values,
+                        kernels,
                     )
                 else:
                     _run_chunk(
@@ -251,6 +263,7 @@ def execute(
                         report,
                         None,
                         model_values,
+                        kernels,
                     )
             except BaseException:
                 failed.set()
@@ -261,7 +274,7 @@ def execute(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model_values.update(_model_reductions(plan, sources, progress))
+        model_values.update(_model_reductions(plan, sources, progress, kernels))
         if plan.threads <= 1:
             worker()
         else:
@@ -294,8 +307,18 @@ def _run_chunk(
     report: NonFiniteReport,
     state: ProgramState | None = None,
     model_values: Mapping[int, float] | None = None,
+    kernels: Kernels | None = None,
 ) -> None:
     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
+    compiled = kernels.task(task) if kernels is not None else None
+    if compiled is not None:
+        assert kernels is not None
+        if task.program is not None and state is None:
+            state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), model_values)
+        if _run_compiled(compiled, kernels, task, start, stop, views, sinks, scratch, nonfinite, state):
+            for i in task.reads:
+                sources[i].release(task.name, start, stop)
+            return
     n = stop - start
     counted: set[int] = set()  # inputs already counted in this chunk (several outputs read them)
     program_outputs: list[torch.Tensor] = []
@@ -330,6 +353,37 @@ def _run_chunk(
         sources[i].release(task.name, start, stop)
 
 
+def _run_compiled(
+    compiled: TaskKernel,
+    kernels: Kernels,
+    task: TensorTask,
+    start: int,
+    stop: int,
+    views: Mapping[int, torch.Tensor],
+    sinks: Sequence[Sink],
+    scratch: Scratch,
+    nonfinite: str,
+    state: ProgramState | None,
+) -> bool:
+    """One chunk through the task's fused kernel: every float output in one loop, copies copied.
+    False (nothing written) when the chunk is the kernel's to refuse (another dtype) or holds
+    NaN/±inf that the policy must look at: the eager path then redoes it and says why."""
+    n = stop - start
+    outs = [scratch.get(("out", k), DTYPES[task.writes[w].dtype], n) for k, w in enumerate(compiled.writes)]
+    scalars = state.scalars if state is not None else {}
+    bad = call(compiled, views, outs, scalars, kernels.random_keys(compiled.bound, task.name), start)
+    if bad < 0 or (bad and nonfinite != "propagate"):
+        return False
+    filled = dict(zip(compiled.writes, outs, strict=True))
+    for k, write in enumerate(task.writes):
+        out = filled.get(k)
+        if out is None:  # a non-float tensor, copied from its template
+            out = scratch.get("out", DTYPES[write.dtype], n)
+            run_kernel(write.kernel, views, out, scratch)
+        _write(sinks[write.output], task.name, start, out)
+    return True
+
+
 def _run_task(
     plan: Plan,
     task: TensorTask,
@@ -341,11 +395,12 @@ def _run_task(
     progress: Progress | None,
     failed: threading.Event,
     model_values: Mapping[int, float],
+    kernels: Kernels | None = None,
 ) -> None:
     """Every pass of a task with reductions: the reduction passes feed the program's accumulators
     chunk by chunk, then the last pass writes the outputs."""
     assert task.program is not None
-    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), model_values)
+    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), model_values, kernels)
     read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
     for q in range(1, task.passes + 1):
@@ -360,7 +415,18 @@ def _run_task(
                 moved = read_bytes
             else:
                 _run_chunk(
-                    plan, task, start, stop, sources, sinks, scratch, nonfinite, report, state, model_values
+                    plan,
+                    task,
+                    start,
+                    stop,
+                    sources,
+                    sinks,
+                    scratch,
+                    nonfinite,
+                    report,
+                    state,
+                    model_values,
+                    kernels,
                 )
                 moved = read_bytes + write_bytes
             if progress is not None:
@@ -369,7 +435,9 @@ def _run_task(
             state.end_pass(q)
 
 
-def _model_reductions(plan: Plan, sources: Sequence[Source], progress: Progress | None) -> dict[int, float]:
+def _model_reductions(
+    plan: Plan, sources: Sequence[Source], progress: Progress | None, kernels: Kernels | None = None
+) -> dict[int, float]:
     """Model-wide k-th largest values, before any tensor is written: an exact float64 radix selection
     whose every round is one pass over every chunk of every tensor that uses it."""
     values: dict[int, float] = {}
@@ -380,7 +448,9 @@ def _model_reductions(plan: Plan, sources: Sequence[Source], progress: Progress 
             for task_index, operand in red.users:
                 task = plan.tasks[task_index]
                 assert task.program is not None
-                state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+                state = ProgramState(
+                    task.program, task.name, task.numel, row_length(task.shape), kernels=kernels
+                )
                 nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
                 for _, start, stop in _chunks(plan, task):
                     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}

@@ -16,7 +16,7 @@ with ``key = fmix64(fmix64(seed ^ fnv1a(stream)) ^ fnv1a(tensor name))``, where
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from tvlang.backends.cpu import ACC_DTYPES, Scratch
 from tvlang.backends.reductions import BlockSum, Count, KthLargest
 from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.program import Instr, TensorProgram
+
+if TYPE_CHECKING:
+    from tvlang.backends.compiled import Kernels
 
 _FMIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # the constants of MurmurHash3's 64-bit finaliser, as int64
 _FMIX2 = 0xC4CEB9FE1A85EC53 - (1 << 64)
@@ -129,8 +132,10 @@ class ProgramState:
         numel: int,
         row: int = 1,
         model_values: Mapping[int, float] | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         self.program = program
+        self.kernels = kernels  # compiled kernels for the reduction passes' operands (else eager)
         self.tensor = tensor
         self.numel = numel
         self.model_values = model_values or {}  # model-wide scalars, computed before the per-tensor work
@@ -237,6 +242,10 @@ class ProgramState:
     ) -> list[Any]:
         """Evaluate ``targets`` on one chunk, in instruction order, in reused slot buffers."""
         values: dict[int, Any] = self.scalars
+        if self.kernels is not None and all(self.program.instrs[t].tensor for t in targets):
+            outs = [scratch.get(("slot", k), self.acc_dtype, stop - start) for k in range(len(targets))]
+            if self.kernels.run_program(self.program, targets, views, outs, self.scalars, self.tensor, start):
+                return list(outs)
         chunk: dict[int, torch.Tensor] = {}
         for i, slot in self.program.schedule(targets, frozenset(self.scalars)):
             ins = self.program.instrs[i]

@@ -164,6 +164,7 @@ class Plan:
     threads: int
     memory: int  # the budget, bytes
     model_reductions: tuple[ModelReduction, ...] = ()
+    kernels: str = "eager"  # "compiled": fused C loops (tvlang.codegen.c); "eager": torch op by op
 
     @property
     def bytes_read(self) -> int:
@@ -234,7 +235,8 @@ class Plan:
         lines.append(
             f"totals: {len(self.tasks)} tensors, read {_human(self.bytes_read)}, "
             f"write {_human(self.bytes_written)}, chunk {self.chunk:,} elements, {self.threads} thread(s), "
-            f"peak working memory ≈ {_human(self.peak_memory)} (budget {_human(self.memory)})"
+            f"peak working memory ≈ {_human(self.peak_memory)} (budget {_human(self.memory)}), "
+            f"{'compiled fused' if self.kernels == 'compiled' else 'eager'} CPU kernels"
         )
         return "\n".join(lines)
 

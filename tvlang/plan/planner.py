@@ -85,6 +85,7 @@ def build_plan(
     chunk: int | None = None,
     keys: str = "exact",
     rows: str = "exact",
+    kernels: str = "eager",
 ) -> Plan:
     """``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
     ``intersection`` (only the names all of them hold) or ``union`` (every name any holds; a model
@@ -189,7 +190,7 @@ def build_plan(
     # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits then never depend on chunking).
     final = tuple(_aligned(t, chunk) for t in planned_tasks)
     globals_ = tuple(_model_reduction(i, n, final) for i, n in enumerate(global_nodes))
-    return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory, globals_)
+    return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory, globals_, kernels)
 
 
 def _model_reduction(key: int, node: Node, tasks: Sequence[TensorTask]) -> ModelReduction:

@@ -1,0 +1,228 @@
+"""The compiled CPU kernels (tvlang.codegen.c) against the eager torch path, bit for bit.
+
+Every planned pass type — weighted sums (one output and sweeps), element-wise programs, the
+operands of reduction passes, model-wide reductions, seeded random masks — runs both ways
+on the same inputs, for bf16, fp16 and fp32, at chunk sizes that split tensors raggedly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import tvlang
+from tvlang.codegen import c
+from tvlang.codegen.spec import KernelSpec, Stmt, task_spec
+from tvlang.errors import TvParamError
+
+pytestmark = pytest.mark.skipif(c.compiler() is None, reason="no C compiler here: compiled kernels are off")
+
+SHAPES = ((37, 11), (2053,), (5, 4, 3), (1,))
+
+
+def _states(dtype: torch.dtype, n: int = 4, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(SHAPES)}
+    out = {"base": {k: v.to(dtype) for k, v in base.items()}}
+    for j in range(1, n):
+        out[f"m{j}"] = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()}
+    return out
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def _both(src: str, bindings: dict[str, object], **kw: object) -> tuple[dict, dict]:
+    eager = tvlang.evaluate(src, bindings, kernels="eager", **kw)
+    compiled = tvlang.evaluate(src, bindings, kernels="compiled", **kw)
+    return eager, compiled
+
+
+def _assert_same_bits(eager: dict, compiled: dict) -> None:
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        a, b = eager[k], compiled[k]
+        if isinstance(a, dict):  # several outputs
+            _assert_same_bits(a, b)
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(_bits(a), _bits(b)), f"{k}: {(a != b).sum()} elements differ"
+
+
+METHODS = [
+    "base + 0.4*(m1 - base) - 0.3*(m2 - base) + 0.4*(m3 - base)",
+    "base + ties(m1 - base, m2 - base, m3 - base, weights=[0.5, 0.3, 0.2], density=0.3)",
+    'base + ties(m1 - base, m2 - base, density=0.5, elect="count", divide="count")',
+    "base + dare(m1 - base, 0.7, seed=5)",
+    "base + dare_ties(m1 - base, m2 - base, density=0.5, seed=2)",
+    'base + della(m1 - base, 0.5, 0.3, seed=2, rescale="l1")',
+    "base + magnitude_prune(m1 - base, 0.3)",
+    "base + breadcrumbs(m1 - base, 0.5, 0.1)",
+    "lerp(base, m1, 0.3)",
+    "slerp(m1, m2, 0.4)",
+    "base + nuslerp(m1 - base, m2 - base, 0.25)",
+    "model_stock(base, m1, m2, m3)",
+    "nearswap(base, m1, 0.05)",
+    "linear(m1, m2, m3, weights=[1, 2, 1])",
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("src", METHODS)
+def test_methods_match_eager_bit_for_bit(src: str, dtype: torch.dtype) -> None:
+    eager, compiled = _both(src, _states(dtype), chunk=700, threads=2)
+    _assert_same_bits(eager, compiled)
+
+
+def test_model_wide_trim_and_sweeps_match_eager() -> None:
+    b = _states(torch.bfloat16)
+    src = 'base + ties(m1 - base, m2 - base, density=0.4, scope="model")'
+    _assert_same_bits(*_both(src, b, chunk=512))
+    sweep = "param lam = [0.1, 0.3, 0.5, 0.7]\noutput merged = base + lam*(m1 - base) - lam/2*(m2 - base)\n"
+    eager = tvlang.compile(sweep, bindings=b).run(options=tvlang.Options(kernels="eager"))
+    compiled = tvlang.compile(sweep, bindings=b).run(options=tvlang.Options(kernels="compiled"))
+    _assert_same_bits(eager, compiled)
+
+
+ELEMENTWISE = [
+    "abs(d)",
+    "sign(d)",
+    "sqrt(abs(d))",
+    "floor(d * 10)",
+    "ceil(d * 10)",
+    "min(d, e)",
+    "max(d, e)",
+    "clamp(d, -0.03, 0.04)",
+    "where(d > e, d, e)",
+    "(d < e) + (d <= e) + (d >= e) + (d == e) + (d != e)",
+    "d / e",
+    "2 / d",
+    "d / 3",
+    "0.7 - d",
+    "d * e - e",
+    "-d",
+    "d * (sum(d * e) / sqrt(sum(d * d)))",
+]
+# libm's and torch's (SLEEF) sin and acos may differ in the last bit of the
+# accumulation dtype; after rounding to the output they agree to one unit in the last place.
+TRANSCENDENTAL = ["sin(d)", "acos(clamp(d * 10, -1, 1))"]
+
+
+def _delta_bindings(dtype: torch.dtype) -> dict[str, object]:
+    s = _states(dtype, 3)
+    return {"d": tvlang.delta(s["m1"]), "e": tvlang.delta(s["m2"])}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("src", ELEMENTWISE)
+def test_elementwise_functions_match_eager_bit_for_bit(src: str, dtype: torch.dtype) -> None:
+    _assert_same_bits(*_both(src, _delta_bindings(dtype), chunk=1000))
+
+
+@pytest.mark.parametrize("src", TRANSCENDENTAL)
+def test_transcendental_functions_within_one_ulp(src: str) -> None:
+    eager, compiled = _both(src, _delta_bindings(torch.float32))
+    for k in eager:
+        a, b = eager[k].double(), compiled[k].double()
+        ulp = torch.finfo(torch.float32).eps * a.abs().clamp(min=torch.finfo(torch.float32).tiny)
+        assert bool(((a - b).abs() <= ulp).all()), k
+
+
+def test_special_values_propagate_like_eager() -> None:
+    """NaN, ±inf, ±0 and subnormals through every element-wise function (NaN payloads aside)."""
+    specials = torch.tensor(
+        [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-40, 1.5, -2.5, 3.0, 0.5, -0.5]
+    )
+    d = {"w": specials.repeat_interleave(len(specials))}
+    e = {"w": specials.repeat(len(specials))}
+    bindings = {"d": tvlang.delta(d), "e": tvlang.delta(e)}
+    for src in [*ELEMENTWISE[:-1], "d + e", "d - e", "d * e"]:
+        eager, compiled = _both(src, bindings, nonfinite="propagate")
+        torch.testing.assert_close(compiled["w"], eager["w"], rtol=0, atol=0, equal_nan=True, msg=src)
+
+
+def test_nonfinite_outputs_get_the_same_errors_and_reports(tmp_path: Path) -> None:
+    base = {"w": torch.zeros(10_000, dtype=torch.bfloat16)}
+    ft = {"w": torch.zeros(10_000, dtype=torch.bfloat16)}
+    ft["w"][1234] = math.nan
+    bindings = {"base": base, "ft": ft}
+    for kernels in ("eager", "compiled"):
+        with pytest.raises(tvlang.TvInputError, match="NaN"):
+            tvlang.evaluate("base + 0.5*(ft - base)", bindings, kernels=kernels)
+    warned = [
+        tvlang.evaluate("base + 0.5*(ft - base)", bindings, kernels=k, nonfinite="warn")["w"]
+        for k in ("eager", "compiled")
+    ]
+    assert torch.equal(_bits(warned[0]), _bits(warned[1]))
+
+
+def test_kernels_are_cached_on_disk_and_shared_by_tensors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TVLANG_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "_loaded", {})
+    b = _states(torch.bfloat16)
+    program = tvlang.compile("base + 0.5*(m1 - base)", bindings=b)
+    plan = program.plan()
+    from tvlang.backends.compiled import prepare_kernels
+
+    assert prepare_kernels(plan).prepare() == 1  # one kernel for every bf16 tensor
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(c, "_loaded", {})  # a new process: loaded from the disk cache, not rebuilt
+    prepare_kernels(plan)
+    assert built[0].stat().st_mtime_ns == mtime
+
+
+def test_generated_source_holds_numbers_only() -> None:
+    """No name or string of a program reaches the compiler: weights are exact hex literals."""
+    w = {"layer.Secret_Weight": torch.ones(4, dtype=torch.bfloat16)}
+    plan = tvlang.compile(
+        "Pretrained + 0.1*(Finetuned - Pretrained)", bindings={"Pretrained": w, "Finetuned": w}
+    ).plan()
+    task = plan.tasks[0]
+    bound = task_spec(task, {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads})
+    source = c.c_source(bound.spec)
+    assert "Secret" not in source and "Pretrained" not in source and "Finetuned" not in source
+    assert (0.1).hex() in source and "fmaf(" in source
+
+
+def test_a_failing_compiler_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TVLANG_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setattr(c, "_loaded", {})
+    b = _states(torch.float32)
+    with pytest.warns(UserWarning, match="kernel compilation failed"):
+        out = tvlang.evaluate("base + 0.5*(m1 - base)", b, kernels="compiled")
+    ref = tvlang.evaluate("base + 0.5*(m1 - base)", b, kernels="eager")
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+
+
+def test_compiled_without_a_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(TvParamError, match="C compiler"):
+        tvlang.evaluate("a", {"a": {"w": torch.ones(3)}}, kernels="compiled")
+    out = tvlang.evaluate("0.25*a + 0.75*a", {"a": {"w": torch.ones(3)}}, kernels="auto")  # eager, quietly
+    assert out["w"].tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(TvParamError, match="kernel mode"):
+        tvlang.evaluate("a", {"a": {"w": torch.ones(3)}}, kernels="fast")
+
+
+def test_handwritten_spec_rounds_like_torch() -> None:
+    """The bf16 and fp16 conversions: every float32 bit pattern class, round-to-nearest-even."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-(2**31), 2**31 - 1, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = x.view(torch.float32)
+    spec = KernelSpec(("F32",), ((0, "BF16"), (0, "F16")), (Stmt("load", (), 0),), "F32", 0, 0)
+    kernel = c.load(spec)
+    bf, hf = torch.empty(x.numel(), dtype=torch.bfloat16), torch.empty(x.numel(), dtype=torch.float16)
+    bad = kernel([x], [bf, hf])
+    finite = torch.isfinite(x.bfloat16()) & torch.isfinite(x.half())
+    assert bad == int((~finite).sum())
+    assert torch.equal(_bits(bf), _bits(x.bfloat16()))
+    assert torch.equal(hf[~x.half().isnan()], x.half()[~x.half().isnan()])

@@ -1,0 +1,162 @@
+"""The compiled CPU path: each task's element-wise pass as one fused C loop (:mod:`tvlang.codegen.c`).
+
+A task's kernel reads every input chunk once and writes every float output of the task
+(a sweep's ten outputs included) in the same loop; a program's reduction passes get kernels
+that compute their operands.  Kernels are built once per distinct spec (tensors of the same
+dtypes and structure share one) before the run starts, so compile errors and compile time
+never land in the middle of a merge.  What no kernel computes (row ranks, float8 tensors)
+runs on the eager path, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tvlang.backends.program import random_key
+from tvlang.codegen import c
+from tvlang.codegen.spec import Bound, Unsupported, program_spec, task_spec
+from tvlang.plan.plan import Plan, ProgramOutput, TensorTask, WeightedSum
+from tvlang.plan.program import TensorProgram
+
+KERNEL_MODES = ("auto", "compiled", "eager")
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` is ``compiled`` where a C compiler is found, else ``eager``."""
+    if mode == "auto":
+        return "compiled" if c.compiler() is not None else "eager"
+    return mode
+
+
+@dataclass(frozen=True)
+class Compiled:
+    kernel: c.CKernel
+    bound: Bound
+
+
+@dataclass(frozen=True)
+class TaskKernel(Compiled):
+    writes: tuple[int, ...]  # the task's writes (indices) that the outputs fill, in order
+
+
+class Kernels:
+    """The compiled kernels of one plan's run."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._tasks: dict[int, TaskKernel | None] = {}
+        self._programs: dict[tuple[int, tuple[int, ...], tuple[torch.dtype, ...]], Compiled | None] = {}
+        self._keys: dict[tuple[int, str, str], int] = {}
+        self._lock = threading.Lock()
+        self.failures: list[str] = []
+
+    def prepare(self) -> int:
+        """Build every task's kernel now; returns how many distinct kernels the plan uses."""
+        specs = set()
+        for task in self.plan.tasks:
+            tk = self.task(task)
+            if tk is not None:
+                specs.add(tk.bound.spec.key)
+        return len(specs)
+
+    def task(self, task: TensorTask) -> TaskKernel | None:
+        key = id(task)
+        if key in self._tasks:
+            return self._tasks[key]
+        writes = tuple(
+            i for i, w in enumerate(task.writes) if isinstance(w.kernel, WeightedSum | ProgramOutput)
+        )
+        result = None
+        if writes:
+            metas = (self.plan.inputs[i].tensors.get(task.name) for i in task.reads)
+            dtypes = {i: m.dtype for i, m in zip(task.reads, metas, strict=True) if m is not None}
+            compiled = self._build(lambda: task_spec(task, dtypes))
+            if compiled is not None:
+                result = TaskKernel(compiled.kernel, compiled.bound, writes)
+        self._tasks[key] = result
+        return result
+
+    def program(
+        self, program: TensorProgram, targets: tuple[int, ...], inputs: Mapping[int, torch.Tensor]
+    ) -> Compiled | None:
+        """The kernel computing ``targets`` (a reduction pass's operands) from chunks like ``inputs``."""
+        key = (id(program), targets, tuple(inputs[i].dtype for i in sorted(inputs)))
+        if key not in self._programs:
+            dtypes = {i: _CODES[x.dtype] for i, x in inputs.items() if x.dtype in _CODES}
+            self._programs[key] = self._build(lambda: program_spec(program, targets, dtypes))
+        return self._programs[key]
+
+    def run_program(
+        self,
+        program: TensorProgram,
+        targets: tuple[int, ...],
+        views: Mapping[int, torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+        scalars: Mapping[int, float],
+        tensor: str,
+        start: int,
+    ) -> bool:
+        """Compute ``targets`` of one chunk into ``outputs`` (accumulation dtype); False when no
+        kernel does (the caller then runs them eagerly)."""
+        compiled = self.program(program, targets, views)
+        if compiled is None:
+            return False
+        return call(compiled, views, outputs, scalars, self.random_keys(compiled.bound, tensor), start) >= 0
+
+    def random_keys(self, bound: Bound, tensor: str) -> list[int]:
+        out = []
+        for seed, stream in bound.keys:
+            k = (seed, stream, tensor)
+            if k not in self._keys:
+                self._keys[k] = random_key(seed, stream, tensor)
+            out.append(self._keys[k])
+        return out
+
+    def _build(self, make: object) -> Compiled | None:
+        try:
+            bound = make()  # type: ignore[operator]
+        except (Unsupported, KeyError):  # KeyError: an input dtype without a kernel type
+            return None
+        try:
+            return Compiled(c.load(bound.spec), bound)
+        except c.CompileError as e:
+            with self._lock:
+                if not self.failures:
+                    warnings.warn(f"tvlang: running eagerly, kernel compilation failed: {e}", stacklevel=2)
+                self.failures.append(str(e))
+            return None
+
+
+_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def call(
+    compiled: Compiled,
+    views: Mapping[int, torch.Tensor],
+    outputs: Sequence[torch.Tensor],
+    scalars: Mapping[int, float],
+    keys: Sequence[int],
+    start: int,
+) -> int:
+    """Run ``compiled`` on one chunk; returns the count of elements with non-finite rounded outputs,
+    or -1 (nothing computed) when a chunk's dtype is not the one the kernel was built for."""
+    bound = compiled.bound
+    inputs = [views[i] for i in bound.inputs]
+    if any(
+        x.dtype != c.torch_dtype(d, "F32") or not x.is_contiguous()
+        for x, d in zip(inputs, bound.spec.inputs, strict=True)
+    ):
+        return -1
+    return compiled.kernel(inputs, list(outputs), [scalars[i] for i in bound.params], list(keys), start)
+
+
+def prepare_kernels(plan: Plan) -> Kernels:
+    """The plan's kernels, all built (compiled or loaded from the disk cache)."""
+    kernels = Kernels(plan)
+    kernels.prepare()
+    return kernels

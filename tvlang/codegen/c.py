@@ -1,0 +1,365 @@
+"""Fused CPU kernels: a :class:`~tvlang.codegen.spec.KernelSpec` as one C loop, compiled by the
+system C compiler, cached on disk, called through ctypes.
+
+Why not torch.compile/Inductor: it would also give one vectorised loop, but its import and
+warm compile cost about 4 s and 200 MiB of resident memory (../benchmarks/RESULTS.md) — more
+than the whole plan-and-compile budget of a merge.  A generated C loop compiles in about a
+tenth of a second, loads in microseconds, and ctypes releases the GIL while it runs, so the
+runtime's worker threads run kernels in parallel.
+
+The loop does exactly what the eager path does, operation for operation (see
+:mod:`tvlang.codegen.spec`): explicit ``fma`` calls, ``-ffp-contract=off`` so that the
+compiler fuses nothing else, round-to-nearest-even conversions written out in integer
+arithmetic.  Each call returns how many elements of its rounded outputs are NaN or ±inf, so
+the non-finite check costs no extra pass.
+
+Only numbers (weights, as exact hexadecimal literals) and fixed identifiers reach the
+source; no name or string from a program does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvlang.codegen.spec import ACC, KernelSpec, Stmt
+
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",  # no fused multiply-adds but the explicit ones: the eager path's roundings
+    "-fno-math-errno",  # lets sqrt vectorise; results unchanged
+    "-fno-trapping-math",  # lets selects vectorise; results unchanged
+)
+
+_CTYPE = {"F64": "double", "F32": "float", "F16": "_Float16", "BF16": "uint16_t"}
+_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+PRELUDE = r"""#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even; NaN becomes 0xFFFF, as in torch's vectorised conversion. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0xFFFF : r;
+}
+
+static inline uint16_t bits16(_Float16 h) {
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+static inline uint32_t bits32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline uint64_t bits64(double d) {
+    uint64_t u;
+    memcpy(&u, &d, 8);
+    return u;
+}
+
+/* torch.minimum / torch.maximum: NaN propagates; -0 is below +0. */
+#define TV_MIN(a, b) ((a) != (a) || (b) != (b) ? (a) + (b) : (a) < (b) ? (a) : (b) < (a) ? (b) : signbit(a) ? (a) : (b))
+#define TV_MAX(a, b) ((a) != (a) || (b) != (b) ? (a) + (b) : (a) > (b) ? (a) : (b) > (a) ? (b) : signbit(a) ? (b) : (a))
+#define TV_SIGN(x) ((x) > 0 ? 1 : (x) < 0 ? -1 : 0)
+
+/* The counter-based generator of tvlang.backends.program: fmix64(key ^ (i * golden)). */
+static inline uint64_t tv_mix(uint64_t key, uint64_t i) {
+    uint64_t x = key ^ (i * 0x9E3779B97F4A7C15ull);
+    x ^= x >> 33;
+    x *= 0xFF51AFD7ED558CCDull;
+    x ^= x >> 33;
+    x *= 0xC4CEB9FE1A85EC53ull;
+    x ^= x >> 33;
+    return x;
+}
+"""
+
+
+def _literal(x: float, t: str) -> str:
+    if math.isnan(x):
+        return f"({t})NAN"
+    if math.isinf(x):
+        return f"({t})({'-' if x < 0 else ''}INFINITY)"
+    return f"({t}){x.hex()}"
+
+
+def c_source(spec: KernelSpec) -> str:
+    """The C source of ``spec``: ``int64_t tv_kernel(n, start, in, out, params, keys)`` computes
+    elements [0, n) of every output and returns how many rounded results are NaN or ±inf."""
+    t = "double" if spec.acc == "F64" else "float"
+    f = "" if t == "double" else "f"  # libm suffix
+    body: list[str] = []
+    names: dict[int, str] = {}
+    hoisted: list[str] = []  # per-call values, outside the loop
+
+    def val(i: int) -> str:
+        """Statement ``i`` as a value of the accumulation type."""
+        if spec.body[i].op == "param":
+            return f"{names[i]}_t"
+        return names[i]
+
+    for i, s in enumerate(spec.body):
+        name = f"v{i}"
+        names[i] = name
+        a = [val(j) for j in s.args]
+        if s.op == "param":
+            hoisted.append(f"    const double {name} = params[{s.attr}];")
+            hoisted.append(f"    const {t} {name}_t = ({t}){name};")
+            continue
+        if s.op == "load":
+            dtype = spec.inputs[int(s.attr)]  # type: ignore[call-overload]
+            src = f"in{s.attr}[i]"
+            expr = f"bf16_to_f32({src})" if dtype == "BF16" else src
+            body.append(f"        const {t} {name} = ({t}){expr};")
+        elif s.op == "const":
+            body.append(f"        const {t} {name} = {_literal(float(s.attr), t)};")  # type: ignore[arg-type]
+        elif s.op == "wsum":
+            body.append(f"        {t} {name} = 0;")
+            for w, j in zip(s.attr, s.args, strict=True):  # type: ignore[call-overload]
+                if spec.is_param(j):  # a number: w·p in float64, rounded, added
+                    body.append(f"        {name} = {name} + ({t})({w.hex()} * {names[j]});")
+                else:
+                    body.append(f"        {name} = fma{f}({_literal(w, t)}, {val(j)}, {name});")
+        elif s.op == "neg":
+            body.append(f"        const {t} {name} = -{a[0]};")
+        elif s.op in ("add", "sub", "mul", "div"):
+            sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[s.op]
+            body.append(f"        const {t} {name} = {a[0]} {sym} {a[1]};")
+        elif s.op == "call":
+            body.append(f"        const {t} {name} = {_call(str(s.attr), a, t, f)};")
+        elif s.op == "rand":
+            bits = 53 if t == "double" else 24
+            body.append(
+                f"        const {t} {name} = ({t})(tv_mix((uint64_t)keys[{s.attr}], (uint64_t)(start + i))"
+                f" >> {64 - bits}) * ({t}){(2.0**-bits).hex()};"
+            )
+        else:
+            raise ValueError(f"no C for {s}")
+
+    finite = []
+    for k, (i, dtype) in enumerate(spec.outputs):
+        v = val(i)
+        if dtype == ACC:
+            body.append(f"        out{k}[i] = {v};")
+            continue
+        rounded = f"r{k}"
+        if dtype == "BF16":
+            body.append(f"        const uint16_t {rounded} = f32_to_bf16((float){v});")
+            finite.append(f"(({rounded} & 0x7F80u) != 0x7F80u)")
+        elif dtype == "F16":  # through float32, as torch converts a double
+            body.append(f"        const _Float16 {rounded} = (_Float16)(float){v};")
+            finite.append(f"((bits16({rounded}) & 0x7C00u) != 0x7C00u)")
+        elif dtype == "F32":
+            body.append(f"        const float {rounded} = (float){v};")
+            finite.append(f"((bits32({rounded}) & 0x7F800000u) != 0x7F800000u)")
+        else:
+            body.append(f"        const double {rounded} = (double){v};")
+            finite.append(f"((bits64({rounded}) & 0x7FF0000000000000ull) != 0x7FF0000000000000ull)")
+        body.append(f"        out{k}[i] = {rounded};")
+    if finite:
+        body.append(f"        bad += !({' && '.join(finite)});")
+
+    pointers = [
+        f"    const {_CTYPE[d]} *restrict in{k} = (const {_CTYPE[d]} *)in[{k}];"
+        for k, d in enumerate(spec.inputs)
+    ]
+    for k, (_, dtype) in enumerate(spec.outputs):
+        ctype = t if dtype == ACC else _CTYPE[dtype]
+        pointers.append(f"    {ctype} *restrict out{k} = ({ctype} *)out[{k}];")
+    return "\n".join(
+        [
+            f"/* tvlang kernel {spec.key}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs,"
+            f" accumulating in {t} */",
+            PRELUDE,
+            "int64_t tv_kernel(int64_t n, int64_t start, void *const *in, void *const *out,",
+            "                  const double *params, const int64_t *keys) {",
+            "    (void)start; (void)params; (void)keys;",
+            *pointers,
+            *hoisted,
+            "    int64_t bad = 0;",
+            "    for (int64_t i = 0; i < n; i++) {",
+            *body,
+            "    }",
+            "    return bad;",
+            "}",
+            "",
+        ]
+    )
+
+
+def _call(fn: str, a: list[str], t: str, f: str) -> str:
+    one = f"({t})1"
+    zero = f"({t})0"
+    if fn in ("sqrt", "floor", "ceil", "sin", "acos"):
+        return f"{fn}{f}({a[0]})"
+    if fn == "abs":
+        return f"fabs{f}({a[0]})"
+    if fn == "sign":
+        return f"({t})TV_SIGN({a[0]})"
+    if fn == "min":
+        return f"TV_MIN({a[0]}, {a[1]})"
+    if fn == "max":
+        return f"TV_MAX({a[0]}, {a[1]})"
+    if fn == "clamp":
+        return f"TV_MIN(TV_MAX({a[0]}, {a[1]}), {a[2]})"
+    if fn == "where":
+        return f"({a[0]} != 0 ? {a[1]} : {a[2]})"
+    sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[fn]
+    return f"({a[0]} {sym} {a[1]} ? {one} : {zero})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling and loading
+
+
+def compiler() -> str | None:
+    """The C compiler to use: $CC, else ``cc``; None when there is none."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _host_key() -> str:
+    """What a ``-march=native`` binary depends on: the CPU's model and flags, the compiler."""
+    cpu = platform.processor() + platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu += "".join(sorted({ln for ln in fh if ln.startswith(("flags", "model name"))}))
+    except OSError:
+        pass
+    return hashlib.sha256(f"{cpu}{compiler()}{FLAGS}{sys.platform}".encode()).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TVLANG_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tvlang"
+    )
+    return Path(root) / "kernels"
+
+
+class CompileError(Exception):
+    pass
+
+
+@dataclass
+class CKernel:
+    """A loaded kernel; calling it runs the loop over one chunk (the GIL is released meanwhile)."""
+
+    spec: KernelSpec
+    path: Path
+    _fn: Any  # the ctypes function
+
+    def __call__(
+        self,
+        inputs: list[torch.Tensor],
+        outputs: list[torch.Tensor],
+        params: list[float] | tuple[float, ...] = (),
+        keys: list[int] | tuple[int, ...] = (),
+        start: int = 0,
+    ) -> int:
+        """Compute ``outputs`` (contiguous, of the spec's dtypes) from ``inputs``; returns the number of
+        elements whose rounded results are not all finite."""
+        n = outputs[0].numel() if outputs else 0
+        for x in (*inputs, *outputs):
+            assert x.is_contiguous() and x.numel() == n and x.device.type == "cpu"
+        ins = (ctypes.c_void_p * max(1, len(inputs)))(*[x.data_ptr() for x in inputs])
+        outs = (ctypes.c_void_p * max(1, len(outputs)))(*[x.data_ptr() for x in outputs])
+        ps = (ctypes.c_double * max(1, len(params)))(*params)
+        ks = (ctypes.c_int64 * max(1, len(keys)))(*keys)
+        return int(self._fn(n, start, ins, outs, ps, ks))
+
+
+_lock = threading.Lock()
+_loaded: dict[str, CKernel] = {}
+
+
+def load(spec: KernelSpec) -> CKernel:
+    """The compiled kernel of ``spec``: from memory, else from the disk cache, else compiled now.
+    Raises :class:`CompileError` when no compiler is there or it fails."""
+    kernel = _loaded.get(spec.key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        kernel = _loaded.get(spec.key)
+        if kernel is None:
+            kernel = _loaded[spec.key] = _load(spec)
+    return kernel
+
+
+def _load(spec: KernelSpec) -> CKernel:
+    directory = cache_dir()
+    source = c_source(spec)
+    digest = hashlib.sha256(f"{source}{_host_key()}".encode()).hexdigest()[:32]
+    path = directory / f"{digest}.so"  # named by what the binary is made of
+    if not path.exists():
+        cc = compiler()
+        if cc is None:
+            raise CompileError("no C compiler (set CC, or install gcc or clang)")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            directory = Path(tempfile.gettempdir()) / "tvlang-kernels"
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / path.name
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        src = Path(tmp).with_suffix(".c")
+        src.write_text(source)
+        try:
+            done = subprocess.run(
+                [cc, *FLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=120
+            )
+            if done.returncode != 0:
+                raise CompileError(f"{cc} failed: {done.stderr.strip()[:2000]}")
+            os.replace(tmp, path)  # atomic: concurrent processes see a whole library or none
+        finally:
+            src.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
+    lib = ctypes.CDLL(str(path))
+    fn = lib.tv_kernel
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
+    return CKernel(spec, path, fn)
+
+
+def torch_dtype(code: str, acc: str) -> torch.dtype:
+    """The torch dtype of an output pointer (``ACC``: the accumulation dtype)."""
+    return _TORCH[acc if code == ACC else code]
+
+
+__all__ = ["CKernel", "CompileError", "Stmt", "c_source", "compiler", "load", "torch_dtype"]

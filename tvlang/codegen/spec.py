@@ -1,0 +1,219 @@
+"""A fused element-wise pass as a backend-neutral kernel specification.
+
+A :class:`KernelSpec` is what one generated kernel computes per element: a
+straight-line list of statements in the accumulation dtype, from typed input
+pointers to typed output pointers.  The C emitter (:mod:`tvlang.codegen.c`) and
+the Triton emitter (:mod:`tvlang.codegen.triton`) both start from it, so both
+backends compute the same thing as the eager CPU path
+(:mod:`tvlang.backends.cpu`, :mod:`tvlang.backends.program`) — operation for
+operation, with the same roundings:
+
+- every value is in the accumulation type ``T`` (float32, or float64), and a
+  per-tensor number (a reduction result, ``numel``) is a float64 parameter
+  rounded to ``T`` where a chunk operation uses it;
+- a weighted sum starts from zero and takes ``acc = fma(T(w), x, acc)`` per
+  tensor term in term order, and ``acc = acc + T(w·p)`` for a number ``p``;
+- an output is rounded once to its dtype (16-bit outputs of a float64
+  accumulator go through float32, as torch's conversion does), or kept in
+  ``T`` ("ACC") for the operands of reductions.
+
+Nothing per tensor is in a spec (names, counts, random keys and reduction
+results are arguments), so one compiled kernel serves every tensor of the same
+dtypes and structure: :attr:`KernelSpec.key` is its cache key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tvlang.plan.plan import ProgramOutput, TensorTask, WeightedSum
+from tvlang.plan.program import TensorProgram
+
+# Input/output element types a generated kernel handles; others (float8) run eagerly.
+KERNEL_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+ACC = "ACC"  # an output kept in the accumulation dtype (a reduction's operand)
+
+BINARY = ("add", "sub", "mul", "div")  # (`**` takes numbers only: never a chunk operation)
+CALLS = frozenset(
+    {
+        "abs",
+        "sign",
+        "sqrt",
+        "floor",
+        "ceil",
+        "sin",
+        "acos",
+        "min",
+        "max",
+        "clamp",
+        "where",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "eq",
+        "ne",
+    }
+)
+
+
+class Unsupported(Exception):
+    """The pass holds something no generated kernel computes (row ranks, float8): run it eagerly."""
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """One statement: ``op`` over earlier statements ``args``.
+
+    ops: ``load`` (attr: input position), ``param`` (attr: parameter position; a float64
+    number), ``const`` (attr: the number), ``wsum`` (attr: weights), ``neg``, the binary
+    ``add sub mul div``, ``call`` (attr: function name), ``rand`` (attr: key position;
+    uniform in [0, 1) from the element's index).
+    """
+
+    op: str
+    args: tuple[int, ...] = ()
+    attr: object = None
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    inputs: tuple[str, ...]  # dtype of each input pointer
+    outputs: tuple[tuple[int, str], ...]  # (statement, dtype or ACC) per output pointer
+    body: tuple[Stmt, ...]
+    acc: str  # "F32" or "F64"
+    params: int  # float64 per-tensor numbers
+    keys: int  # int64 random keys
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(repr(self).encode()).hexdigest()[:24]
+
+    def is_param(self, i: int) -> bool:
+        return self.body[i].op == "param"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A spec and how to call it for one task: which input index feeds each input pointer, which
+    program instruction each parameter is, which rand instruction each key belongs to."""
+
+    spec: KernelSpec
+    inputs: tuple[int, ...]  # plan input index per input pointer
+    params: tuple[int, ...]  # program instruction per parameter
+    keys: tuple[tuple[int, str], ...]  # (seed, stream) per random key
+
+
+class _Builder:
+    def __init__(self, input_dtypes: Mapping[int, str], acc: str) -> None:
+        self.input_dtypes = input_dtypes
+        self.acc = acc
+        self.body: list[Stmt] = []
+        self.memo: dict[Stmt, int] = {}
+        self.inputs: list[int] = []
+        self.params: list[int] = []
+        self.keys: list[tuple[int, str]] = []
+
+    def add(self, stmt: Stmt) -> int:
+        if stmt in self.memo:
+            return self.memo[stmt]
+        self.body.append(stmt)
+        self.memo[stmt] = len(self.body) - 1
+        return self.memo[stmt]
+
+    def load(self, index: int) -> int:
+        dtype = self.input_dtypes[index]
+        if dtype not in KERNEL_DTYPES:
+            raise Unsupported(f"input dtype {dtype}")
+        if index not in self.inputs:
+            self.inputs.append(index)
+        return self.add(Stmt("load", (), self.inputs.index(index)))
+
+    def param(self, instr: int) -> int:
+        if instr not in self.params:
+            self.params.append(instr)
+        return self.add(Stmt("param", (), self.params.index(instr)))
+
+    def program(self, program: TensorProgram, targets: Sequence[int]) -> dict[int, int]:
+        """Statements for the program instructions ``targets`` (and what they need)."""
+        done: dict[int, int] = {}
+
+        def visit(i: int) -> int:
+            if i in done:
+                return done[i]
+            ins = program.instrs[i]
+            if not ins.tensor:
+                done[i] = self.param(i)
+                return done[i]
+            args = tuple(visit(a) for a in ins.args)
+            if ins.op == "input":
+                s = self.load(ins.attr)
+            elif ins.op == "wsum":
+                s = self.add(Stmt("wsum", args, tuple(float(w) for w in ins.attr)))
+            elif ins.op in ("neg", *BINARY):
+                s = self.add(Stmt(ins.op, args))
+            elif ins.op == "call" and ins.attr in CALLS:
+                s = self.add(Stmt("call", args, ins.attr))
+            elif ins.op == "rand":
+                key = (int(ins.attr[0]), str(ins.attr[1]))
+                if key not in self.keys:
+                    self.keys.append(key)
+                s = self.add(Stmt("rand", (), self.keys.index(key)))
+            else:
+                raise Unsupported(f"{ins.op} {ins.attr}")
+            done[i] = s
+            return s
+
+        return {t: visit(t) for t in targets}
+
+    def spec(self, outputs: Sequence[tuple[int, str]]) -> Bound:
+        for _, dtype in outputs:
+            if dtype != ACC and dtype not in KERNEL_DTYPES:
+                raise Unsupported(f"output dtype {dtype}")
+        spec = KernelSpec(
+            tuple(self.input_dtypes[i] for i in self.inputs),
+            tuple(outputs),
+            tuple(self.body),
+            self.acc,
+            len(self.params),
+            len(self.keys),
+        )
+        return Bound(spec, tuple(self.inputs), tuple(self.params), tuple(self.keys))
+
+
+def task_spec(task: TensorTask, input_dtypes: Mapping[int, str]) -> Bound:
+    """The fused kernel that writes every float output of ``task`` from one read of its inputs
+    (``input_dtypes``: the dtype of this tensor in each input).  Its outputs follow the order of
+    the task's WeightedSum and ProgramOutput writes."""
+    writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
+    accs = {w.kernel.acc for w in writes if isinstance(w.kernel, WeightedSum)}
+    if task.program is not None:
+        accs.add(task.program.acc)
+        if task.program.row_wise:
+            raise Unsupported("row ranks need whole rows")
+    if len(accs) != 1:
+        raise Unsupported("outputs with different accumulation dtypes")
+    b = _Builder(input_dtypes, accs.pop())
+    program_stmts = b.program(task.program, task.program.outputs) if task.program is not None else {}
+    outputs = []
+    for w in writes:
+        if isinstance(w.kernel, WeightedSum):
+            args = tuple(b.load(slot) for _, slot in w.kernel.terms)
+            s = b.add(Stmt("wsum", args, tuple(float(c) for c, _ in w.kernel.terms)))
+        else:
+            assert task.program is not None and isinstance(w.kernel, ProgramOutput)
+            s = program_stmts[task.program.outputs[w.kernel.index]]
+        outputs.append((s, w.dtype))
+    return b.spec(outputs)
+
+
+def program_spec(program: TensorProgram, targets: Sequence[int], input_dtypes: Mapping[int, str]) -> Bound:
+    """A kernel computing the program instructions ``targets`` into accumulation-dtype buffers
+    (the operands of a reduction pass)."""
+    if program.row_wise:
+        raise Unsupported("row ranks need whole rows")
+    b = _Builder(input_dtypes, program.acc)
+    stmts = b.program(program, targets)
+    return b.spec([(stmts[t], ACC) for t in targets])
