@@ -443,7 +443,9 @@ def _model_reductions(
     values: dict[int, float] = {}
     scratch = Scratch()
     for red in plan.model_reductions:
-        select = KthLargest(red.k, red.numel, torch.float64)
+        select = KthLargest(
+            red.k, red.numel, torch.float64, kernels.histogram if kernels is not None else None
+        )
         for round_ in range(select.rounds):
             for task_index, operand in red.users:
                 task = plan.tasks[task_index]

@@ -54,6 +54,12 @@ class Kernels:
         self._keys: dict[tuple[int, str, str], int] = {}
         self._lock = threading.Lock()
         self.failures: list[str] = []
+        self.histogram: c.RadixHistogram | None = None  # for k-th largest values
+        if any(t.passes > 1 for t in plan.tasks) or plan.model_reductions:
+            try:
+                self.histogram = c.radix_histogram()
+            except c.CompileError as e:
+                self._failed(e)
 
     def prepare(self) -> int:
         """Build every task's kernel now; returns how many distinct kernels the plan uses."""
@@ -125,11 +131,14 @@ class Kernels:
         try:
             return Compiled(c.load(bound.spec), bound)
         except c.CompileError as e:
-            with self._lock:
-                if not self.failures:
-                    warnings.warn(f"tvlang: running eagerly, kernel compilation failed: {e}", stacklevel=2)
-                self.failures.append(str(e))
+            self._failed(e)
             return None
+
+    def _failed(self, e: Exception) -> None:
+        with self._lock:
+            if not self.failures:
+                warnings.warn(f"tvlang: running eagerly, kernel compilation failed: {e}", stacklevel=3)
+            self.failures.append(str(e))
 
 
 _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -165,7 +165,12 @@ class ProgramState:
                 and ins.need - ins.rounds == done
             ):
                 if ins.attr == "kth":
-                    self.reducers[i] = KthLargest(self.scalars[ins.args[1]], self.numel, self.acc_dtype)
+                    self.reducers[i] = KthLargest(
+                        self.scalars[ins.args[1]],
+                        self.numel,
+                        self.acc_dtype,
+                        self.kernels.histogram if self.kernels is not None else None,
+                    )
                 elif ins.attr == "count":
                     self.reducers[i] = Count()
                 else:

@@ -10,6 +10,7 @@ the elements whose higher bits matched the rounds before.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -86,7 +87,15 @@ def key_to_float(key: int, dtype: torch.dtype) -> float:
 class KthLargest:
     """The k-th largest value, selected exactly over ``rounds`` passes of 16 bits each."""
 
-    def __init__(self, k: float, numel: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        k: float,
+        numel: int,
+        dtype: torch.dtype,
+        histogram: Callable[[torch.Tensor, int, int, torch.Tensor], None] | None = None,
+    ) -> None:
+        """``histogram(values, round, prefix, hist)``: a compiled :meth:`add` (same counts)."""
+        self.histogram = histogram
         self.bits = 64 if dtype == torch.float64 else 32
         self.rounds = self.bits // 16
         self.dtype = dtype
@@ -105,6 +114,10 @@ class KthLargest:
         if self.fixed is not None:
             return
         assert round_ == self.round, "rounds run in order"
+        wide = torch.float64 if self.bits == 64 else torch.float32
+        if self.histogram is not None and values.dtype == wide and values.is_contiguous():
+            self.histogram(values, round_, self.prefix, self.hist)
+            return
         n = values.numel()
         keys = order_keys(values)
         shift = self.bits - 16 * (round_ + 1)

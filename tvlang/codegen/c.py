@@ -274,7 +274,6 @@ class CKernel:
     """A loaded kernel; calling it runs the loop over one chunk (the GIL is released meanwhile)."""
 
     spec: KernelSpec
-    path: Path
     _fn: Any  # the ctypes function
 
     def __call__(
@@ -315,8 +314,15 @@ def load(spec: KernelSpec) -> CKernel:
 
 
 def _load(spec: KernelSpec) -> CKernel:
+    fn = _library(c_source(spec)).tv_kernel
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    return CKernel(spec, fn)
+
+
+def _library(source: str) -> ctypes.CDLL:
+    """``source`` compiled to a shared library: from the disk cache, or compiled now."""
     directory = cache_dir()
-    source = c_source(spec)
     digest = hashlib.sha256(f"{source}{_host_key()}".encode()).hexdigest()[:32]
     path = directory / f"{digest}.so"  # named by what the binary is made of
     if not path.exists():
@@ -343,18 +349,59 @@ def _load(spec: KernelSpec) -> CKernel:
         finally:
             src.unlink(missing_ok=True)
             Path(tmp).unlink(missing_ok=True)
-    lib = ctypes.CDLL(str(path))
-    fn = lib.tv_kernel
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-    ]
-    return CKernel(spec, path, fn)
+    return ctypes.CDLL(str(path))
+
+
+# The k-th largest value's radix selection (tvlang.backends.reductions.KthLargest): a histogram
+# of one 16-bit digit of each value's order key, among the values whose higher digits match the
+# prefix found so far.  Integer counts, so the result is exactly the eager path's.
+RADIX_SOURCE = r"""#include <stdint.h>
+#include <string.h>
+
+/* (Measured: one table beats four interleaved ones, 1.1 against 2.1 ns a value.) */
+#define TV_HIST(NAME, FLOAT, UINT, BITS, SIGN)                                                        \
+void NAME(const FLOAT *restrict x, int64_t n, int round, uint64_t prefix, int64_t *restrict hist) {    \
+    const int shift = BITS - 16 * (round + 1);                                                         \
+    const UINT higher = round ? (UINT)((1ull << (16 * round)) - 1) : 0;                                \
+    for (int64_t i = 0; i < n; i++) {                                                                  \
+        UINT u;                                                                                        \
+        memcpy(&u, &x[i], sizeof u);                                                                   \
+        const UINT key = (u & SIGN) ? ~u : (u ^ SIGN);                                                 \
+        if (round && ((key >> (shift + 16)) & higher) != (UINT)prefix) continue;                       \
+        hist[(key >> shift) & 0xFFFFu]++;                                                              \
+    }                                                                                                  \
+}
+
+TV_HIST(tv_hist32, float, uint32_t, 32, 0x80000000u)
+TV_HIST(tv_hist64, double, uint64_t, 64, 0x8000000000000000ull)
+"""
+
+
+class RadixHistogram:
+    """``hist[digit] += 1`` for one round of the radix selection over a float32/float64 chunk."""
+
+    def __init__(self) -> None:
+        lib = _library(RADIX_SOURCE)
+        self._fns = {torch.float32: lib.tv_hist32, torch.float64: lib.tv_hist64}
+        for fn in self._fns.values():
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p]
+
+    def __call__(self, values: torch.Tensor, round_: int, prefix: int, hist: torch.Tensor) -> None:
+        assert values.is_contiguous() and hist.dtype == torch.int64 and hist.numel() >= 1 << 16
+        self._fns[values.dtype](values.data_ptr(), values.numel(), round_, prefix, hist.data_ptr())
+
+
+_radix: list[RadixHistogram] = []
+
+
+def radix_histogram() -> RadixHistogram:
+    """The compiled radix histogram (raises :class:`CompileError` without a working compiler)."""
+    if not _radix:
+        with _lock:
+            if not _radix:
+                _radix.append(RadixHistogram())
+    return _radix[0]
 
 
 def torch_dtype(code: str, acc: str) -> torch.dtype:
@@ -362,4 +409,13 @@ def torch_dtype(code: str, acc: str) -> torch.dtype:
     return _TORCH[acc if code == ACC else code]
 
 
-__all__ = ["CKernel", "CompileError", "Stmt", "c_source", "compiler", "load", "torch_dtype"]
+__all__ = [
+    "CKernel",
+    "CompileError",
+    "Stmt",
+    "c_source",
+    "compiler",
+    "load",
+    "radix_histogram",
+    "torch_dtype",
+]
