@@ -320,6 +320,15 @@ def _load(spec: KernelSpec) -> CKernel:
     return CKernel(spec, fn)
 
 
+_private: list[str] = []
+
+
+def _private_dir() -> str:
+    if not _private:
+        _private.append(tempfile.mkdtemp(prefix="tvlang-kernels-"))
+    return _private[0]
+
+
 def _library(source: str) -> ctypes.CDLL:
     """``source`` compiled to a shared library: from the disk cache, or compiled now."""
     directory = cache_dir()
@@ -330,10 +339,9 @@ def _library(source: str) -> ctypes.CDLL:
         if cc is None:
             raise CompileError("no C compiler (set CC, or install gcc or clang)")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            directory = Path(tempfile.gettempdir()) / "tvlang-kernels"
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:  # no writable cache: a private directory for this process (never a shared one)
+            directory = Path(_private_dir())
             path = directory / path.name
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
