@@ -19,6 +19,7 @@ source; no name or string from a program does.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import math
@@ -326,6 +327,7 @@ _private: list[str] = []
 def _private_dir() -> str:
     if not _private:
         _private.append(tempfile.mkdtemp(prefix="tvlang-kernels-"))
+        atexit.register(shutil.rmtree, _private[0], ignore_errors=True)  # loaded libraries stay mapped
     return _private[0]
 
 
