@@ -140,8 +140,8 @@ def test_python_sweep_and_overrides(work: Path) -> None:
     with pytest.raises(TvParamError, match="unknown option `treads`") as err:
         run_job(job, treads=2)
     assert "did you mean `threads`" in str(err.value)
-    with pytest.raises(TvParamError, match="GPU backend is not available yet"):
-        run_job(job, device="cuda")
+    with pytest.raises(TvParamError, match="`device` 'tpu' is not one of cpu, cuda, auto"):
+        run_job(job, device="tpu")
 
 
 def load_job_text(work: Path, text: str, bindings: dict[str, dict[str, str]]) -> tvlang.config.Job:
@@ -178,7 +178,7 @@ BAD = [
     ),
     ("expression: a\nparams: {lam: []}\n", "`params.lam` must be a number or a non-empty list", "2:15", None),
     ("expression: a\nparams: {lam: [0.1, x]}\n", "`params.lam[1]` must be a finite number", "2:21", None),
-    ("expression: a\ndevice: cuda\n", "the GPU backend is not available yet", "2:9", "device: cpu"),
+    ("expression: a\ndevice: tpu\n", "`device` 'tpu' is not one of cpu, cuda, auto", "2:9", "device: cpu"),
     ("expression: a\nmemory: lots\n", "`memory` 'lots' is not a size", "2:9", "512M"),
     (
         "expression: a\nthreads: 0\n",

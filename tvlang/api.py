@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
+from tvlang.backends.gpu import device_memory_metas, execute_gpu, resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
@@ -62,6 +63,9 @@ class Options:
     # NaN/±inf in inputs (E308) and overflow to ±inf in the output dtype (E309): "error" stops the
     # run and writes nothing, "warn" writes and prints one line per tensor on stderr, "propagate" writes
     nonfinite: str = "error"
+    # Where the kernels run: "cpu", "cuda" (generated Triton kernels, streamed through the GPU; see
+    # docs/gpu.md) or "auto" (cuda when a CUDA device and Triton are there, else cpu)
+    device: str = "cpu"
     # CPU kernels: "auto" (fused loops compiled by the system C compiler when there is one, else
     # "eager"), "compiled" (error without a compiler) or "eager" (torch, op by op); same results
     kernels: str = "auto"
@@ -258,7 +262,18 @@ class Program:
             progress = (
                 Progress(plan.bytes_read + plan.bytes_written, sys.stderr) if options.progress else None
             )
-            report = execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
+            device = resolve_device(options.device)
+            if device == "cpu":
+                report = execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
+            else:  # "interpret": the same kernels in Triton's interpreter, on CPU tensors (TRITON_INTERPRET=1)
+                report = execute_gpu(
+                    plan,
+                    sources,
+                    sinks,
+                    progress=progress,
+                    nonfinite=options.nonfinite,
+                    device="cuda" if device == "cuda" else "cpu",
+                )
             for sink in sinks:
                 sink.commit()
         except BaseException:
@@ -281,10 +296,13 @@ class Program:
 
 def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
     opened: dict[str, Any] = {}
+    on_cuda = resolve_device(options.device) == "cuda"
 
     def open_input(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
         if ref.handle is not None:
             opened[ref.key] = ref.handle
+            if on_cuda:  # tensors already on the GPU are read in place
+                return "memory", device_memory_metas(ref.handle, ref.label, "cuda"), False
             return "memory", memory_metas(ref.handle, ref.label), False
         if ref.key.startswith(LORA_KEY):
             adapter = LoraAdapter.open(ref.key[len(LORA_KEY) :])

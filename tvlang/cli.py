@@ -98,6 +98,7 @@ def _options(args: argparse.Namespace) -> Options:
         nonfinite=getattr(args, "nonfinite", None) or Options.nonfinite,
         keys=args.keys or Options.keys,
         rows=args.rows or Options.rows,
+        device=getattr(args, "device", None) or Options.device,
         kernels=args.kernels or Options.kernels,
     )
 
@@ -124,6 +125,7 @@ def _run_job(args: argparse.Namespace) -> object:
         "nonfinite": args.nonfinite,
         "keys": args.keys,
         "rows": args.rows,
+        "device": args.device,
     }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
@@ -165,6 +167,16 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    if getattr(args, "triton", False):
+        from tvlang.backends.gpu import kernel_sources
+
+        plan = _program(args).plan(_params(args), options=_options(args))
+        kernels = kernel_sources(plan)
+        if not kernels:
+            print("# no Triton kernels: every task of this plan runs on the CPU path")
+        for what, source in kernels:
+            print(f"# {what}\n{source}")
+        return 0
     print(_program(args).explain(_params(args), options=_options(args), all_tensors=args.all))
     return 0
 
@@ -238,6 +250,12 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
     p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
     if running:
         p.add_argument(
+            "--device",
+            choices=("cpu", "cuda", "auto"),
+            help="where kernels run: cpu (the default), cuda (generated Triton kernels on the GPU; "
+            'pip install "tvlang[gpu]") or auto (cuda when available, else cpu); see docs/gpu.md',
+        )
+        p.add_argument(
             "-o", "--output", help="output .safetensors file or directory (a job file may give it as output:)"
         )
         p.add_argument(
@@ -281,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-e", "--expr", help="an expression instead of a file")
         if func is _cmd_plan:
             p.add_argument("--all", action="store_true", help="list every tensor, not the first dozen")
+            p.add_argument(
+                "--triton",
+                action="store_true",
+                help="print the generated Triton source of each distinct GPU kernel of the plan instead",
+            )
         _common(p)
         p.set_defaults(func=func)
 

@@ -13,7 +13,7 @@ multirun can sweep ``merge.params.lam``.  The schema (see ``docs/config.md``)::
     params: {lam: 0.4}           # numbers: `param` overrides, or number bindings in an expression
     output: merged/              # a path, or {output name: path}; absent: the CLI needs -o
     dtype: bf16                  # bf16 | fp16 | fp32 | fp64 (default: as the inputs)
-    device: cpu                  # cpu | auto (the GPU backend is not available yet)
+    device: cpu                  # cpu | cuda (generated Triton kernels, docs/gpu.md) | auto
     memory: 512M                 # bytes, or a size with a binary unit
     threads: 4
     shard_size: 5G
@@ -60,7 +60,7 @@ from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
-DEVICES = ("cpu", "auto")  # the backends a job may ask for today; "auto" picks the CPU
+DEVICES = ("cpu", "cuda", "auto")  # "auto": the GPU when CUDA and Triton are there, else the CPU
 ROLES = ("model", "task", "delta")
 NONFINITE = ("error", "warn", "propagate")
 MAX_JOB_CHARS = 1 << 20  # a job is a few lines; refuse anything that could not be one
@@ -301,8 +301,8 @@ def _device(f: _Fields, value: Any) -> str:
     if value.lower() not in DEVICES:
         f.fail(
             ("device",),
-            f"device {value!r}: the GPU backend is not available yet, so tvlang runs on the CPU only",
-            help="use `device: cpu` (or `auto`, which picks the CPU today)",
+            f"`device` {value!r} is not one of " + ", ".join(DEVICES),
+            help='use `device: cpu`, `cuda` (pip install "tvlang[gpu]"; see docs/gpu.md) or `auto`',
         )
     return str(value.lower())
 
@@ -350,14 +350,15 @@ def _job(f: _Fields, data: Any) -> Job:
     if program is not None and not os.path.isfile(program):
         raise TvInputError(f"no such program file: {program}", f.span(("program",)), code="E300")
     options = {k: check(f, data[k]) for k, check in _OPTIONS.items() if k in data and data[k] is not None}
+    device = _device(f, data.get("device"))
     return Job(
         program=program,
         expression=f.string(("expression",), data["expression"]) if program is None else None,
         bindings=_bindings(f, data.get("bindings")),
         params=_params(f, data.get("params")),
         output=_output(f, data.get("output")),
-        options=replace(Options(), **options),
-        device=_device(f, data.get("device")),
+        options=replace(Options(), **options, device=device),
+        device=device,
         name=f.name,
         base_dir=f.base_dir,
         where={
@@ -555,7 +556,6 @@ def run_job(
                 f"unknown option `{k}`", help=_did_you_mean(k, tuple(checks), "options"), code="E402"
             )
     checked = {k: checks[k](f, v) for k, v in options.items()}
-    checked.pop("device", None)  # checked above; only the CPU backend exists today
     opts = replace(job.options, **{k: v for k, v in checked.items() if v is not None})
     extra = {k: _absolute(v) for k, v in (bindings or {}).items()}
     for name, bound in job.bindings.items():

@@ -1,0 +1,447 @@
+"""Checks of the GPU backend against the CPU backend on the same plans.
+
+Run as a script (``python tests/triton_checks.py [--device interpret|cuda] [names]``) it prints one
+JSON object: each check's result or its error.  tests/test_triton.py runs it once in a subprocess,
+because ``TRITON_INTERPRET=1`` must be set before triton is imported; benchmarks/gpu_check.py runs
+it with ``--device cuda`` on a GPU.
+
+Under the interpreter every output must be bit-identical to the CPU backend's.  On a GPU, results
+that depend on a float64 reduction (norms, dot products, sums: slerp, nuslerp, model_stock, L1
+rescaling) may differ by one ulp of the output, because the GPU adds each 4096-element block in a
+different order than the CPU (a float64 rounding that can move a bf16/fp32 result by one ulp);
+everything else (linear merges, masks, k-th largest selections, counts) stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+DEVICE = "interpret"
+BLOCK = 4096  # the interpreter's BLOCK_SIZE (tvlang.codegen.triton.INTERPRETER_BLOCK)
+CHECKS: dict[str, Callable[[], dict[str, Any]]] = {}
+LAUNCHES = [0]
+
+
+def check(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def states(
+    seed: int, n: int, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype = torch.bfloat16
+) -> list[dict[str, torch.Tensor]]:
+    """A base and n-1 fine-tunes of it (small deltas, as real fine-tunes)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    out = [{k: v.to(dtype) for k, v in base.items()}]
+    for _ in range(n - 1):
+        out.append({k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in base.items()})
+    return out
+
+
+def bind(s: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    return {"base": s[0], **{f"m{i}": x for i, x in enumerate(s[1:], 1)}}
+
+
+SHAPES = ((37, 11), (53,), (1,), (BLOCK - 1,), (BLOCK + 1,), (3, 4, 5))
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """(elements whose bits differ, largest distance in ulps); NaN equals NaN whatever its payload."""
+    if not a.is_floating_point():
+        return int((a != b).sum()), 0
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    ia, ib = a.view(ints).to(torch.int64), b.view(ints).to(torch.int64)
+    differ = int(((ia != ib) & ~both_nan).sum())
+    top = 1 << (8 * a.element_size() - 1)
+
+    def ordered(i: torch.Tensor) -> torch.Tensor:  # sign-magnitude bits → a line of integers
+        return torch.where(i < 0, -(i + top) if a.element_size() < 8 else -(i & (top - 1)), i)
+
+    dist = (ordered(ia) - ordered(ib)).abs().masked_fill(both_nan, 0)
+    return differ, int(dist.max()) if dist.numel() else 0
+
+
+def compare(cpu: Any, gpu: Any, max_ulps: int = 0) -> dict[str, Any]:
+    """Every tensor of every output: same names, shapes and dtypes, bits equal (or within max_ulps)."""
+    if isinstance(cpu, torch.Tensor) or (
+        isinstance(cpu, dict) and all(isinstance(v, torch.Tensor) for v in cpu.values())
+    ):
+        cpu, gpu = {"out": cpu}, {"out": gpu}
+    differing, worst, elements = 0, 0, 0
+    for name, sd in cpu.items():
+        assert sd.keys() == gpu[name].keys(), (name, sd.keys(), gpu[name].keys())
+        for k, a in sd.items():
+            b = gpu[name][k]
+            assert a.dtype == b.dtype and a.shape == b.shape, (k, a.dtype, b.dtype, a.shape, b.shape)
+            d, u = ulps(a.reshape(-1), b.reshape(-1))
+            differing, worst, elements = differing + d, max(worst, u), elements + a.numel()
+    assert worst <= max_ulps, f"{differing} of {elements} elements differ, by up to {worst} ulps"
+    return {"elements": elements, "differing": differing, "worst_ulps": worst}
+
+
+def both(expr: str, bindings: dict[str, Any], max_ulps: int = 0, **options: Any) -> dict[str, Any]:
+    """The expression on the CPU backend and on the GPU backend, compared."""
+    import tvlang
+
+    cpu = tvlang.evaluate(expr, bindings=bindings, device="cpu", **options)
+    before = LAUNCHES[0]
+    gpu = tvlang.evaluate(expr, bindings=bindings, device="cuda", **options)
+    result = compare(cpu, gpu, max_ulps)
+    result["launches"] = LAUNCHES[0] - before
+    return result
+
+
+def on_gpu(reduction_sums: bool) -> int:
+    """Ulps allowed: 0, except 1 on a real GPU for outputs that depend on float64 reduction sums."""
+    return 1 if reduction_sums and DEVICE == "cuda" else 0
+
+
+# -- linear merges ---------------------------------------------------------------------------------
+
+
+@check
+def linear_bf16_ragged() -> dict[str, Any]:
+    s = states(1, 5, SHAPES)
+    expr = "base + 0.4*(m1 - base - m2 + m3) - 0.7*(m4 - base)"
+    results = {f"chunk {c}": both(expr, bind(s), chunk=c) for c in (None, BLOCK - 1, BLOCK + 1, 1000)}
+    assert all(r["launches"] > 0 for r in results.values())
+    return results
+
+
+@check
+def linear_dtypes() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        s = states(2, 3, SHAPES[:3] + SHAPES[5:], dtype)
+        for out_dtype in (None, "bf16", "fp16", "fp32", "fp64"):
+            r = both("base + 0.3*(m1 - base) + 0.55*(m2 - base)", bind(s), dtype=out_dtype)
+            out[f"{str(dtype)[6:]}→{out_dtype or 'same'}"] = r
+    mixed = states(3, 3, SHAPES[:2])
+    mixed[1] = {k: v.to(torch.float16) for k, v in mixed[1].items()}
+    mixed[2] = {k: v.float() for k, v in mixed[2].items()}
+    out["mixed bf16/fp16/fp32→bf16"] = both("base + 0.5*(m1 - base) + 0.25*(m2 - base)", bind(mixed))
+    return out
+
+
+@check
+def sweep_many_outputs() -> dict[str, Any]:
+    import tvlang
+
+    s = states(4, 3, SHAPES[:2] + SHAPES[4:5])
+    src = "param lam = 0.1\noutput merged = base + lam*(m1 - base) - 0.3*lam*(m2 - base)\n"
+    lams = [round(0.1 * i, 3) for i in range(12)]
+    cpu = tvlang.compile(src, bindings=bind(s)).run(
+        params={"lam": lams}, options=tvlang.Options(device="cpu")
+    )
+    before = LAUNCHES[0]
+    gpu = tvlang.compile(src, bindings=bind(s)).run(
+        params={"lam": lams}, options=tvlang.Options(device="cuda")
+    )
+    result = compare(cpu, gpu)
+    assert len(cpu) == len(lams)
+    result["outputs"], result["launches"] = len(cpu), LAUNCHES[0] - before
+    return result
+
+
+@check
+def integer_tensors_pass_through() -> dict[str, Any]:
+    s = states(5, 2, SHAPES[:2])
+    for sd in s:
+        sd["ids"] = torch.arange(17, dtype=torch.int64)
+    return both("base + 0.5*(m1 - base)", bind(s))
+
+
+@check
+def float8_inputs_fall_back() -> dict[str, Any]:
+    """float8 tensors have no kernel: their tasks (and a model-wide trim's operand) take the CPU path."""
+    s = states(6, 3, SHAPES[:2], torch.float32)
+    s[1] = {k: v.to(torch.float8_e4m3fn) for k, v in s[1].items()}
+    return {
+        "linear": both("base + 0.5*(m1 - base) + 0.5*(m2 - base)", bind(s)),
+        "model-wide trim": both('base + magnitude_prune(m1 - base, 0.3, scope="model")', bind(s)),
+    }
+
+
+@check
+def files_in_files_out() -> dict[str, Any]:
+    """Checkpoints on disk, sharded base, written by the checkpoint writer: identical files."""
+    import tvlang
+    from tvlang.synth import llama_shapes, make_family
+
+    with tempfile.TemporaryDirectory() as d:
+        shapes = llama_shapes(hidden=32, layers=1, vocab=96)
+        paths = make_family(os.path.join(d, "ckpt"), ("base", "a", "b"), shapes, layout="dir", base_shards=2)
+        expr = "base + 0.4*(a - base) + ties(a - base, b - base, density=0.5)"
+        bindings = {k: paths[k] for k in ("base", "a", "b")}
+        for device in ("cpu", "cuda"):
+            tvlang.evaluate(
+                expr, bindings=bindings, out=os.path.join(d, f"out-{device}.safetensors"), device=device
+            )
+        blobs = []
+        for device in ("cpu", "cuda"):
+            with open(os.path.join(d, f"out-{device}.safetensors"), "rb") as fh:
+                blobs.append(fh.read())
+        if DEVICE != "cuda":
+            assert blobs[0] == blobs[1], "output files differ"
+        return {"bytes": len(blobs[0]), "identical": blobs[0] == blobs[1]}
+
+
+# -- merge methods (element-wise programs and their reduction passes) ---------------------------------
+
+METHODS: dict[str, tuple[str, int, bool]] = {  # expression, models, depends on float64 reduction sums
+    "ties": ("base + ties(m1 - base, m2 - base, m3 - base, weights=[0.5, 0.3, 0.2], density=0.3)", 4, False),
+    "ties_count": ('base + ties(m1 - base, m2 - base, density=0.5, elect="count", divide="count")', 3, False),
+    "ties_none": ('base + ties(m1 - base, m2 - base, density=1.0, divide="none")', 3, False),
+    "dare": ("base + dare(m1 - base, 0.7, seed=5)", 2, False),
+    "dare_l1": ('base + dare(m1 - base, 0.6, seed=2, rescale="l1")', 2, True),
+    "dare_ties": ("base + dare_ties(m1 - base, m2 - base, density=0.6, seed=4)", 3, False),
+    "dare_linear": (
+        "base + dare_linear(m1 - base, m2 - base, weights=[0.6, 0.4], density=0.5, seed=9)",
+        3,
+        False,
+    ),
+    "della": ('base + della(m1 - base, 0.5, 0.3, seed=2, rescale="inverse")', 2, False),
+    "magnitude_prune": ("base + magnitude_prune(m1 - base, 0.3)", 2, False),
+    "magnitude_prune_model": ('base + magnitude_prune(m1 - base, 0.3, scope="model")', 2, False),
+    "ties_model": ('base + ties(m1 - base, m2 - base, density=0.3, scope="model")', 3, False),
+    "breadcrumbs": ("base + breadcrumbs(m1 - base, 0.5, 0.05)", 2, False),
+    "linear": ("linear(m1, m2, m3, weights=[1, 2, 1])", 4, False),
+    "lerp": ("lerp(base, m1, 0.3)", 2, False),
+    "slerp": ("slerp(m1, m2, 0.3)", 3, True),
+    "nuslerp": ("base + nuslerp(m1 - base, m2 - base, 0.6)", 3, True),
+    "model_stock": ("model_stock(base, m1, m2, m3)", 4, True),
+    "nearswap": ("nearswap(base, m1, 0.05)", 2, False),
+    "building_blocks": (
+        "where(abs(m1 - base) > 0.1, m1 - base, 0) + clamp(m2 - base, -0.05, 0.05) + sign(m1 - m2) * 0.01"
+        " + min(m1 - base, 0) - max(m2 - base, 0) + (m1 - base >= 0)*0.001 + 0.5*(m1 - base)/2",
+        3,
+        False,
+    ),
+    "user_defined": (
+        "def prune(d, density) = where(abs(d) >= kth(abs(d), floor(density*numel(d))), d, 0)\n"
+        "def scaled(d) = d * (norm(d) / max(norm(d), 1)) + mean(d) - sum(d)/numel(d) + count(d)*0\n"
+        "output o = base + scaled(prune(m1 - base, 0.4)) + quantile(m2 - base, 0.9)*0*(m2 - base)",
+        3,
+        True,
+    ),
+}
+
+
+def _method(name: str) -> dict[str, Any]:
+    expr, models, sums = METHODS[name]
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        s = states(10 + len(name), models, SHAPES, dtype)
+        r = both(expr, bind(s), on_gpu(sums))
+        if name != "della":  # row ranks need whole rows: della's element-wise pass runs on the CPU path
+            assert r["launches"] > 0, "no Triton kernel ran"
+        out[str(dtype)[6:]] = r
+    chunked = states(20, models, ((300, 70), (5000,)))
+    out["chunk 4097"] = both(expr, bind(chunked), on_gpu(sums), chunk=BLOCK + 1)
+    return out
+
+
+for _name in METHODS:
+    CHECKS[f"method_{_name}"] = lambda _n=_name: _method(_n)  # type: ignore[misc]
+
+
+# -- special values, non-finite policies -------------------------------------------------------------
+
+
+def _special(dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    vals = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        1e-40,
+        -1e-40,
+        3e38,
+        -3e38,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        2.0,
+    ]
+    x = torch.tensor(vals, dtype=torch.float32)
+    a = x.repeat_interleave(len(vals))
+    b = x.repeat(len(vals))
+    z = torch.zeros_like(a)
+    return [{"w": z.to(dtype)}, {"w": a.to(dtype)}, {"w": b.to(dtype)}]
+
+
+@check
+def special_values_propagate() -> dict[str, Any]:
+    """±0, subnormals, huge values, ±inf and NaN through every element-wise function; NaN payloads
+    are not compared (the CPU's own vector and scalar paths disagree on them)."""
+    exprs = [
+        "0.5*(m1 - base) + 0.25*(m2 - base)",
+        "min(m1 - base, m2 - base) + max(m1 - base, m2 - base)",
+        "clamp(m1 - base, -1, 2) + sign(m2 - base) + abs(m1 - base)",
+        "where(m1 - base, m2 - base, -(m1 - base)) + (m1 - base < m2 - base) + (m1 - base == m2 - base)"
+        " + (m1 - base != m2 - base) + (m1 - base >= 1) + (m1 - base <= 1) + (m1 - base > 1)",
+        "(m1 - base) / where(m2 - base == 0, 1, m2 - base) + 1/where(m2 - base == 0, 3, m2 - base)",
+        "floor(m1 - base) + ceil(m2 - base) + sqrt(abs(m1 - base))",
+        "2 - (m1 - base) + (m1 - base)*(m2 - base)",
+    ]
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        s = _special(dtype)
+        for i, e in enumerate(exprs):
+            out[f"{str(dtype)[6:]} #{i}"] = both(e, bind(s), nonfinite="propagate")
+    return out
+
+
+@check
+def nonfinite_error_and_warn() -> dict[str, Any]:
+    """A NaN input or an overflow: the same error (code and text) and the same warnings as the CPU."""
+    import tvlang
+
+    s = states(30, 3, SHAPES[:2])
+    s[1]["t0"][3, 4] = float("nan")
+    s[2]["t1"][7] = float("inf")
+    out: dict[str, Any] = {}
+    for expr in (
+        "base + 0.5*(m1 - base) + 0.5*(m2 - base)",
+        "base + ties(m1 - base, m2 - base, density=0.5)",
+    ):
+        errors = []
+        for device in ("cpu", "cuda"):
+            try:
+                tvlang.evaluate(expr, bindings=bind(s), device=device)
+                errors.append("no error")
+            except tvlang.TvError as e:
+                errors.append(e.render())
+        assert errors[0] == errors[1] and errors[0] != "no error", errors
+        out[f"error: {expr[:30]}"] = errors[0].splitlines()[0]
+        out[f"warn: {expr[:30]}"] = both(expr, bind(s), nonfinite="warn")
+    big = states(31, 2, SHAPES[:2], torch.float32)
+    big[1]["t1"][0] = 3e38
+    out["overflow to bf16"] = both("base + 2*(m1 - base)", bind(big), dtype="bf16", nonfinite="warn")
+    return out
+
+
+# -- the pieces -------------------------------------------------------------------------------------
+
+
+@check
+def exact_fma_matches_fractions() -> dict[str, Any]:
+    """The interpreter's fma (tvlang's numpy emulation) is the correctly rounded one the GPU has."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from tvlang.codegen.triton import exact_fma
+
+    rng = np.random.default_rng(0)
+    x, y, z = (rng.standard_normal(2000) * 2.0 ** rng.integers(-20, 20, 2000) for _ in range(3))
+    z[::2] = -(x[::2] * y[::2]) * (1 + 1e-9 * rng.standard_normal(1000))  # cancellation
+    r64 = exact_fma(x, y, z)
+    wrong64 = sum(
+        float(Fraction(a) * Fraction(b) + Fraction(c)) != r for a, b, c, r in zip(x, y, z, r64, strict=True)
+    )
+    x32, y32, z32 = x.astype(np.float32), y.astype(np.float32), z.astype(np.float32)
+    r32 = exact_fma(x32, y32, z32)
+    wrong32 = 0
+    for a, b, c, r in zip(x32, y32, z32, r32, strict=True):
+        q = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+        lo, hi = np.nextafter(r, np.float32(-np.inf)), np.nextafter(r, np.float32(np.inf))
+        err = abs(Fraction(float(r)) - q)
+        wrong32 += err > abs(Fraction(float(lo)) - q) or err > abs(Fraction(float(hi)) - q)
+    assert wrong64 == 0 and wrong32 == 0, (wrong64, wrong32)
+    plain = int((((x32 * y32) + z32).astype(np.float32) != r32).sum())
+    return {"samples": 2000, "two_roundings_would_differ": plain}
+
+
+@check
+def uniform_matches_cpu_generator() -> dict[str, Any]:
+    """rand in a kernel equals tvlang.backends.program.uniform, in float32 and float64, at offsets."""
+    from tvlang.backends.program import random_key, uniform
+    from tvlang.codegen import triton as tcg
+    from tvlang.codegen.spec import KernelSpec, Stmt
+
+    key = random_key(7, "m1 - base", "layer.0.weight")
+    out = {}
+    for acc, dtype in (("F32", torch.float32), ("F64", torch.float64)):
+        spec = KernelSpec((), ((0, "ACC"),), (Stmt("rand", (), 0),), acc, 0, 1)
+        for start in (0, 12345, 2**40 + 3):
+            n = BLOCK + 1
+            got = torch.empty(n, dtype=dtype, device=dev())
+            tcg.run_spec(spec, [], [got], [], [key], start)
+            want = torch.empty(n, dtype=dtype)
+            uniform(key, start, start + n, want)
+            assert torch.equal(got.cpu(), want), (acc, start)
+            out[f"{acc} start {start}"] = "equal"
+    return out
+
+
+def dev() -> str:
+    return "cuda" if DEVICE == "cuda" else "cpu"
+
+
+@check
+def resident_inputs() -> dict[str, Any]:
+    """In-memory inputs already on the device are read in place (on a GPU); same bits."""
+    import tvlang
+
+    s = states(40, 3, SHAPES)
+    expr = "base + 0.3*(m1 - base) + ties(m1 - base, m2 - base, density=0.4)"
+    cpu = tvlang.evaluate(expr, bindings=bind(s), device="cpu")
+    moved = [{k: v.to(dev()) for k, v in sd.items()} for sd in s]
+    gpu = tvlang.evaluate(expr, bindings=bind(moved), device="cuda")
+    return compare(cpu, gpu)
+
+
+def main(argv: list[str]) -> int:
+    global DEVICE
+    args = list(argv)
+    if "--device" in args:
+        i = args.index("--device")
+        DEVICE = args[i + 1]
+        del args[i : i + 2]
+    if DEVICE == "interpret":
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+    from tvlang.codegen import triton as tcg
+
+    original = tcg.run_spec
+
+    def counting(*a: Any, **k: Any) -> None:
+        LAUNCHES[0] += 1
+        original(*a, **k)
+
+    tcg.run_spec = counting  # type: ignore[assignment]
+    names = args or list(CHECKS)
+    results: dict[str, Any] = {}
+    for name in names:
+        t = time.perf_counter()
+        try:
+            results[name] = {"ok": True, "detail": CHECKS[name]()}
+        except Exception as e:  # reported per check, so one failure does not hide the others
+            results[name] = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "trace": traceback.format_exc(),
+            }
+        results[name]["seconds"] = round(time.perf_counter() - t, 3)
+    print(json.dumps({"device": DEVICE, "results": results}, default=str))
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,794 @@
+"""The GPU backend: every task's fused Triton kernel, with checkpoints streamed through the device.
+
+Same contract as :func:`tvlang.runtime.execute`; the same plan gives the same
+outputs (see docs/gpu.md for where bits may differ).  Per task:
+
+- the task's float outputs come from one generated kernel
+  (:func:`tvlang.codegen.spec.task_spec`, :mod:`tvlang.codegen.triton`); a task
+  no kernel computes (integer copies, float8, row ranks) runs on the CPU path
+  of :mod:`tvlang.runtime`;
+- reduction passes run a kernel computing their operands, then reduce on the
+  device: block sums in float64 over the blocks of
+  :mod:`tvlang.backends.reductions`, counts, and the exact radix selection of
+  the k-th largest value (its 65536-bin histograms built on the device);
+  model-wide selections likewise, before any tensor is written.
+
+Streaming (CUDA): chunks go through ``SLOTS`` staging slots, each a pinned host
+buffer and a device buffer.  Chunk k+1 is copied host→device on a copy stream
+while chunk k computes on the compute stream and chunk k-1 is copied back on a
+third stream; events order the three, and a worker thread writes each chunk
+once its copy back has finished.  Device memory is the slots (about the
+plan's memory budget) plus reduction temporaries, never a whole model.
+In-memory inputs already on the device are read in place.
+
+Under ``TRITON_INTERPRET=1`` the same executor runs with ``device="cpu"``: CPU
+tensors, one slot, no streams, no pinning, so the whole pipeline is tested
+without a GPU.
+
+Non-finite values: each output chunk back on the host gets the CPU backend's
+cheap check; a chunk that fails it is recomputed by the CPU path, which raises
+or reports exactly as :func:`tvlang.runtime.execute` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tvlang.backends.cpu import Scratch, all_finite
+from tvlang.backends.program import ProgramState, random_key
+from tvlang.backends.reductions import BLOCK, DIGIT, BlockSum, Count, KthLargest
+from tvlang.codegen import triton as tcg
+from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
+from tvlang.errors import TvInputError, TvParamError
+from tvlang.io.endpoints import Sink, Source
+from tvlang.io.safetensors import DTYPE_CODES, DTYPES
+from tvlang.plan.plan import (
+    ITEMSIZE,
+    Copy,
+    Plan,
+    ProgramOutput,
+    TensorMeta,
+    TensorTask,
+    TensorWrite,
+    WeightedSum,
+    row_length,
+)
+from tvlang.plan.program import TensorProgram
+from tvlang.runtime import (
+    NonFiniteReport,
+    Progress,
+    _chunks,
+    _run_chunk,
+    _run_task,
+    _write,
+    check_nonfinite_mode,
+)
+
+SLOTS = 3  # staging slots on CUDA: copy in, compute, copy back, each on its own chunk
+DEVICES = ("cpu", "cuda", "auto")
+INSTALL_HELP = (
+    'install the GPU extra: pip install "tvlang[gpu]" (Triton; a CUDA build of torch is needed too)'
+)
+
+
+# -- choosing the device ---------------------------------------------------------------------------
+
+
+def cuda_missing() -> str | None:
+    """Why the CUDA backend cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is available" + (
+            "" if torch.version.cuda else f" (this torch, {torch.__version__}, is a CPU-only build)"
+        )
+    return tcg.triton_missing()
+
+
+def resolve_device(requested: str) -> str:
+    """``cpu`` (the CPU backend), ``cuda`` (this backend on the GPU) or ``interpret`` (this backend's
+    kernels in Triton's interpreter on CPU tensors: ``cuda`` requested with ``TRITON_INTERPRET=1``)."""
+    if requested not in DEVICES:
+        raise TvParamError(f"unknown device {requested!r}", help="choose cpu, cuda or auto", code="E402")
+    if requested == "cpu":
+        return "cpu"
+    if tcg.interpreting():
+        if requested == "cuda" and tcg.triton_missing() is None:
+            return "interpret"
+        return "cpu"
+    reason = cuda_missing()
+    if reason is None:
+        return "cuda"
+    if requested == "auto":
+        return "cpu"
+    raise TvParamError(
+        f"--device cuda: {reason}",
+        notes=(f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}",),
+        help=f"{INSTALL_HELP}; or run on the CPU with --device cpu (or auto)",
+        code="E402",
+    )
+
+
+def device_memory_metas(state: Mapping[str, Any], label: str, device: str) -> dict[str, TensorMeta]:
+    """Like :func:`tvlang.io.endpoints.memory_metas`, also accepting tensors already on ``device``
+    (they are then read in place)."""
+    metas = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TvInputError(
+                f"`{label}`: entry `{name}` is a {type(tensor).__name__}, not a tensor", code="E307"
+            )
+        if tensor.dtype not in DTYPE_CODES:
+            raise TvInputError(
+                f"`{label}`: tensor `{name}` has unsupported dtype {tensor.dtype}", code="E307"
+            )
+        if tensor.device.type not in ("cpu", device):
+            raise TvInputError(
+                f"`{label}`: tensor `{name}` is on {tensor.device}; this run uses {device} and the CPU",
+                help="move the state dict to the CPU or to the device the run uses",
+                code="E307",
+            )
+        metas[str(name)] = TensorMeta(DTYPE_CODES[tensor.dtype], tuple(tensor.shape))
+    return metas
+
+
+class _HostSource:
+    """A source whose chunks are always CPU tensors (for the CPU paths, when inputs are on the GPU)."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        view = self.source.read(name, start, stop)
+        return view if view.device.type == "cpu" else view.cpu()
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        self.source.release(name, start, stop)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+# -- reductions on the device ----------------------------------------------------------------------
+
+
+class DeviceBlockSum(BlockSum):
+    """:class:`~tvlang.backends.reductions.BlockSum` on device chunks: float64 sums of the same blocks,
+    kept on the device until the result (then added in block order on the host, as the CPU does)."""
+
+    def add(self, values: torch.Tensor, start: int) -> None:
+        v = values.to(torch.float64)
+        n = v.numel() // BLOCK * BLOCK
+        parts = [v[:n].view(-1, BLOCK).sum(dim=1)] if n else []
+        if n < v.numel():
+            parts.append(v[n:].sum().reshape(1))
+        self._blocks[start] = torch.cat(parts) if parts else v.new_zeros(0)
+
+    def result(self) -> float:
+        self._blocks = {s: b.cpu() for s, b in self._blocks.items()}
+        return super().result()
+
+
+class DeviceCount(Count):
+    """Non-zero values counted on the device; one transfer at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.partial: list[torch.Tensor] = []
+
+    def add(self, values: torch.Tensor, start: int) -> None:
+        self.partial.append(torch.count_nonzero(values).reshape(1))
+
+    def result(self) -> float:
+        return float(self.total + int(torch.cat(self.partial).sum())) if self.partial else float(self.total)
+
+
+def device_order_keys(values: torch.Tensor) -> torch.Tensor:
+    """:func:`tvlang.backends.reductions.order_keys` on the device (new tensors, no CPU scratch)."""
+    if values.dtype == torch.float64:
+        keys = values.view(torch.int64).clone()
+        negative = keys < 0
+        sign, rest = -(1 << 63), (1 << 63) - 1
+    else:
+        keys = values.to(torch.float32).view(torch.int32).to(torch.int64).bitwise_and_(0xFFFFFFFF)
+        negative = keys >= 0x80000000
+        sign, rest = 0x80000000, 0x7FFFFFFF
+    keys.bitwise_xor_(sign)
+    return keys.bitwise_xor_(negative.to(torch.int64).mul_(rest))
+
+
+class DeviceKth(KthLargest):
+    """The exact radix selection of :class:`~tvlang.backends.reductions.KthLargest`, its histograms
+    counted on the device; each round's 65536 bins come to the host once."""
+
+    def __init__(self, k: float, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(k, numel, dtype)
+        self.device_hist = torch.zeros(DIGIT + 1, dtype=torch.int64, device=device)
+
+    def add(self, values: torch.Tensor, start: int, round_: int) -> None:
+        if self.fixed is not None:
+            return
+        assert round_ == self.round, "rounds run in order"
+        keys = device_order_keys(values)
+        shift = self.bits - 16 * (round_ + 1)
+        digits = torch.bitwise_right_shift(keys, shift).bitwise_and_(0xFFFF)
+        if round_:
+            higher = torch.bitwise_right_shift(keys, shift + 16).bitwise_and_((1 << (16 * round_)) - 1)
+            digits.masked_fill_(higher != self.prefix, DIGIT)
+        self.device_hist += torch.bincount(digits, minlength=DIGIT + 1)
+
+    def end_round(self) -> None:
+        if self.fixed is None:
+            self.hist.copy_(self.device_hist.cpu())
+            self.device_hist.zero_()
+        super().end_round()
+
+
+# -- staging ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    """One chunk in flight: a host and a device arena, the chunk's events, its pending host work."""
+
+    host: torch.Tensor  # uint8; pinned on CUDA
+    device: torch.Tensor  # uint8; the host arena itself on the CPU
+    copied_in: Any = None  # CUDA events
+    computed: Any = None
+    copied_back: Any = None
+    pending: Future[None] | None = None
+
+    def views(
+        self, sizes: Sequence[tuple[int, torch.dtype]]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Typed views of both arenas, one per (elements, dtype), each 512-byte aligned."""
+        host, dev, offset = [], [], 0
+        for n, dtype in sizes:
+            nbytes = n * dtype.itemsize
+            host.append(self.host[offset : offset + nbytes].view(dtype))
+            dev.append(self.device[offset : offset + nbytes].view(dtype))
+            offset += -(-nbytes // 512) * 512
+        return host, dev
+
+
+def _arena_bytes(sizes: Sequence[tuple[int, torch.dtype]]) -> int:
+    return sum(-(-n * d.itemsize // 512) * 512 for n, d in sizes)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One streamed pass over a task's chunks: which inputs, which kernel, what happens to its outputs."""
+
+    task: TensorTask
+    bound: Bound | None
+    params: tuple[float, ...]
+    keys: tuple[int, ...]
+    on_device: Callable[[int, list[torch.Tensor]], None] | None  # (start, outputs) on the compute stream
+    finish: Callable[[int, int, list[torch.Tensor]], None] | None  # host outputs, once back
+    moved: int  # bytes per element, for progress
+
+
+class _Executor:
+    def __init__(
+        self,
+        plan: Plan,
+        sources: Sequence[Source],
+        sinks: Sequence[Sink],
+        progress: Progress | None,
+        nonfinite: str,
+        device: torch.device,
+    ) -> None:
+        self.plan = plan
+        self.sources = sources
+        self.host_sources: list[Source] = [_HostSource(s) for s in sources]
+        self.sinks = sinks
+        self.progress = progress
+        self.nonfinite = nonfinite
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.report = NonFiniteReport(plan)
+        self.model_values: dict[int, float] = {}
+        self.failed = threading.Event()
+        self.local = threading.local()
+        self.slots: list[_Slot] = []
+        self.slot_bytes = 0
+        self.count = 0  # chunks issued, for the slot rotation
+        if self.cuda:
+            self.copy_in = _cuda_stream(device)
+            self.compute = _cuda_stream(device)
+            self.copy_back = _cuda_stream(device)
+            self.compute.wait_stream(torch.cuda.current_stream(device))  # inputs made on the default stream
+            self.pool: ThreadPoolExecutor | None = ThreadPoolExecutor(2, thread_name_prefix="tvlang-gpu")
+        else:
+            self.pool = None
+
+    # -- sizing
+
+    def scratch(self) -> Scratch:
+        s: Scratch | None = getattr(self.local, "scratch", None)
+        if s is None:
+            s = self.local.scratch = Scratch()
+        return s
+
+    def chunk(self, task: TensorTask, per_element: int) -> int:
+        """Elements per chunk: the plan's on the CPU (so tests choose ragged sizes); on CUDA as many as
+        fit a slot's share of the memory budget, a multiple of the reduction block."""
+        planned = task.chunk or self.plan.chunk
+        if not self.cuda:
+            return max(1, planned)
+        fit = self.plan.memory // (SLOTS * max(1, per_element)) // BLOCK * BLOCK
+        return max(BLOCK, fit)
+
+    def slots_for(self, nbytes: int) -> list[_Slot]:
+        """The staging slots, (re)allocated when a chunk needs more than they hold."""
+        if nbytes > self.slot_bytes:
+            self.drain()
+            self.slots = []
+            count = SLOTS if self.cuda else 1
+            for _ in range(count):
+                if self.cuda:
+                    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                    dev = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                else:
+                    host = dev = torch.empty(nbytes, dtype=torch.uint8)
+                self.slots.append(_Slot(host, dev))
+            self.slot_bytes = nbytes
+        return self.slots
+
+    def drain(self) -> None:
+        """Wait for every chunk in flight; re-raise the first failure."""
+        first: BaseException | None = None
+        for slot in self.slots:
+            if slot.pending is not None:
+                try:
+                    slot.pending.result()
+                except BaseException as e:
+                    first = first or e
+                slot.pending = None
+        if first is not None:
+            raise first
+
+    # -- one pass
+
+    def stream(self, p: _Pass) -> None:
+        """Run a pass over every chunk of its task, overlapping copies and compute on CUDA."""
+        task, spec = p.task, p.bound.spec if p.bound is not None else None
+        assert spec is not None and p.bound is not None
+        dtypes = [DTYPES[d] for d in spec.inputs]
+        out_dtypes = [DTYPES[spec.acc if d == ACC else d] for _, d in spec.outputs]
+        per_element = sum(d.itemsize for d in dtypes + out_dtypes) + (32 if task.passes > 1 else 0)
+        chunk = self.chunk(task, per_element)
+        sizes = [(min(chunk, task.numel), d) for d in dtypes + out_dtypes]
+        slots = self.slots_for(_arena_bytes(sizes))
+        for start, stop in _ranges(task.numel, chunk):
+            if self.failed.is_set():
+                break
+            slot = slots[self.count % len(slots)]
+            self.count += 1
+            if slot.pending is not None:
+                pending, slot.pending = slot.pending, None
+                pending.result()  # its outputs are written: the host buffer is free again
+            if slot.copied_in is not None:
+                slot.copied_in.synchronize()  # its inputs are on the device: the host buffer is free again
+            n = stop - start
+            host, dev = slot.views([(n, d) for d in dtypes + out_dtypes])
+            k = len(dtypes)
+            inputs = self.stage(task, p.bound.inputs, slot, start, stop, host[:k], dev[:k])
+            self.launch(p, slot, start, inputs, host[k:], dev[k:])
+            if p.finish is None:
+                self.advance(n * p.moved)
+                continue
+            finish = p.finish
+            if self.pool is None:
+                finish(start, stop, host[k:])
+                self.advance(n * p.moved)
+            else:
+                slot.pending = self.pool.submit(
+                    self.complete, slot, finish, start, stop, host[k:], n * p.moved
+                )
+        self.drain()
+
+    def stage(
+        self,
+        task: TensorTask,
+        order: Sequence[int],
+        slot: _Slot,
+        start: int,
+        stop: int,
+        host: list[torch.Tensor],
+        dev: list[torch.Tensor],
+    ) -> list[torch.Tensor]:
+        """The kernel's input chunks: a view of an input already on the device, else the chunk copied
+        into the slot's host buffer (and, on CUDA, queued for the device on the copy stream once the
+        slot's previous kernel has read its device buffer)."""
+        inputs = []
+        uploads = []
+        for i, h, d in zip(order, host, dev, strict=True):
+            view = self.sources[i].read(task.name, start, stop)
+            if self.cuda and view.device == self.device and view.is_contiguous():
+                inputs.append(view)
+            else:
+                h.copy_(view)
+                inputs.append(d)
+                uploads.append((h, d))
+            self.sources[i].release(task.name, start, stop)
+        if self.cuda:
+            with torch.cuda.stream(self.copy_in):
+                if slot.computed is not None:
+                    self.copy_in.wait_event(slot.computed)
+                for h, d in uploads:
+                    d.copy_(h, non_blocking=True)
+        return inputs
+
+    def launch(
+        self,
+        p: _Pass,
+        slot: _Slot,
+        start: int,
+        inputs: list[torch.Tensor],
+        host_out: list[torch.Tensor],
+        dev_out: list[torch.Tensor],
+    ) -> None:
+        assert p.bound is not None
+        if not self.cuda:
+            tcg.run_spec(p.bound, inputs, dev_out, p.params, p.keys, start)
+            if p.on_device is not None:
+                p.on_device(start, dev_out)
+            return
+        slot.copied_in = _cuda_event()
+        slot.copied_in.record(self.copy_in)
+        self.compute.wait_event(slot.copied_in)
+        with torch.cuda.stream(self.compute):
+            tcg.run_spec(p.bound, inputs, dev_out, p.params, p.keys, start)
+            if p.on_device is not None:
+                p.on_device(start, dev_out)
+        slot.computed = _cuda_event()
+        slot.computed.record(self.compute)
+        if p.finish is not None:
+            self.copy_back.wait_event(slot.computed)
+            with torch.cuda.stream(self.copy_back):
+                for h, d in zip(host_out, dev_out, strict=True):
+                    h.copy_(d, non_blocking=True)
+            slot.copied_back = _cuda_event()
+            slot.copied_back.record(self.copy_back)
+
+    def complete(
+        self,
+        slot: _Slot,
+        finish: Callable[[int, int, list[torch.Tensor]], None],
+        start: int,
+        stop: int,
+        host_out: list[torch.Tensor],
+        nbytes: int,
+    ) -> None:
+        if slot.copied_back is not None:
+            slot.copied_back.synchronize()
+        try:
+            finish(start, stop, host_out)
+        except BaseException:
+            self.failed.set()
+            raise
+        self.advance(nbytes)
+
+    def advance(self, nbytes: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(nbytes)
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.compute.synchronize()
+
+    # -- tasks
+
+    def input_dtypes(self, task: TensorTask) -> dict[int, str]:
+        return {i: self.plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+
+    def read_bytes(self, task: TensorTask) -> int:
+        return sum(ITEMSIZE[d] for d in self.input_dtypes(task).values())
+
+    def run_task(self, task: TensorTask) -> None:
+        writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
+        bound: Bound | None = None
+        if writes and task.numel and not any(isinstance(w.kernel, Copy) for w in task.writes):
+            try:
+                bound = task_spec(task, self.input_dtypes(task))
+            except Unsupported:
+                bound = None
+        if bound is None:
+            self.on_cpu(task)
+            return
+        state = None
+        if task.program is not None:
+            state = ProgramState(
+                task.program, task.name, task.numel, row_length(task.shape), self.model_values
+            )
+            for q in range(1, task.passes):
+                self.reduction_pass(task, state, q)
+        params = tuple(state.scalars[i] for i in bound.params) if state is not None else ()
+        keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
+        moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
+
+        def finish(start: int, stop: int, outs: list[torch.Tensor]) -> None:
+            self.write_chunk(task, writes, state, start, stop, outs)
+
+        self.stream(_Pass(task, bound, params, keys, None, finish, moved))
+
+    def write_chunk(
+        self,
+        task: TensorTask,
+        writes: Sequence[TensorWrite],
+        state: ProgramState | None,
+        start: int,
+        stop: int,
+        outs: list[torch.Tensor],
+    ) -> None:
+        """Write one chunk's outputs, or, if one is not finite, redo the chunk on the CPU path so that
+        the error or the report is the CPU backend's."""
+        if self.nonfinite != "propagate" and not all(all_finite(o, self.scratch()) for o in outs):
+            _run_chunk(
+                self.plan,
+                task,
+                start,
+                stop,
+                self.host_sources,
+                self.sinks,
+                self.scratch(),
+                self.nonfinite,
+                self.report,
+                state,
+                self.model_values,
+            )
+            return
+        for write, out in zip(writes, outs, strict=True):
+            _write(self.sinks[write.output], task.name, start, out)
+
+    def reduction_pass(self, task: TensorTask, state: ProgramState, q: int) -> None:
+        """Data pass ``q`` of a task with reductions: its operands by a kernel, reduced on the device."""
+        program = task.program
+        assert program is not None
+        work = program.reductions_in(q)
+        targets = _pass_targets(program, q)
+        bound = program_spec(program, targets, self.input_dtypes(task))  # supported: task_spec was
+        for i, _ in work:
+            self.device_reducer(state, i)
+        params = tuple(state.scalars[i] for i in bound.params)
+        keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
+
+        def on_device(start: int, outs: list[torch.Tensor]) -> None:
+            self.reduce_chunk(state, work, start, dict(zip(targets, outs, strict=True)))
+
+        self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
+        self.sync()
+        state.end_pass(q)
+
+    def device_reducer(self, state: ProgramState, i: int) -> None:
+        """Swap the CPU accumulator the program state made for reduction ``i`` for a device one."""
+        red = state.reducers[i]
+        if isinstance(red, DeviceKth | DeviceBlockSum | DeviceCount):
+            return
+        ins = state.program.instrs[i]
+        if ins.attr == "kth":
+            state.reducers[i] = DeviceKth(
+                state.scalars[ins.args[1]], state.numel, state.acc_dtype, self.device
+            )
+        elif ins.attr == "count":
+            state.reducers[i] = DeviceCount()
+        else:
+            state.reducers[i] = DeviceBlockSum()
+
+    def reduce_chunk(
+        self,
+        state: ProgramState,
+        work: Sequence[tuple[int, int]],
+        start: int,
+        values: Mapping[int, torch.Tensor],
+    ) -> None:
+        """One chunk of every reduction in a pass (as :meth:`ProgramState.feed`)."""
+        for i, round_ in work:
+            ins = state.program.instrs[i]
+            operand = values[ins.args[0]]
+            red = state.reducers[i]
+            if ins.attr == "kth":
+                red.add(operand, start, round_)
+            elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
+                other = operand if ins.attr == "sumsq" else values[ins.args[1]]
+                red.add(operand.to(torch.float64) * other.to(torch.float64), start)
+            else:
+                red.add(operand, start)
+
+    def on_cpu(self, task: TensorTask) -> None:
+        """A task no generated kernel computes, on the CPU path of :mod:`tvlang.runtime`."""
+        scratch = self.scratch()
+        if task.passes > 1:
+            _run_task(
+                self.plan,
+                task,
+                self.host_sources,
+                self.sinks,
+                scratch,
+                self.nonfinite,
+                self.report,
+                self.progress,
+                self.failed,
+                self.model_values,
+            )
+            return
+        moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
+        for _, start, stop in _chunks(self.plan, task):
+            _run_chunk(
+                self.plan,
+                task,
+                start,
+                stop,
+                self.host_sources,
+                self.sinks,
+                scratch,
+                self.nonfinite,
+                self.report,
+                None,
+                self.model_values,
+            )
+            self.advance((stop - start) * moved)
+
+    def model_reductions(self) -> None:
+        """Model-wide k-th largest values (float64 radix selections over every user tensor's chunks)."""
+        for red in self.plan.model_reductions:
+            select = DeviceKth(red.k, red.numel, torch.float64, self.device)
+            for round_ in range(select.rounds):
+                for task_index, operand in red.users:
+                    task = self.plan.tasks[task_index]
+                    assert task.program is not None
+                    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+                    try:
+                        bound: Bound | None = program_spec(task.program, (operand,), self.input_dtypes(task))
+                    except Unsupported:
+                        bound = None
+
+                    def on_device(
+                        start: int, outs: list[torch.Tensor], r: int = round_, sel: DeviceKth = select
+                    ) -> None:
+                        sel.add(outs[0].to(torch.float64), start, r)
+
+                    if bound is None:
+                        for start, stop in _ranges(task.numel, task.chunk or self.plan.chunk):
+                            views = {j: self.host_sources[j].read(task.name, start, stop) for j in task.reads}
+                            value = state.value(operand, views, start, stop, self.scratch())
+                            with torch.cuda.stream(self.compute) if self.cuda else _nothing():  # in order
+                                select.add(value.to(self.device, torch.float64), start, round_)
+                            for j in task.reads:
+                                self.host_sources[j].release(task.name, start, stop)
+                            self.advance((stop - start) * self.read_bytes(task))
+                        continue
+                    params = tuple(state.scalars[i] for i in bound.params)
+                    keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
+                    self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
+                self.sync()
+                select.end_round()
+            self.model_values[red.key] = select.result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+
+
+def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
+    """(what it computes and for which tensors, source) of each distinct generated kernel the GPU
+    backend would run for ``plan`` (``tvlang plan --triton``)."""
+    found: dict[str, tuple[str, Bound, list[str]]] = {}
+
+    def add(bound: Bound, role: str, tensor: str) -> None:
+        found.setdefault(bound.spec.key, (role, bound, []))[2].append(tensor)
+
+    for red in plan.model_reductions:
+        for task_index, operand in red.users:
+            task = plan.tasks[task_index]
+            assert task.program is not None
+            dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+            with contextlib.suppress(Unsupported):  # then it runs on the CPU path
+                add(
+                    program_spec(task.program, (operand,), dtypes),
+                    f"model_kth#{red.key}: its operand",
+                    task.name,
+                )
+    for task in plan.tasks:
+        dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+        writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
+        if not writes or not task.numel or any(isinstance(w.kernel, Copy) for w in task.writes):
+            continue
+        try:
+            bound = task_spec(task, dtypes)
+        except Unsupported:
+            continue
+        for q in range(1, task.passes):
+            assert task.program is not None
+            targets = _pass_targets(task.program, q)
+            add(program_spec(task.program, targets, dtypes), f"pass {q}: reduction operands", task.name)
+        add(bound, "element-wise pass: the outputs", task.name)
+    out = []
+    for role, bound, tensors in found.values():
+        names = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+        out.append((f"{role}; {len(tensors)} tensor(s): {names}", tcg.triton_source(bound.spec)))
+    return out
+
+
+def _pass_targets(program: TensorProgram, q: int) -> tuple[int, ...]:
+    """The tensor operands of the reductions in data pass ``q``, each once."""
+    work = program.reductions_in(q)
+    return tuple(
+        dict.fromkeys(a for i, _ in work for a in program.instrs[i].args[:2] if program.instrs[a].tensor)
+    )
+
+
+def _cuda_stream(device: torch.device) -> Any:
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+
+
+def _cuda_event() -> Any:
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+def _ranges(n: int, chunk: int) -> Iterator[tuple[int, int]]:
+    if n == 0:
+        yield 0, 0
+    for start in range(0, n, chunk):
+        yield start, min(n, start + chunk)
+
+
+def execute_gpu(
+    plan: Plan,
+    sources: Sequence[Source],
+    sinks: Sequence[Sink],
+    *,
+    progress: Progress | None = None,
+    nonfinite: str = "error",
+    device: str = "cuda",
+) -> NonFiniteReport:
+    """Run every task of ``plan`` through generated Triton kernels on ``device`` (``"cuda"``, or
+    ``"cpu"`` under ``TRITON_INTERPRET=1``).  The contract of :func:`tvlang.runtime.execute`."""
+    check_nonfinite_mode(nonfinite)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        reason = cuda_missing()
+        if reason is not None:
+            raise TvParamError(f"the GPU backend cannot run: {reason}", help=INSTALL_HELP, code="E402")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif not tcg.interpreting():
+        raise TvParamError(
+            "the GPU backend runs on CPU tensors only in Triton's interpreter",
+            help="set TRITON_INTERPRET=1 before triton is imported, or use the CPU backend (device cpu)",
+            code="E402",
+        )
+    ex = _Executor(plan, sources, sinks, progress, nonfinite, dev)
+    previous_threads = torch.get_num_threads()
+    if dev.type == "cpu":  # as the CPU backend: small host ops run faster on one intra-op thread
+        torch.set_num_threads(1)
+    try:
+        with torch.cuda.device(dev) if dev.type == "cuda" else _nothing():
+            ex.model_reductions()
+            for task in plan.tasks:
+                if ex.failed.is_set():
+                    break
+                ex.run_task(task)
+    finally:
+        torch.set_num_threads(previous_threads)
+        ex.close()
+    if progress is not None:
+        progress.finish()
+    return ex.report
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
