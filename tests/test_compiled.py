@@ -8,6 +8,7 @@ on the same inputs, for bf16, fp16 and fp32, at chunk sizes that split tensors r
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,20 @@ def test_compiled_radix_histogram_selects_like_eager(dtype: torch.dtype) -> None
                 sel.end_round()
         eager, compiled = (s.result() for s in selects)
         assert eager == compiled == torch.sort(x, descending=True).values[k - 1].item()
+
+
+def test_an_unwritable_cache_builds_privately_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("TVLANG_CACHE", str(blocker))  # mkdir below a file fails
+    monkeypatch.setattr(c, "_loaded", {})
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
+    b = _states(torch.float32)
+    out = tvlang.evaluate("base + 0.5*(m1 - base)", b, kernels="compiled")
+    ref = tvlang.evaluate("base + 0.5*(m1 - base)", b, kernels="eager")
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert list(private_tmp.iterdir()) == []

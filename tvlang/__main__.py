@@ -1,5 +1,3 @@
-import sys
+from tvlang.cli import run
 
-from tvlang.cli import main
-
-sys.exit(main())
+run()

@@ -13,6 +13,7 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
 from tvlang.config import JOB_SUFFIXES
@@ -339,5 +340,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The command's entry point: :func:`main`, then exit without the interpreter's teardown.
+
+    By then every output is committed and closed; what teardown would do is unload torch's
+    operator libraries one by one (measured: 0.3 s of a 1 GB merge's 2.5 s)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -19,7 +19,6 @@ source; no name or string from a program does.
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import hashlib
 import math
@@ -321,45 +320,43 @@ def _load(spec: KernelSpec) -> CKernel:
     return CKernel(spec, fn)
 
 
-_private: list[str] = []
-
-
-def _private_dir() -> str:
-    if not _private:
-        _private.append(tempfile.mkdtemp(prefix="tvlang-kernels-"))
-        atexit.register(shutil.rmtree, _private[0], ignore_errors=True)  # loaded libraries stay mapped
-    return _private[0]
-
-
 def _library(source: str) -> ctypes.CDLL:
     """``source`` compiled to a shared library: from the disk cache, or compiled now."""
     directory = cache_dir()
     digest = hashlib.sha256(f"{source}{_host_key()}".encode()).hexdigest()[:32]
     path = directory / f"{digest}.so"  # named by what the binary is made of
-    if not path.exists():
-        cc = compiler()
-        if cc is None:
-            raise CompileError("no C compiler (set CC, or install gcc or clang)")
+    if path.exists():
+        return ctypes.CDLL(str(path))
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:  # no writable cache: build in a private directory, load, delete (never a shared one)
+        private = tempfile.mkdtemp(prefix="tvlang-kernels-")
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError:  # no writable cache: a private directory for this process (never a shared one)
-            directory = Path(_private_dir())
-            path = directory / path.name
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-        os.close(fd)
-        src = Path(tmp).with_suffix(".c")
-        src.write_text(source)
-        try:
-            done = subprocess.run(
-                [cc, *FLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=120
-            )
-            if done.returncode != 0:
-                raise CompileError(f"{cc} failed: {done.stderr.strip()[:2000]}")
-            os.replace(tmp, path)  # atomic: concurrent processes see a whole library or none
+            return ctypes.CDLL(str(_compile(source, Path(private), Path(private) / path.name)))
         finally:
-            src.unlink(missing_ok=True)
-            Path(tmp).unlink(missing_ok=True)
-    return ctypes.CDLL(str(path))
+            shutil.rmtree(private, ignore_errors=True)  # a loaded library stays mapped
+    return ctypes.CDLL(str(_compile(source, directory, path)))
+
+
+def _compile(source: str, directory: Path, path: Path) -> Path:
+    cc = compiler()
+    if cc is None:
+        raise CompileError("no C compiler (set CC, or install gcc or clang)")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    src = Path(tmp).with_suffix(".c")
+    src.write_text(source)
+    try:
+        done = subprocess.run(
+            [cc, *FLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0:
+            raise CompileError(f"{cc} failed: {done.stderr.strip()[:2000]}")
+        os.replace(tmp, path)  # atomic: concurrent processes see a whole library or none
+    finally:
+        src.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
+    return path
 
 
 # The k-th largest value's radix selection (tvlang.backends.reductions.KthLargest): a histogram
