@@ -35,40 +35,37 @@ The parent never imports torch, so its own memory stays out of the measurement.
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import json
 import os
-import platform
-import re
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the other benchmarks use these as linear_merge.NAME
+from harness import (
+    OUT,
+    ROOT,
+    cpu_s,
+    machine_facts,
+    parse_size,
+    source_commit,
+    source_digest,
+    vm_hwm_kib,
+    warm,
+)
+from harness import run_child as _run_child
+
 NAMES = ("base", "amazon_sent", "amazon_lm", "yelp_lm", "toxic")
 EXPR = "base + 0.4*(amazon_sent - amazon_lm + yelp_lm) - toxic"
 TOOLS = ("tvlang", "naive")
-MiB = 2**20
 
 
 # ------------------------------------------------------------------------------------------
 # Children: each runs in a fresh interpreter and writes a JSON report to the path it is given
 # ------------------------------------------------------------------------------------------
-
-
-def _vm_hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"^VmHWM:\s+(\d+)", f.read(), re.M).group(1))  # type: ignore[union-attr]
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def child_main(kind: str, report: str, args: list[str]) -> None:
@@ -79,7 +76,7 @@ def child_main(kind: str, report: str, args: list[str]) -> None:
     import tvlang.cli
 
     info: dict[str, Any] = {"torch": torch.__version__, "tvlang": tvlang.__version__}
-    cpu0, t0 = _cpu_s(), time.perf_counter()
+    cpu0, t0 = cpu_s(), time.perf_counter()
     if kind == "tvlang":
         info["rc"] = tvlang.cli.main(args)
     elif kind == "naive":
@@ -89,9 +86,9 @@ def child_main(kind: str, report: str, args: list[str]) -> None:
     elif kind == "verify":
         info["check"] = verify(args[:-2], args[-2], args[-1])
     info["work_s"] = time.perf_counter() - t0
-    info["work_cpu_s"] = _cpu_s() - cpu0
-    info["cpu_s"] = _cpu_s()
-    info["hwm_kib"] = _vm_hwm_kib()
+    info["work_cpu_s"] = cpu_s() - cpu0
+    info["cpu_s"] = cpu_s()
+    info["hwm_kib"] = vm_hwm_kib()
     with open(report, "w") as f:
         json.dump(info, f)
 
@@ -177,62 +174,9 @@ def verify(paths: list[str], out_tv: str, out_naive: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)(?:i?B)?", text.strip(), re.I)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (write e.g. 512M, 1G)")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
-
-
-def _status(pid: int) -> dict[str, int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            text = f.read()
-    except OSError:
-        return {}
-    return {k: int(v) for k, v in re.findall(r"^(VmRSS|RssAnon|RssFile|RssShmem):\s+(\d+)", text, re.M)}
-
-
-def _busy_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all CPUs)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-
-
 def run_child(kind: str, args: list[str]) -> dict[str, Any]:
-    """Run a child, sampling its RSS split; return its report plus wall time, sampled maxima (KiB)
-    and the load other processes put on the machine meanwhile (in CPUs)."""
-    report = os.path.join(OUT, f".report-{kind}.json")
-    if os.path.exists(report):
-        os.remove(report)
-    cmd = [sys.executable, os.path.abspath(__file__), "_child", SRC, kind, report, *args]
-    peaks: dict[str, int] = {}
-    busy0, t0 = _busy_s(), time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    while proc.poll() is None:
-        for k, v in _status(proc.pid).items():
-            peaks[k] = max(peaks.get(k, 0), v)
-        time.sleep(0.01)
-    wall, busy = time.perf_counter() - t0, _busy_s() - busy0
-    output = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-    if proc.returncode != 0 or not os.path.exists(report):
-        raise SystemExit(f"{kind} child failed (exit {proc.returncode}):\n{output}")
-    with open(report) as f:
-        info: dict[str, Any] = json.load(f)
-    if info.get("rc", 0) != 0:
-        raise SystemExit(f"{kind}: tvlang exited {info['rc']}:\n{output}")
-    others = max(0.0, busy - float(info["cpu_s"])) / wall
-    return {**info, "wall_s": wall, "sampled_peak_kib": peaks, "others_load": others}
-
-
-def warm(paths: list[str]) -> None:
-    """Read every input once so the timed run starts from a warm page cache."""
-    buf = bytearray(16 * MiB)
-    for p in paths:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
+    """Run one of this script's children (see :func:`child_main`) on the tvlang tree ``SRC``."""
+    return _run_child(__file__, SRC, kind, args)
 
 
 def ensure_data(label: str, nbytes: int) -> list[str]:
@@ -306,39 +250,6 @@ def bench_size(label: str, nbytes: int, repeat: int) -> dict[str, Any]:
     return {"size": label, "bytes_per_checkpoint": bytes_in // len(paths), "bytes_read": bytes_in,
             "bytes_written": bytes_out, "baseline_rss_mib": base_kib / 1024, "baseline_runs": baseline,
             "check": check, "tools": summary}  # fmt: skip
-
-
-def source_digest(src: str) -> str:
-    """sha256 over tvlang/**/*.py and the grammar, to tie the numbers to exact code."""
-    h = hashlib.sha256()
-    paths = glob.glob("tvlang/**/*.py", root_dir=src, recursive=True) + glob.glob(
-        "grammar/*.lark", root_dir=src
-    )
-    for rel in sorted(paths):
-        with open(os.path.join(src, rel), "rb") as f:
-            h.update(rel.encode() + b"\0" + f.read())
-    return h.hexdigest()
-
-
-def source_commit(src: str) -> str:
-    """The commit the tvlang sources come from: ``src/COMMIT`` for a snapshot, else git (``+dirty``)."""
-    if os.path.exists(os.path.join(src, "COMMIT")):
-        with open(os.path.join(src, "COMMIT")) as f:
-            return f.read().strip()
-    git = lambda *a: subprocess.run(["git", *a], cwd=src, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return git("rev-parse", "HEAD") + (
-        "+dirty" if git("status", "--porcelain", "--", "tvlang", "grammar") else ""
-    )
-
-
-def machine_facts(torch_version: str) -> dict[str, Any]:
-    with open("/proc/cpuinfo") as f:
-        m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-    with open("/proc/meminfo") as f:
-        mem = int(re.search(r"^MemTotal:\s+(\d+)", f.read(), re.M).group(1))  # type: ignore[union-attr]
-    return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "cpu_model": m.group(1) if m else "?",
-            "mem_total_gib": round(mem / 2**20, 1), "python": platform.python_version(), "torch": torch_version,
-            "kernel": platform.release()}  # fmt: skip
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -424,7 +335,6 @@ def main() -> None:
             json.dump(doc, f, indent=1)
 
 
-OUT = os.path.join(ROOT, "benchmarks", "out")
 SRC = ROOT  # the tree whose tvlang the children import (--src)
 
 if __name__ == "__main__":
