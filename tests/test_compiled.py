@@ -265,3 +265,13 @@ def test_an_unwritable_cache_builds_privately_and_leaves_nothing(
     ref = tvlang.evaluate("base + 0.5*(m1 - base)", b, kernels="eager")
     assert all(torch.equal(out[k], ref[k]) for k in ref)
     assert list(private_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4097, 3 * 4096 + 5])
+def test_reduction_pass_block_sums_match_eager(n: int) -> None:
+    """Sums, norms and dot products (slerp, model_stock, DARE's L1 rescale) over whole blocks and a
+    ragged last one: the compiled kernel adds each block in element order, as block_sums does."""
+    g = torch.Generator().manual_seed(n)
+    states = {k: {"w": torch.randn(n, generator=g)} for k in ("base", "m1", "m2", "m3")}
+    for src in ("slerp(m1, m2, 0.3)", "model_stock(base, m1, m2, m3)", "base + dare(m1 - base, 0.5, seed=1)"):
+        _assert_same_bits(*_both(src, states, chunk=4096))

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tvlang.backends.cpu import Scratch
 from tvlang.backends.program import random_key
+from tvlang.backends.reductions import BLOCK
 from tvlang.codegen import c
-from tvlang.codegen.spec import Bound, Unsupported, program_spec, task_spec
+from tvlang.codegen.spec import SUM, Bound, Unsupported, program_spec, reduction_spec, task_spec
 from tvlang.plan.plan import Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.program import TensorProgram
 
@@ -51,6 +53,9 @@ class Kernels:
         self.plan = plan
         self._tasks: dict[int, TaskKernel | None] = {}
         self._programs: dict[tuple[int, tuple[int, ...], tuple[torch.dtype, ...]], Compiled | None] = {}
+        self._reductions: dict[
+            tuple[int, tuple[tuple[int, int], ...], tuple[torch.dtype, ...]], Compiled | None
+        ] = {}
         self._keys: dict[tuple[int, str, str], int] = {}
         self._lock = threading.Lock()
         self.failures: list[str] = []
@@ -114,6 +119,37 @@ class Kernels:
             return False
         return call(compiled, views, outputs, scalars, self.random_keys(compiled.bound, tensor), start) >= 0
 
+    def run_reductions(
+        self,
+        program: TensorProgram,
+        work: Sequence[tuple[int, int]],
+        views: Mapping[int, torch.Tensor],
+        scratch: Scratch,
+        scalars: Mapping[int, float],
+        tensor: str,
+        start: int,
+        stop: int,
+    ) -> list[torch.Tensor] | None:
+        """One chunk of a reduction pass: per (reduction, round) of ``work``, its operand (k-th
+        largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it."""
+        key = (id(program), tuple(work), tuple(views[i].dtype for i in sorted(views)))
+        if key not in self._reductions:
+            dtypes = {i: _CODES[x.dtype] for i, x in views.items() if x.dtype in _CODES}
+            self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes))
+        compiled = self._reductions[key]
+        if compiled is None:
+            return None
+        n = stop - start
+        acc = torch.float64 if program.acc == "F64" else torch.float32
+        outs = [
+            scratch.get(("sums", k), torch.float64, -(-n // BLOCK))
+            if dtype == SUM
+            else scratch.get(("slot", k), acc, n)
+            for k, (_, dtype) in enumerate(compiled.bound.spec.outputs)
+        ]
+        keys = self.random_keys(compiled.bound, tensor)
+        return outs if call(compiled, views, outs, scalars, keys, start, n) >= 0 else None
+
     def random_keys(self, bound: Bound, tensor: str) -> list[int]:
         out = []
         for seed, stream in bound.keys:
@@ -151,6 +187,7 @@ def call(
     scalars: Mapping[int, float],
     keys: Sequence[int],
     start: int,
+    n: int | None = None,
 ) -> int:
     """Run ``compiled`` on one chunk; returns the count of elements with non-finite rounded outputs,
     or -1 (nothing computed) when a chunk's dtype is not the one the kernel was built for."""
@@ -161,7 +198,7 @@ def call(
         for x, d in zip(inputs, bound.spec.inputs, strict=True)
     ):
         return -1
-    return compiled.kernel(inputs, list(outputs), [scalars[i] for i in bound.params], list(keys), start)
+    return compiled.kernel(inputs, list(outputs), [scalars[i] for i in bound.params], list(keys), start, n)
 
 
 def prepare_kernels(plan: Plan) -> Kernels:

@@ -43,7 +43,7 @@ import torch
 
 from tvlang.backends.cpu import Scratch, all_finite
 from tvlang.backends.program import ProgramState, random_key
-from tvlang.backends.reductions import BLOCK, DIGIT, BlockSum, Count, KthLargest
+from tvlang.backends.reductions import BLOCK, DIGIT, BlockSum, Count, KthLargest, block_sums
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
 from tvlang.errors import TvInputError, TvParamError
@@ -162,12 +162,7 @@ class DeviceBlockSum(BlockSum):
     kept on the device until the result (then added in block order on the host, as the CPU does)."""
 
     def add(self, values: torch.Tensor, start: int) -> None:
-        v = values.to(torch.float64)
-        n = v.numel() // BLOCK * BLOCK
-        parts = [v[:n].view(-1, BLOCK).sum(dim=1)] if n else []
-        if n < v.numel():
-            parts.append(v[n:].sum().reshape(1))
-        self._blocks[start] = torch.cat(parts) if parts else v.new_zeros(0)
+        self._blocks[start] = block_sums(values)  # on a GPU the scan adds in another order
 
     def result(self) -> float:
         self._blocks = {s: b.cpu() for s, b in self._blocks.items()}

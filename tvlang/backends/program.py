@@ -195,6 +195,20 @@ class ProgramState:
     ) -> None:
         """Data pass ``q`` over one chunk: advance the reductions that run in it."""
         work = self.program.reductions_in(q)
+        if self.kernels is not None:
+            outs = self.kernels.run_reductions(
+                self.program, work, views, scratch, self.scalars, self.tensor, start, stop
+            )
+            if outs is not None:
+                for (i, round_), out in zip(work, outs, strict=True):
+                    red = self.reducers[i]
+                    if isinstance(red, KthLargest):
+                        red.add(out, start, round_)
+                    elif isinstance(red, BlockSum):
+                        red.add_sums(out, start)
+                    else:
+                        red.add(out, start)
+                return
         targets = tuple(
             a for i, _ in work for a in self.program.instrs[i].args[:2] if self.program.instrs[a].tensor
         )

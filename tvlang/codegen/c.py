@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from tvlang.codegen.spec import ACC, KernelSpec, Stmt
+from tvlang.backends.reductions import BLOCK
+from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
 
 FLAGS = (
     "-O3",
@@ -157,6 +158,8 @@ def c_source(spec: KernelSpec) -> str:
             body.append(f"        const {t} {name} = {a[0]} {sym} {a[1]};")
         elif s.op == "call":
             body.append(f"        const {t} {name} = {_call(str(s.attr), a, t, f)};")
+        elif s.op == "mul64":  # exact for float32 operands
+            body.append(f"        const double {name} = (double){a[0]} * (double){a[1]};")
         elif s.op == "rand":
             bits = 53 if t == "double" else 24
             body.append(
@@ -168,8 +171,13 @@ def c_source(spec: KernelSpec) -> str:
             raise ValueError(f"no C for {s}")
 
     finite = []
+    sums = []
     for k, (i, dtype) in enumerate(spec.outputs):
         v = val(i)
+        if dtype == SUM:  # added in element order, one sum per block, as block_sums does
+            sums.append(k)
+            body.append(f"        t{k}[i - b0] = (double){v};")
+            continue
         if dtype == ACC:
             body.append(f"        out{k}[i] = {v};")
             continue
@@ -197,7 +205,7 @@ def c_source(spec: KernelSpec) -> str:
     params = [f"const {_CTYPE[d]} *restrict in{k}" for k, d in enumerate(spec.inputs)]
     args = [f"(const {_CTYPE[d]} *)in[{k}]" for k, d in enumerate(spec.inputs)]
     for k, (_, dtype) in enumerate(spec.outputs):
-        ctype = t if dtype == ACC else _CTYPE[dtype]
+        ctype = "double" if dtype == SUM else t if dtype == ACC else _CTYPE[dtype]
         params.append(f"{ctype} *restrict out{k}")
         args.append(f"({ctype} *)out[{k}]")
     return "\n".join(
@@ -211,9 +219,7 @@ def c_source(spec: KernelSpec) -> str:
             "    (void)start; (void)params; (void)keys;",
             *hoisted,
             "    int64_t bad = 0;",
-            "    for (int64_t i = 0; i < n; i++) {",
-            *body,
-            "    }",
+            *(_blocked(body, sums) if sums else ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]),
             "    return bad;",
             "}",
             "",
@@ -224,6 +230,26 @@ def c_source(spec: KernelSpec) -> str:
             "",
         ]
     )
+
+
+def _blocked(body: list[str], sums: list[int]) -> list[str]:
+    """The element loop inside a loop over ``BLOCK``-element blocks: the (vectorised) element loop
+    stores each summand of a block in a small buffer, then one scalar loop adds each buffer in
+    element order, the sums side by side (sequential additions do not vectorise)."""
+    return [
+        *(f"    double t{k}[{BLOCK}];" for k in sums),
+        f"    for (int64_t b0 = 0; b0 < n; b0 += {BLOCK}) {{",
+        f"        const int64_t b1 = n - b0 < {BLOCK} ? n : b0 + {BLOCK};",
+        "        for (int64_t i = b0; i < b1; i++) {",
+        *("    " + line for line in body),
+        "        }",
+        *(f"        double s{k} = 0;" for k in sums),
+        "        for (int64_t j = 0; j < b1 - b0; j++) {",
+        *(f"            s{k} += t{k}[j];" for k in sums),
+        "        }",
+        *(f"        out{k}[b0 / {BLOCK}] = s{k};" for k in sums),
+        "    }",
+    ]
 
 
 def _call(fn: str, a: list[str], t: str, f: str) -> str:
@@ -292,12 +318,18 @@ class CKernel:
         params: list[float] | tuple[float, ...] = (),
         keys: list[int] | tuple[int, ...] = (),
         start: int = 0,
+        n: int | None = None,
     ) -> int:
-        """Compute ``outputs`` (contiguous, of the spec's dtypes) from ``inputs``; returns the number of
-        elements whose rounded results are not all finite."""
-        n = outputs[0].numel() if outputs else 0
-        for x in (*inputs, *outputs):
+        """Compute elements [0, n) of ``outputs`` (contiguous, of the spec's dtypes; ``SUM`` outputs
+        hold one number per block) from ``inputs`` (``n``: by default the first output's size);
+        returns the number of elements whose rounded results are not all finite."""
+        if n is None:
+            n = outputs[0].numel() if outputs else 0
+        for x in inputs:
             assert x.is_contiguous() and x.numel() == n and x.device.type == "cpu"
+        for x, (_, dtype) in zip(outputs, self.spec.outputs, strict=True):
+            size = -(-n // BLOCK) if dtype == SUM else n
+            assert x.is_contiguous() and x.numel() == size and x.device.type == "cpu"
         ins = (ctypes.c_void_p * max(1, len(inputs)))(*[x.data_ptr() for x in inputs])
         outs = (ctypes.c_void_p * max(1, len(outputs)))(*[x.data_ptr() for x in outputs])
         ps = (ctypes.c_double * max(1, len(params)))(*params)

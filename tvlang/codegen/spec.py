@@ -34,6 +34,7 @@ from tvlang.plan.program import TensorProgram
 # Input/output element types a generated kernel handles; others (float8) run eagerly.
 KERNEL_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 ACC = "ACC"  # an output kept in the accumulation dtype (a reduction's operand)
+SUM = "SUM"  # an output of float64 block sums (tvlang.backends.reductions.block_sums), one per block
 
 BINARY = ("add", "sub", "mul", "div")  # (`**` takes numbers only: never a chunk operation)
 CALLS = frozenset(
@@ -70,7 +71,8 @@ class Stmt:
     ops: ``load`` (attr: input position), ``param`` (attr: parameter position; a float64
     number), ``const`` (attr: the number), ``wsum`` (attr: weights), ``neg``, the binary
     ``add sub mul div``, ``call`` (attr: function name), ``rand`` (attr: key position;
-    uniform in [0, 1) from the element's index).
+    uniform in [0, 1) from the element's index), ``mul64`` (the product of two values in
+    float64, for the dot products of reduction passes).
     """
 
     op: str
@@ -170,7 +172,7 @@ class _Builder:
 
     def spec(self, outputs: Sequence[tuple[int, str]]) -> Bound:
         for _, dtype in outputs:
-            if dtype != ACC and dtype not in KERNEL_DTYPES:
+            if dtype not in (ACC, SUM) and dtype not in KERNEL_DTYPES:
                 raise Unsupported(f"output dtype {dtype}")
         spec = KernelSpec(
             tuple(self.input_dtypes[i] for i in self.inputs),
@@ -217,3 +219,35 @@ def program_spec(program: TensorProgram, targets: Sequence[int], input_dtypes: M
     b = _Builder(input_dtypes, program.acc)
     stmts = b.program(program, targets)
     return b.spec([(stmts[t], ACC) for t in targets])
+
+
+def reduction_spec(
+    program: TensorProgram, work: Sequence[tuple[int, int]], input_dtypes: Mapping[int, str]
+) -> Bound:
+    """A kernel for one reduction pass (``work``: its (reduction, round) pairs), one output each:
+    the operand in the accumulation dtype for k-th largest values and counts, and the float64
+    block sums of the operand (``sum``) or of the products (``dot``, ``sumsq``) otherwise, so that
+    no operand of a sum is ever stored."""
+    if program.row_wise:
+        raise Unsupported("row ranks need whole rows")
+    b = _Builder(input_dtypes, program.acc)
+    operands = [
+        a for i, _ in work for a in program.instrs[i].args[: 2 if program.instrs[i].attr == "dot" else 1]
+    ]
+    if not all(program.instrs[a].tensor for a in operands):
+        raise Unsupported("a reduction of a number")
+    stmts = b.program(program, operands)
+    outputs = []
+    for i, _ in work:
+        ins = program.instrs[i]
+        if ins.attr in ("kth", "count"):
+            outputs.append((stmts[ins.args[0]], ACC))
+        elif ins.attr in ("dot", "sumsq"):
+            a = stmts[ins.args[0]]
+            other = a if ins.attr == "sumsq" else stmts[ins.args[1]]
+            outputs.append((b.add(Stmt("mul64", (a, other))), SUM))
+        elif ins.attr == "sum":
+            outputs.append((stmts[ins.args[0]], SUM))
+        else:
+            raise Unsupported(f"reduction {ins.attr}")
+    return b.spec(outputs)
