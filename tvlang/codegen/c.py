@@ -88,9 +88,20 @@ static inline uint64_t bits64(double d) {
     return u;
 }
 
-/* torch.minimum / torch.maximum: NaN propagates; -0 is below +0. */
-#define TV_MIN(a, b) ((a) != (a) || (b) != (b) ? (a) + (b) : (a) < (b) ? (a) : (b) < (a) ? (b) : signbit(a) ? (a) : (b))
-#define TV_MAX(a, b) ((a) != (a) || (b) != (b) ? (a) + (b) : (a) > (b) ? (a) : (b) > (a) ? (b) : signbit(a) ? (b) : (a))
+/* torch.minimum / torch.maximum: NaN propagates; -0 is below +0.  Written as selects
+   (no branches), so that loops using them still vectorise. */
+#define TV_MINMAX(NAME, T, COPYSIGN, CMP, NEGATIVE_ZERO_WINS)                      \
+    static inline T NAME(T a, T b) {                                            \
+        const T m = (a CMP b) ? a : b;                                          \
+        const int negative = COPYSIGN(1, a) < 0; /* (signbit does not vectorise) */ \
+        const T z = (negative == NEGATIVE_ZERO_WINS) ? a : b;                   \
+        const T r = a == b ? z : m; /* equal: ±0 decided by the sign */         \
+        return (a != a || b != b) ? a + b : r;                                  \
+    }
+TV_MINMAX(tv_minf, float, copysignf, <, 1)
+TV_MINMAX(tv_maxf, float, copysignf, >, 0)
+TV_MINMAX(tv_min, double, copysign, <, 1)
+TV_MINMAX(tv_max, double, copysign, >, 0)
 #define TV_SIGN(x) ((x) > 0 ? 1 : (x) < 0 ? -1 : 0)
 
 /* The counter-based generator of tvlang.backends.program: fmix64(key ^ (i * golden)). */
@@ -262,11 +273,11 @@ def _call(fn: str, a: list[str], t: str, f: str) -> str:
     if fn == "sign":
         return f"({t})TV_SIGN({a[0]})"
     if fn == "min":
-        return f"TV_MIN({a[0]}, {a[1]})"
+        return f"tv_min{f}({a[0]}, {a[1]})"
     if fn == "max":
-        return f"TV_MAX({a[0]}, {a[1]})"
+        return f"tv_max{f}({a[0]}, {a[1]})"
     if fn == "clamp":
-        return f"TV_MIN(TV_MAX({a[0]}, {a[1]}), {a[2]})"
+        return f"tv_min{f}(tv_max{f}({a[0]}, {a[1]}), {a[2]})"
     if fn == "where":
         return f"({a[0]} != 0 ? {a[1]} : {a[2]})"
     sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[fn]
