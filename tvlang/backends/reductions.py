@@ -1,8 +1,9 @@
 """Per-tensor reductions over chunks, with results that do not depend on chunking.
 
-Sums are taken over fixed blocks of ``BLOCK`` elements in float64 and the block
-sums are added in block order at the end, so chunk size and thread count never
-change the bits.  The k-th largest value is an exact radix selection: each
+Sums are taken over fixed blocks of ``BLOCK`` elements in float64, each block
+in element order (the compiled kernels add the same way), and the block sums are
+added in block order at the end, so chunk size, thread count and kernel mode
+never change the bits.  The k-th largest value is an exact radix selection: each
 round histograms the next 16 bits of an order-preserving integer key, among
 the elements whose higher bits matched the rounds before.
 """
