@@ -143,10 +143,10 @@ def test_gpu_executor_on_cpu_tensors_needs_the_interpreter(monkeypatch: pytest.M
 
 
 def test_inputs_on_another_device_are_refused() -> None:
-    from tvlang.backends.gpu import device_memory_metas
+    from tvlang.io.endpoints import memory_metas
 
-    metas = device_memory_metas({"w": torch.zeros(2, 3)}, "x", "cuda")
+    metas = memory_metas({"w": torch.zeros(2, 3)}, "x", "cuda")
     assert metas["w"].shape == (2, 3)
     with pytest.raises(tvlang.TvError, match="is on meta") as info:
-        device_memory_metas({"w": torch.empty(3, device="meta")}, "x", "cuda")
+        memory_metas({"w": torch.empty(3, device="meta")}, "x", "cuda")
     assert info.value.code == "E307"

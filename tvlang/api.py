@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
-from tvlang.backends.gpu import device_memory_metas, execute_gpu, resolve_device
+from tvlang.backends.gpu import execute_gpu, resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
@@ -302,7 +302,7 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         if ref.handle is not None:
             opened[ref.key] = ref.handle
             if on_cuda:  # tensors already on the GPU are read in place
-                return "memory", device_memory_metas(ref.handle, ref.label, "cuda"), False
+                return "memory", memory_metas(ref.handle, ref.label, "cuda"), False
             return "memory", memory_metas(ref.handle, ref.label), False
         if ref.key.startswith(LORA_KEY):
             adapter = LoraAdapter.open(ref.key[len(LORA_KEY) :])

@@ -46,15 +46,14 @@ from tvlang.backends.program import ProgramState, random_key
 from tvlang.backends.reductions import BLOCK, DIGIT, BlockSum, Count, KthLargest, block_sums
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
-from tvlang.errors import TvInputError, TvParamError
+from tvlang.errors import TvParamError
 from tvlang.io.endpoints import Sink, Source
-from tvlang.io.safetensors import DTYPE_CODES, DTYPES
+from tvlang.io.safetensors import DTYPES
 from tvlang.plan.plan import (
     ITEMSIZE,
     Copy,
     Plan,
     ProgramOutput,
-    TensorMeta,
     TensorTask,
     TensorWrite,
     WeightedSum,
@@ -112,29 +111,6 @@ def resolve_device(requested: str) -> str:
         help=f"{INSTALL_HELP}; or run on the CPU with --device cpu (or auto)",
         code="E402",
     )
-
-
-def device_memory_metas(state: Mapping[str, Any], label: str, device: str) -> dict[str, TensorMeta]:
-    """Like :func:`tvlang.io.endpoints.memory_metas`, also accepting tensors already on ``device``
-    (they are then read in place)."""
-    metas = {}
-    for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TvInputError(
-                f"`{label}`: entry `{name}` is a {type(tensor).__name__}, not a tensor", code="E307"
-            )
-        if tensor.dtype not in DTYPE_CODES:
-            raise TvInputError(
-                f"`{label}`: tensor `{name}` has unsupported dtype {tensor.dtype}", code="E307"
-            )
-        if tensor.device.type not in ("cpu", device):
-            raise TvInputError(
-                f"`{label}`: tensor `{name}` is on {tensor.device}; this run uses {device} and the CPU",
-                help="move the state dict to the CPU or to the device the run uses",
-                code="E307",
-            )
-        metas[str(name)] = TensorMeta(DTYPE_CODES[tensor.dtype], tuple(tensor.shape))
-    return metas
 
 
 class _HostSource:

@@ -52,8 +52,9 @@ class CheckpointSource:
         self._reader.close()
 
 
-def memory_metas(state: Mapping[str, Any], label: str) -> dict[str, TensorMeta]:
-    """Header-like facts of an in-memory state dict, with the same validation a file gets."""
+def memory_metas(state: Mapping[str, Any], label: str, device: str = "cpu") -> dict[str, TensorMeta]:
+    """Header-like facts of an in-memory state dict, with the same validation a file gets.  Tensors
+    must be on the CPU, or on ``device`` (a run on the GPU reads those in place)."""
     metas = {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
@@ -64,9 +65,14 @@ def memory_metas(state: Mapping[str, Any], label: str) -> dict[str, TensorMeta]:
             raise TvInputError(
                 f"`{label}`: tensor `{name}` has unsupported dtype {tensor.dtype}", code="E307"
             )
-        if tensor.device.type != "cpu":
+        if tensor.device.type not in ("cpu", device):
+            where = (
+                "the CPU backend reads CPU tensors"
+                if device == "cpu"
+                else f"this run uses {device} and the CPU"
+            )
             raise TvInputError(
-                f"`{label}`: tensor `{name}` is on {tensor.device}; the CPU backend reads CPU tensors",
+                f"`{label}`: tensor `{name}` is on {tensor.device}; {where}",
                 help="move the state dict to the CPU first (`{k: v.cpu() for k, v in sd.items()}`)",
                 code="E307",
             )
