@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import torch
@@ -185,6 +186,29 @@ def check_nonfinite_mode(mode: str) -> str:
 WHOLE_TASK = -1  # a work item that runs every pass of a task with reductions, in one worker
 
 
+@dataclass
+class Run:
+    """What every chunk of one execution shares (the GPU backend makes one for the tasks it
+    hands back to this CPU path)."""
+
+    plan: Plan
+    sources: Sequence[Source]
+    sinks: Sequence[Sink]
+    nonfinite: str
+    report: NonFiniteReport
+    model_values: Mapping[int, float]
+    kernels: Kernels | None = None
+    progress: Progress | None = None
+    failed: threading.Event = field(default_factory=threading.Event)
+
+    def state(self, task: TensorTask) -> ProgramState:
+        """A fresh run of ``task``'s program (its per-tensor numbers, its reductions' accumulators)."""
+        assert task.program is not None
+        return ProgramState(
+            task.program, task.name, task.numel, row_length(task.shape), self.model_values, self.kernels
+        )
+
+
 def _work(plan: Plan) -> Iterator[tuple[TensorTask, int, int]]:
     for task in plan.tasks:
         if task.passes > 1:
@@ -215,12 +239,12 @@ def execute(
     ``"warn"`` counts them into the returned report, ``"propagate"`` does not look.
     """
     check_nonfinite_mode(nonfinite)
-    report = NonFiniteReport(plan)
-    kernels = prepare_kernels(plan) if plan.kernels == "compiled" else None
     model_values: dict[int, float] = {}
+    kernels = prepare_kernels(plan) if plan.kernels == "compiled" else None
+    run = Run(plan, sources, sinks, nonfinite, NonFiniteReport(plan), model_values, kernels, progress)
     items = _work(plan)
     lock = threading.Lock()
-    failed = threading.Event()
+    failed = run.failed
     per_chunk_bytes = {
         id(task): sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
         + sum(ITEMSIZE[w.dtype] for w in task.writes)
@@ -237,34 +261,9 @@ def execute(
             task, start, stop = item
             try:
                 if start == WHOLE_TASK:
-                    _run_task(
-                        plan,
-                        task,
-                        sources,
-                        sinks,
-                        scratch,
-                        nonfinite,
-                        report,
-                        progress,
-                        failed,
-                        model_values,
-                        kernels,
-                    )
+                    _run_task(run, task, scratch)
                 else:
-                    _run_chunk(
-                        plan,
-                        task,
-                        start,
-                        stop,
-                        sources,
-                        sinks,
-                        scratch,
-                        nonfinite,
-                        report,
-                        None,
-                        model_values,
-                        kernels,
-                    )
+                    _run_chunk(run, task, start, stop, scratch)
             except BaseException:
                 failed.set()
                 raise
@@ -292,40 +291,27 @@ def execute(
         torch.set_num_threads(previous_threads)
     if progress is not None:
         progress.finish()
-    return report
+    return run.report
 
 
 def _run_chunk(
-    plan: Plan,
-    task: TensorTask,
-    start: int,
-    stop: int,
-    sources: Sequence[Source],
-    sinks: Sequence[Sink],
-    scratch: Scratch,
-    nonfinite: str,
-    report: NonFiniteReport,
-    state: ProgramState | None = None,
-    model_values: Mapping[int, float] | None = None,
-    kernels: Kernels | None = None,
+    run: Run, task: TensorTask, start: int, stop: int, scratch: Scratch, state: ProgramState | None = None
 ) -> None:
+    """One chunk of every output of ``task`` (``state``: its program's run, when a multi-pass task
+    has already done its reductions)."""
+    plan, sources, nonfinite, report = run.plan, run.sources, run.nonfinite, run.report
     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
-    compiled = kernels.task(task) if kernels is not None else None
-    if compiled is not None:
-        assert kernels is not None
-        if task.program is not None and state is None:
-            state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), model_values)
-        if _run_compiled(compiled, kernels, task, start, stop, views, sinks, scratch, nonfinite, state):
-            for i in task.reads:
-                sources[i].release(task.name, start, stop)
-            return
+    if task.program is not None and state is None:
+        state = run.state(task)
+    compiled = run.kernels.task(task) if run.kernels is not None else None
+    if compiled is not None and _run_compiled(run, compiled, task, start, stop, views, scratch, state):
+        for i in task.reads:
+            sources[i].release(task.name, start, stop)
+        return
     n = stop - start
     counted: set[int] = set()  # inputs already counted in this chunk (several outputs read them)
     program_outputs: list[torch.Tensor] = []
-    if task.program is not None:
-        state = state or ProgramState(
-            task.program, task.name, task.numel, row_length(task.shape), model_values
-        )
+    if state is not None:
         program_outputs = state.outputs(views, start, stop, scratch)
     widened: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # inputs converted once per chunk
     for write in task.writes:
@@ -337,7 +323,7 @@ def _run_chunk(
                 if nonfinite == "error":
                     raise _program_nonfinite_error(plan, task, write, bad)
                 report.add_program(task.name, write.output, bad)
-            _write(sinks[write.output], task.name, start, out)
+            _write(run.sinks[write.output], task.name, start, out)
             continue
         run_kernel(write.kernel, views, out, scratch, widened)
         if nonfinite != "propagate" and not output_finite(write.kernel, out, scratch):
@@ -348,21 +334,19 @@ def _run_chunk(
             found.inputs = {i: c for i, c in found.inputs.items() if i not in counted}
             counted.update(found.inputs)
             report.add(task.name, write.output, found)
-        _write(sinks[write.output], task.name, start, out)
+        _write(run.sinks[write.output], task.name, start, out)
     for i in task.reads:
         sources[i].release(task.name, start, stop)
 
 
 def _run_compiled(
+    run: Run,
     compiled: TaskKernel,
-    kernels: Kernels,
     task: TensorTask,
     start: int,
     stop: int,
     views: Mapping[int, torch.Tensor],
-    sinks: Sequence[Sink],
     scratch: Scratch,
-    nonfinite: str,
     state: ProgramState | None,
 ) -> bool:
     """One chunk through the task's fused kernel: every float output in one loop, copies copied.
@@ -371,8 +355,9 @@ def _run_compiled(
     n = stop - start
     outs = [scratch.get(("out", k), DTYPES[task.writes[w].dtype], n) for k, w in enumerate(compiled.writes)]
     scalars = state.scalars if state is not None else {}
-    bad = call(compiled, views, outs, scalars, kernels.random_keys(compiled.bound, task.name), start)
-    if bad < 0 or (bad and nonfinite != "propagate"):
+    assert run.kernels is not None
+    bad = call(compiled, views, outs, scalars, run.kernels.random_keys(compiled.bound, task.name), start)
+    if bad < 0 or (bad and run.nonfinite != "propagate"):
         return False
     filled = dict(zip(compiled.writes, outs, strict=True))
     for k, write in enumerate(task.writes):
@@ -380,32 +365,20 @@ def _run_compiled(
         if out is None:  # a non-float tensor, copied from its template
             out = scratch.get("out", DTYPES[write.dtype], n)
             run_kernel(write.kernel, views, out, scratch)
-        _write(sinks[write.output], task.name, start, out)
+        _write(run.sinks[write.output], task.name, start, out)
     return True
 
 
-def _run_task(
-    plan: Plan,
-    task: TensorTask,
-    sources: Sequence[Source],
-    sinks: Sequence[Sink],
-    scratch: Scratch,
-    nonfinite: str,
-    report: NonFiniteReport,
-    progress: Progress | None,
-    failed: threading.Event,
-    model_values: Mapping[int, float],
-    kernels: Kernels | None = None,
-) -> None:
+def _run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
     """Every pass of a task with reductions: the reduction passes feed the program's accumulators
     chunk by chunk, then the last pass writes the outputs."""
-    assert task.program is not None
-    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), model_values, kernels)
+    plan, sources = run.plan, run.sources
+    state = run.state(task)
     read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
     for q in range(1, task.passes + 1):
         for _, start, stop in _chunks(plan, task):
-            if failed.is_set():
+            if run.failed.is_set():
                 return
             if q < task.passes:
                 views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
@@ -414,23 +387,10 @@ def _run_task(
                     sources[i].release(task.name, start, stop)
                 moved = read_bytes
             else:
-                _run_chunk(
-                    plan,
-                    task,
-                    start,
-                    stop,
-                    sources,
-                    sinks,
-                    scratch,
-                    nonfinite,
-                    report,
-                    state,
-                    model_values,
-                    kernels,
-                )
+                _run_chunk(run, task, start, stop, scratch, state)
                 moved = read_bytes + write_bytes
-            if progress is not None:
-                progress.advance((stop - start) * moved)
+            if run.progress is not None:
+                run.progress.advance((stop - start) * moved)
         if q < task.passes:
             state.end_pass(q)
 

@@ -63,6 +63,7 @@ from tvlang.plan.program import TensorProgram
 from tvlang.runtime import (
     NonFiniteReport,
     Progress,
+    Run,
     _chunks,
     _run_chunk,
     _run_task,
@@ -265,6 +266,18 @@ class _Executor:
         self.report = NonFiniteReport(plan)
         self.model_values: dict[int, float] = {}
         self.failed = threading.Event()
+        # the CPU path, for what no kernel computes and for chunks whose NaN/±inf need explaining
+        self.cpu = Run(
+            plan,
+            self.host_sources,
+            sinks,
+            nonfinite,
+            self.report,
+            self.model_values,
+            None,
+            progress,
+            self.failed,
+        )
         self.local = threading.local()
         self.slots: list[_Slot] = []
         self.slot_bytes = 0
@@ -501,19 +514,7 @@ class _Executor:
         """Write one chunk's outputs, or, if one is not finite, redo the chunk on the CPU path so that
         the error or the report is the CPU backend's."""
         if self.nonfinite != "propagate" and not all(all_finite(o, self.scratch()) for o in outs):
-            _run_chunk(
-                self.plan,
-                task,
-                start,
-                stop,
-                self.host_sources,
-                self.sinks,
-                self.scratch(),
-                self.nonfinite,
-                self.report,
-                state,
-                self.model_values,
-            )
+            _run_chunk(self.cpu, task, start, stop, self.scratch(), state)
             return
         for write, out in zip(writes, outs, strict=True):
             _write(self.sinks[write.output], task.name, start, out)
@@ -576,34 +577,11 @@ class _Executor:
         """A task no generated kernel computes, on the CPU path of :mod:`tvlang.runtime`."""
         scratch = self.scratch()
         if task.passes > 1:
-            _run_task(
-                self.plan,
-                task,
-                self.host_sources,
-                self.sinks,
-                scratch,
-                self.nonfinite,
-                self.report,
-                self.progress,
-                self.failed,
-                self.model_values,
-            )
+            _run_task(self.cpu, task, scratch)
             return
         moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
         for _, start, stop in _chunks(self.plan, task):
-            _run_chunk(
-                self.plan,
-                task,
-                start,
-                stop,
-                self.host_sources,
-                self.sinks,
-                scratch,
-                self.nonfinite,
-                self.report,
-                None,
-                self.model_values,
-            )
+            _run_chunk(self.cpu, task, start, stop, scratch)
             self.advance((stop - start) * moved)
 
     def model_reductions(self) -> None:
