@@ -3,9 +3,9 @@
 Nothing here decides anything: chunk size, kernels, dtypes and thread count
 all come from the :class:`~tvlang.plan.Plan`.  Work items are chunk ranges of
 tensors, handed out in plan order; torch runs one intra-op thread per worker
-(on a shared 2-core machine OpenMP regions inside small ops wait on
-descheduled threads; see benchmarks/RESULTS.md), and parallelism comes from
-the workers.
+(measured on a shared 2-core machine: OpenMP regions inside small ops wait on
+descheduled threads, and ran 3–20× slower than one thread), and parallelism
+comes from the workers.
 
 Non-finite values: every rounded float output chunk gets one cheap check
 (:func:`~tvlang.backends.cpu.output_finite`); only a chunk that fails it is

@@ -97,8 +97,8 @@ def _binary(op: str, a: Any, b: Any, out: torch.Tensor) -> torch.Tensor:
         return torch.mul(b, a, out=out)
     if op == "sub":
         return torch.sub(b, a, out=out).neg_()
-    if op == "div":
-        return torch.reciprocal(b, out=out).mul_(a)
+    if op == "div":  # correctly rounded (reciprocal-then-multiply would round twice)
+        return out.fill_(a).div_(b)
     return torch.pow(a, b, out=out)
 
 

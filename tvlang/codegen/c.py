@@ -2,7 +2,7 @@
 system C compiler, cached on disk, called through ctypes.
 
 Why not torch.compile/Inductor: it would also give one vectorised loop, but its import and
-warm compile cost about 4 s and 200 MiB of resident memory (../benchmarks/RESULTS.md) — more
+warm compile cost about 4 s and 200 MiB of resident memory (measured on this project's machines) — more
 than the whole plan-and-compile budget of a merge.  A generated C loop compiles in about a
 tenth of a second, loads in microseconds, and ctypes releases the GIL while it runs, so the
 runtime's worker threads run kernels in parallel.

@@ -179,7 +179,7 @@ class _Emitter:
             self.emit(f"{name} = _uniform({key}, index, {bits}).to({T}) * {self.const(2.0**-bits)}")
         elif stmt.op == "neg":
             self.emit(f"{name} = -{args[0]}")
-        elif stmt.op in ("add", "sub", "mul", "div", "pow"):
+        elif stmt.op in ("add", "sub", "mul", "div"):
             self.emit(f"{name} = {self.binary(stmt.op, stmt.args, args)}")
         elif stmt.op == "call":
             self.emit(f"{name} = {self.call(str(stmt.attr), stmt.args, args)}")
@@ -189,7 +189,7 @@ class _Emitter:
 
     def binary(self, op: str, ids: tuple[int, ...], args: list[str]) -> str:
         """As :func:`tvlang.backends.program._binary`: a number on the left is handled the way torch
-        is called there (``(b - a).neg()``, ``reciprocal(b) * a``)."""
+        is called there (``(b - a).neg()``)."""
         a, b = args
         left_number = ids[0] in self.scalar and ids[1] not in self.scalar
         if op == "add":
@@ -199,28 +199,8 @@ class _Emitter:
         if op == "sub":
             return f"-({b} - {a})" if left_number else f"{a} - {b}"
         if op == "div":
-            if left_number:
-                return f"libdevice.div_rn({self.const(1.0)}, {b}) * {a}"
             return f"libdevice.div_rn({a}, {b})"
-        if ids[1] in self.scalar and ids[0] not in self.scalar:
-            return self.power_by_number(a, b, self.f64[ids[1]])
-        return f"libdevice.pow({a}, {b})"
-
-    def power_by_number(self, x: str, e: str, e64: str) -> str:
-        """torch's pow(tensor, number): exact special cases for the exponents it special-cases."""
-        one = self.const(1.0)
-        cases = [
-            ("0.5", f"libdevice.sqrt_rn({x})"),
-            ("2.0", f"{x} * {x}"),
-            ("3.0", f"{x} * {x} * {x}"),
-            ("-0.5", f"libdevice.div_rn({one}, libdevice.sqrt_rn({x}))"),
-            ("-1.0", f"libdevice.div_rn({one}, {x})"),
-            ("-2.0", f"libdevice.div_rn({one}, {x} * {x})"),
-        ]
-        expr = f"libdevice.pow({x}, {e})"
-        for value, special in reversed(cases):
-            expr = f"tl.where({e64} == {value}, {special}, {expr})"
-        return expr
+        raise Unsupported(f"binary {op}")
 
     def call(self, fn: str, ids: tuple[int, ...], args: list[str]) -> str:
         T = self.T
@@ -452,8 +432,6 @@ def _install_interpreter_support() -> None:
         "__nv_sin": np.sin,
         "__nv_acosf": np.arccos,
         "__nv_acos": np.arccos,
-        "__nv_powf": np.power,
-        "__nv_pow": np.power,
     }
 
     def create_extern_elementwise(
