@@ -1,8 +1,8 @@
 """The compiled CPU path: each task's element-wise pass as one fused C loop (:mod:`tvlang.codegen.c`).
 
 A task's kernel reads every input chunk once and writes every float output of the task
-(a sweep's ten outputs included) in the same loop; a program's reduction passes get kernels
-that compute their operands.  Kernels are built once per distinct spec (tensors of the same
+(a sweep's ten outputs included) in the same loop; a program's reduction pass is one kernel
+too, which adds its sums block by block as it goes (:func:`tvlang.codegen.spec.reduction_spec`).  Kernels are built once per distinct spec (tensors of the same
 dtypes and structure share one) before the run starts, so compile errors and compile time
 never land in the middle of a merge.  What no kernel computes (row ranks, float8 tensors)
 runs on the eager path, tensor by tensor.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +95,9 @@ class Kernels:
     def program(
         self, program: TensorProgram, targets: tuple[int, ...], inputs: Mapping[int, torch.Tensor]
     ) -> Compiled | None:
-        """The kernel computing ``targets`` (a reduction pass's operands) from chunks like ``inputs``."""
+        """The kernel computing the program instructions ``targets`` into accumulation-dtype buffers
+        from chunks like ``inputs`` (model-wide selections' operands; a program's outputs when a
+        chunk is redone eagerly)."""
         key = (id(program), targets, tuple(inputs[i].dtype for i in sorted(inputs)))
         if key not in self._programs:
             dtypes = {i: _CODES[x.dtype] for i, x in inputs.items() if x.dtype in _CODES}
@@ -159,9 +161,9 @@ class Kernels:
             out.append(self._keys[k])
         return out
 
-    def _build(self, make: object) -> Compiled | None:
+    def _build(self, make: Callable[[], Bound]) -> Compiled | None:
         try:
-            bound = make()  # type: ignore[operator]
+            bound = make()
         except (Unsupported, KeyError):  # KeyError: an input dtype without a kernel type
             return None
         try:
