@@ -135,7 +135,7 @@ class ProgramState:
         kernels: Kernels | None = None,
     ) -> None:
         self.program = program
-        self.kernels = kernels  # compiled kernels for the reduction passes' operands (else eager)
+        self.kernels = kernels  # compiled kernels for the reduction passes and other chunk work (else eager)
         self.tensor = tensor
         self.numel = numel
         self.model_values = model_values or {}  # model-wide scalars, computed before the per-tensor work
