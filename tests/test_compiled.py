@@ -192,7 +192,28 @@ def test_generated_source_holds_numbers_only() -> None:
     bound = task_spec(task, {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads})
     source = c.c_source(bound.spec)
     assert "Secret" not in source and "Pretrained" not in source and "Finetuned" not in source
-    assert (0.1).hex() in source and "fmaf(" in source
+    assert "fmaf(" in source and "weights[" in source
+    assert (0.1).hex() not in source and (0.9).hex() not in source  # weights are passed at each call
+
+
+def test_merges_differing_only_in_weights_share_one_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tvlang.backends.compiled import prepare_kernels
+
+    monkeypatch.setenv("TVLANG_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "_loaded", {})
+    b = _states(torch.bfloat16)
+    results = []
+    for lam in (0.1, 0.35, -2.5):
+        src = f"base + {lam}*(m1 - base) - 0.2*(m2 - base)"
+        plan = tvlang.compile(src, bindings=b).plan()
+        prepare_kernels(plan)
+        eager, compiled = _both(src, b)
+        _assert_same_bits(eager, compiled)
+        results.append(compiled["t0"])
+    assert len(list((tmp_path / "kernels").glob("*.so"))) == 1  # one library for the three merges
+    assert not torch.equal(results[0], results[1])
 
 
 def test_a_failing_compiler_falls_back_to_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

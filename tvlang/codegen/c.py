@@ -13,8 +13,10 @@ compiler fuses nothing else, round-to-nearest-even conversions written out in in
 arithmetic.  Each call returns how many elements of its rounded outputs are NaN or ±inf, so
 the non-finite check costs no extra pass.
 
-Only numbers (weights, as exact hexadecimal literals) and fixed identifiers reach the
-source; no name or string from a program does.
+Weights are not in the source: they are passed at each call (and rounded to the accumulation
+type there, as a literal would be), so merges that differ only in their coefficients share one
+compiled library, and the disk cache holds one kernel per structure and dtypes.  Only fixed
+identifiers and the pass's structure reach the compiler; no name or string from a program does.
 """
 
 from __future__ import annotations
@@ -125,14 +127,20 @@ def _literal(x: float, t: str) -> str:
     return f"({t}){x.hex()}"
 
 
+def weights(spec: KernelSpec) -> tuple[float, ...]:
+    """The weighted sums' weights, in the order the kernel reads them from its ``weights`` argument."""
+    return tuple(float(w) for s in spec.body if s.op == "wsum" for w in s.attr)  # type: ignore[attr-defined]
+
+
 def c_source(spec: KernelSpec) -> str:
-    """The C source of ``spec``: ``int64_t tv_kernel(n, start, in, out, params, keys)`` computes
-    elements [0, n) of every output and returns how many rounded results are NaN or ±inf."""
+    """The C source of ``spec``: ``int64_t tv_kernel(n, start, in, out, params, keys, weights)``
+    computes elements [0, n) of every output and returns how many rounded results are NaN or ±inf."""
     t = "double" if spec.acc == "F64" else "float"
     f = "" if t == "double" else "f"  # libm suffix
     body: list[str] = []
     names: dict[int, str] = {}
     hoisted: list[str] = []  # per-call values, outside the loop
+    w = 0  # the next weight's index
 
     def val(i: int) -> str:
         """Statement ``i`` as a value of the accumulation type."""
@@ -157,11 +165,14 @@ def c_source(spec: KernelSpec) -> str:
             body.append(f"        const {t} {name} = {_literal(float(s.attr), t)};")  # type: ignore[arg-type]
         elif s.op == "wsum":
             body.append(f"        {t} {name} = 0;")
-            for w, j in zip(s.attr, s.args, strict=True):  # type: ignore[call-overload]
+            for j in s.args:
+                hoisted.append(f"    const double w{w} = weights[{w}];")
                 if spec.is_param(j):  # a number: w·p in float64, rounded, added
-                    body.append(f"        {name} = {name} + ({t})({w.hex()} * {names[j]});")
+                    body.append(f"        {name} = {name} + ({t})(w{w} * {names[j]});")
                 else:
-                    body.append(f"        {name} = fma{f}({_literal(w, t)}, {val(j)}, {name});")
+                    hoisted.append(f"    const {t} w{w}_t = ({t})w{w};")  # as torch rounds alpha
+                    body.append(f"        {name} = fma{f}(w{w}_t, {val(j)}, {name});")
+                w += 1
         elif s.op == "neg":
             body.append(f"        const {t} {name} = -{a[0]};")
         elif s.op in ("add", "sub", "mul", "div"):
@@ -221,13 +232,14 @@ def c_source(spec: KernelSpec) -> str:
         args.append(f"({ctype} *)out[{k}]")
     return "\n".join(
         [
-            f"/* tvlang kernel {spec.key}: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs,"
+            f"/* tvlang kernel: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs,"
             f" accumulating in {t} */",
             PRELUDE,
             "static __attribute__((noinline)) int64_t tv_loop(",
             "    int64_t n, int64_t start, const double *restrict params, const int64_t *restrict keys,",
+            "    const double *restrict weights,",
             *(f"    {p}{',' if k < len(params) - 1 else ') {'}" for k, p in enumerate(params)),
-            "    (void)start; (void)params; (void)keys;",
+            "    (void)start; (void)params; (void)keys; (void)weights;",
             *hoisted,
             "    int64_t bad = 0;",
             *(_blocked(body, sums) if sums else ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]),
@@ -235,8 +247,8 @@ def c_source(spec: KernelSpec) -> str:
             "}",
             "",
             "int64_t tv_kernel(int64_t n, int64_t start, void *const *in, void *const *out,",
-            "                  const double *params, const int64_t *keys) {",
-            f"    return tv_loop(n, start, params, keys{''.join(', ' + x for x in args)});",
+            "                  const double *params, const int64_t *keys, const double *weights) {",
+            f"    return tv_loop(n, start, params, keys, weights{''.join(', ' + x for x in args)});",
             "}",
             "",
         ]
@@ -321,6 +333,11 @@ class CKernel:
 
     spec: KernelSpec
     _fn: Any  # the ctypes function
+    _weights: Any = None  # the spec's weights, a ctypes array made once
+
+    def __post_init__(self) -> None:
+        w = weights(self.spec)
+        self._weights = (ctypes.c_double * max(1, len(w)))(*w)
 
     def __call__(
         self,
@@ -345,7 +362,7 @@ class CKernel:
         outs = (ctypes.c_void_p * max(1, len(outputs)))(*[x.data_ptr() for x in outputs])
         ps = (ctypes.c_double * max(1, len(params)))(*params)
         ks = (ctypes.c_int64 * max(1, len(keys)))(*keys)
-        return int(self._fn(n, start, ins, outs, ps, ks))
+        return int(self._fn(n, start, ins, outs, ps, ks, self._weights))
 
 
 _lock = threading.Lock()
@@ -368,7 +385,7 @@ def load(spec: KernelSpec) -> CKernel:
 def _load(spec: KernelSpec) -> CKernel:
     fn = _library(c_source(spec)).tv_kernel
     fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
     return CKernel(spec, fn)
 
 
