@@ -188,6 +188,7 @@ BAD = [
     ),
     ("expression: a\noverwrite: 'yes'\n", "`overwrite` must be true or false", "2:12", None),
     ("expression: a\nnonfinite: warning\n", "must be one of error, warn, propagate", "2:12", "`warn`"),
+    ("expression: a\nkernels: compile\n", "must be one of auto, compiled, eager", "2:10", "`compiled`"),
     ("expression: a\ndtype: bf17\n", "`dtype` 'bf17' is not a dtype", "2:8", "bf16"),
     ("expression: a\noutput: [a, b]\n", "`output` must be a path or a mapping", "2:9", None),
     ("expression: a\nroots: ckpt\n", "`roots` must be a list of directories", "2:8", None),
@@ -304,3 +305,23 @@ def test_hydra_example_multirun_sweeps_lam(work: Path) -> None:
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [params_of(sweep / str(i) / "merged.safetensors") for i in (0, 1)] == [{"lam": 0.2}, {"lam": 0.6}]
+
+
+def test_job_kernels_field_and_override(tmp_path: Path) -> None:
+    """`kernels:` in a job (and as a run_job override) picks the CPU kernels; both give the same bits."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    for name in ("base", "ft"):
+        save_file({"w": torch.randn(300, generator=g).bfloat16()}, str(tmp_path / f"{name}.safetensors"))
+    spec = {
+        "expression": "base + 0.3*(ft - base)",
+        "bindings": {"base": "base.safetensors", "ft": "ft.safetensors"},
+        "kernels": "eager",
+    }
+    job = job_from_mapping(spec, base_dir=tmp_path)
+    assert job.options.kernels == "eager"
+    eager = run_job(job, output=str(tmp_path / "eager.safetensors"))
+    compiled = run_job(job, output=str(tmp_path / "compiled.safetensors"), kernels="auto")
+    a, b = load_file(eager), load_file(compiled)
+    assert torch.equal(a["w"].view(torch.int16), b["w"].view(torch.int16))

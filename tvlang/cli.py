@@ -126,6 +126,7 @@ def _run_job(args: argparse.Namespace) -> object:
         "nonfinite": args.nonfinite,
         "keys": args.keys,
         "rows": args.rows,
+        "kernels": args.kernels,
         "device": args.device,
     }
     options = {k: v for k, v in flags.items() if v is not None}

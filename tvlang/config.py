@@ -21,6 +21,7 @@ multirun can sweep ``merge.params.lam``.  The schema (see ``docs/config.md``)::
     nonfinite: error             # error | warn | propagate
     keys: exact                  # exact | intersection | union: inputs holding different tensor names
     rows: exact                  # exact | common: tensors differing only in rows (resized vocabularies)
+    kernels: auto                # auto | compiled | eager: CPU kernels (compiled C loops or torch)
     roots: [ckpt]                # if set, inputs may only be read below these directories
 
 Relative paths resolve against the job file's directory (``base_dir`` for a mapping), so a job
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from tvlang.api import Options, OutSpec, Program, compile_file
+from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import parse_dtype
@@ -326,6 +328,7 @@ _OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
     "roots": _roots,
     "keys": lambda f, v: f.choice(("keys",), v, KEY_POLICIES),
     "rows": lambda f, v: f.choice(("rows",), v, ("exact", "common")),
+    "kernels": lambda f, v: f.choice(("kernels",), v, KERNEL_MODES),
 }
 _OVERRIDES_ONLY: dict[str, Callable[[_Fields, Any], Any]] = {
     "progress": lambda f, v: f.boolean(("progress",), v),
