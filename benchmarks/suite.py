@@ -66,7 +66,7 @@ FORMULA = {
 WHY = {  # why tvlang's output differs from the other tool's (docs/mergekit.md)
     "naive": "both float32; checked: within 1 ulp",
     "task_arithmetic": "mergekit rounds to bf16 after every operation; tvlang once",
-    "ties": "magnitude ties at the trimming threshold: tvlang keeps all, mergekit an arbitrary subset",
+    "ties": "mergekit forms the task vectors in bf16 (rounded) before trimming and electing signs, tvlang exactly in fp32, so values near the trim threshold or with a near-zero vote can fall the other way; mergekit also breaks threshold ties arbitrarily (topk), tvlang keeps them all",
     "dare_ties": "different random masks (each seeded; the generators differ)",
     "slerp": "mergekit's rounding",
 }
