@@ -150,3 +150,36 @@ def test_inputs_on_another_device_are_refused() -> None:
     with pytest.raises(tvlang.TvError, match="is on meta") as info:
         memory_metas({"w": torch.empty(3, device="meta")}, "x", "cuda")
     assert info.value.code == "E307"
+
+
+def test_kernels_take_weights_as_arguments() -> None:
+    """Merges that differ only in their coefficients generate the same kernel source (one compile)."""
+    sources = []
+    for lam in (0.1, -2.5):
+        plan = tvlang.compile(
+            f"base + {lam}*(a - base)", bindings=dict(zip(("base", "a"), _states(2), strict=True))
+        ).plan()
+        task = plan.tasks[0]
+        bound = task_spec(task, {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads})
+        assert bound.spec.weights[-1] == lam
+        sources.append(triton_source(bound.spec))
+    assert sources[0] == sources[1]
+    assert repr(0.1) not in sources[0] and "w0: tl.float64" in sources[0]
+
+
+def test_kernel_dir_refuses_a_directory_others_can_write(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generated kernels are imported (executed): never from a directory another user could write."""
+    from tvlang.codegen import triton as tcg
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("TVLANG_KERNEL_DIR", str(shared))
+    monkeypatch.setattr(tcg, "_PRIVATE", [])
+    chosen = tcg.kernel_dir()
+    assert chosen != shared and (chosen.stat().st_mode & 0o077) == 0
+    private = tmp_path / "mine"
+    monkeypatch.setenv("TVLANG_KERNEL_DIR", str(private))
+    assert tcg.kernel_dir() == private and (private.stat().st_mode & 0o077) == 0

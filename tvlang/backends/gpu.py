@@ -634,7 +634,7 @@ def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
     found: dict[str, tuple[str, Bound, list[str]]] = {}
 
     def add(bound: Bound, role: str, tensor: str) -> None:
-        found.setdefault(bound.spec.key, (role, bound, []))[2].append(tensor)
+        found.setdefault(bound.spec.structure_key, (role, bound, []))[2].append(tensor)
 
     for red in plan.model_reductions:
         for task_index, operand in red.users:

@@ -127,11 +127,6 @@ def _literal(x: float, t: str) -> str:
     return f"({t}){x.hex()}"
 
 
-def weights(spec: KernelSpec) -> tuple[float, ...]:
-    """The weighted sums' weights, in the order the kernel reads them from its ``weights`` argument."""
-    return tuple(float(w) for s in spec.body if s.op == "wsum" for w in s.attr)  # type: ignore[attr-defined]
-
-
 def c_source(spec: KernelSpec) -> str:
     """The C source of ``spec``: ``int64_t tv_kernel(n, start, in, out, params, keys, weights)``
     computes elements [0, n) of every output and returns how many rounded results are NaN or ±inf."""
@@ -336,7 +331,7 @@ class CKernel:
     _weights: Any = None  # the spec's weights, a ctypes array made once
 
     def __post_init__(self) -> None:
-        w = weights(self.spec)
+        w = self.spec.weights
         self._weights = (ctypes.c_double * max(1, len(w)))(*w)
 
     def __call__(

@@ -95,6 +95,18 @@ class KernelSpec:
     def key(self) -> str:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:24]
 
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The weighted sums' weights in statement order: kernels take them as arguments."""
+        return tuple(float(w) for s in self.body if s.op == "wsum" for w in s.attr)  # type: ignore[attr-defined]
+
+    @property
+    def structure_key(self) -> str:
+        """:attr:`key` without the weights: specs that differ only in their weights share a kernel."""
+        body = tuple(Stmt(s.op, s.args, len(s.attr)) if s.op == "wsum" else s for s in self.body)  # type: ignore[arg-type]
+        shape = (self.inputs, self.outputs, body, self.acc, self.params, self.keys)
+        return hashlib.sha256(repr(shape).encode()).hexdigest()[:24]
+
     def is_param(self, i: int) -> bool:
         return self.body[i].op == "param"
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tvlang.codegen import c
 from tvlang.codegen.spec import ACC, Bound, KernelSpec, Stmt, Unsupported
 
 TL_TYPES = {"F64": "tl.float64", "F32": "tl.float32", "F16": "tl.float16", "BF16": "tl.bfloat16"}
@@ -67,7 +68,8 @@ def triton_missing() -> str | None:
 
 
 def kernel_name(spec: KernelSpec) -> str:
-    return f"tv_kernel_{spec.key[:16]}"
+    """Named by the spec's structure: weights are arguments, so one kernel serves any weights."""
+    return f"tv_kernel_{spec.structure_key[:16]}"
 
 
 def _literal(value: float, dtype: str) -> str:
@@ -91,6 +93,7 @@ class _Emitter:
         self.scalar: set[int] = set()  # statements that are one number per tensor
         self.f64: dict[int, str] = {}  # the float64 form of each scalar
         self.helpers: set[str] = set()
+        self.weights = 0  # weight arguments used so far
 
     def emit(self, line: str) -> None:
         self.lines.append("    " + line)
@@ -165,13 +168,14 @@ class _Emitter:
                 value += f".to({T})"
             self.emit(f"{name} = {value}  # {dtype}")
         elif stmt.op == "wsum":
-            weights: Sequence[float] = stmt.attr  # type: ignore[assignment]
             self.emit(f"{name} = tl.zeros([BLOCK_SIZE], {T})")
-            for w, a, src in zip(weights, stmt.args, args, strict=True):
+            for a, src in zip(stmt.args, args, strict=True):
+                w = f"tl.full([], w{self.weights}, tl.float64)"  # a weight argument
+                self.weights += 1
                 if a in self.scalar:  # acc + T(w·p), the product in float64
-                    self.emit(f"{name} = {name} + ({self.const(w, 'F64')} * {self.f64[a]}).to({T})")
-                else:
-                    self.emit(f"{name} = libdevice.fma_rn({self.const(w)}, {src}, {name})")
+                    self.emit(f"{name} = {name} + ({w} * {self.f64[a]}).to({T})")
+                else:  # the weight rounded to T, as torch rounds alpha
+                    self.emit(f"{name} = libdevice.fma_rn({w}.to({T}), {src}, {name})")
         elif stmt.op == "rand":
             self.helpers.add("uniform")
             bits = 53 if spec.acc == "F64" else 24
@@ -280,6 +284,7 @@ def triton_source(spec: KernelSpec) -> str:
     sig += [f"out{j}" for j in range(len(spec.outputs))]
     sig += [f"p{k}: tl.float64" for k in range(spec.params)]
     sig += [f"k{k}: tl.int64" for k in range(spec.keys)]
+    sig += [f"w{k}: tl.float64" for k in range(len(spec.weights))]
     sig += ["start: tl.int64", "n: tl.int32", "BLOCK_SIZE: tl.constexpr"]
     outs = ", ".join(
         f"out{j}: {d.lower() if d != ACC else spec.acc.lower()}" for j, (_, d) in enumerate(spec.outputs)
@@ -291,7 +296,7 @@ def triton_source(spec: KernelSpec) -> str:
         '    """'
     )
     header = [
-        f'"""tvlang kernel {name} (generated; spec key {spec.key})."""',
+        f'"""tvlang kernel {name} (generated from a KernelSpec; weights are arguments)."""',
         "",
         "import triton",
         "import triton.language as tl",
@@ -317,17 +322,29 @@ _LOCK = threading.Lock()
 
 
 def kernel_dir() -> Path:
-    """Where generated kernels are written (``TVLANG_KERNEL_DIR``, else a per-user temporary directory)."""
-    path = os.environ.get("TVLANG_KERNEL_DIR") or os.path.join(
-        tempfile.gettempdir(), f"tvlang-kernels-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    )
-    return Path(path)
+    """Where generated kernels are written and imported from: ``TVLANG_KERNEL_DIR``, else beside the
+    C kernels in the user's cache (created 0700).  The files are executed, so a directory that
+    another user owns or can write is never used: this process then gets a private one."""
+    path = Path(os.environ.get("TVLANG_KERNEL_DIR") or (c.cache_dir().parent / "triton"))
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+        if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+            raise PermissionError(f"{path} is not private")
+    except OSError:
+        if not _PRIVATE:
+            _PRIVATE.append(Path(tempfile.mkdtemp(prefix="tvlang-triton-")))
+        path = _PRIVATE[0]
+    return path
+
+
+_PRIVATE: list[Path] = []
 
 
 def load_kernel(spec: KernelSpec) -> Any:
-    """The compiled (or interpreted) kernel of ``spec``, generated once per process per spec key."""
+    """The compiled (or interpreted) kernel of ``spec``, generated once per process per structure."""
     with _LOCK:
-        kernel = _KERNELS.get(spec.key)
+        kernel = _KERNELS.get(spec.structure_key)
         if kernel is not None:
             return kernel
         if interpreting():
@@ -337,7 +354,6 @@ def load_kernel(spec: KernelSpec) -> Any:
         if os.environ.get("TVLANG_DEBUG", "") not in ("", "0"):
             print(f"# tvlang: generated Triton kernel {name}\n{source}", file=sys.stderr)
         directory = kernel_dir()
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name}.py"
         if not path.exists() or path.read_text() != source:
             tmp = directory / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -348,7 +364,7 @@ def load_kernel(spec: KernelSpec) -> Any:
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
         kernel = getattr(module, name)
-        _KERNELS[spec.key] = kernel
+        _KERNELS[spec.structure_key] = kernel
         return kernel
 
 
@@ -393,6 +409,7 @@ def run_spec(
         *outputs,
         *(float(p) for p in params),
         *(_int64(k) for k in keys),
+        *spec.weights,
         int(start),
         n,
         BLOCK_SIZE=block,
