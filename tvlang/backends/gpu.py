@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -532,7 +532,7 @@ class _Executor:
         keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
 
         def on_device(start: int, outs: list[torch.Tensor]) -> None:
-            self.reduce_chunk(state, work, start, dict(zip(targets, outs, strict=True)))
+            state.reduce(work, dict(zip(targets, outs, strict=True)), start)
 
         self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
         self.sync()
@@ -552,26 +552,6 @@ class _Executor:
             state.reducers[i] = DeviceCount()
         else:
             state.reducers[i] = DeviceBlockSum()
-
-    def reduce_chunk(
-        self,
-        state: ProgramState,
-        work: Sequence[tuple[int, int]],
-        start: int,
-        values: Mapping[int, torch.Tensor],
-    ) -> None:
-        """One chunk of every reduction in a pass (as :meth:`ProgramState.feed`)."""
-        for i, round_ in work:
-            ins = state.program.instrs[i]
-            operand = values[ins.args[0]]
-            red = state.reducers[i]
-            if ins.attr == "kth":
-                red.add(operand, start, round_)
-            elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
-                other = operand if ins.attr == "sumsq" else values[ins.args[1]]
-                red.add(operand.to(torch.float64) * other.to(torch.float64), start)
-            else:
-                red.add(operand, start)
 
     def on_cpu(self, task: TensorTask) -> None:
         """A task no generated kernel computes, on the CPU path of :mod:`tvlang.runtime`."""

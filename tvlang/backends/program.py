@@ -109,6 +109,15 @@ def _scalar_binary(op: str, a: float, b: float) -> float:
     return float(r)
 
 
+def _product64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b`` in float64 (on the CPU in reused buffers: no temporaries on the hot path)."""
+    if a.device.type != "cpu":
+        return a.to(torch.float64) * b.to(torch.float64)
+    n = a.numel()
+    a64 = work_buffer("red-a", torch.float64, n).copy_(a)
+    return a64.mul_(work_buffer("red-b", torch.float64, n).copy_(b))
+
+
 def row_rank(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
     """Each element's rank within its row, scaled to [0, 1] (ties broken by position; 0.5 for
     one-element rows).  The chunk holds whole rows (the planner aligns it)."""
@@ -213,6 +222,11 @@ class ProgramState:
             a for i, _ in work for a in self.program.instrs[i].args[:2] if self.program.instrs[a].tensor
         )
         values = dict(zip(targets, self._run(targets, views, start, stop, scratch), strict=True))
+        self.reduce(work, values, start)
+
+    def reduce(self, work: list[tuple[int, int]], values: Mapping[int, torch.Tensor], start: int) -> None:
+        """Advance the reductions ``work`` (pairs of reduction and round) by one chunk of their
+        operands ``values`` (by instruction), on whatever device the operands are."""
         for i, round_ in work:
             ins = self.program.instrs[i]
             operand = values[ins.args[0]]
@@ -220,10 +234,8 @@ class ProgramState:
             if ins.attr == "kth":
                 red.add(operand, start, round_)
             elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
-                n = operand.numel()
-                a64 = work_buffer("red-a", torch.float64, n).copy_(operand)
                 other = operand if ins.attr == "sumsq" else values[ins.args[1]]
-                red.add(a64.mul_(work_buffer("red-b", torch.float64, n).copy_(other)), start)
+                red.add(_product64(operand, other), start)
             else:
                 red.add(operand, start)
 
