@@ -951,9 +951,20 @@ def test_overwrite_refusals(tmp_path: Path) -> None:
     (tmp_path / "plain").write_text("x")
     with pytest.raises(TvOutputError, match="is a file"):
         CheckpointWriter(tmp_path / "plain", PLAN, overwrite=True)
-    with pytest.raises(TvOutputError, match="parent directory"):
-        CheckpointWriter(tmp_path / "no" / "out", PLAN)
+    with pytest.raises(TvOutputError, match="cannot create its directory"):
+        CheckpointWriter(tmp_path / "plain" / "sub" / "out", PLAN)
     assert (notes / "todo.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("name", ["out", "out.safetensors"])
+def test_missing_parents_are_created_and_removed_on_abort(tmp_path: Path, name: str) -> None:
+    target = tmp_path / "a" / "b" / name
+    CheckpointWriter(target, PLAN).abort()
+    assert not (tmp_path / "a").exists()
+    with CheckpointWriter(target, PLAN) as w:
+        w.write("a", 0, torch.ones(4))
+        w.write("b", 0, torch.ones(4))
+    assert target.exists()
 
 
 def test_overwrite_input_in_place(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
 from tvlang.backends.gpu import execute_gpu, resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
-from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
+from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
     MemorySink,
@@ -33,6 +33,7 @@ from tvlang.io.endpoints import (
     memory_metas,
 )
 from tvlang.io.lora import LoraAdapter, LoraSource
+from tvlang.io.overlap import InputFiles, refuse_overlap
 from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
@@ -170,8 +171,8 @@ class Program:
     ) -> Plan:
         """The plan, from checkpoint headers only (no tensor data is read)."""
         options = options or Options()
-        graph = optimize(self.lower(params, bindings, options).graph)
-        return _plan(graph, options)[0]
+        lowered = self.lower(params, bindings, options)
+        return _plan(lowered.graph, options)[0]
 
     def explain(
         self,
@@ -185,7 +186,7 @@ class Program:
         options = options or Options()
         lowered = self.lower(params, bindings, options)
         optimized = optimize(lowered.graph)
-        plan, _ = _plan(optimized, options)
+        plan, _ = _plan(lowered.graph, options, optimized)
         sections = [
             "# IR as written",
             format_graph(lowered.graph),
@@ -218,10 +219,9 @@ class Program:
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
-        graph = optimize(lowered.graph)
-        plan, opened = _plan(graph, options)
+        plan, opened = _plan(lowered.graph, options)
         dests = _destinations(plan, out, opened)
-        _refuse_overwriting_inputs(plan, dests)
+        _refuse_overwriting_inputs(plan, opened, dests)
         metadata = {"tvlang.version": __version__}
         if self.syntax.source.name != "<expr>":
             metadata["tvlang.program"] = self.source
@@ -294,7 +294,10 @@ class Program:
         return next(iter(results.values())) if len(results) == 1 else results
 
 
-def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
+def _plan(written: Graph, options: Options, optimized: Graph | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Plan the program as written (lowered) after the passes; ``opened`` holds every input's
+    handle, the ones whose weights folded to zero included (opened and checked, never read)."""
+    graph = optimize(written) if optimized is None else optimized
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
@@ -324,6 +327,7 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         keys=options.keys,
         rows=options.rows,
         kernels=options.resolved_kernels(),
+        written=written,
     )
     return plan, opened
 
@@ -367,7 +371,6 @@ def _destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[s
             help="give a directory: each output is written inside it under its name",
             code="E501",
         )
-    os.makedirs(path, exist_ok=True)
     dests: list[str | None] = []
     for output in plan.outputs:
         template = opened[plan.inputs[output.template].ref.key]
@@ -376,19 +379,23 @@ def _destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[s
     return dests
 
 
-def _refuse_overwriting_inputs(plan: Plan, dests: Sequence[str | None]) -> None:
-    inputs = [Path(i.location).resolve() for i in plan.inputs if i.location != "memory"]
+def _refuse_overwriting_inputs(plan: Plan, opened: Mapping[str, Any], dests: Sequence[str | None]) -> None:
+    """E502 before anything is opened for writing: no output may create, replace or delete a file
+    of any input (those whose weights folded to zero included)."""
+    inputs = []
+    for inp in (*plan.inputs, *plan.checked):
+        handle = opened[inp.ref.key]
+        if isinstance(handle, Checkpoint):
+            index = [os.path.join(handle.path, INDEX_NAME)] if handle.is_dir else []
+            files = [*handle.files, *handle.sidecar_files(), *index]
+            inputs.append(
+                InputFiles(inp.ref.label, files, handle.path if handle.is_dir else None, inp.ref.span)
+            )
+        elif isinstance(handle, LoraAdapter):
+            inputs.append(InputFiles(inp.ref.label, handle.files(), handle.path, inp.ref.span))
     for dest in dests:
-        if dest is None:
-            continue
-        target = Path(dest).resolve()
-        for inp in inputs:
-            if target == inp or target in inp.parents:
-                raise TvOutputError(
-                    f"refusing to write {dest}: it would replace the input {inp}",
-                    help="choose another output path",
-                    code="E502",
-                )
+        if dest is not None:
+            refuse_overlap(dest, inputs)
 
 
 def compile(

@@ -278,13 +278,23 @@ class CheckpointWriter(Transaction):
         self._copied: list[str] = []
         self._route: dict[str, SafetensorsWriter] = {}
         self.weight_map: dict[str, str] = {}
+        self._created_dirs: list[str] = []
+        self._make_parents()
         if not self.is_dir:
-            writer = SafetensorsWriter(self.path, tensors, metadata)
+            try:
+                writer = SafetensorsWriter(self.path, tensors, metadata)
+            except BaseException:
+                self.abort()
+                raise
             self._writers.append(writer)
             self._route = dict.fromkeys((t.name for t in planned), writer)
             return
 
-        check_free_space(os.path.dirname(self.path), self.total_size, self.path)
+        try:
+            check_free_space(os.path.dirname(self.path), self.total_size, self.path)
+        except BaseException:
+            self.abort()
+            raise
         shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
         size = 0
         for t in planned:
@@ -316,11 +326,32 @@ class CheckpointWriter(Transaction):
             self.abort()
             raise
 
+    def _make_parents(self) -> None:
+        """Create the missing directories above the output (removed again on abort)."""
+        parent = os.path.dirname(self.path)
+        missing = []
+        while parent and not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        if not missing:
+            return
+        try:
+            os.makedirs(missing[0], exist_ok=True)
+        except OSError as e:
+            raise TvOutputError(
+                f"{self.path}: cannot create its directory {missing[0]}: {e.strerror}", code="E500"
+            ) from None
+        self._created_dirs = missing
+
+    def _remove_created_parents(self) -> None:
+        for directory in self._created_dirs:  # deepest first; stops at one another writer filled
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
+
     def _check_target(self) -> None:
-        """Refuse early what commit would refuse: an existing path, a missing parent."""
-        parent = os.path.dirname(self.path) or "."
-        if not os.path.isdir(parent):
-            raise TvOutputError(f"{self.path}: parent directory {parent} does not exist", code="E500")
+        """Refuse early what commit would refuse: an existing path of the wrong kind."""
         if not os.path.lexists(self.path):
             return
         if not self.overwrite:
@@ -445,3 +476,4 @@ class CheckpointWriter(Transaction):
             writer.abort()
         if self._tmpdir is not None:
             self._finalizer()
+        self._remove_created_parents()

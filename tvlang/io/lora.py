@@ -45,6 +45,10 @@ class LoraAdapter:
         self.path = path
         self.pairs = pairs
 
+    def files(self) -> list[str]:
+        """The files the adapter is read from."""
+        return [os.path.join(self.path, CONFIG), os.path.join(self.path, WEIGHTS)]
+
     @classmethod
     def open(cls, path: str) -> LoraAdapter:
         cfg_path, weights = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)

@@ -165,6 +165,9 @@ class Plan:
     memory: int  # the budget, bytes
     model_reductions: tuple[ModelReduction, ...] = ()
     kernels: str = "eager"  # "compiled": fused C loops (tvlang.codegen.c); "eager": torch op by op
+    # inputs the program names whose weights the passes folded to zero: their headers were checked
+    # against the others, their data is never read
+    checked: tuple[PlannedInput, ...] = ()
 
     @property
     def bytes_read(self) -> int:
@@ -197,6 +200,10 @@ class Plan:
             lines.append(
                 f"  in{i}  {inp.ref.label:<16} {inp.ref.kind!s:<5}  {len(inp.tensors)} tensors, "
                 f"{_human(size)}  {inp.location}"
+            )
+        for inp in self.checked:
+            lines.append(
+                f"  --   {inp.ref.label:<16} {inp.ref.kind!s:<5}  weight 0: headers checked, never read  {inp.location}"
             )
         lines.append("outputs:")
         for i, out in enumerate(self.outputs):

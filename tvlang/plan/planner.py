@@ -86,13 +86,18 @@ def build_plan(
     keys: str = "exact",
     rows: str = "exact",
     kernels: str = "eager",
+    written: Graph | None = None,
 ) -> Plan:
     """``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
     ``intersection`` (only the names all of them hold) or ``union`` (every name any holds; a model
     that lacks a tensor counts as the first input that has it, so its task vector is zero there,
     and a stored task vector that lacks one is zero there).  ``rows``: ``exact`` (shapes must match,
     else E304) or ``common`` (tensors whose shapes differ only in their first dimension, such as
-    embeddings over a resized vocabulary, merge the rows every input has)."""
+    embeddings over a resized vocabulary, merge the rows every input has).
+
+    ``written`` is the program before the passes: an input it names whose weight folded to zero
+    (``base + (ft - base)``) is still opened and checked against the others, from its header
+    only, because a task vector exists only between models of one architecture."""
     if rows not in ("exact", "common"):
         raise TvParamError(f"unknown row policy {rows!r}", help="choose exact or common", code="E402")
     if keys not in KEY_POLICIES:
@@ -102,15 +107,10 @@ def build_plan(
     out_dtype = parse_dtype(dtype)
     refs = graph.inputs()
     index = {ref.key: i for i, ref in enumerate(refs)}
-    inputs = []
-    for ref in refs:
-        try:
-            location, tensors, sparse = open_input(ref)
-        except TvInputError as err:
-            if err.span is None and ref.span is not None:
-                err.span = ref.span
-            raise
-        inputs.append(PlannedInput(ref, location, tensors, sparse))
+    inputs = [_open(ref, open_input) for ref in refs]
+    folded = _folded_inputs(written, index, open_input)
+    checked = {key: len(inputs) + i for i, key in enumerate(folded)}
+    validate = [*inputs, *folded.values()]
 
     outputs: list[PlannedOutput] = []
     # (tensor name, shape) -> reads, writes, generic roots (for a program)
@@ -128,6 +128,11 @@ def build_plan(
                 code="E303",
             )
         _check_compatible(inputs, used, names=keys == "exact", common_rows=rows == "common")
+        if written is not None:
+            cancelled = [checked[r.key] for r in _refs_of(written.outputs[out_idx][1]) if r.key in checked]
+            _check_compatible(
+                validate, [template, *cancelled], names=keys == "exact", common_rows=rows == "common"
+            )
         per_tensor = has_context(node)  # weights that depend on the tensor's name or layer
         num_layers = count_layers(inputs[template].tensors)
         input_nodes = {index[n.arg.key]: n for n in node.toposort() if n.op is Op.INPUT}
@@ -190,7 +195,39 @@ def build_plan(
     # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits then never depend on chunking).
     final = tuple(_aligned(t, chunk) for t in planned_tasks)
     globals_ = tuple(_model_reduction(i, n, final) for i, n in enumerate(global_nodes))
-    return Plan(plan.inputs, plan.outputs, final, chunk, threads, memory, globals_, kernels)
+    return Plan(
+        plan.inputs, plan.outputs, final, chunk, threads, memory, globals_, kernels, tuple(folded.values())
+    )
+
+
+def _refs_of(node: Node) -> list[InputRef]:
+    return [n.arg for n in node.toposort() if n.op is Op.INPUT]
+
+
+def _folded_inputs(
+    written: Graph | None, index: Mapping[str, int], open_input: OpenInput
+) -> dict[str, PlannedInput]:
+    """The inputs ``written`` names that the optimised graph (``index``) no longer reads, opened
+    (headers only)."""
+    folded: dict[str, PlannedInput] = {}
+    if written is None:
+        return folded
+    for ref in written.inputs():
+        if ref.key in index or ref.key in folded:
+            continue
+        folded[ref.key] = _open(ref, open_input)
+    return folded
+
+
+def _open(ref: InputRef, open_input: OpenInput) -> PlannedInput:
+    """An input's headers; errors without a position point at its ``load()``."""
+    try:
+        location, tensors, sparse = open_input(ref)
+    except TvInputError as err:
+        if err.span is None and ref.span is not None:
+            err.span = ref.span
+        raise
+    return PlannedInput(ref, location, tensors, sparse)
 
 
 def _model_reduction(key: int, node: Node, tasks: Sequence[TensorTask]) -> ModelReduction:

@@ -1,0 +1,154 @@
+"""Never surprise: inputs are never overwritten, every input is checked, edge cases are errors.
+
+Each test builds its own checkpoints, because a failure here would destroy them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from tvlang import cli
+from tvlang.synth import llama_shapes, make_family
+
+NAMES = ("base", "ft")
+SHAPES = llama_shapes(hidden=16, layers=2, vocab=32)
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> dict[str, str]:
+    """A base as a 3-shard HF directory (with config.json) and a fine-tune directory."""
+    return make_family(str(tmp_path / "ckpt"), NAMES, SHAPES, layout="dir", base_shards=3)
+
+
+def digest(root: str) -> dict[str, str]:
+    """Every file below ``root`` (or the file itself) and a hash of its bytes."""
+    paths = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in sorted(paths)}
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(list(args))
+    return code, capsys.readouterr().err
+
+
+def merge(ckpt: dict[str, str], out: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    expr = "base + 0.5*(ft - base)"
+    return run(capsys, "eval", expr, "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}",
+               "-o", out, "--force", "-q")  # fmt: skip
+
+
+# -- 1. an output never overlaps an input -----------------------------------------------------------
+
+
+def _shard(ckpt: dict[str, str]) -> str:
+    return os.path.join(
+        ckpt["base"], sorted(f for f in os.listdir(ckpt["base"]) if f.startswith("model-"))[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        pytest.param(lambda c: os.path.join(c["ft"], "model.safetensors"), id="file-inside-input-dir"),
+        pytest.param(lambda c: _shard(c), id="shard-of-the-base"),
+        pytest.param(lambda c: os.path.join(c["base"], "new.safetensors"), id="new-file-in-input-dir"),
+        pytest.param(lambda c: os.path.join(c["ft"], "..", "ft"), id="dotdot-to-input-dir"),
+        pytest.param(lambda c: os.path.dirname(c["base"]), id="directory-holding-inputs"),
+        pytest.param(lambda c: c["base"], id="the-base-itself"),
+    ],
+)
+def test_output_overlapping_an_input_is_refused(ckpt, tmp_path, capsys, target) -> None:
+    before = {**digest(ckpt["base"]), **digest(ckpt["ft"])}
+    code, err = merge(ckpt, target(ckpt), capsys)
+    assert code == 1 and "error[E502]" in err, err
+    assert "Traceback" not in err
+    assert {**digest(ckpt["base"]), **digest(ckpt["ft"])} == before
+
+
+def test_symlink_to_an_input_is_refused(ckpt, tmp_path, capsys) -> None:
+    link = tmp_path / "looks_new.safetensors"
+    link.symlink_to(os.path.join(ckpt["ft"], "model.safetensors"))
+    before = digest(ckpt["ft"])
+    code, err = merge(ckpt, str(link), capsys)
+    assert code == 1 and "E502" in err and "resolves to" in err, err
+    assert digest(ckpt["ft"]) == before
+
+
+def test_hard_link_to_an_input_is_refused(ckpt, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(_shard(ckpt), out / "model.safetensors")
+    code, err = merge(ckpt, str(out), capsys)
+    assert code == 1 and "E502" in err and "hard link" in err, err
+    assert (out / "model.safetensors").samefile(_shard(ckpt))
+
+
+def test_output_beside_the_inputs_is_fine(ckpt, tmp_path, capsys) -> None:
+    code, err = merge(ckpt, str(tmp_path / "ckpt" / "merged"), capsys)
+    assert code == 0, err
+
+
+# -- 3. an input whose weight cancels is still opened and checked ---------------------------------
+
+
+@pytest.fixture
+def odd(tmp_path: Path) -> str:
+    """A model of another architecture (wider hidden size)."""
+    return make_family(str(tmp_path / "odd"), ("odd",), llama_shapes(hidden=24, layers=2, vocab=32))["odd"]
+
+
+def write_tv(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "prog.tv"
+    path.write_text(text)
+    return str(path)
+
+
+def test_cancelled_input_of_another_architecture(ckpt, odd, tmp_path, capsys) -> None:
+    prog = write_tv(
+        tmp_path,
+        f'base = load("{ckpt["base"]}")\nother = load("{odd}")\noutput out = base + (other - base)\n',
+    )
+    for command in ("run", "check"):
+        code, err = run(
+            capsys, command, prog, *(["-o", str(tmp_path / "out"), "-q"] if command == "run" else [])
+        )
+        assert code == 1 and "error[E304]" in err, err
+        assert "prog.tv:1:" in err and "has shape" in err  # at the load() of the cancelled base
+    assert not (tmp_path / "out").exists()
+
+
+def test_cancelled_input_that_is_corrupt(ckpt, tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    prog = write_tv(
+        tmp_path, f'base = load("{bad}")\nft = load("{ckpt["ft"]}")\noutput out = base + (ft - base)\n'
+    )
+    code, err = run(capsys, "run", prog, "-o", str(tmp_path / "out"), "-q")
+    assert code == 1 and "error[E301]" in err and "prog.tv:1:" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cancelled_input_is_shown_and_never_read(ckpt, tmp_path, capsys) -> None:
+    prog = write_tv(
+        tmp_path,
+        f'base = load("{ckpt["base"]}")\nft = load("{ckpt["ft"]}")\noutput out = base + (ft - base)\n',
+    )
+    code = cli.main(["plan", prog])
+    out = capsys.readouterr().out
+    assert code == 0 and "weight 0: headers checked, never read" in out
+    assert "in1" not in out  # one input is read: ft
+
+
+def test_cancelled_input_in_a_mergekit_config(ckpt, odd, tmp_path, capsys) -> None:
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {odd}\nmodels:\n"
+        f"  - model: {ckpt['ft']}\n    parameters:\n      weight: 1.0\ndtype: bfloat16\n"
+    )
+    code, err = run(capsys, "run", str(config), "-o", str(tmp_path / "out"), "-q")
+    assert code == 1 and "E304" in err and "merge.yml:2:" in err, err
+    assert not (tmp_path / "out").exists()
