@@ -156,7 +156,7 @@ def make_inputs(directory: str, size_bytes: int) -> dict[str, str]:
 def end_to_end(directory: str, size_bytes: int, device: str, memory: str) -> dict[str, Any]:
     """The mission's merge, files in and out, on the GPU backend and on the CPU backend."""
     import tvlang
-    from tvlang.cli import parse_size
+    from tvlang.api import parse_size
 
     t = time.perf_counter()
     paths = make_inputs(os.path.join(directory, "ckpt"), size_bytes)

@@ -152,3 +152,40 @@ def test_cancelled_input_in_a_mergekit_config(ckpt, odd, tmp_path, capsys) -> No
     code, err = run(capsys, "run", str(config), "-o", str(tmp_path / "out"), "-q")
     assert code == 1 and "E304" in err and "merge.yml:2:" in err, err
     assert not (tmp_path / "out").exists()
+
+
+# -- 4. every command takes every form of program -------------------------------------------------
+
+
+def test_check_and_plan_take_job_files_and_mergekit_configs(ckpt, tmp_path, capsys) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"expression: base + lam*(ft - base)\nparams: {{lam: 0.3}}\n"
+        f"bindings:\n  base: {ckpt['base']}\n  ft: {ckpt['ft']}\noutput: {tmp_path / 'out'}\n"
+    )
+    mk = tmp_path / "merge.yml"
+    mk.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {ckpt['base']}\nmodels:\n"
+        f"  - model: {ckpt['ft']}\n    parameters:\n      weight: 0.3\ndtype: bfloat16\n"
+    )
+    for config in (job, mk):
+        assert cli.main(["check", str(config)]) == 0
+        assert "ok: 2 input(s)" in capsys.readouterr().out
+        assert (
+            cli.main(["plan", str(config), "--set", "lam=0.5"] if config is job else ["plan", str(config)])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert "# plan" in out and "wsum" in out
+    assert "# program (translated from" in out and 'load("' in out  # the mergekit config's program
+    assert not (tmp_path / "out").exists()  # check and plan write nothing
+
+
+def test_plan_of_a_job_points_errors_at_the_job(tmp_path, capsys) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"expression: base + 0.5*(ft - base)\nbindings:\n  base: {tmp_path / 'nope'}\n  ft: {tmp_path / 'nope2'}\n"
+    )
+    assert cli.main(["plan", str(job)]) == 1
+    err = capsys.readouterr().err
+    assert "error[E300]" in err and "job.yaml:3:" in err, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +44,19 @@ from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 
 __version__ = "0.1.0"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "--memory") -> int:
+    """``512M``, ``2G``, ``1.5GiB`` or plain bytes → bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise TvParamError(
+            f"{what} {text!r} is not a size", help="write e.g. 512M, 2G or 1073741824", code="E402"
+        )
+    scale = 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    return int(float(m.group(1)) * scale)
 
 
 @dataclass(frozen=True)

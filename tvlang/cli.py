@@ -9,30 +9,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
-from tvlang.config import JOB_SUFFIXES
+from tvlang.api import Options, Program, compile, compile_file, delta, parse_size, task_vector
+from tvlang.config import JOB_SUFFIXES, PreparedJob, load_job, prepare_job
 from tvlang.errors import TvError, TvOutputError, TvParamError
 from tvlang.lower import Bound
 from tvlang.source import Source, Span
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str, what: str = "--memory") -> int:
-    """``512M``, ``2G``, ``1.5GiB`` or plain bytes → bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise TvParamError(
-            f"{what} {text!r} is not a size", help="write e.g. 512M, 2G or 1073741824", code="E402"
-        )
-    scale = 1024 ** " kmgt".index((m.group(2) or " ").lower())
-    return int(float(m.group(1)) * scale)
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -112,47 +98,43 @@ def _program(args: argparse.Namespace) -> Program:
     return compile_file(args.file, bindings=_bindings(args))
 
 
-def _run_job(args: argparse.Namespace) -> object:
-    """``tvlang run job.yaml``: the job gives everything; flags given override its fields."""
-    from tvlang.config import load_job, run_job
-
-    job = load_job(args.file)
-    if args.output is None and job.output is None:
-        raise TvParamError(f"{args.file} has no `output:`", help="add one, or give -o PATH", code="E406")
+def _target(args: argparse.Namespace) -> PreparedJob:
+    """What every command that takes a program acts on, whichever form it came in: a ``.tv``
+    file, an expression, a job file or a mergekit config (YAML/JSON).  A job's fields are
+    overridden by the flags given."""
+    file = getattr(args, "file", None)
+    if file is None or not file.lower().endswith(JOB_SUFFIXES):
+        return PreparedJob(
+            None, _program(args), _params(args), {}, _options(args), getattr(args, "output", None)
+        )
     flags = {
-        "dtype": args.dtype,
-        "threads": args.threads,
-        "chunk": args.chunk,
-        "nonfinite": args.nonfinite,
-        "keys": args.keys,
-        "rows": args.rows,
-        "kernels": args.kernels,
-        "device": args.device,
+        k: getattr(args, k, None)
+        for k in ("dtype", "threads", "chunk", "nonfinite", "keys", "rows", "kernels", "device")
     }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
         options["memory"] = parse_size(args.memory)
     if args.shard_size:
         options["shard_size"] = parse_size(args.shard_size, "--shard-size")
-    if args.force:
+    if getattr(args, "force", False):
         options["overwrite"] = True
-    return run_job(
-        job,
-        output=args.output,
+    return prepare_job(
+        load_job(file),
+        output=getattr(args, "output", None),
         params=_params(args),
         bindings=_bindings(args),
-        progress=not args.quiet,
+        progress=not getattr(args, "quiet", False),
         **options,
     )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if getattr(args, "file", None) is not None and args.file.lower().endswith(JOB_SUFFIXES):
-        result = _run_job(args)
-    else:
-        if args.output is None:
+    target = _target(args)
+    if target.output is None:
+        if target.job is None:
             args.parser.error("the following arguments are required: -o/--output")
-        result = _program(args).run(args.output, _params(args), options=_options(args))
+        raise TvParamError(f"{args.file} has no `output:`", help="add one, or give -o PATH", code="E406")
+    result = target.run()
     if not args.quiet:
         written = result.values() if isinstance(result, dict) else [result]
         for path in written:
@@ -161,25 +143,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    program = _program(args)
-    plan = program.plan(_params(args), options=_options(args))
+    plan = _target(args).plan()
     outs = ", ".join(f"{o.name} ({o.kind}, {len(o.tensors)} tensors)" for o in plan.outputs)
     print(f"ok: {len(plan.inputs)} input(s), output(s): {outs}; headers only, no tensor data read")
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    target = _target(args)
     if getattr(args, "triton", False):
         from tvlang.backends.gpu import kernel_sources
 
-        plan = _program(args).plan(_params(args), options=_options(args))
-        kernels = kernel_sources(plan)
+        kernels = kernel_sources(target.plan())
         if not kernels:
             print("# no Triton kernels: every task of this plan runs on the CPU path")
         for what, source in kernels:
             print(f"# {what}\n{source}")
         return 0
-    print(_program(args).explain(_params(args), options=_options(args), all_tensors=args.all))
+    if target.job is not None and target.job.translated is not None:
+        print(f"# program (translated from {target.job.name})\n{target.job.translated.rstrip()}\n")
+    print(target.explain(all_tensors=args.all))
     return 0
 
 

@@ -42,20 +42,21 @@ tvlang.errors.TvParamError: error[E406]: unknown field `expresion`
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
-from tvlang.api import Options, OutSpec, Program, compile_file
+from tvlang.api import Options, OutSpec, Program, compile_file, parse_size
 from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.lower import Bound, ParamValue
-from tvlang.plan import parse_dtype
+from tvlang.plan import Plan, parse_dtype
 from tvlang.plan.planner import KEY_POLICIES
 from tvlang.source import Source, Span
 from tvlang.syntax import ast
@@ -88,6 +89,7 @@ class Job:
     name: str = "<job>"
     base_dir: str = "."
     where: Mapping[str, Span] = field(default_factory=dict, compare=False, repr=False)
+    translated: str | None = None  # the whole .tv program, when the job is a translated mergekit config
 
     def compile(self) -> Program:
         """The program with the job's bindings.  An expression has no ``param`` lines, so each job
@@ -237,8 +239,6 @@ class _Fields:
 
     def size(self, path: FieldPath, value: Any) -> int:
         if isinstance(value, str):
-            from tvlang.cli import parse_size  # the CLI's --memory syntax; imported late (cli imports us)
-
             try:
                 return max(1, parse_size(value, f"`{_dotted(path)}`"))
             except TvParamError as e:
@@ -536,7 +536,44 @@ def as_job(spec: Any, *, base_dir: str | os.PathLike[str] | None = None) -> Job:
     raise TvParamError(f"cannot run a {type(spec).__name__} as a job", code="E406")
 
 
-def run_job(
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job with its overrides applied: what ``run``, ``check`` and ``plan`` all act on.  Errors
+    about the job's own bindings and parameters point at the job file."""
+
+    job: Job | None  # None: a program given directly (a .tv file, an expression)
+    program: Program
+    params: Mapping[str, ParamValue]
+    bindings: Mapping[str, Any]
+    options: Options
+    output: OutSpec
+    overridden: frozenset[str] = frozenset()
+
+    def run(self, output: OutSpec = None) -> Any:
+        """See :meth:`Program.run`; ``output`` (else the job's) says where."""
+        with self._located():
+            out = output if output is not None else self.output
+            return self.program.run(out, self.params, self.bindings, self.options)
+
+    def plan(self) -> Plan:
+        with self._located():
+            return self.program.plan(self.params, self.bindings, self.options)
+
+    def explain(self, *, all_tensors: bool = False) -> str:
+        with self._located():
+            return self.program.explain(self.params, self.bindings, self.options, all_tensors=all_tensors)
+
+    @contextlib.contextmanager
+    def _located(self) -> Iterator[None]:
+        try:
+            yield
+        except TvError as e:
+            if self.job is not None:
+                _relocate(e, self.job, set(self.overridden))
+            raise
+
+
+def prepare_job(
     spec: Job | str | os.PathLike[str] | Mapping[str, Any],
     *,
     output: OutSpec = None,
@@ -544,12 +581,11 @@ def run_job(
     bindings: Mapping[str, Any] | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     **options: Any,
-) -> Any:
-    """Run a job (a :class:`Job`, a job file, a mapping or an OmegaConf node); returns what
-    :meth:`Program.run` returns.  The keywords override the job: ``output`` replaces its output,
-    ``params`` and ``bindings`` add to or replace its own, and ``options`` (job option fields,
-    ``device``, ``progress``, ``chunk``) are checked like the job's fields.  Paths given here are
-    relative to the current directory, as on a command line."""
+) -> PreparedJob:
+    """A job (a :class:`Job`, a job file, a mapping or an OmegaConf node) with overrides: ``output``
+    replaces its output, ``params`` and ``bindings`` add to or replace its own, and ``options`` (job
+    option fields, ``device``, ``progress``, ``chunk``) are checked like the job's fields.  Paths
+    given here are relative to the current directory, as on a command line."""
     job = as_job(spec, base_dir=base_dir)
     checks = {**_OPTIONS, **_OVERRIDES_ONLY, "device": _device}
     f = _Fields("the options given to run the job", os.getcwd())
@@ -574,12 +610,31 @@ def run_job(
                 code="E406",
             )
     given = _params(f, params)
-    program = job.compile()
-    try:
-        return program.run(output if output is not None else job.output, {**job.params, **given}, extra, opts)
-    except TvError as e:
-        _relocate(e, job, set(params or ()) | set(bindings or ()))
-        raise
+    return PreparedJob(
+        job,
+        job.compile(),
+        {**job.params, **given},
+        extra,
+        opts,
+        output if output is not None else job.output,
+        frozenset(params or ()) | frozenset(bindings or ()),
+    )
+
+
+def run_job(
+    spec: Job | str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    output: OutSpec = None,
+    params: Mapping[str, ParamValue] | None = None,
+    bindings: Mapping[str, Any] | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    **options: Any,
+) -> Any:
+    """Run a job; returns what :meth:`Program.run` returns.  The keywords override the job, as
+    for :func:`prepare_job`."""
+    return prepare_job(
+        spec, output=output, params=params, bindings=bindings, base_dir=base_dir, **options
+    ).run()
 
 
 def _absolute(value: Any) -> Any:
@@ -632,9 +687,11 @@ __all__ = [
     "FIELDS",
     "JOB_SUFFIXES",
     "Job",
+    "PreparedJob",
     "as_job",
     "job_from_mapping",
     "load_job",
+    "prepare_job",
     "register_resolver",
     "run_job",
     "sum_of_names",

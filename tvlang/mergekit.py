@@ -154,6 +154,7 @@ class Translation:
             name=self.name,
             base_dir=self.base_dir,
             where=dict(self.where),
+            translated=self.program,
         )
 
     def compile(self) -> Program:
