@@ -6,10 +6,12 @@ Each test builds its own checkpoints, because a failure here would destroy them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tvlang import cli
 from tvlang.synth import llama_shapes, make_family
@@ -189,3 +191,44 @@ def test_plan_of_a_job_points_errors_at_the_job(tmp_path, capsys) -> None:
     assert cli.main(["plan", str(job)]) == 1
     err = capsys.readouterr().err
     assert "error[E300]" in err and "job.yaml:3:" in err, err
+
+
+# -- 5. config.json says the output's dtype --------------------------------------------------------
+
+
+def _load_hf(path: str) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, SHAPES["model.embed_tokens.weight"][0]) and bool(
+        torch.isfinite(logits).all()
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    ("flag", "dtype"), [("fp32", torch.float32), ("fp16", torch.float16), (None, torch.bfloat16)]
+)
+def test_config_says_the_output_dtype(ckpt, tmp_path, capsys, flag, dtype) -> None:
+    out = str(tmp_path / "out")
+    args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}"]
+    assert cli.main([*args, "-o", out, "-q", *(["--dtype", flag] if flag else [])]) == 0, (
+        capsys.readouterr().err
+    )
+    config = json.loads(Path(out, "config.json").read_text())
+    name = str(dtype).removeprefix("torch.")
+    assert config["torch_dtype"] == config["dtype"] == name
+    model = _load_hf(out)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+def test_mergekit_out_dtype_reaches_the_config(ckpt, tmp_path, capsys) -> None:
+    config = tmp_path / "merge.yml"
+    config.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {ckpt['base']}\n    parameters: {{weight: 0.5}}\n"
+        f"  - model: {ckpt['ft']}\n    parameters: {{weight: 0.5}}\ndtype: float16\n"
+    )
+    assert cli.main(["run", str(config), "-o", str(tmp_path / "out"), "-q"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert {p.dtype for p in _load_hf(str(tmp_path / "out")).parameters()} == {torch.float16}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -38,7 +39,7 @@ from tvlang.io.overlap import InputFiles, refuse_overlap
 from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
-from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
+from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan
 from tvlang.runtime import Progress, check_nonfinite_mode, execute
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
@@ -271,6 +272,7 @@ class Program:
                         max_shard_bytes=options.shard_size,
                         sidecars=sidecars,
                         overwrite=options.overwrite,
+                        config_dtype=_main_dtype(output.tensors),
                     )
                 )
             progress = (
@@ -306,6 +308,15 @@ class Program:
         else:
             results = {o.name: d for o, d in zip(plan.outputs, dests, strict=True)}
         return next(iter(results.values())) if len(results) == 1 else results
+
+
+def _main_dtype(tensors: Sequence[tuple[str, str, Sequence[int]]]) -> str | None:
+    """The float dtype of most of an output's elements: what its config.json should say."""
+    count: dict[str, int] = {}
+    for _, dtype, shape in tensors:
+        if dtype in FLOATS:
+            count[dtype] = count.get(dtype, 0) + math.prod(shape)
+    return max(count, key=count.__getitem__) if count else None
 
 
 def _plan(written: Graph, options: Options, optimized: Graph | None = None) -> tuple[Plan, dict[str, Any]]:

@@ -23,6 +23,7 @@ import torch
 
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.safetensors import (
+    DTYPES,
     MAX_HEADER_BYTES,
     ChunkReader,
     SafetensorsWriter,
@@ -38,10 +39,12 @@ from tvlang.io.safetensors import (
     temp_sibling,
 )
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "CheckpointReader", "CheckpointWriter"]
+__all__ = ["CONFIG_NAME", "INDEX_NAME", "SINGLE_NAME", "Checkpoint", "CheckpointReader", "CheckpointWriter"]
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")  # older and newer transformers
 
 # Weight files of any framework: copying them next to new weights would let a loader
 # pick up the *input's* weights, so they are never sidecars.
@@ -170,6 +173,27 @@ class Checkpoint:
         return out
 
 
+def _copy_config(src: str, dst: str, dtype: str) -> None:
+    """Copy a model's ``config.json``, saying the dtype the output's weights are in.  A file that
+    is not a JSON object is copied as it is: it is the template's, and a loader reports it."""
+    with open(src, "rb") as f:
+        raw = f.read(MAX_HEADER_BYTES + 1)
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        config = None
+    keys = [k for k in _CONFIG_DTYPE_KEYS if isinstance(config, dict) and k in config]
+    if not isinstance(config, dict) or not keys:
+        shutil.copy2(src, dst)
+        return
+    name = str(DTYPES[dtype]).removeprefix("torch.")
+    for key in keys:
+        config[key] = name
+    with open(dst, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2) + "\n")
+    shutil.copystat(src, dst)
+
+
 def _read_weight_map(index: str) -> dict[str, str]:
     try:
         with open(index, "rb") as f:
@@ -250,7 +274,11 @@ class CheckpointWriter(Transaction):
     `overwrite`, and even then it is replaced only at commit. Directory outputs get
     ``"format": "pt"`` in their metadata, which ``transformers`` requires.
 
-    `max_shard_bytes` and `sidecars` mean nothing for a single file and are ignored.
+    `config_dtype` (a safetensors dtype code such as ``"F32"``) is written into a copied
+    ``config.json`` (its ``torch_dtype`` and ``dtype`` keys, where present), so that
+    ``transformers`` loads the model in the dtype it was written in.
+
+    `max_shard_bytes`, `sidecars` and `config_dtype` mean nothing for a single file and are ignored.
     """
 
     def __init__(
@@ -262,6 +290,7 @@ class CheckpointWriter(Transaction):
         max_shard_bytes: int = 5 * 2**30,
         sidecars: Sequence[str | os.PathLike[str]] = (),
         overwrite: bool = False,
+        config_dtype: str | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, not {max_shard_bytes}")
@@ -279,6 +308,7 @@ class CheckpointWriter(Transaction):
         self._route: dict[str, SafetensorsWriter] = {}
         self.weight_map: dict[str, str] = {}
         self._created_dirs: list[str] = []
+        self._config_dtype = config_dtype
         self._make_parents()
         if not self.is_dir:
             try:
@@ -388,7 +418,10 @@ class CheckpointWriter(Transaction):
                 raise TvInputError(f"{src}: no such file (to copy into {self.path})", code="E300")
             dst = os.path.join(self._tmpdir, name)
             try:
-                shutil.copy2(src, dst)
+                if name == CONFIG_NAME and self._config_dtype is not None:
+                    _copy_config(src, dst, self._config_dtype)
+                else:
+                    shutil.copy2(src, dst)
                 self._copied.append(dst)
             except OSError as e:
                 raise TvOutputError(f"{self.path}: cannot copy {src}: {e.strerror}", code="E500") from None

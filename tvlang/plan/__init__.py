@@ -1,6 +1,7 @@
 """Planning: the per-tensor passes, chunking and memory, as a printable value."""
 
 from tvlang.plan.plan import (
+    FLOATS,
     Copy,
     Plan,
     PlannedInput,
@@ -14,6 +15,7 @@ from tvlang.plan.planner import DEFAULT_MEMORY, build_plan, parse_dtype
 
 __all__ = [
     "DEFAULT_MEMORY",
+    "FLOATS",
     "Copy",
     "Plan",
     "PlannedInput",
