@@ -133,8 +133,8 @@ def test_python_mapping_json_and_program_agree(work: Path) -> None:
 def test_python_sweep_and_overrides(work: Path) -> None:
     job = load_job_text(work, "expression: base + lam*amazon_sent\nparams: {lam: [0.0, 1.0]}\n", TASKS)
     out = run_job(job, output=str(work / "sweep"), threads=1, memory="1M")  # a sweep: one pass, two outputs
-    assert len(out) == 2 and all(name.startswith("out[lam=") for name in out), out
-    at_zero = next(path for name, path in out.items() if name.startswith("out[lam=0"))
+    assert len(out) == 2 and all(name.startswith("out.lam=") for name in out), out
+    at_zero = next(path for name, path in out.items() if name.startswith("out.lam=0"))
     base = tvlang.evaluate("base", {"base": str(work / "ckpt" / "base")})
     assert same(load_file(os.path.join(at_zero, "model.safetensors")), base)
     with pytest.raises(TvParamError, match="unknown option `treads`") as err:

@@ -5,9 +5,14 @@ Each test builds its own checkpoints, because a failure here would destroy them.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -232,3 +237,135 @@ def test_mergekit_out_dtype_reaches_the_config(ckpt, tmp_path, capsys) -> None:
     assert cli.main(["run", str(config), "-o", str(tmp_path / "out"), "-q"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
     assert {p.dtype for p in _load_hf(str(tmp_path / "out")).parameters()} == {torch.float16}
+
+
+# -- 6. numbers at the edges -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expr", "code", "caret"),
+    [
+        ("base + 1e39*(ft - base)", "E210", "beyond the float32 range"),
+        ("base + 1e30*1e30*(ft - base)", "E210", "beyond the float32 range"),
+        ("base + 1e400*(ft - base)", "E103", "`1e400` is too large"),
+    ],
+)
+def test_huge_coefficients_are_positioned_errors(ckpt, tmp_path, capsys, expr, code, caret) -> None:
+    args = [
+        "eval",
+        expr,
+        "--bind",
+        f"base={ckpt['base']}",
+        "--bind",
+        f"ft={ckpt['ft']}",
+        "-o",
+        str(tmp_path / "o"),
+    ]
+    status, err = run(capsys, *args)
+    assert status == 1 and f"error[{code}]" in err and caret in err and "<expr>:1:" in err, err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0:1:0", "the step of the range `0:1:0` is 0; it must be positive"),
+        ("1:0:0.5", "stops (0) below its start (1)"),
+        ("0:1", "is not a range `start:stop:step`"),
+        ("0:1:1e-9", "has 1,000,000,001 values; a run writes at most 4096"),
+        ("nan", "is not a finite number"),
+        ("x", "is not a number, a list"),
+    ],
+)
+def test_set_values_are_diagnosed_precisely(ckpt, capsys, value, message) -> None:
+    args = [
+        "check",
+        "-e",
+        "base + lam*(ft - base)",
+        "--bind",
+        f"base={ckpt['base']}",
+        "--bind",
+        f"ft={ckpt['ft']}",
+    ]
+    status, err = run(capsys, *args, "--set", f"lam={value}")
+    assert status == 1 and "error[E402]" in err and message in err and "--set:1:5" in err, err
+
+
+def test_sweep_outputs_have_shell_and_glob_safe_names(ckpt, tmp_path, capsys) -> None:
+    args = ["eval", "base + lam*(ft - base)", "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}"]
+    assert cli.main([*args, "--set", "lam=0:1:0.5", "-o", str(tmp_path / "sweep"), "-q"]) == 0
+    names = sorted(os.listdir(tmp_path / "sweep"))
+    assert names == ["out.lam=0", "out.lam=0.5", "out.lam=1"]
+    assert not any(set(n) & set("[]*?{}$'\" ") for n in names)
+    assert len(glob.glob(str(tmp_path / "sweep" / "out.lam=*"))) == 3
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "tvlang"]
+
+
+def test_ctrl_c_during_start_up_is_a_clean_exit(ckpt, tmp_path) -> None:
+    args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}"]
+    proc = subprocess.Popen([*_python(), *args, "-o", str(tmp_path / "o")], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # inside the imports (torch alone takes over a second)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted" in err and not (tmp_path / "o").exists()
+
+
+# -- 8. signals and leftovers ----------------------------------------------------------------------
+
+
+def _temporaries(directory: Path) -> list[str]:
+    return [n for n in os.listdir(directory) if ".tvlang-" in n]
+
+
+def test_sigterm_aborts_and_cleans_up(tmp_path) -> None:
+    big = make_family(str(tmp_path / "big"), NAMES, llama_shapes(hidden=256, layers=4, vocab=2048))
+    out = tmp_path / "out"
+    args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={big['base']}", "--bind", f"ft={big['ft']}"]
+    # eager kernels on tiny chunks: slow enough to be caught while writing
+    slow = ["--kernels", "eager", "--chunk", "4096", "--threads", "1", "-q"]
+    proc = subprocess.Popen([*_python(), *args, *slow, "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _temporaries(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert not out.exists() and _temporaries(tmp_path) == []
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(ckpt, tmp_path, capsys) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.tvlang-tmp-{dead.pid}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    alive = tmp_path / f".out.tvlang-tmp-{os.getpid()}-89abcdef"  # a live run's: never touched
+    alive.mkdir()
+    code, err = merge(ckpt, str(tmp_path / "out"), capsys)
+    assert code == 0 and not stale.exists() and alive.exists()
+    assert f"removed {stale}, left by an interrupted run (process {dead.pid})" in err
+
+
+def test_free_space_is_checked_for_all_outputs_together(ckpt, tmp_path, monkeypatch) -> None:
+    import shutil as shutil_module
+
+    import tvlang
+
+    prog = tvlang.compile("param lam = 0.5\nbase + lam*(ft - base)", bindings={"base": ckpt["base"], "ft": ckpt["ft"]})
+    one = prog.plan(params={"lam": 0.5}).outputs[0].nbytes
+    real = shutil_module.disk_usage
+
+    def tight(path: str) -> object:
+        return real(path)._replace(free=int(one * 1.5))
+
+    monkeypatch.setattr("tvlang.io.safetensors.shutil.disk_usage", tight)
+    prog.run(str(tmp_path / "one"), params={"lam": 0.5})  # one output fits
+    with pytest.raises(tvlang.TvOutputError, match=r"needs \d+ bytes but only \d+ are free") as err:
+        prog.run(str(tmp_path / "two"), params={"lam": [0.25, 0.75]})
+    assert "2 outputs" in str(err.value)
+    assert not (tmp_path / "two").exists()

@@ -5,7 +5,10 @@ tvlang checks them, plans them per tensor and streams the checkpoints through
 fused, chunked kernels without materialising a full model.
 """
 
-from tvlang.api import Options, Program, __version__, compile, compile_file, delta, evaluate, task_vector
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from tvlang.errors import (
     TvError,
     TvInputError,
@@ -15,6 +18,23 @@ from tvlang.errors import (
     TvSyntaxError,
     TvTypeError,
 )
+from tvlang.version import __version__
+
+if TYPE_CHECKING:
+    from tvlang.api import Options, Program, compile, compile_file, delta, evaluate, task_vector
+
+_API = ("Options", "Program", "compile", "compile_file", "delta", "evaluate", "task_vector")
+
+
+def __getattr__(name: str) -> Any:
+    """The API is imported on first use: ``import tvlang`` (and the CLI's start, where Ctrl-C and
+    ``--help`` must answer at once) stays light until something needs torch."""
+    if name in _API:
+        import tvlang.api
+
+        return getattr(tvlang.api, name)
+    raise AttributeError(f"module 'tvlang' has no attribute {name!r}")
+
 
 __all__ = [
     "Options",

@@ -36,6 +36,7 @@ from tvlang.io.endpoints import (
 )
 from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.io.overlap import InputFiles, refuse_overlap
+from tvlang.io.safetensors import check_free_space_together, remove_stale_temporaries
 from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
@@ -43,8 +44,7 @@ from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan
 from tvlang.runtime import Progress, check_nonfinite_mode, execute
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
-
-__version__ = "0.1.0"
+from tvlang.version import __version__
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -237,6 +237,11 @@ class Program:
         plan, opened = _plan(lowered.graph, options)
         dests = _destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, opened, dests)
+        to_disk = [(d, o.nbytes) for d, o in zip(dests, plan.outputs, strict=True) if d is not None]
+        for target, _ in to_disk:
+            for stale, pid in remove_stale_temporaries(target):
+                print(f"note: removed {stale}, left by an interrupted run (process {pid})", file=sys.stderr)
+        check_free_space_together(to_disk)
         metadata = {"tvlang.version": __version__}
         if self.syntax.source.name != "<expr>":
             metadata["tvlang.program"] = self.source
@@ -430,6 +435,23 @@ def compile(
     resolve against its directory (the current directory for strings without one)."""
     base_dir = os.path.dirname(os.path.abspath(filename)) if filename else None
     return Program(parse(source, filename or "<expr>", base_dir), bindings)
+
+
+def declare_params(program: Program, params: Mapping[str, ParamValue], origin: str) -> Program:
+    """``program`` with ``param NAME = VALUE`` ahead of it for each of ``params`` it does not
+    declare.  An expression (``tvlang eval``, a job's ``expression:``) has no ``param`` lines: this
+    lets ``--set`` and sweeps work on it as on a ``.tv`` file, keeps a misspelt ``--set`` name an
+    error, and records the values in the output's metadata."""
+    syntax = program.syntax
+    declared = {s.target.id for s in syntax.statements if isinstance(s, ast.Param)}
+    header = []
+    for name, value in params.items():
+        if name not in declared:
+            text = repr(float(value)) if isinstance(value, (int, float)) else repr([float(v) for v in value])
+            header.append(parse(f"param {name} = {text}", f"{origin} (params)").statements[0])
+    if not header:
+        return program
+    return Program(replace(syntax, statements=(*header, *syntax.statements)), program.bindings)
 
 
 def compile_file(path: str | os.PathLike[str], *, bindings: Mapping[str, Any] | None = None) -> Program:

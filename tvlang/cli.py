@@ -2,23 +2,32 @@
 
 Exit codes: 0 success, 1 a user error (printed as a positioned report, no
 traceback), 2 an internal error (a bug: the traceback is printed), 130
-interrupted.  An interrupted or failed run leaves no output behind.
+interrupted (Ctrl-C), 143 terminated (SIGTERM).  An interrupted or failed run leaves no output behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
-from tvlang.api import Options, Program, compile, compile_file, delta, parse_size, task_vector
-from tvlang.config import JOB_SUFFIXES, PreparedJob, load_job, prepare_job
 from tvlang.errors import TvError, TvOutputError, TvParamError
-from tvlang.lower import Bound
 from tvlang.source import Source, Span
+
+# The API (and torch behind it) is imported when a command needs it, not when the command
+# starts: `tvlang --help` answers at once, and Ctrl-C or SIGTERM during the imports is a
+# clean exit instead of a traceback.
+if TYPE_CHECKING:
+    from tvlang.api import Options, Program
+    from tvlang.config import PreparedJob
+    from tvlang.lower import Bound
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -33,31 +42,46 @@ def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
 
 def _params(args: argparse.Namespace) -> dict[str, float | list[float]]:
     """``--set lam=0.4``; a sweep: ``--set lam=0.2,0.4,0.6`` or ``--set lam=0:1:0.25`` (stop included)."""
+    from tvlang.lower import MAX_OUTPUTS
+
     params: dict[str, float | list[float]] = {}
     for name, value in _pairs(args.set, "--set"):
+        src = Source(f"{name}={value}", "--set")
+        where = Span(src, len(name) + 1, len(src.text))
+
+        def bad(
+            message: str, help: str | None = None, *, name: str = name, where: Span = where
+        ) -> TvParamError:
+            return TvParamError(message, where, label=f"the value of `{name}`", help=help, code="E402")
+
         try:
-            if ":" in value:
-                start, stop, step = (float(v) for v in value.split(":"))
-                if step <= 0 or stop < start:
-                    raise ValueError
-                count = int((stop - start) / step + 1e-9) + 1
-                params[name] = [round(start + i * step, 12) for i in range(count)]
-            elif "," in value:
-                params[name] = [float(v) for v in value.split(",")]
-            else:
-                params[name] = float(value)
+            numbers = [float(v) for v in value.replace(":", ",").split(",")]
         except ValueError:
-            src = Source(f"{name}={value}", "--set")
-            raise TvParamError(
-                f"`{value}` is not a number, a list `a,b,c` or a range `start:stop:step`",
-                Span(src, len(name) + 1, len(src.text)),
-                label=f"the value of `{name}`",
-                code="E402",
-            ) from None
+            raise bad(f"`{value}` is not a number, a list `a,b,c` or a range `start:stop:step`") from None
+        if not all(math.isfinite(v) for v in numbers):
+            raise bad(f"`{value}` is not a finite number")
+        if ":" not in value:
+            params[name] = numbers if "," in value else numbers[0]
+            continue
+        if len(numbers) != 3 or "," in value:
+            raise bad(f"`{value}` is not a range `start:stop:step`", "e.g. 0:1:0.25 is 0, 0.25, 0.5, 0.75, 1")
+        start, stop, step = numbers
+        if step <= 0:
+            raise bad(f"the step of the range `{value}` is {step:g}; it must be positive")
+        if stop < start:
+            raise bad(f"the range `{value}` stops ({stop:g}) below its start ({start:g})")
+        steps = (stop - start) / step
+        count = int(steps + 1e-9 * max(1.0, steps)) + 1  # the stop is included despite rounding
+        if count > MAX_OUTPUTS:
+            raise bad(f"the range `{value}` has {count:,} values; a run writes at most {MAX_OUTPUTS}")
+        params[name] = [round(start + i * step, 12) for i in range(count)]
     return params
 
 
 def _bindings(args: argparse.Namespace) -> dict[str, Bound]:
+    from tvlang.api import delta, task_vector
+    from tvlang.lower import Bound
+
     bindings: dict[str, Bound] = {}
     base = getattr(args, "base", "base")
     for flag, role in (("bind", "model"), ("task", "task"), ("delta", "delta")):
@@ -74,6 +98,8 @@ def _bindings(args: argparse.Namespace) -> dict[str, Bound]:
 
 
 def _options(args: argparse.Namespace) -> Options:
+    from tvlang.api import Options, parse_size
+
     return Options(
         dtype=args.dtype,
         memory=parse_size(args.memory) if args.memory else Options.memory,
@@ -91,6 +117,8 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def _program(args: argparse.Namespace) -> Program:
+    from tvlang.api import compile, compile_file
+
     if getattr(args, "expr", None) is not None:
         return compile(args.expr, bindings=_bindings(args))
     if getattr(args, "file", None) is None:
@@ -102,11 +130,16 @@ def _target(args: argparse.Namespace) -> PreparedJob:
     """What every command that takes a program acts on, whichever form it came in: a ``.tv``
     file, an expression, a job file or a mergekit config (YAML/JSON).  A job's fields are
     overridden by the flags given."""
+    from tvlang.api import declare_params, parse_size
+    from tvlang.config import JOB_SUFFIXES, PreparedJob, load_job, prepare_job
+
     file = getattr(args, "file", None)
     if file is None or not file.lower().endswith(JOB_SUFFIXES):
-        return PreparedJob(
-            None, _program(args), _params(args), {}, _options(args), getattr(args, "output", None)
-        )
+        params = _params(args)
+        program = _program(args)
+        if getattr(args, "expr", None) is not None:  # an expression declares what --set gives
+            program = declare_params(program, params, "--set")
+        return PreparedJob(None, program, params, {}, _options(args), getattr(args, "output", None))
     flags = {
         k: getattr(args, k, None)
         for k in ("dtype", "threads", "chunk", "nonfinite", "keys", "rows", "kernels", "device")
@@ -307,17 +340,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, Slurm, Kubernetes): handled as Ctrl-C is, so the run aborts and
+    removes what it had written; the exit status is then 143 (128 + SIGTERM), not 130."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_aborts() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        code: int = args.func(args)
-        return code
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        with _sigterm_aborts():
+            args = build_parser().parse_args(argv)
+            code: int = args.func(args)
+            return code
     except TvError as err:
         print(err.render(), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         print("\ninterrupted: no output was written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception:
         print("internal error (this is a bug in tvlang; please report it):", file=sys.stderr)
         traceback.print_exc()

@@ -52,14 +52,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
-from tvlang.api import Options, OutSpec, Program, compile_file, parse_size
+from tvlang.api import Options, OutSpec, Program, compile_file, declare_params, parse_size
 from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import Plan, parse_dtype
 from tvlang.plan.planner import KEY_POLICIES
 from tvlang.source import Source, Span
-from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
@@ -100,15 +99,7 @@ class Job:
             return compile_file(self.program, bindings=self.bindings)
         assert self.expression is not None
         syntax = parse(self.expression, f"{self.name} (expression)", self.base_dir)
-        declared = {s.target.id for s in syntax.statements if isinstance(s, ast.Param)}
-        header = [_declare(k, v, self.name) for k, v in self.params.items() if k not in declared]
-        return Program(replace(syntax, statements=(*header, *syntax.statements)), self.bindings)
-
-
-def _declare(name: str, value: ParamValue, job: str) -> ast.Stmt:
-    """``param name = value`` as a statement with a source of its own, for errors to point at."""
-    text = repr(float(value)) if isinstance(value, (int, float)) else repr([float(v) for v in value])
-    return parse(f"param {name} = {text}", f"{job} (params)").statements[0]
+        return declare_params(Program(syntax, self.bindings), self.params, self.name)
 
 
 def _dotted(path: FieldPath) -> str:

@@ -29,6 +29,7 @@ from tvlang.syntax.parser import too_deep
 
 MAX_INPUTS = 4096
 MAX_OUTPUTS = 4096
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_EXPANSION = 64
 LORA_KEY = "lora:"  # input keys of PEFT LoRA adapters (tvlang.io.lora): sparse, low-rank task vectors
 DEFAULT_OUTPUT = "out"
@@ -437,7 +438,8 @@ def lower(
 
     A parameter given a list of values (``param lam = [0.2, 0.4]``, ``--set lam=0:1:0.1``) is a
     sweep: every output that depends on it is produced once per value, all in one graph, so
-    one pass over the inputs writes them all.  Each is named ``NAME[lam=0.2]``.
+    one pass over the inputs writes them all.  Each is named ``NAME.lam=0.2`` (``NAME.lam=0.2,d=0.5``
+    for a grid).
     """
     try:
         sweeps = _sweeps(program, params or {})
@@ -502,7 +504,8 @@ def _lower_sweep(
             node = run.graph.outputs[j][1]
             if id(node) in seen:
                 continue
-            label = name + ("[" + ",".join(f"{p}={combo[p]:g}" for p in deps) + "]" if deps else "")
+            # no brackets or other glob and shell characters: the label names files and directories
+            label = name + ("." + ",".join(f"{p}={combo[p]:g}" for p in deps) if deps else "")
             seen[id(node)] = label
             outputs.append((label, node))
             expressions.append(run.graph.expressions[j])
@@ -577,11 +580,20 @@ def _lower(
                 raise TvNameError(f"two outputs named `{name}`", stmt.span, code="E205")
             node = ctx.expr(stmt.value)
             ctx.require_point_or_vector(node, stmt.value)
-            if not linear_form(node):
+            weights = linear_form(node)
+            if not weights:
                 raise TvTypeError(
                     "the weights here cancel out: this output would be zero everywhere",
                     stmt.value.span,
                     code="E207",
+                )
+            huge = next((w for w in weights.values() if not abs(w) <= FLOAT32_MAX), None)
+            if huge is not None:
+                raise TvTypeError(
+                    f"a weight of {huge:g} here is beyond the float32 range (±3.4e38)",
+                    stmt.value.span,
+                    label="16-bit inputs are accumulated in float32: every value would overflow",
+                    code="E210",
                 )
             outputs.append((name, node))
             expressions.append(stmt.value.span.text)

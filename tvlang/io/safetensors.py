@@ -26,6 +26,7 @@ import math
 import mmap
 import os
 import platform
+import re
 import secrets
 import shutil
 import stat
@@ -51,8 +52,10 @@ __all__ = [
     "ChunkReader",
     "SafetensorsWriter",
     "TensorInfo",
+    "check_free_space_together",
     "is_pickle_path",
     "read_header",
+    "remove_stale_temporaries",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -499,6 +502,72 @@ def temp_sibling(path: str, tag: str = "tmp") -> str:
     """A hidden, unique name next to `path`: same filesystem, so a rename is atomic."""
     head, tail = os.path.split(path)
     return os.path.join(head, f".{tail}.tvlang-{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<tail>.+)\.tvlang-(?P<tag>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> list[tuple[str, int]]:
+    """Delete the temporaries that runs killed before they could clean up (``kill -9``, a power
+    cut) left next to ``path``; returns each removed path with the process that left it.
+
+    A temporary belongs to a dead run when its owner process no longer exists on this machine. The
+    renamed-away previous output (``old``) is removed only when ``path`` exists again: otherwise
+    it is the only copy of that output, and stays."""
+    head, tail = os.path.split(path.rstrip(os.sep) or os.sep)
+    try:
+        names = os.listdir(head or ".")
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if m is None or m["tail"] != tail or _alive(int(m["pid"])):
+            continue
+        if m["tag"] == "old" and not os.path.lexists(path):
+            continue
+        stale = os.path.join(head, name)
+        try:
+            if os.path.isdir(stale) and not os.path.islink(stale):
+                shutil.rmtree(stale)
+            else:
+                os.unlink(stale)
+        except OSError:
+            continue
+        removed.append((stale, int(m["pid"])))
+    return removed
+
+
+def check_free_space_together(outputs: Sequence[tuple[str, int]]) -> None:
+    """Outputs that share a filesystem must fit on it together (a sweep's ten outputs, not each)."""
+    need: dict[int, tuple[str, int, list[str]]] = {}
+    for path, nbytes in outputs:
+        directory = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(directory):  # the nearest existing ancestor: parents are made later
+            directory = os.path.dirname(directory)
+        try:
+            device = os.stat(directory).st_dev
+        except OSError:
+            continue
+        where, total, paths = need.get(device, (directory, 0, []))
+        need[device] = (where, total + nbytes, [*paths, path])
+    for where, total, paths in need.values():
+        what = (
+            paths[0]
+            if len(paths) == 1
+            else f"{len(paths)} outputs ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+        )
+        check_free_space(where, total, what)
 
 
 def check_free_space(directory: str, nbytes: int, path: str) -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -260,7 +261,15 @@ class _ToAst(Transformer[Token, Any]):
 
     def number(self, children: list[Token]) -> ast.Number:
         tok = children[0]
-        return ast.Number(float(tok), self._tok_span(tok))
+        value = float(tok)
+        if not math.isfinite(value):
+            raise TvSyntaxError(
+                f"`{tok}` is too large to be a number",
+                self._tok_span(tok),
+                label="beyond the float64 range (±1.8e308)",
+                code="E103",
+            )
+        return ast.Number(value, self._tok_span(tok))
 
     def string(self, children: list[Token]) -> ast.String:
         tok = children[0]
