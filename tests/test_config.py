@@ -69,10 +69,10 @@ def test_example_job_runs_via_cli(work: Path, capsys: pytest.CaptureFixture[str]
     job = work / "job.yaml"
     shutil.copy(EXAMPLE / "job.yaml", job)
     assert cli.main(["run", str(job), "-q"]) == 0, capsys.readouterr().err
-    written = work / "merged" / "model.safetensors"
+    written = work / "merged_job" / "model.safetensors"
     assert same(load_file(str(written)), reference(work))
     assert params_of(written) == {"lam": 0.4}  # the job's params are recorded like a program's
-    assert (work / "merged" / "config.json").exists()  # side files come from the base, as for .tv
+    assert (work / "merged_job" / "config.json").exists()  # side files come from the base, as for .tv
 
 
 def test_cli_flags_override_the_job(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -356,7 +356,9 @@ def test_free_space_is_checked_for_all_outputs_together(ckpt, tmp_path, monkeypa
 
     import tvlang
 
-    prog = tvlang.compile("param lam = 0.5\nbase + lam*(ft - base)", bindings={"base": ckpt["base"], "ft": ckpt["ft"]})
+    prog = tvlang.compile(
+        "param lam = 0.5\nbase + lam*(ft - base)", bindings={"base": ckpt["base"], "ft": ckpt["ft"]}
+    )
     one = prog.plan(params={"lam": 0.5}).outputs[0].nbytes
     real = shutil_module.disk_usage
 

@@ -331,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="replace an existing output file")
     imp.set_defaults(func=_cmd_import_mergekit)
 
-    demo = sub.add_parser("demo", help="run the mission's example on small checkpoints it makes itself")
+    demo = sub.add_parser(
+        "demo",
+        help="run the mission's example on small checkpoints it makes itself (--dir keeps them, to play with)",
+    )
     demo.add_argument(
         "--dir", help="keep the generated checkpoints and output here (default: a temporary directory)"
     )

@@ -15,7 +15,7 @@ import torch
 
 from tvlang.api import Options, compile_file
 from tvlang.numerics import ulp, ulp_error
-from tvlang.synth import llama_shapes, make_family
+from tvlang.synth import llama_shapes, make_family, make_lora_adapter
 
 PROGRAM = """\
 # sentiment.tv: improve sentiment analysis by analogy, forget toxic generation
@@ -39,17 +39,31 @@ def run_demo(directory: str | None = None, *, quiet: bool = False) -> int:
     return _demo(directory, quiet)
 
 
+def make_playground(directory: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, str], str]:
+    """The demo's files, in which the README's commands run: ``ckpt/`` (the five checkpoints, the
+    base a sharded Hugging Face directory, and a PEFT LoRA adapter, ``ckpt/adapter``) and
+    ``sentiment.tv``.  Returns the checkpoints' paths and the program's."""
+    paths = make_family(os.path.join(directory, "ckpt"), NAMES, shapes, layout="dir", base_shards=3)
+    make_lora_adapter(os.path.join(directory, "ckpt", "adapter"), shapes)
+    program_path = os.path.join(directory, "sentiment.tv")
+    with open(program_path, "w") as f:
+        f.write(PROGRAM)
+    return paths, program_path
+
+
 def _demo(directory: str, quiet: bool) -> int:
     def say(*lines: str) -> None:
         if not quiet:
             print(*lines, sep="\n")
 
     shapes = llama_shapes(hidden=256, layers=4, vocab=2048)
-    paths = make_family(os.path.join(directory, "ckpt"), NAMES, shapes, layout="dir", base_shards=3)
-    program_path = os.path.join(directory, "sentiment.tv")
-    with open(program_path, "w") as f:
-        f.write(PROGRAM)
-    say(f"wrote 5 bf16 checkpoints ({len(shapes)} tensors each) and {program_path}:", "", PROGRAM)
+    paths, program_path = make_playground(directory, shapes)
+    say(
+        f"wrote 5 bf16 checkpoints ({len(shapes)} tensors each), a LoRA adapter (ckpt/adapter) and "
+        f"{program_path}:",
+        "",
+        PROGRAM,
+    )
 
     program = compile_file(program_path)
     options = Options(progress=not quiet, overwrite=True)

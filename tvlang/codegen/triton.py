@@ -31,9 +31,11 @@ function's source.  ``TVLANG_DEBUG=1`` prints each kernel's source once.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -334,6 +336,7 @@ def kernel_dir() -> Path:
     except OSError:
         if not _PRIVATE:
             _PRIVATE.append(Path(tempfile.mkdtemp(prefix="tvlang-triton-")))
+            atexit.register(shutil.rmtree, _PRIVATE[0], ignore_errors=True)
         path = _PRIVATE[0]
     return path
 
