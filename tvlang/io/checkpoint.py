@@ -337,14 +337,16 @@ class CheckpointWriter(Transaction):
         names = [SINGLE_NAME] if n == 1 else [_shard_name(i + 1, n) for i in range(n)]
         shard_metadata = {"format": "pt", **(metadata or {})}
 
+        # The clean-up is armed before the directory exists: a signal (Ctrl-C, SIGTERM) right after
+        # the mkdir must not leave it behind.
         tmpdir = temp_sibling(self.path)
-        try:
-            os.mkdir(tmpdir)
-        except OSError as e:
-            raise TvOutputError(f"{self.path}: cannot create: {e.strerror}", code="E500") from None
         self._tmpdir = tmpdir
         self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, ignore_errors=True)
         try:
+            try:
+                os.mkdir(tmpdir)
+            except OSError as e:
+                raise TvOutputError(f"{self.path}: cannot create: {e.strerror}", code="E500") from None
             self._copy_sidecars(sidecars, reserved={*names, INDEX_NAME})
             for name, shard in zip(names, shards, strict=True):
                 writer = SafetensorsWriter(os.path.join(tmpdir, name), shard, shard_metadata)

@@ -663,6 +663,9 @@ class SafetensorsWriter(Transaction):
         except OSError as e:
             self.abort()
             raise TvOutputError(f"{self.path}: cannot write: {e.strerror}", code=_E_OUTPUT) from None
+        except BaseException:  # Ctrl-C, SIGTERM
+            self.abort()
+            raise
 
     @property
     def temp_path(self) -> str:
