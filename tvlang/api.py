@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
-from tvlang.backends.gpu import execute_gpu, resolve_device
+from tvlang.backends.gpu import resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
+from tvlang.executors import check_executor, executor_for
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
@@ -37,7 +38,7 @@ from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
-from tvlang.runtime import Progress, check_nonfinite_mode, execute
+from tvlang.runtime import Progress, check_nonfinite_mode
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 
@@ -69,6 +70,11 @@ class Options:
     # CPU kernels: "auto" (fused loops compiled by the system C compiler when there is one, else
     # "eager"), "compiled" (error without a compiler) or "eager" (torch, op by op); same results
     kernels: str = "auto"
+    # Where the tasks run: "local" (this process's threads or GPU) or "ray" (units of whole output
+    # shards as tasks on a Ray cluster, the same bits; docs/distributed.md); ``address``: the cluster
+    # to join ("auto": the running one; None: the one this process joined, else a local one)
+    executor: str = "local"
+    address: str | None = None
 
     def resolved_kernels(self) -> str:
         if self.kernels not in KERNEL_MODES:
@@ -217,6 +223,7 @@ class Program:
         """
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
+        check_executor(options.executor)
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
         plan, opened = _plan(graph, options)
@@ -262,18 +269,10 @@ class Program:
             progress = (
                 Progress(plan.bytes_read + plan.bytes_written, sys.stderr) if options.progress else None
             )
-            device = resolve_device(options.device)
-            if device == "cpu":
-                report = execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
-            else:  # "interpret": the same kernels in Triton's interpreter, on CPU tensors (TRITON_INTERPRET=1)
-                report = execute_gpu(
-                    plan,
-                    sources,
-                    sinks,
-                    progress=progress,
-                    nonfinite=options.nonfinite,
-                    device="cuda" if device == "cuda" else "cpu",
-                )
+            executor = executor_for(
+                options.executor, device=resolve_device(options.device), address=options.address
+            )
+            report = executor.execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
             for sink in sinks:
                 sink.commit()
         except BaseException:
