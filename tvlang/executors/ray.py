@@ -203,9 +203,9 @@ class RayExecutor:
     (``auto``: the running one); ``None`` joins the cluster this process already joined, or
     else starts a local one for the run."""
 
-    def __init__(self, address: str | None = None, retries: int = RETRIES) -> None:
+    def __init__(self, address: str | None = None, retries: int | None = None) -> None:
         self.address = address
-        self.retries = retries
+        self.retries = RETRIES if retries is None else retries
 
     def execute(
         self,
@@ -354,7 +354,7 @@ def _gather(ray: Any, pending: dict[Any, Unit], progress: Progress | None, label
     except BaseException:
         for ref in pending:
             with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+                ray.cancel(ref)  # interrupts a running unit; its worker lives on
         raise
     return results
 
@@ -364,7 +364,7 @@ def _unit_failed(unit: Unit, why: str) -> TvOutputError:
     return TvOutputError(
         f"{unit.describe()} failed for good: {why}",
         notes=(
-            f"Ray ran it {RETRIES + 1} times at most (a worker that dies is retried)",
+            f"Ray runs a unit {RETRIES + 1} times at most (a worker that dies is retried)",
             "its shards: " + ", ".join(shards),
         ),
         help="nothing was written; see the worker logs of the Ray cluster for why it died",
