@@ -428,8 +428,21 @@ def run_unit(unit: Unit, model_values: Mapping[int, float], nonfinite: str, faul
         dict(report.program),
         time.perf_counter() - began,
         f"{socket.gethostname()}:{os.getpid()}",
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        _peak_rss(),
     )
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes: ``VmHWM`` where Linux has it (``ru_maxrss``
+    starts from the parent's peak at exec), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def unit_histograms(
