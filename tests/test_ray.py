@@ -133,6 +133,33 @@ def test_model_wide_ties_from_a_job_file_is_byte_identical(
     assert distributed == local
 
 
+def test_nonfinite_warnings_are_gathered_from_every_unit(
+    cluster: None, models: dict[str, str], tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tvlang.synth import make_state, save_checkpoint
+
+    shapes = llama_shapes(hidden=32, layers=2, vocab=96)
+    state = make_state(shapes, 7, torch.bfloat16)
+    names = sorted(state)
+    state[names[3]].view(-1)[:5] = float("nan")
+    state[names[-2]].view(-1)[7] = float("inf")  # in another unit
+    bad = os.path.join(str(tmp_path), "bad")
+    save_checkpoint(state, bad)
+    lines = {}
+    for executor in ("local", "ray"):
+        out = os.path.join(str(tmp_path), executor)
+        tvlang.evaluate(
+            "base + 0.5*(bad - base)",
+            {"base": models["base"], "bad": bad},
+            out=out,
+            executor=executor,
+            nonfinite="warn",
+            shard_size=16 * 1024,
+        )
+        lines[executor] = capsys.readouterr().err.splitlines()
+    assert len(lines["local"]) == 2 and lines["ray"] == lines["local"]
+
+
 def test_a_worker_killed_mid_unit_is_retried(
     cluster: None, models: dict[str, str], tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
