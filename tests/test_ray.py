@@ -189,6 +189,7 @@ def test_a_unit_that_keeps_failing_leaves_no_output(
         tvlang.evaluate("base + 0.5*(m1 - base)", models, out=out, executor="ray", shard_size=16 * 1024)
     assert err.value.code == "E504"
     assert "failed for good" in err.value.message and f"`{tensor}`" in err.value.message
+    assert "Ray ran it 1 time " in str(err.value)
     assert os.listdir(str(tmp_path)) == []  # no output, no temporary directory
 
 

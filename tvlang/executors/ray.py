@@ -228,7 +228,7 @@ class RayExecutor:
             run = ray.remote(**options)(run_unit)
             order = sorted(units, key=lambda u: -u.nbytes)  # largest first: the tail is short
             pending = {run.remote(refs[u.index], values, nonfinite, fault): u for u in order}
-            results = _gather(ray, pending, progress, f"{label} (ray)" if label else "")
+            results = _gather(ray, pending, progress, f"{label} (ray)" if label else "", self.retries)
         _check_complete(units, results, by_path)
         for result in results.values():
             for key, (nan, inf) in result.inputs.items():
@@ -267,7 +267,7 @@ class RayExecutor:
                 break
             users = [u for u in units if any(r.users and r.key in states for r in u.plan.model_reductions)]
             pending = {remote.remote(refs[u.index], round_, states): u for u in users}
-            hists = _gather(ray, pending, None, "")
+            hists = _gather(ray, pending, None, "", self.retries)
             for u in users:  # a fixed order: unit order
                 if progress is not None:
                     progress.advance(u.reduction_bytes)
@@ -326,7 +326,9 @@ def _cluster(address: str | None) -> Iterator[Any]:
         ray.shutdown()
 
 
-def _gather(ray: Any, pending: dict[Any, Unit], progress: Progress | None, label: str) -> dict[int, Any]:
+def _gather(
+    ray: Any, pending: dict[Any, Unit], progress: Progress | None, label: str, retries: int
+) -> dict[int, Any]:
     """Every task's result by unit index; the first unit that fails for good stops the run, and
     anything still running is cancelled (on any exception, Ctrl-C included)."""
     from ray.exceptions import RayError, RayTaskError
@@ -346,7 +348,11 @@ def _gather(ray: Any, pending: dict[Any, Unit], progress: Progress | None, label
                         raise cause from None
                     raise _unit_failed(unit, f"{type(cause).__name__}: {cause}") from None
                 except RayError as e:
-                    raise _unit_failed(unit, str(e).strip().splitlines()[0]) from None
+                    why = str(e).strip().splitlines()[0]
+                    runs = f"{retries + 1} time{'s' if retries else ''}"
+                    raise _unit_failed(
+                        unit, why, f"Ray ran it {runs} (a worker that dies is retried)"
+                    ) from None
                 if progress is not None:
                     if label:
                         progress.label = f"{label} {len(results)}/{total} units"
@@ -359,14 +365,11 @@ def _gather(ray: Any, pending: dict[Any, Unit], progress: Progress | None, label
     return results
 
 
-def _unit_failed(unit: Unit, why: str) -> TvOutputError:
+def _unit_failed(unit: Unit, why: str, *notes: str) -> TvOutputError:
     shards = sorted({s.final for s in unit.shards})
     return TvOutputError(
         f"{unit.describe()} failed for good: {why}",
-        notes=(
-            f"Ray runs a unit {RETRIES + 1} times at most (a worker that dies is retried)",
-            "its shards: " + ", ".join(shards),
-        ),
+        notes=(*notes, "its shards: " + ", ".join(shards)),
         help="nothing was written; see the worker logs of the Ray cluster for why it died",
         code="E504",
     )
