@@ -80,6 +80,7 @@ def child_main(kind: str, report: str, args: list[str]) -> None:
                 temp = tempfile.mkdtemp(prefix="tvray")
                 t = time.perf_counter()
                 ray.init(
+                    address="local",
                     num_cpus=2,
                     include_dashboard=False,
                     log_to_driver=False,

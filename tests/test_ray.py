@@ -27,17 +27,20 @@ SHARD = "16K"  # the tiny models below become 4-6 output shards, so several unit
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    """Two worker processes on this machine; Ray's state in a private temporary directory."""
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Two worker processes on this machine; Ray's state in a private temporary directory, deleted
+    at the end (so nothing is left in /tmp/ray for the next run to find)."""
     temp = tempfile.mkdtemp(prefix="tvray")  # short: Ray's socket paths must fit in 107 bytes
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="ERROR",
-        _temp_dir=temp,
-    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_DEDUP_LOGS", "0")
+        env.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray for a throwaway cluster
+        ray.init(
+            address="local",  # a cluster of its own, never one that happens to run here
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+            _temp_dir=temp,
+        )
     try:
         yield
     finally:

@@ -72,7 +72,8 @@ class Options:
     kernels: str = "auto"
     # Where the tasks run: "local" (this process's threads or GPU) or "ray" (units of whole output
     # shards as tasks on a Ray cluster, the same bits; docs/distributed.md); ``address``: the cluster
-    # to join ("auto": the running one; None: the one this process joined, else a local one)
+    # to join ("auto": the one running here; None: the one this process joined, else $RAY_ADDRESS,
+    # else a local one for the run)
     executor: str = "local"
     address: str | None = None
 

@@ -269,7 +269,8 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
         )
         p.add_argument(
             "--address",
-            help="with --executor ray: the cluster to join (auto: the running one; default: a local one)",
+            help="with --executor ray: the cluster to join, HOST:PORT or auto (the one running here); default: "
+            "$RAY_ADDRESS, else a local cluster for the run",
         )
         p.add_argument(
             "-o", "--output", help="output .safetensors file or directory (a job file may give it as output:)"

@@ -24,7 +24,7 @@ multirun can sweep ``merge.params.lam``.  The schema (see ``docs/config.md``)::
     kernels: auto                # auto | compiled | eager: CPU kernels (compiled C loops or torch)
     roots: [ckpt]                # if set, inputs may only be read below these directories
     executor: local              # local | ray: where the tasks run (docs/distributed.md)
-    address: auto                # with executor: ray, the cluster to join (absent: a local one)
+    address: auto                # with executor: ray, the cluster (absent: $RAY_ADDRESS, else local)
 
 Relative paths resolve against the job file's directory (``base_dir`` for a mapping), so a job
 runs the same from any working directory.  Every mistake is a :class:`TvParamError` (``E406``)

@@ -200,8 +200,8 @@ def _input_files(slot: int, source: Source, tasks: Sequence[TensorTask]) -> Inpu
 
 class RayExecutor:
     """Runs a plan's units as Ray tasks (see the module docstring).  ``address``: a cluster to join
-    (``auto``: the running one); ``None`` joins the cluster this process already joined, or
-    else starts a local one for the run."""
+    (``auto``: the one running here); ``None``: the cluster this process already joined, else the
+    one ``RAY_ADDRESS`` names, else a new local one for the run."""
 
     def __init__(self, address: str | None = None, retries: int | None = None) -> None:
         self.address = address
@@ -311,12 +311,14 @@ def _cluster(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"  # a cluster of its own, never one that happens to run here
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "log_to_driver": False}
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise TvParamError(
-            f"cannot join the Ray cluster at {address or 'this machine'}: {e}",
+            f"cannot join the Ray cluster at {address}: {e}",
             help="start one (`ray start --head`) and pass its address, `auto`, or no address for a local one",
             code="E402",
         ) from None
