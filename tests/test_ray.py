@@ -3,9 +3,12 @@ worker deaths retried, a unit that keeps failing leaves nothing that looks compl
 
 from __future__ import annotations
 
+import _thread
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -161,6 +164,24 @@ def test_nonfinite_warnings_are_gathered_from_every_unit(
         )
         lines[executor] = capsys.readouterr().err.splitlines()
     assert len(lines["local"]) == 2 and lines["ray"] == lines["local"]
+
+
+def test_ctrl_c_cancels_the_units_in_flight_and_leaves_no_output(
+    cluster: None, models: dict[str, str], tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensor = "model.layers.0.mlp.up_proj.weight"
+    monkeypatch.setenv(FAULT_ENV, f"{tensor}~6")  # its unit stalls for 6 s after a chunk of it
+    out = os.path.join(str(tmp_path), "merged")
+    ctrl_c = threading.Timer(2.0, _thread.interrupt_main)  # as if SIGINT reached the driver
+    began = time.perf_counter()
+    ctrl_c.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tvlang.evaluate("base + 0.5*(m1 - base)", models, out=out, executor="ray", shard_size=16 * 1024)
+    finally:
+        ctrl_c.cancel()
+    assert time.perf_counter() - began < 6  # it stopped at once, without waiting for the stalled unit
+    assert os.listdir(str(tmp_path)) == []
 
 
 def test_a_worker_killed_mid_unit_is_retried(

@@ -53,7 +53,8 @@ from tvlang.runtime import NonFiniteReport, Progress, execute, model_reduction_r
 _T = TypeVar("_T")
 RETRIES = 3  # times Ray reruns a unit whose worker process died
 # A test hook, unset in normal use: "TENSOR" makes every attempt of the unit writing TENSOR exit
-# (os._exit) right after writing a chunk of it; "TENSOR@FILE" only the attempt that creates FILE.
+# (os._exit) right after writing a chunk of it; "TENSOR@FILE" only the attempt that creates FILE;
+# "TENSOR~SECONDS" stalls there that long instead (so that a test can interrupt the driver).
 FAULT_ENV = "TVLANG_TEST_FAULT"
 _SHARED = "inputs and outputs must be on storage every node sees at the same path (a shared filesystem)"
 
@@ -339,7 +340,8 @@ def _gather(
     total = len(pending)
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            # a timeout, so that Ctrl-C is seen within half a second even while nothing finishes
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
             for ref in ready:
                 unit = pending.pop(ref)
                 try:
@@ -552,6 +554,25 @@ def _differs(host: str, label: str, path: str, what: str) -> TvInputError:
     )
 
 
+def _fault(spec: str, tensor: str) -> None:
+    """The test hook (``TVLANG_TEST_FAULT``, see ``FAULT_ENV``), after a chunk of ``tensor`` was
+    written: the worker process exits, or stalls, in the middle of its unit."""
+    if "~" in spec:
+        name, _, seconds = spec.partition("~")
+        if name == tensor:
+            time.sleep(float(seconds))
+        return
+    name, _, marker = spec.partition("@")
+    if name != tensor:
+        return
+    if marker:
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return
+    os._exit(75)
+
+
 class _UnitSink:
     """One output's shards of a unit: chunks ``pwrite``\\ n at the offsets the driver planned, into
     the files it created; counts what was written so the driver can check it."""
@@ -562,7 +583,7 @@ class _UnitSink:
         self.written: dict[str, int] = {}
         self._fds: list[int] = []
         self._route: dict[str, tuple[int, int, int, torch.dtype]] = {}
-        self._fault = fault.partition("@") if fault else None
+        self._fault = fault
         try:
             for shard in shards:
                 try:
@@ -599,18 +620,8 @@ class _UnitSink:
             k = os.pwrite(fd, buf, pos)
             buf, pos = buf[k:], pos + k
         self.written[name] += n
-        if self._fault is not None and self._fault[0] == name:
-            self._die(self._fault[2])
-
-    @staticmethod
-    def _die(marker: str) -> None:
-        """The test hook (``TVLANG_TEST_FAULT``): the worker process exits in the middle of the unit."""
-        if marker:
-            try:
-                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                return
-        os._exit(75)
+        if self._fault is not None:
+            _fault(self._fault, name)
 
     def commit(self) -> None:
         self.abort()
