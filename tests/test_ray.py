@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -78,12 +78,12 @@ def files(path: str) -> dict[str, bytes]:
     return out
 
 
-def both(tmp_path: object, run: object) -> tuple[dict[str, bytes], dict[str, bytes]]:
+def both(tmp_path: object, run: Callable[[str, str], None]) -> tuple[dict[str, bytes], dict[str, bytes]]:
     """``run(executor, out)`` with the local executor and with Ray; both outputs' files."""
     outs = {}
     for executor in ("local", "ray"):
         out = os.path.join(str(tmp_path), executor)
-        run(executor, out)  # type: ignore[operator]
+        run(executor, out)
         outs[executor] = files(out)
     return outs["local"], outs["ray"]
 
@@ -258,3 +258,15 @@ def test_a_worker_that_sees_other_files_refuses_to_run(models: dict[str, str], t
         for source in sources:
             source.close()
     assert not os.path.exists(out)
+
+
+def test_job_files_check_the_executor() -> None:
+    from tvlang.config import job_from_mapping
+
+    job = job_from_mapping(
+        {"expression": "a", "bindings": {"a": "/m/a"}, "executor": "ray", "address": "auto"}
+    )
+    assert (job.options.executor, job.options.address) == ("ray", "auto")
+    with pytest.raises(TvError, match="executor") as err:
+        job_from_mapping({"expression": "a", "bindings": {"a": "/m/a"}, "executor": "spark"})
+    assert err.value.code == "E406"
