@@ -247,10 +247,11 @@ class RayExecutor:
             if progress.stream is not None:
                 workers = {r.worker for r in results.values()}
                 peak = max((r.peak_rss for r in results.values()), default=0)
+                took = [r.seconds for r in results.values()] or [0.0]
                 progress.stream.write(
                     f"ray: {len(units)} unit{'s' if len(units) != 1 else ''} on {len(workers)} worker "
-                    f"process{'es' if len(workers) != 1 else ''}, peak resident memory per worker "
-                    f"{peak / 2**20:.0f} MiB\n"
+                    f"process{'es' if len(workers) != 1 else ''} ({min(took):.1f}–{max(took):.1f} s each), "
+                    f"peak resident memory per worker {peak / 2**20:.0f} MiB\n"
                 )
         return report
 
