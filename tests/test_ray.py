@@ -108,7 +108,9 @@ def test_linear_sweep_from_the_cli_is_byte_identical(
     assert distributed == local
 
 
-def test_seeded_dare_is_byte_identical(cluster: None, models: dict[str, str], tmp_path: object) -> None:
+def test_seeded_dare_is_byte_identical(
+    cluster: None, models: dict[str, str], tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     def run(executor: str, out: str) -> None:
         tvlang.evaluate(
             "base + dare(m1 - base, 0.7, seed=5) + dare_ties(m1 - base, m2 - base, density=0.5, seed=2)",
@@ -116,10 +118,17 @@ def test_seeded_dare_is_byte_identical(cluster: None, models: dict[str, str], tm
             out=out,
             executor=executor,
             shard_size=16 * 1024,
+            progress=True,
         )
 
     local, distributed = both(tmp_path, run)
     assert distributed == local
+    summary = capsys.readouterr().err.splitlines()[-1]  # progress, aggregated on the driver
+    assert (
+        summary.startswith("ray: ")
+        and " units on " in summary
+        and "peak resident memory per worker" in summary
+    )
 
 
 def test_model_wide_ties_from_a_job_file_is_byte_identical(
