@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 import tvlang
 import tvlang.api
+import tvlang.executors
 import tvlang.io.safetensors as st_mod
 import tvlang.runtime
 from tvlang import cli
@@ -375,14 +376,14 @@ def test_disk_full_while_writing_real(
 ) -> None:
     """The free-space check passes, then something else fills the disk before the data is written."""
     with small_tmpfs(tmp_path) as mnt:
-        real = tvlang.api.execute
+        real = tvlang.executors.execute  # the local executor's runtime
 
         def fill_then_execute(*args: object, **kwargs: object) -> object:
             with open(mnt / "filler", "wb") as f:
                 f.write(b"x" * 1_500_000)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(tvlang.api, "execute", fill_then_execute)
+        monkeypatch.setattr(tvlang.executors, "execute", fill_then_execute)
         out = mnt / name
         code, err = run_cli(capsys, "eval", "0.5*a + 0.5*b", *_pair(tmp_path, 500_000), "-o", str(out), "-q")
         assert code == 1 and "Traceback" not in err, err

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
-from tvlang.backends.gpu import execute_gpu, resolve_device
+from tvlang.backends.gpu import resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
+from tvlang.executors import check_executor, executor_for
 from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
@@ -41,7 +42,7 @@ from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan
-from tvlang.runtime import Progress, check_nonfinite_mode, execute
+from tvlang.runtime import Progress, check_nonfinite_mode
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 from tvlang.version import __version__
@@ -85,6 +86,12 @@ class Options:
     # CPU kernels: "auto" (fused loops compiled by the system C compiler when there is one, else
     # "eager"), "compiled" (error without a compiler) or "eager" (torch, op by op); same results
     kernels: str = "auto"
+    # Where the tasks run: "local" (this process's threads or GPU) or "ray" (units of whole output
+    # shards as tasks on a Ray cluster, the same bits; docs/distributed.md); ``address``: the cluster
+    # to join ("auto": the one running here; None: the one this process joined, else $RAY_ADDRESS,
+    # else a local one for the run)
+    executor: str = "local"
+    address: str | None = None
 
     def resolved_kernels(self) -> str:
         if self.kernels not in KERNEL_MODES:
@@ -233,6 +240,7 @@ class Program:
         """
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
+        check_executor(options.executor)
         lowered = self.lower(params, bindings, options)
         plan, opened = _plan(lowered.graph, options)
         dests = _destinations(plan, out, opened)
@@ -283,18 +291,10 @@ class Program:
             progress = (
                 Progress(plan.bytes_read + plan.bytes_written, sys.stderr) if options.progress else None
             )
-            device = resolve_device(options.device)
-            if device == "cpu":
-                report = execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
-            else:  # "interpret": the same kernels in Triton's interpreter, on CPU tensors (TRITON_INTERPRET=1)
-                report = execute_gpu(
-                    plan,
-                    sources,
-                    sinks,
-                    progress=progress,
-                    nonfinite=options.nonfinite,
-                    device="cuda" if device == "cuda" else "cpu",
-                )
+            executor = executor_for(
+                options.executor, device=resolve_device(options.device), address=options.address
+            )
+            report = executor.execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
             for sink in sinks:
                 sink.commit()
         except BaseException:

@@ -113,6 +113,8 @@ def _options(args: argparse.Namespace) -> Options:
         rows=args.rows or Options.rows,
         device=getattr(args, "device", None) or Options.device,
         kernels=args.kernels or Options.kernels,
+        executor=getattr(args, "executor", None) or Options.executor,
+        address=getattr(args, "address", None),
     )
 
 
@@ -142,7 +144,18 @@ def _target(args: argparse.Namespace) -> PreparedJob:
         return PreparedJob(None, program, params, {}, _options(args), getattr(args, "output", None))
     flags = {
         k: getattr(args, k, None)
-        for k in ("dtype", "threads", "chunk", "nonfinite", "keys", "rows", "kernels", "device")
+        for k in (
+            "dtype",
+            "threads",
+            "chunk",
+            "nonfinite",
+            "keys",
+            "rows",
+            "kernels",
+            "device",
+            "executor",
+            "address",
+        )
     }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
@@ -272,6 +285,17 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
             choices=("cpu", "cuda", "auto"),
             help="where kernels run: cpu (the default), cuda (generated Triton kernels on the GPU; "
             'pip install "tvlang[gpu]") or auto (cuda when available, else cpu); see docs/gpu.md',
+        )
+        p.add_argument(
+            "--executor",
+            choices=("local", "ray"),
+            help="where the tasks run: this machine (local, the default) or a Ray cluster (ray: units of "
+            'whole output shards, the same bits; pip install "tvlang[ray]"; see docs/distributed.md)',
+        )
+        p.add_argument(
+            "--address",
+            help="with --executor ray: the cluster to join, HOST:PORT or auto (the one running here); default: "
+            "$RAY_ADDRESS, else a local cluster for the run",
         )
         p.add_argument(
             "-o", "--output", help="output .safetensors file or directory (a job file may give it as output:)"

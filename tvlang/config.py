@@ -23,6 +23,8 @@ multirun can sweep ``merge.params.lam``.  The schema (see ``docs/config.md``)::
     rows: exact                  # exact | common: tensors differing only in rows (resized vocabularies)
     kernels: auto                # auto | compiled | eager: CPU kernels (compiled C loops or torch)
     roots: [ckpt]                # if set, inputs may only be read below these directories
+    executor: local              # local | ray: where the tasks run (docs/distributed.md)
+    address: auto                # with executor: ray, the cluster (absent: $RAY_ADDRESS, else local)
 
 Relative paths resolve against the job file's directory (``base_dir`` for a mapping), so a job
 runs the same from any working directory.  Every mistake is a :class:`TvParamError` (``E406``)
@@ -55,6 +57,7 @@ from typing import Any, NoReturn
 from tvlang.api import Options, OutSpec, Program, compile_file, declare_params, parse_size
 from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
+from tvlang.executors import EXECUTORS
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import Plan, parse_dtype
 from tvlang.plan.planner import KEY_POLICIES
@@ -320,6 +323,8 @@ _OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
     "keys": lambda f, v: f.choice(("keys",), v, KEY_POLICIES),
     "rows": lambda f, v: f.choice(("rows",), v, ("exact", "common")),
     "kernels": lambda f, v: f.choice(("kernels",), v, KERNEL_MODES),
+    "executor": lambda f, v: f.choice(("executor",), v, EXECUTORS),
+    "address": lambda f, v: f.string(("address",), v),
 }
 _OVERRIDES_ONLY: dict[str, Callable[[_Fields, Any], Any]] = {
     "progress": lambda f, v: f.boolean(("progress",), v),

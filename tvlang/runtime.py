@@ -37,6 +37,7 @@ from tvlang.io.endpoints import Sink, Source
 from tvlang.io.safetensors import DTYPES
 from tvlang.plan.plan import (
     ITEMSIZE,
+    ModelReduction,
     Plan,
     ProgramOutput,
     TensorTask,
@@ -232,16 +233,19 @@ def execute(
     *,
     progress: Progress | None = None,
     nonfinite: str = "error",
+    model_values: Mapping[int, float] | None = None,
 ) -> NonFiniteReport:
     """Run every chunk of every tensor task; the first exception stops the run and is re-raised.
 
     ``nonfinite``: ``"error"`` raises E308/E309 at the first NaN/±inf in an output chunk,
     ``"warn"`` counts them into the returned report, ``"propagate"`` does not look.
+    ``model_values``: the plan's model-wide statistics, when already computed elsewhere (a
+    distributed run reduces them over every unit, then runs each unit's tasks here).
     """
     check_nonfinite_mode(nonfinite)
-    model_values: dict[int, float] = {}
+    values: dict[int, float] = {}
     kernels = prepare_kernels(plan) if plan.kernels == "compiled" else None
-    run = Run(plan, sources, sinks, nonfinite, NonFiniteReport(plan), model_values, kernels, progress)
+    run = Run(plan, sources, sinks, nonfinite, NonFiniteReport(plan), values, kernels, progress)
     items = _work(plan)
     lock = threading.Lock()
     failed = run.failed
@@ -273,7 +277,9 @@ def execute(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model_values.update(_model_reductions(plan, sources, progress, kernels))
+        if model_values is None:
+            model_values = _model_reductions(plan, sources, progress, kernels)
+        values.update(model_values)
         if plan.threads <= 1:
             worker()
         else:
@@ -407,25 +413,36 @@ def _model_reductions(
             red.k, red.numel, torch.float64, kernels.histogram if kernels is not None else None
         )
         for round_ in range(select.rounds):
-            for task_index, operand in red.users:
-                task = plan.tasks[task_index]
-                assert task.program is not None
-                state = ProgramState(
-                    task.program, task.name, task.numel, row_length(task.shape), kernels=kernels
-                )
-                nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
-                for _, start, stop in _chunks(plan, task):
-                    views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
-                    select.add(
-                        state.value(operand, views, start, stop, scratch).to(torch.float64), start, round_
-                    )
-                    for i in task.reads:
-                        sources[i].release(task.name, start, stop)
-                    if progress is not None:
-                        progress.advance((stop - start) * nbytes)
+            model_reduction_round(plan, sources, red, select, round_, scratch, progress, kernels)
             select.end_round()
         values[red.key] = select.result()
     return values
+
+
+def model_reduction_round(
+    plan: Plan,
+    sources: Sequence[Source],
+    red: ModelReduction,
+    select: KthLargest,
+    round_: int,
+    scratch: Scratch,
+    progress: Progress | None = None,
+    kernels: Kernels | None = None,
+) -> None:
+    """One round of ``red``'s selection: every chunk of every tensor of ``plan`` that uses it, added to
+    ``select``'s histogram (a distributed run adds each unit's histograms on the driver)."""
+    for task_index, operand in red.users:
+        task = plan.tasks[task_index]
+        assert task.program is not None
+        state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), kernels=kernels)
+        nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
+        for _, start, stop in _chunks(plan, task):
+            views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
+            select.add(state.value(operand, views, start, stop, scratch).to(torch.float64), start, round_)
+            for i in task.reads:
+                sources[i].release(task.name, start, stop)
+            if progress is not None:
+                progress.advance((stop - start) * nbytes)
 
 
 def _program_nonfinite_error(plan: Plan, task: TensorTask, write: TensorWrite, count: int) -> TvError:
@@ -517,4 +534,5 @@ __all__ = [
     "Progress",
     "check_nonfinite_mode",
     "execute",
+    "model_reduction_round",
 ]

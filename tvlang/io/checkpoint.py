@@ -428,6 +428,12 @@ class CheckpointWriter(Transaction):
             except OSError as e:
                 raise TvOutputError(f"{self.path}: cannot copy {src}: {e.strerror}", code="E500") from None
 
+    @property
+    def files(self) -> tuple[SafetensorsWriter, ...]:
+        """The weight files being written (one per shard), in order: a distributed run's workers
+        write them through their temporary paths."""
+        return tuple(self._writers)
+
     def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
         """See :meth:`SafetensorsWriter.write`; thread-safe."""
         writer = self._route.get(name)

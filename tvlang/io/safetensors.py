@@ -713,6 +713,19 @@ class SafetensorsWriter(Transaction):
                     self._written[name] += n
                 self._cond.notify_all()
 
+    def layout(self) -> dict[str, tuple[int, int, torch.dtype]]:
+        """Each tensor's (byte offset in the file, elements, dtype): what another process needs to
+        ``pwrite`` it into :attr:`temp_path` (a distributed run's worker)."""
+        return {name: (slot.offset, slot.numel, slot.dtype) for name, slot in self._slots.items()}
+
+    def record_written(self, name: str, count: int) -> None:
+        """Count ``count`` elements of ``name`` that another process wrote into :attr:`temp_path`
+        and reported complete, so that :meth:`commit`'s check covers them too."""
+        with self._cond:
+            if self._state != "open":
+                raise ValueError(f"{self.path}: writer is {self._state}")
+            self._written[name] += count
+
     def incomplete(self) -> list[str]:
         """Tensors whose written element count differs from their size (a bug upstream)."""
         return [name for name, slot in self._slots.items() if self._written[name] != slot.numel]
