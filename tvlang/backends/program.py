@@ -131,6 +131,25 @@ def row_rank(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
     out.view(-1, row).copy_(ranks).div_(row - 1)
 
 
+def row_sum(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
+    """The float64 sum of each element's row, added in element order (a cumulative sum is
+    sequential, as in :func:`tvlang.backends.reductions.block_sums`), rounded once to ``out``'s dtype
+    and written at every element of the row.  The chunk holds whole rows."""
+    rows = x.reshape(-1, row)
+    wide = work_buffer("row-sum", torch.float64, x.numel()).view(-1, row).copy_(rows)
+    scan = torch.cumsum(wide, dim=1, out=work_buffer("row-scan", torch.float64, x.numel()).view(-1, row))
+    out.view(-1, row).copy_(scan[:, -1:].expand(-1, row))
+
+
+def row_max(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
+    """The largest element of each element's row (NaN when the row holds one), at every element."""
+    rows = x.reshape(-1, row)
+    out.view(-1, row).copy_(torch.amax(rows, dim=1, keepdim=True).expand(-1, row))
+
+
+ROW_KERNELS = {"rowrank": row_rank, "rowsum": row_sum, "rowmax": row_max}
+
+
 class ProgramState:
     """One tensor's run of a program: its per-tensor scalars and reduction accumulators."""
 
@@ -306,8 +325,8 @@ class ProgramState:
                     out.add_(w * x)
         elif ins.op == "neg":
             torch.neg(args[0], out=out)
-        elif ins.op == "call" and ins.attr == "rowrank":
-            row_rank(args[0], self.row, out)
+        elif ins.op == "call" and ins.attr in ROW_KERNELS:
+            ROW_KERNELS[ins.attr](args[0], self.row, out)
         elif ins.op == "call":
             ELEMENTWISE[ins.attr].chunk(out, *args)
         elif ins.op == "rand":

@@ -20,6 +20,7 @@ from typing import Any
 
 from tvlang.ir.node import Node, Op, toposort
 from tvlang.ir.printer import format_weight
+from tvlang.ops import ROW_FUNCTIONS
 
 RADIX_BITS = 16
 
@@ -88,8 +89,8 @@ class TensorProgram:
 
     @property
     def row_wise(self) -> bool:
-        """Whether an instruction needs whole rows in each chunk (ranks within rows)."""
-        return any(ins.op == "call" and ins.attr == "rowrank" for ins in self.instrs)
+        """Whether an instruction needs whole rows in each chunk (ranks, sums or maxima of rows)."""
+        return any(ins.op == "call" and ins.attr in ROW_FUNCTIONS for ins in self.instrs)
 
     @property
     def passes(self) -> int:
