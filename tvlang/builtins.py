@@ -169,6 +169,7 @@ _ELEMENTWISE_PARAMS = {
     "clamp": (_p("x", "value"), _p("lo", "value"), _p("hi", "value")),
     "rowsum": (_p("x", "delta"),),
     "rowmax": (_p("x", "delta"),),
+    "colsum": (_p("x", "delta"),),
 }
 
 BUILTINS: dict[str, Builtin] = {
@@ -431,9 +432,9 @@ BUILTINS: dict[str, Builtin] = {
                 _p("a", "tensor"),
                 _p("b", "tensor"),
                 _p("t", "number", 0.5),
-                _p("per", "string", "tensor", choices=("tensor", "row")),
+                _p("per", "string", "tensor", choices=("tensor", "row", "column")),
             ),
-            "mergekit's nuslerp over the whole tensor (or per row); with a base write "
+            "mergekit's nuslerp over the whole tensor (or per row or column); with a base write "
             "base + nuslerp(a - base, b - base, t)",
             _apply(methods.nuslerp),
             group="method",

@@ -195,14 +195,16 @@ def nuslerp(a: Node, b: Node, t: Node | float, per: str = "tensor") -> Node:
     """mergekit's ``nuslerp``: the angle between the vectors normalised with norms clamped at 1e-7,
     and linear interpolation where |sin θ| < 1e-8.  ``per="tensor"`` takes the whole tensor as one
     vector (``nuslerp_flatten``, mergekit's default); ``per="row"`` each row of the tensor seen as
-    ``(shape[0], -1)`` (``nuslerp_flatten: false``; chunks then hold whole rows).  With a base,
+    ``(shape[0], -1)`` (``nuslerp_flatten: false``; chunks then hold whole rows), ``per="column"``
+    each column of it (``nuslerp_row_wise: true``: one pass sums the columns).  With a base,
     mergekit interpolates the task vectors: write ``base + nuslerp(a - base, b - base, t)``;
     mergekit's weights w₀, w₁ give t = w₁/(w₀ + w₁)."""
-    if per == "row":
+    if per in ("row", "column"):
+        total = "rowsum" if per == "row" else "colsum"
         va, vb = _values(a), _values(b)
-        na = call("max", call("sqrt", call("rowsum", mul(va, va))), 1e-7)
-        nb = call("max", call("sqrt", call("rowsum", mul(vb, vb))), 1e-7)
-        dot = call("rowsum", mul(va, vb))
+        na = call("max", call("sqrt", call(total, mul(va, va))), 1e-7)
+        nb = call("max", call("sqrt", call(total, mul(vb, vb))), 1e-7)
+        dot = call(total, mul(va, vb))
     else:
         na = call("max", call("sqrt", reduce("sumsq", a)), 1e-7)
         nb = call("max", call("sqrt", reduce("sumsq", b)), 1e-7)
@@ -390,9 +392,9 @@ def sce(deltas: Sequence[Node], select_topk: Node | float = 1.0) -> Node:
     n = float(len(deltas))
     topk = scalar_value(lift(select_topk))
     if topk is None or topk < 1.0:
-        mean = div(_sum(list(deltas)), n)
-        dev = [sub(d, mean) for d in deltas]
-        var = div(_sum([mul(e, e) for e in dev]), n)
+        # n²·variance = Σ_{i<j} (dᵢ - dⱼ)²: the differences of inputs of one dtype are exact more often
+        # than deviations from a rounded mean, so equal variances stay equal (all are kept at the threshold)
+        var = _sum([_square(sub(x, y)) for i, x in enumerate(deltas) for y in deltas[i + 1 :]])
         k = call("floor", mul(reduce("count", var), select_topk))
         keep = call("ge", var, kth(var, k))  # k = 0: the threshold is +inf, nothing is kept
         keep = call(
@@ -434,6 +436,10 @@ def arcee_fusion(base: Node, model: Node) -> Node:
     median, q1, q3 = quantile(0.5), quantile(0.25), quantile(0.75)
     threshold = add(median, mul(1.5, sub(q3, q1)))
     return add(base, mul(call("ge", importance, threshold), d))
+
+
+def _square(x: Node) -> Node:
+    return mul(x, x)
 
 
 def _values(x: Node) -> Node:

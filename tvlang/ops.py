@@ -129,6 +129,13 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
             ),  # needs the row length: run by tvlang.backends.program.row_max
             "the largest element of its row, at every element; chunks hold whole rows",
         ),
+        ElementwiseOp(
+            "colsum",
+            1,
+            lambda x: x,
+            lambda out, x: out.copy_(_t(x, out)),  # a reduction pass: run by tvlang.backends.program
+            "the sum of its column (float64, in row order), at every element; one pass, chunks hold whole rows",
+        ),
         ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare(torch.lt), "a < b as 1 or 0"),
         ElementwiseOp("le", 2, lambda a, b: float(a <= b), _compare(torch.le), "a <= b as 1 or 0"),
         ElementwiseOp("gt", 2, lambda a, b: float(a > b), _compare(torch.gt), "a > b as 1 or 0"),
@@ -141,5 +148,8 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
 # Functions of a whole row (the tensor seen as ``(shape[0], -1)``; a vector is one row): the planner
 # makes every chunk hold whole rows, and only the eager path computes them.
 ROW_FUNCTIONS = frozenset({"rowrank", "rowsum", "rowmax"})
+# Functions of a whole column of that view: a reduction pass accumulates one number per column (flat
+# memory: one row's worth), and the element-wise pass reads each element's column back.
+COLUMN_FUNCTIONS = frozenset({"colsum"})
 
 COMPARISONS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tvlang.backends.cpu import ACC_DTYPES, Scratch
-from tvlang.backends.reductions import BlockSum, Count, KthLargest
+from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest
 from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.program import Instr, TensorProgram
 
@@ -170,12 +170,15 @@ class ProgramState:
         self.row = row  # elements per row, for row-wise operations (chunks then hold whole rows)
         self.acc_dtype = ACC_DTYPES[program.acc]
         self.scalars: dict[int, float] = {}
+        self.columns: dict[int, torch.Tensor] = {}  # column functions' results, one number per column
         self.reducers: dict[int, Any] = {}
         self._settle(0)
 
     def _settle(self, done: int) -> None:
         """Compute every scalar known once ``done`` data passes have finished."""
         for i, ins in enumerate(self.program.instrs):
+            if ins.tensor and ins.op == "reduce" and i not in self.columns and ins.need <= done:
+                self.columns[i] = self.reducers.pop(i).result()
             if ins.tensor or i in self.scalars or ins.need > done:
                 continue
             if ins.op == "reduce":
@@ -201,6 +204,8 @@ class ProgramState:
                     )
                 elif ins.attr == "count":
                     self.reducers[i] = Count()
+                elif ins.attr == "colsum":  # a tensor that is one row (a vector) is one column
+                    self.reducers[i] = ColumnSum(1 if self.row == self.numel else self.row)
                 else:
                     self.reducers[i] = BlockSum()
 
@@ -252,6 +257,8 @@ class ProgramState:
             red = self.reducers[i]
             if ins.attr == "kth":
                 red.add(operand, start, round_)
+            elif ins.attr == "colsum":
+                red.add(operand, start)
             elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
                 other = operand if ins.attr == "sumsq" else values[ins.args[1]]
                 red.add(_product64(operand, other), start)
@@ -299,9 +306,13 @@ class ProgramState:
         chunk: dict[int, torch.Tensor] = {}
         for i, slot in self.program.schedule(targets, frozenset(self.scalars)):
             ins = self.program.instrs[i]
-            args = [chunk[a] if a in chunk else values[a] for a in ins.args]
             out = scratch.get(("slot", slot), self.acc_dtype, stop - start)
-            self._compute(ins, args, views, start, stop, out)
+            if ins.op == "reduce":  # a column function: each element's column, from its pass
+                columns = self.columns[i]
+                out.view(-1, columns.numel()).copy_(columns.expand(out.numel() // columns.numel(), -1))
+            else:
+                args = [chunk[a] if a in chunk else values[a] for a in ins.args]
+                self._compute(ins, args, views, start, stop, out)
             chunk[i] = out
         return [chunk[t] if t in chunk else values[t] for t in targets]
 
