@@ -31,6 +31,13 @@ CASES = {
     "dare_ties, density 0.5": f"base + dare_ties({', '.join(TASKS)}, density=0.5, seed=0)",
     "dare, p 0.5 (paper rescale)": "base + "
     + " + ".join(f"dare({t}, 0.5, seed={i})" for i, t in enumerate(TASKS)),
+    "sce, select_topk 0.5": f"base + sce({', '.join(TASKS)}, select_topk=0.5)",
+    "ram": f"base + ram({', '.join(TASKS)})",
+    "multislerp": f"base + multislerp({', '.join(TASKS)}, weights=[1, 1, 1, 1])",
+    "karcher": f"base + karcher({', '.join(TASKS)})",
+    "nuslerp per row": f'base + nuslerp({TASKS[0]}, {TASKS[1]}, 0.5, per="row")',
+    "nuslerp per column": f'base + nuslerp({TASKS[0]}, {TASKS[1]}, 0.5, per="column")',
+    "arcee_fusion": f"arcee_fusion(base, base + {TASKS[0]})",
 }
 
 
@@ -45,7 +52,13 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="timed runs per case (median reported)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--src", default=lm.ROOT, help="import tvlang from this tree (see linear_merge.py)")
+    p.add_argument("--only", help="comma-separated words: run the cases whose name has one (linear always runs)")
     args = p.parse_args()
+    if args.only:
+        words = args.only.split(",")
+        for case in list(CASES)[1:]:
+            if not any(w in case for w in words):
+                del CASES[case]
     lm.SRC = os.path.abspath(args.src)
     paths = lm.ensure_data(args.size, lm.parse_size(args.size))
     out = os.path.join(lm.OUT, f"{args.size}-method.safetensors")
