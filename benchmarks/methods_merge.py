@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="timed runs per case (median reported)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--src", default=lm.ROOT, help="import tvlang from this tree (see linear_merge.py)")
-    p.add_argument("--only", help="comma-separated words: run the cases whose name has one (linear always runs)")
+    p.add_argument(
+        "--only", help="comma-separated words: run the cases whose name has one (linear always runs)"
+    )
     args = p.parse_args()
     if args.only:
         words = args.only.split(",")
