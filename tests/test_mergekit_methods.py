@@ -209,3 +209,21 @@ def test_typos_and_misplaced_globals_stay_errors(root: Path) -> None:
         err = info.value
         assert err.code == "E407" and message in err.message, err.render()
         assert err.span is not None and err.span.text.startswith(caret), err.render()
+
+
+def test_outputs_load_in_transformers_and_run_forward(tmp_path: Path) -> None:
+    """Each new method's config, on Hugging Face directories, writes a model transformers runs."""
+    transformers = pytest.importorskip("transformers", reason="the forward pass needs transformers")
+    from tvlang.synth import LlamaSpec, write_family
+
+    write_family(str(tmp_path / "ckpt"), NAMES, LlamaSpec(32, 2, 64, 48, 4, 2), dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 3]])
+    for case, (cfg, _, _, _) in CASES.items():
+        text = yaml.safe_dump(cfg, sort_keys=False).replace(".safetensors", "")  # the directories
+        path = write(tmp_path, case, text)
+        out = tmp_path / f"out_{case}"
+        assert cli.main(["run", str(path), "-o", str(out), "-q"]) == 0, case
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert logits.shape == (1, 4, 64) and bool(torch.isfinite(logits).all()), case

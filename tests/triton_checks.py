@@ -318,6 +318,22 @@ def special_values_propagate() -> dict[str, Any]:
 
 
 @check
+def transcendental_functions() -> dict[str, Any]:
+    """sin, cos, acos, exp and log in a kernel: libdevice's (numpy's under the interpreter) against
+    torch's, within one ulp of the output (the last bit of the accumulation dtype may differ)."""
+    expr = (
+        "base + 0.1*sin(m1 - base) + 0.1*cos(m2 - base) + 0.1*acos(clamp(m1 - base, -1, 1))"
+        " + 0.01*exp(m2 - base) + 0.01*log(abs(m1 - base) + 1)"
+    )
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        r = both(expr, bind(states(40, 3, SHAPES, dtype)), 1)
+        assert r["launches"] > 0, "no Triton kernel ran"
+        out[str(dtype)[6:]] = r
+    return out
+
+
+@check
 def nonfinite_error_and_warn() -> dict[str, Any]:
     """A NaN input or an overflow: the same error (code and text) and the same warnings as the CPU."""
     import tvlang
