@@ -212,13 +212,14 @@ def test_typos_and_misplaced_globals_stay_errors(root: Path) -> None:
 
 
 def test_outputs_load_in_transformers_and_run_forward(tmp_path: Path) -> None:
-    """Each new method's config, on Hugging Face directories, writes a model transformers runs."""
+    """New methods' configs, on Hugging Face directories, write models transformers runs."""
     transformers = pytest.importorskip("transformers", reason="the forward pass needs transformers")
     from tvlang.synth import LlamaSpec, write_family
 
     write_family(str(tmp_path / "ckpt"), NAMES, LlamaSpec(32, 2, 64, 48, 4, 2), dtype=torch.bfloat16)
     ids = torch.tensor([[1, 5, 9, 3]])
-    for case, (cfg, _, _, _) in CASES.items():
+    for case in ("sce", "karcher", "nuslerp_columns", "arcee_fusion"):  # (the writer is the same for all)
+        cfg = CASES[case][0]
         text = yaml.safe_dump(cfg, sort_keys=False).replace(".safetensors", "")  # the directories
         path = write(tmp_path, case, text)
         out = tmp_path / f"out_{case}"
