@@ -69,6 +69,11 @@ def _sign(x: float) -> float:
     return float((x > 0) - (x < 0))
 
 
+def _whole_rows(out: torch.Tensor, x: Any) -> None:
+    """A placeholder: row and column functions need the tensor's rows (tvlang.backends.program runs them)."""
+    raise NotImplementedError("a function of whole rows or columns runs in tvlang.backends.program")
+
+
 def _clamp(out: torch.Tensor, x: Any, lo: Any, hi: Any) -> None:
     torch.clamp(_t(x, out), min=_t(lo, out), max=_t(hi, out), out=out)
 
@@ -115,25 +120,21 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
             "rowsum",
             1,
             lambda x: x,
-            lambda out, x: out.copy_(
-                _t(x, out)
-            ),  # needs the row length: run by tvlang.backends.program.row_sum
+            _whole_rows,
             "the sum of its row (float64, in element order), at every element; chunks hold whole rows",
         ),
         ElementwiseOp(
             "rowmax",
             1,
             lambda x: x,
-            lambda out, x: out.copy_(
-                _t(x, out)
-            ),  # needs the row length: run by tvlang.backends.program.row_max
+            _whole_rows,
             "the largest element of its row, at every element; chunks hold whole rows",
         ),
         ElementwiseOp(
             "colsum",
             1,
             lambda x: x,
-            lambda out, x: out.copy_(_t(x, out)),  # a reduction pass: run by tvlang.backends.program
+            _whole_rows,
             "the sum of its column (float64, in row order), at every element; one pass, chunks hold whole rows",
         ),
         ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare(torch.lt), "a < b as 1 or 0"),

@@ -78,7 +78,7 @@ class ColumnSum:
         wide[1:].copy_(values.reshape(rows, self.columns))
         scan = work_buffer("col-scan", torch.float64, (rows + 1) * self.columns).view(rows + 1, self.columns)
         torch.cumsum(wide, dim=0, out=scan)  # sequential down each column, from the running sums
-        self.total.copy_(scan[rows].to(self.total.device))
+        self.total.copy_(scan[rows])
 
     def result(self) -> torch.Tensor:
         return self.total
