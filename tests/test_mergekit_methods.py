@@ -177,6 +177,15 @@ def test_ignored_per_model_parameters_warn_with_their_position(
     assert "weight" not in printed and "per-model parameter `weight`" in err
 
 
+def test_a_top_level_per_model_parameter_the_method_ignores_warns(root: Path) -> None:
+    text = "merge_method: karcher\nparameters:\n  weight: 0.5\nmodels: [{model: ckpt/a.safetensors}, {model: ckpt/b.safetensors}]\n"
+    tr = translate(text, source_name="k.yml", base_dir=root)
+    assert tr.warnings == (
+        "warning: k.yml:3:3: per-model parameter `weight` is ignored by merge_method `karcher`, as in mergekit",
+    )
+    assert "karcher(a, b)" in tr.program
+
+
 def test_typos_and_misplaced_globals_stay_errors(root: Path) -> None:
     for text, message, caret in (
         (

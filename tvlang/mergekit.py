@@ -445,7 +445,7 @@ class _Translator:
         params = dict(self.f.mapping(at, raw))
         known = (*self.method.globals, *self.method.per_model)
         for k in list(params):
-            if per_model and isinstance(k, str) and k in PER_MODEL and k not in known:
+            if isinstance(k, str) and k in PER_MODEL and k not in known:  # (under a model, or for all)
                 self.warn(
                     (*at, k),
                     f"per-model parameter `{k}` is ignored by merge_method `{self.name}`, as in mergekit",
