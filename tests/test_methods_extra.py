@@ -304,3 +304,20 @@ def test_misuse_is_positioned() -> None:
     with pytest.raises(tvlang.TvError):
         tvlang.evaluate("multislerp(m1, m2, weights=[1, -1])", s)
     assert math.isfinite(float(tvlang.evaluate("karcher(m1)", s)["t1"].sum()))
+
+
+def test_degenerate_inputs() -> None:
+    """All task vectors zero: karcher, multislerp's fallback, ram and sce give the base back; one
+    operand is itself."""
+    s = _states(16, 3)
+    s[1] = s[2] = dict(s[0])
+    for src in (
+        "base + karcher(m1 - base, m2 - base)",
+        "base + multislerp(m1 - base, m2 - base, weights=[1, 2])",
+        "base + ram(m1 - base, m2 - base)",
+        "base + sce(m1 - base, m2 - base, select_topk=0.5)",
+        'base + nuslerp(m1 - base, m2 - base, 0.3, per="column")',
+    ):
+        _check(src, s, lambda x: x[0])
+    _check("karcher(m1)", _states(17, 2), lambda x: x[1])
+    _check("multislerp(m1, weights=[0.3])", _states(17, 2), lambda x: x[1])
