@@ -459,7 +459,7 @@ BUILTINS: dict[str, Builtin] = {
             "the Riemannian (Karcher) mean of the tensors' directions, scaled by their mean norm",
             lambda ctx, a, s, sp: methods.karcher(a["models"], a["max_iter"], _const(a["tol"], "tol")),
             group="method",
-            paper="https://arxiv.org/abs/2511.08981",
+            paper="https://arxiv.org/abs/2603.04972",
         ),
         Builtin(
             "sce",
