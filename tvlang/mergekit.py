@@ -94,7 +94,8 @@ _L1_RESCALE = (
 
 @dataclass(frozen=True)
 class _Method:
-    kind: str  # gta | linear | slerp | nearswap | nuslerp | model_stock | sce | ram | multislerp | karcher | arcee_fusion
+    # gta | linear | slerp | nearswap | nuslerp | model_stock | sce | ram | multislerp | karcher | arcee_fusion
+    kind: str
     base: str  # required | optional
     globals: Mapping[str, Any]  # parameter name → default (REQUIRED: none)
     per_model: Mapping[str, Any]
@@ -733,9 +734,8 @@ class _Translator:
         return f"output {OUTPUT} = {merged}" if self.base is None else f"output {OUTPUT} = base + {merged}"
 
     def _karcher(self) -> str:
-        models = (
-            [self.base] if self.base is not None else []
-        ) + self.others()  # mergekit averages the base too
+        # mergekit averages the base model too, as one more operand
+        models = ([self.base] if self.base is not None else []) + self.others()
         if len(models) < 2:
             self._needs(2)
         args = [m.name for m in models]
