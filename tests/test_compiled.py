@@ -70,6 +70,14 @@ METHODS = [
     "model_stock(base, m1, m2, m3)",
     "nearswap(base, m1, 0.05)",
     "linear(m1, m2, m3, weights=[1, 2, 1])",
+    "base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.02)",
+    "base + sce(m1 - base, m2 - base, m3 - base, select_topk=0.4)",
+    "multislerp(m1, m2, m3, weights=[0.2, 0.5, 0.3])",
+    "base + multislerp(m1 - base, m2 - base, weights=[1, 3])",
+    "karcher(m1, m2, m3)",
+    'nuslerp(m1, m2, 0.4, per="row")',
+    'base + nuslerp(m1 - base, m2 - base, 0.4, per="column")',
+    "arcee_fusion(base, m1)",
 ]
 
 
@@ -112,7 +120,7 @@ ELEMENTWISE = [
 ]
 # libm's and torch's (SLEEF) sin and acos may differ in the last bit of the
 # accumulation dtype; after rounding to the output they agree to one unit in the last place.
-TRANSCENDENTAL = ["sin(d)", "acos(clamp(d * 10, -1, 1))"]
+TRANSCENDENTAL = ["sin(d)", "acos(clamp(d * 10, -1, 1))", "cos(d * 3)", "exp(d * 10)", "log(abs(d))"]
 
 
 def _delta_bindings(dtype: torch.dtype) -> dict[str, object]:

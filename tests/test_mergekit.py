@@ -464,7 +464,7 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
     ),
     ("merge_method: ties\nname: x\n" + BASED, "unknown mergekit field `name`", "name"),
     ("merge_method: tiez\n" + BASED, "unknown merge_method `tiez`", "tiez"),
-    ("merge_method: sce\n" + BASED, "not supported by tvlang yet", "sce"),
+    ("merge_method: ramplus_tl\n" + BASED, "not supported by tvlang yet", "ramplus_tl"),
     ("merge_method: ties\nparameters: {densty: 0.5}\n" + BASED, "unknown parameter `densty`", "densty"),
     (
         "merge_method: ties\n" + BASED.replace("{weight: 1}", "{weight: 1, normalize: true}", 1),
@@ -515,17 +515,12 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
         "true",
     ),
     (
-        "merge_method: slerp\n" + BASED,
-        "unknown parameter `weight` for merge_method `slerp` (it takes none per model)",
-        "weight",
+        "merge_method: slerp\n" + BASED.replace("weight", "wieght"),
+        "unknown parameter `wieght` for merge_method `slerp` (it takes none per model)",
+        "wieght",
     ),
     ("merge_method: linear\nparameters: {normalize: 'yes'}\n" + MODELS, "must be true or false", "'yes'"),
     ("merge_method: linear\nparameters: {normalize: false}\n" + MODELS, "must sum to 1", "false"),
-    (
-        "merge_method: nuslerp\nparameters: {nuslerp_flatten: false}\n" + MODELS,
-        "row- or column-wise",
-        "false",
-    ),
     ("merge_method: model_stock\nparameters: {filter_wise: true}\n" + PLAIN, "filter-wise", "true"),
     (
         "merge_method: nearswap\nparameters: {t: 0}\nbase_model: ckpt/base.safetensors\nmodels: [{model: ckpt/a.safetensors}]\n",

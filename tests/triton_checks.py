@@ -225,6 +225,13 @@ METHODS: dict[str, tuple[str, int, bool]] = {  # expression, models, depends on 
     "nuslerp": ("base + nuslerp(m1 - base, m2 - base, 0.6)", 3, True),
     "model_stock": ("model_stock(base, m1, m2, m3)", 4, True),
     "nearswap": ("nearswap(base, m1, 0.05)", 2, False),
+    "ram": ("base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.02)", 4, False),
+    "sce": ("base + sce(m1 - base, m2 - base, m3 - base, select_topk=0.4)", 4, True),
+    "multislerp": ("multislerp(m1, m2, m3, weights=[0.2, 0.5, 0.3])", 4, True),
+    "karcher": ("karcher(m1, m2, m3)", 4, True),
+    "nuslerp_row": ('base + nuslerp(m1 - base, m2 - base, 0.4, per="row")', 3, True),
+    "nuslerp_column": ('nuslerp(m1, m2, 0.4, per="column")', 3, True),
+    "arcee_fusion": ("arcee_fusion(base, m1)", 2, True),
     "building_blocks": (
         "where(abs(m1 - base) > 0.1, m1 - base, 0) + clamp(m2 - base, -0.05, 0.05) + sign(m1 - m2) * 0.01"
         " + min(m1 - base, 0) - max(m2 - base, 0) + (m1 - base >= 0)*0.001 + 0.5*(m1 - base)/2",
@@ -241,13 +248,16 @@ METHODS: dict[str, tuple[str, int, bool]] = {  # expression, models, depends on 
 }
 
 
+ROW_METHODS = ("della", "nuslerp_row", "nuslerp_column", "arcee_fusion")
+
+
 def _method(name: str) -> dict[str, Any]:
     expr, models, sums = METHODS[name]
     out = {}
     for dtype in (torch.bfloat16, torch.float32):
         s = states(10 + len(name), models, SHAPES, dtype)
         r = both(expr, bind(s), on_gpu(sums))
-        if name != "della":  # row ranks need whole rows: della's element-wise pass runs on the CPU path
+        if name not in ROW_METHODS:  # functions of whole rows: their element-wise pass runs on the CPU path
             assert r["launches"] > 0, "no Triton kernel ran"
         out[str(dtype)[6:]] = r
     chunked = states(20, models, ((300, 70), (5000,)))
@@ -304,6 +314,22 @@ def special_values_propagate() -> dict[str, Any]:
         s = _special(dtype)
         for i, e in enumerate(exprs):
             out[f"{str(dtype)[6:]} #{i}"] = both(e, bind(s), nonfinite="propagate")
+    return out
+
+
+@check
+def transcendental_functions() -> dict[str, Any]:
+    """sin, cos, acos, exp and log in a kernel: libdevice's (numpy's under the interpreter) against
+    torch's, within one ulp of the output (the last bit of the accumulation dtype may differ)."""
+    expr = (
+        "base + 0.1*sin(m1 - base) + 0.1*cos(m2 - base) + 0.1*acos(clamp(m1 - base, -1, 1))"
+        " + 0.01*exp(m2 - base) + 0.01*log(abs(m1 - base) + 1)"
+    )
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        r = both(expr, bind(states(40, 3, SHAPES, dtype)), 1)
+        assert r["launches"] > 0, "no Triton kernel ran"
+        out[str(dtype)[6:]] = r
     return out
 
 

@@ -141,6 +141,12 @@ def _lower_linear(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Sp
     return methods.linear(models, _weights(a, len(models)), bool(_const(a["normalize"], "normalize")))
 
 
+def _lower_multislerp(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    models = a["models"]
+    normalize = bool(_const(a["normalize"], "normalize"))
+    return methods.multislerp(models, _weights(a, len(models)), normalize, _const(a["eps"], "eps"))
+
+
 def _const(node: Node | float, what: str) -> float:
     value = node if isinstance(node, float) else scalar_value(node)
     if value is None:
@@ -161,6 +167,9 @@ _SCOPE = _p("scope", "string", "tensor", choices=("tensor", "model"))
 _ELEMENTWISE_PARAMS = {
     "where": (_p("cond", "value"), _p("a", "value"), _p("b", "value")),
     "clamp": (_p("x", "value"), _p("lo", "value"), _p("hi", "value")),
+    "rowsum": (_p("x", "delta"),),
+    "rowmax": (_p("x", "delta"),),
+    "colsum": (_p("x", "delta"),),
 }
 
 BUILTINS: dict[str, Builtin] = {
@@ -419,9 +428,61 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             "nuslerp",
-            (_p("a", "tensor"), _p("b", "tensor"), _p("t", "number", 0.5)),
-            "mergekit's nuslerp over the whole tensor; with a base write base + nuslerp(a - base, b - base, t)",
+            (
+                _p("a", "tensor"),
+                _p("b", "tensor"),
+                _p("t", "number", 0.5),
+                _p("per", "string", "tensor", choices=("tensor", "row", "column")),
+            ),
+            "mergekit's nuslerp over the whole tensor (or per row or column); with a base write "
+            "base + nuslerp(a - base, b - base, t)",
             _apply(methods.nuslerp),
+            group="method",
+        ),
+        Builtin(
+            "multislerp",
+            (
+                _p("models", "tensor", variadic=True),
+                _p("weights", "numbers", None),
+                _p("normalize", "number", 1.0),
+                _p("eps", "number", 1e-8),
+            ),
+            "barycentric spherical interpolation of several tensors (mergekit's multislerp); with a base "
+            "write base + multislerp(a - base, b - base, ...)",
+            _lower_multislerp,
+            group="method",
+            paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        Builtin(
+            "karcher",
+            (_p("models", "tensor", variadic=True), _p("max_iter", "int", 10), _p("tol", "number", 1e-5)),
+            "the Riemannian (Karcher) mean of the tensors' directions, scaled by their mean norm",
+            lambda ctx, a, s, sp: methods.karcher(a["models"], a["max_iter"], _const(a["tol"], "tol")),
+            group="method",
+            paper="https://arxiv.org/abs/2603.04972",
+        ),
+        Builtin(
+            "sce",
+            (_p("deltas", "delta", variadic=True), _p("select_topk", "number", 1.0)),
+            "SCE: keep the top-variance elements, weight task vectors by their mean square, erase minority signs",
+            lambda ctx, a, s, sp: methods.sce(a["deltas"], a["select_topk"]),
+            group="method",
+            paper="https://arxiv.org/abs/2408.07990",
+        ),
+        Builtin(
+            "ram",
+            (_p("deltas", "delta", variadic=True), _p("epsilon", "number", 1e-5)),
+            "Reinforced Agent Merging: keep entries one task vector changes, average those several change",
+            lambda ctx, a, s, sp: methods.ram(a["deltas"], a["epsilon"]),
+            group="method",
+            paper="https://arxiv.org/abs/2601.13572",
+        ),
+        Builtin(
+            "arcee_fusion",
+            (_p("base", "model"), _p("model", "model")),
+            "take the model's value where its importance (|change| × the row's softmax KL divergence) "
+            "reaches median + 1.5·IQR",
+            _apply(methods.arcee_fusion),
             group="method",
         ),
         Builtin(

@@ -218,6 +218,8 @@ def _cmd_import_mergekit(args: argparse.Namespace) -> int:
 
     out = args.output
     translation = load_config(args.file, out_dir=os.path.dirname(os.path.abspath(out)) if out else None)
+    for line in translation.warnings:
+        print(line, file=sys.stderr)
     if out is None:
         sys.stdout.write(translation.program)
     else:

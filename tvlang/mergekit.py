@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
@@ -59,8 +60,16 @@ UNSUPPORTED_TOP_LEVEL = {
     "tokenizer files",
     "chat_template": "tvlang does not write chat templates; it copies the base model's tokenizer files",
 }
-OTHER_METHODS = ("passthrough", "sce", "karcher", "multislerp", "arcee_fusion", "task_arithmetic_sce")
-BOOLEANS = ("int8_mask", "normalize", "rescale", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise")
+OTHER_METHODS = ("passthrough", "task_arithmetic_sce", "ramplus_tl")
+BOOLEANS = (
+    "int8_mask",
+    "normalize",
+    "rescale",
+    "nuslerp_flatten",
+    "nuslerp_row_wise",
+    "filter_wise",
+    "normalize_weights",
+)
 DTYPES = {
     "bfloat16": "bf16",
     "bf16": "bf16",
@@ -85,7 +94,8 @@ _L1_RESCALE = (
 
 @dataclass(frozen=True)
 class _Method:
-    kind: str  # gta | linear | slerp | nearswap | nuslerp | model_stock
+    # gta | linear | slerp | nearswap | nuslerp | model_stock | sce | ram | multislerp | karcher | arcee_fusion
+    kind: str
     base: str  # required | optional
     globals: Mapping[str, Any]  # parameter name → default (REQUIRED: none)
     per_model: Mapping[str, Any]
@@ -120,7 +130,17 @@ METHODS: dict[str, _Method] = {
         "nuslerp", "optional", {"nuslerp_flatten": True, "nuslerp_row_wise": False}, {"weight": REQUIRED}
     ),
     "model_stock": _Method("model_stock", "required", {"filter_wise": False}, {}),
+    "sce": _Method("sce", "required", {"int8_mask": False, "select_topk": 1.0}, {}),
+    "ram": _Method("ram", "required", {"epsilon": 1e-5}, {}),
+    "multislerp": _Method(
+        "multislerp", "optional", {"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}
+    ),
+    "karcher": _Method("karcher", "optional", {"max_iter": 10, "tol": 1e-5}, {}),
+    "arcee_fusion": _Method("arcee_fusion", "required", {}, {}),
 }
+# Per-model parameters of some mergekit method: under a method that does not read one, mergekit
+# ignores it, and tvlang warns (any other unknown name stays an error: most likely a typo).
+PER_MODEL = frozenset(name for m in METHODS.values() for name in m.per_model)
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,8 @@ class Translation:
     base_dir: str = "."
     notes: tuple[str, ...] = ()
     where: Mapping[str, Span] = field(default_factory=dict, compare=False, repr=False)
+    # one line each, ``warning: merge.yml:7:7: ...``: what mergekit accepts and ignores
+    warnings: tuple[str, ...] = ()
 
     def job(self) -> Job:
         """The job ``tvlang run merge.yml`` runs: the body, with the models bound by name."""
@@ -247,7 +269,10 @@ def mergekit_job(f: _Fields, data: Mapping[str, Any]) -> Job:
     """The job for a mergekit config met where a tvlang job was expected (``tvlang run merge.yml``,
     :func:`tvlang.config.run_job`)."""
     mk = _MkFields(f.name, f.base_dir, f.source, f.marks)
-    return _Translator(mk, data, None, 0).translate().job()
+    translation = _Translator(mk, data, None, 0).translate()
+    for line in translation.warnings:  # what mergekit accepts and ignores: said once, not an error
+        print(line, file=sys.stderr)
+    return translation.job()
 
 
 def _read(source: Source) -> tuple[Any, dict[FieldPath, tuple[int, int, int, int]]]:
@@ -363,12 +388,22 @@ class _Translator:
         self.out_dir = None if out_dir is None else os.path.abspath(out_dir)
         self.seed = seed
         self.notes: list[str] = []
+        self.warnings: list[str] = []
         self.defs: list[str] = []
         self.params: list[str] = []  # `param` lines and the names of per-tensor numbers
         self.taken = set(_RESERVED) - {"lam", "t"}  # names in the program (`lam` and `t` are for parameters)
         self.bound: dict[str, str] = {}  # per-tensor number bound to a name → its expression
 
     # -- checks --------------------------------------------------------------------------------
+    def warn(self, path: FieldPath, message: str) -> None:
+        span = self.f.span(path, key=True)
+        if span is not None:
+            line, col = span.line_col()
+            where = f"{self.f.name}:{line}:{col}"
+        else:
+            where = f"{self.f.name}: {_dotted(path)}"
+        self.warnings.append(f"warning: {where}: {message}")
+
     def fail(self, path: FieldPath, message: str, *, key: bool = False, help: str | None = None) -> NoReturn:
         self.f.fail(path, message, key=key, help=help)
 
@@ -409,9 +444,16 @@ class _Translator:
         return self._assemble(body, dtype)
 
     def _parameters(self, at: FieldPath, raw: Any, *, per_model: bool) -> dict[str, Any]:
-        params = self.f.mapping(at, raw)
+        params = dict(self.f.mapping(at, raw))
         known = (*self.method.globals, *self.method.per_model)
-        for k in params:
+        for k in list(params):
+            if isinstance(k, str) and k in PER_MODEL and k not in known:  # (under a model, or for all)
+                self.warn(
+                    (*at, k),
+                    f"per-model parameter `{k}` is ignored by merge_method `{self.name}`, as in mergekit",
+                )
+                del params[k]
+                continue
             if not isinstance(k, str) or k not in known:
                 none = " (it takes none per model)" if per_model and not self.method.per_model else ""
                 self.fail(
@@ -655,7 +697,60 @@ class _Translator:
             return self._pair(kind)
         if kind == "nuslerp":
             return self._nuslerp()
-        return self._model_stock()
+        if kind == "model_stock":
+            return self._model_stock()
+        if kind in ("sce", "ram"):
+            return self._sce_ram(kind)
+        if kind == "multislerp":
+            return self._multislerp()
+        if kind == "karcher":
+            return self._karcher()
+        (other,) = self._needs(1, exact=True)
+        return f"output {OUTPUT} = arcee_fusion(base, {other.name})"
+
+    def _sce_ram(self, kind: str) -> str:
+        others = self._needs(1)
+        deltas = [f"{o.name} - base" for o in others]
+        if kind == "sce":
+            if "int8_mask" in self.globals:
+                self.notes.append("int8_mask changes only mergekit's mask dtype: tvlang's masks are exact")
+            topk = self.number("select_topk", label="select_topk")
+            extra = [] if topk.const == 1.0 else [f"select_topk={topk.text}"]
+        else:
+            eps = self.number("epsilon", label="epsilon")
+            extra = [] if eps.const == 1e-5 else [f"epsilon={eps.text}"]
+        return f"output {OUTPUT} = base + " + _call(kind, [*deltas, *extra])
+
+    def _multislerp(self) -> str:
+        others = self._needs(1)
+        weights = [self.number("weight", o) for o in others]
+        operands = [o.name if self.base is None else f"{o.name} - base" for o in others]
+        args = [*operands, "weights=[" + ", ".join(w.text for w in weights) + "]"]
+        if not self.flag("normalize_weights"):
+            args.append("normalize=0")
+        eps = self.number("eps", label="eps")
+        if eps.const != 1e-8:
+            args.append(f"eps={eps.text}")
+        merged = _call("multislerp", args)
+        return f"output {OUTPUT} = {merged}" if self.base is None else f"output {OUTPUT} = base + {merged}"
+
+    def _karcher(self) -> str:
+        # mergekit averages the base model too, as one more operand
+        models = ([self.base] if self.base is not None else []) + self.others()
+        if len(models) < 2:
+            self._needs(2)
+        args = [m.name for m in models]
+        for name, default, integer in (("max_iter", 10, True), ("tol", 1e-5, False)):
+            value = self.number(name, label=name)
+            if value.const is None or (integer and value.const != int(value.const)) or value.const < 0:
+                self.fail(
+                    ("parameters", name),
+                    f"karcher's `{name}` must be a {'whole ' if integer else ''}number known before any data "
+                    "is read, at least 0",
+                )
+            if value.const != default:
+                args.append(f"{name}={_num(value.const)}")
+        return f"output {OUTPUT} = " + _call("karcher", args)
 
     def _needs(self, count: int, exact: bool = False) -> list[_Model]:
         others = self.others()
@@ -808,12 +903,9 @@ class _Translator:
         return f"output {OUTPUT} = {kind}(base, {other.name}, {t.text})"
 
     def _nuslerp(self) -> str:
+        per = ""  # mergekit's flatten wins over row_wise; row_wise means one vector per column (dim 0)
         if not self.flag("nuslerp_flatten"):
-            self.fail(
-                ("parameters", "nuslerp_flatten"),
-                "row- or column-wise nuslerp (`nuslerp_flatten: false`) is not built in tvlang",
-                help="tvlang's nuslerp interpolates whole tensors (mergekit's default)",
-            )
+            per = ', per="column"' if self.flag("nuslerp_row_wise") else ', per="row"'
         first, second = self._needs(2, exact=True)
         w0, w1 = self.number("weight", first), self.number("weight", second)
         if w0.const is not None and w1.const is not None:
@@ -826,8 +918,8 @@ class _Translator:
                 f"where(abs({total_text}) < 1e-6, 0.5, {_factor(w1.text)} / where(abs({total_text}) < 1e-6, 1, {total_text}))",
             )
         if self.base is None:
-            return f"output {OUTPUT} = nuslerp({first.name}, {second.name}, {t})"
-        return f"output {OUTPUT} = base + nuslerp({first.name} - base, {second.name} - base, {t})"
+            return f"output {OUTPUT} = nuslerp({first.name}, {second.name}, {t}{per})"
+        return f"output {OUTPUT} = base + nuslerp({first.name} - base, {second.name} - base, {t}{per})"
 
     def _model_stock(self) -> str:
         if self.flag("filter_wise"):
@@ -896,6 +988,7 @@ class _Translator:
             base_dir=self.f.base_dir,
             notes=tuple(self.notes),
             where=where,
+            warnings=tuple(self.warnings),
         )
 
     def _load_path(self, path: str) -> str:

@@ -191,14 +191,25 @@ def slerp(a: Node, b: Node, t: Node | float) -> Node:
     return _interpolation(a, b, t, s0, s1)
 
 
-def nuslerp(a: Node, b: Node, t: Node | float) -> Node:
-    """mergekit's ``nuslerp`` over the whole tensor (``nuslerp_flatten``, its default): the angle
-    between the tensors normalised with norms clamped at 1e-7, and linear interpolation where
-    |sin θ| < 1e-8.  With a base, mergekit interpolates the task vectors: write
-    ``base + nuslerp(a - base, b - base, t)``; mergekit's weights w₀, w₁ give t = w₁/(w₀ + w₁)."""
-    na = call("max", call("sqrt", reduce("sumsq", a)), 1e-7)
-    nb = call("max", call("sqrt", reduce("sumsq", b)), 1e-7)
-    cos = call("clamp", div(reduce("dot", a, b), mul(na, nb)), -1.0, 1.0)
+def nuslerp(a: Node, b: Node, t: Node | float, per: str = "tensor") -> Node:
+    """mergekit's ``nuslerp``: the angle between the vectors normalised with norms clamped at 1e-7,
+    and linear interpolation where |sin θ| < 1e-8.  ``per="tensor"`` takes the whole tensor as one
+    vector (``nuslerp_flatten``, mergekit's default); ``per="row"`` each row of the tensor seen as
+    ``(shape[0], -1)`` (``nuslerp_flatten: false``; chunks then hold whole rows), ``per="column"``
+    each column of it (``nuslerp_row_wise: true``: one pass sums the columns).  With a base,
+    mergekit interpolates the task vectors: write ``base + nuslerp(a - base, b - base, t)``;
+    mergekit's weights w₀, w₁ give t = w₁/(w₀ + w₁)."""
+    if per in ("row", "column"):
+        total = "rowsum" if per == "row" else "colsum"
+        va, vb = _values(a), _values(b)
+        na = call("max", call("sqrt", call(total, mul(va, va))), 1e-7)
+        nb = call("max", call("sqrt", call(total, mul(vb, vb))), 1e-7)
+        dot = call(total, mul(va, vb))
+    else:
+        na = call("max", call("sqrt", reduce("sumsq", a)), 1e-7)
+        nb = call("max", call("sqrt", reduce("sumsq", b)), 1e-7)
+        dot = reduce("dot", a, b)
+    cos = call("clamp", div(dot, mul(na, nb)), -1.0, 1.0)
     theta = call("acos", cos)
     sin_theta = call("sin", theta)
     colinear = call("lt", call("abs", sin_theta), EPS)
@@ -249,17 +260,209 @@ def nearswap(base: Node, model: Node, t: Node | float) -> Node:
     return add(base, mul(weight, d))
 
 
+def _gram(xs: Sequence[Node]) -> dict[tuple[int, int], Node]:
+    """Every dot product of two of ``xs`` (one reduction pass): ``g[i, j] = xᵢ·xⱼ``."""
+    g: dict[tuple[int, int], Node] = {}
+    for i, x in enumerate(xs):
+        for j in range(i, len(xs)):
+            g[i, j] = g[j, i] = reduce("sumsq", x) if i == j else reduce("dot", x, xs[j])
+    return g
+
+
+def _quadratic(c: Sequence[Node | float], g: dict[tuple[int, int], Node]) -> Node:
+    """``(Σ cᵢxᵢ)·(Σ cⱼxⱼ)`` from the Gram matrix ``g``."""
+    n = len(c)
+    return _sum([mul(mul(c[i], c[j]), g[i, j]) for i in range(n) for j in range(n)])
+
+
+def _combination(coefs: Sequence[Node], xs: Sequence[Node]) -> Node:
+    """``Σ cᵢ·xᵢ`` for per-tensor coefficients: a delta for task vectors; for models, a model whose
+    coefficients are decided by the data (for the affine bookkeeping each counts as 1/n)."""
+    if all(x.kind.is_delta for x in xs):
+        return _sum([mul(c, x) for c, x in zip(coefs, xs, strict=True)])
+    if not all(x.kind.is_model for x in xs):
+        raise KindError("the operands must all be models or all task vectors")
+    share = 1.0 / len(xs)
+    total = _scaled(coefs[0], xs[0], share)
+    for k in range(1, len(xs)):
+        total = Node(Op.ADD, (total, _scaled(coefs[k], xs[k], share)), None, Kind(True, share * (k + 1)))
+    return Node(total.op, total.args, total.arg, MODEL)
+
+
+def multislerp(
+    xs: Sequence[Node], weights: Sequence[Node | float], normalize: bool = True, eps: float = 1e-8
+) -> Node:
+    """mergekit's ``multislerp`` (barycentric interpolation on the sphere): the weighted mean
+    m = Σ wᵢ·xᵢ/(|xᵢ| + eps) of the unit vectors, mapped back to the sphere and scaled by Σ wᵢ|xᵢ|.
+    The tangent-space step adds nothing: Σ wᵢ(uᵢ - (uᵢ·m̂)m̂) = m - |m|m̂ = 0, so the result is
+    (Σ wᵢ|xᵢ|)·m/|m|.  Where |m| < eps mergekit falls back to Σ wᵢxᵢ (two operands; it stops for
+    more); so does this.  One reduction pass (the Gram matrix), then one element-wise pass."""
+    if len(xs) == 1:
+        return xs[0]
+    w: list[Node | float] = list(weights)
+    if normalize:
+        total = _sum(w)
+        if scalar_value(total) == 0.0:
+            raise KindError("the weights sum to zero", "cannot normalise")
+        w = [div(x, total) for x in w]
+    g = _gram(xs)
+    norms = [call("sqrt", g[i, i]) for i in range(len(xs))]
+    c = [div(wi, add(n, eps)) for wi, n in zip(w, norms, strict=True)]  # m = Σ cᵢxᵢ
+    m_norm = call("sqrt", call("max", _quadratic(c, g), 0.0))
+    small = call("lt", m_norm, eps)
+    scale = div(_sum([mul(wi, n) for wi, n in zip(w, norms, strict=True)]), call("where", small, 1.0, m_norm))
+    coefs = [call("where", small, wi, mul(scale, ci)) for wi, ci in zip(w, c, strict=True)]
+    return _combination(coefs, xs)
+
+
+def karcher(xs: Sequence[Node], max_iter: int = 10, tol: float = 1e-5) -> Node:
+    """mergekit's ``karcher``: the Riemannian (Karcher) mean of the unit vectors xᵢ/|xᵢ| with equal
+    weights, by at most ``max_iter`` steps of the gradient iteration, scaled by the mean norm.
+
+    Every iterate is a combination u = Σ cᵢ·xᵢ/|xᵢ| of the inputs, so each step is arithmetic on
+    the n×n Gram matrix of the inputs: one reduction pass gives it, the iteration runs on per-tensor
+    numbers, and one element-wise pass writes Σ (s·cᵢ/|xᵢ|)·xᵢ.  Inputs with |xᵢ| ≤ tol are left
+    out of the mean (their norms still count in the scale), as in mergekit."""
+    n = len(xs)
+    if n == 1:
+        return xs[0]
+    g = _gram(xs)
+    norms = [call("sqrt", g[i, i]) for i in range(n)]
+    valid = [call("gt", nv, tol) for nv in norms]
+    count = _sum(valid)
+    alphas = [div(v, call("max", count, 1.0)) for v in valid]
+    safe = [call("where", v, nv, 1.0) for v, nv in zip(valid, norms, strict=True)]
+    # the Gram matrix of the unit vectors (of the valid ones: the others never get a coefficient)
+    u = {(i, j): div(g[i, j], mul(safe[i], safe[j])) for i in range(n) for j in range(n)}
+    c: list[Node] = [lift(a) for a in alphas]
+    u_norm = call("sqrt", call("max", _quadratic(c, u), 0.0))
+    first = [lift(0.0)] * n  # the first valid unit vector
+    found: Node = lift(0.0)
+    for i in range(n):
+        first[i] = mul(valid[i], sub(1.0, found))
+        found = call("max", found, valid[i])
+    degenerate = call("lt", u_norm, tol)
+    c = [
+        call("where", degenerate, f, div(ci, call("where", degenerate, 1.0, u_norm)))
+        for f, ci in zip(first, c, strict=True)
+    ]
+    done: Node = lift(0.0)
+    for _ in range(max_iter):
+        dots = [call("clamp", _sum([mul(c[j], u[j, i]) for j in range(n)]), -1.0, 1.0) for i in range(n)]
+        thetas = [call("acos", d) for d in dots]
+        active = [call("ge", th, tol) for th in thetas]
+        step = [
+            call("where", act, div(mul(a, th), call("sin", call("where", act, th, 1.0))), 0.0)
+            for act, a, th in zip(active, alphas, thetas, strict=True)
+        ]
+        along = _sum([mul(s, d) for s, d in zip(step, dots, strict=True)])
+        tangent = [sub(s, mul(along, ci)) for s, ci in zip(step, c, strict=True)]  # T = Σ stepᵢ(uᵢ - dotᵢ·u)
+        t_norm = call("sqrt", call("max", _quadratic(tangent, u), 0.0))
+        done = call("max", done, call("lt", t_norm, tol))
+        safe_t = call("where", done, 1.0, t_norm)
+        moved = [
+            add(mul(call("cos", t_norm), ci), mul(div(call("sin", t_norm), safe_t), ti))
+            for ci, ti in zip(c, tangent, strict=True)
+        ]
+        m_norm = call("sqrt", call("max", _quadratic(moved, u), 0.0))
+        rescale = call(
+            "where", call("gt", m_norm, tol), call("where", call("gt", m_norm, tol), m_norm, 1.0), 1.0
+        )
+        moved = [div(mi, rescale) for mi in moved]
+        c = [call("where", done, ci, mi) for ci, mi in zip(c, moved, strict=True)]
+    scale = div(_sum(norms), float(n))  # Σ αᵢ|xᵢ| over every input, zero ones included
+    coefs = [call("where", v, div(mul(scale, ci), sf), 0.0) for v, ci, sf in zip(valid, c, safe, strict=True)]
+    return _combination(coefs, xs)
+
+
+def ram(deltas: Sequence[Node], epsilon: Node | float = 1e-5) -> Node:
+    """mergekit's ``ram`` (Reinforced Agent Merging): entries with |dᵢ| > epsilon contribute; where
+    one task vector contributes it is kept, where several do they are averaged:
+    Σ dᵢ·[|dᵢ| > ε] / max(count, 1)."""
+    live = [call("gt", call("abs", d), epsilon) for d in deltas]
+    count = _sum(live)
+    return div(_sum([mul(d, k) for d, k in zip(deltas, live, strict=True)]), call("max", count, 1.0))
+
+
+def sce(deltas: Sequence[Node], select_topk: Node | float = 1.0) -> Node:
+    """mergekit's ``sce`` (Select, Calculate, Erase): keep the elements whose variance across the task
+    vectors is among the top ``select_topk`` share of the non-zero variances; weight each task vector
+    by its mean square (normalised over the task vectors, equal when they sum below 1e-6); elect a
+    sign by the sum; average the agreeing entries with those weights (divisor clamped at 1e-6)."""
+    n = float(len(deltas))
+    topk = scalar_value(lift(select_topk))
+    if topk is None or topk < 1.0:
+        # n²·variance = Σ_{i<j} (dᵢ - dⱼ)²: the differences of inputs of one dtype are exact more often
+        # than deviations from a rounded mean, so equal variances stay equal (all are kept at the threshold)
+        var = _sum([_square(sub(x, y)) for i, x in enumerate(deltas) for y in deltas[i + 1 :]])
+        k = call("floor", mul(reduce("count", var), select_topk))
+        keep = call("ge", var, kth(var, k))  # k = 0: the threshold is +inf, nothing is kept
+        keep = call(
+            "where", call("ge", select_topk, 1.0), 1.0, call("where", call("le", select_topk, 0.0), 0.0, keep)
+        )
+        deltas = [mul(d, keep) for d in deltas]
+    squares = [div(reduce("sumsq", d), numel(d)) for d in deltas]
+    total = _sum(squares)
+    tiny = call("lt", call("abs", total), 1e-6)
+    weights = [call("where", tiny, 1.0 / n, div(s, call("where", tiny, 1.0, total))) for s in squares]
+    majority = call("where", call("ge", _sum(list(deltas)), 0.0), 1.0, -1.0)
+    agree = [call("eq", call("sign", d), majority) for d in deltas]
+    erased = [mul(w, a) for w, a in zip(weights, agree, strict=True)]
+    merged = _sum([mul(e, d) for e, d in zip(erased, deltas, strict=True)])
+    return div(merged, call("max", _sum(erased), 1e-6))
+
+
+def arcee_fusion(base: Node, model: Node) -> Node:
+    """mergekit's ``arcee_fusion``: the importance of each element is |model - base| times the KL
+    divergence of its row's softmax, KL(p‖q) = Σ p·log(p/q) with p = softmax(model row) + 1e-8 and
+    q = softmax(base row) + 1e-8; elements whose importance reaches median + 1.5·IQR (exact lower
+    quantiles of the tensor) take the model's value, the others keep the base's.  Rows are the
+    tensor seen as ``(shape[0], -1)`` (a vector is one row); chunks hold whole rows."""
+    d = sub(model, base)
+
+    def softmax(x: Node) -> Node:
+        e = call("exp", sub(x, call("rowmax", x)))
+        return add(div(e, call("rowsum", e)), 1e-8)
+
+    p = softmax(model)  # element-wise functions of a model's values are vectors
+    q = softmax(base)
+    kl = call("rowsum", mul(p, call("log", div(p, q))))
+    importance = mul(call("abs", d), kl)
+
+    def quantile(q_: float) -> Node:
+        nn = numel(importance)
+        return kth(importance, sub(nn, call("floor", mul(q_, sub(nn, 1.0)))))
+
+    median, q1, q3 = quantile(0.5), quantile(0.25), quantile(0.75)
+    threshold = add(median, mul(1.5, sub(q3, q1)))
+    return add(base, mul(call("ge", importance, threshold), d))
+
+
+def _square(x: Node) -> Node:
+    return mul(x, x)
+
+
+def _values(x: Node) -> Node:
+    """A tensor's values as a vector (a model's too), for products of the values themselves."""
+    return x if x.kind.is_delta else call("where", 1.0, x, 0.0)
+
+
 __all__ = [
+    "arcee_fusion",
     "breadcrumbs",
     "dare",
     "della",
+    "karcher",
     "kth",
     "lerp",
     "linear",
     "magnitude_prune",
     "model_stock",
+    "multislerp",
     "nearswap",
     "nuslerp",
+    "ram",
+    "sce",
     "slerp",
     "ties",
 ]

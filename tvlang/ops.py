@@ -69,6 +69,11 @@ def _sign(x: float) -> float:
     return float((x > 0) - (x < 0))
 
 
+def _whole_rows(out: torch.Tensor, x: Any) -> None:
+    """A placeholder: row and column functions need the tensor's rows (tvlang.backends.program runs them)."""
+    raise NotImplementedError("a function of whole rows or columns runs in tvlang.backends.program")
+
+
 def _clamp(out: torch.Tensor, x: Any, lo: Any, hi: Any) -> None:
     torch.clamp(_t(x, out), min=_t(lo, out), max=_t(hi, out), out=out)
 
@@ -83,6 +88,9 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
         ElementwiseOp("ceil", 1, math.ceil, lambda out, x: torch.ceil(_t(x, out), out=out), "round up"),
         ElementwiseOp("sin", 1, math.sin, lambda out, x: torch.sin(_t(x, out), out=out), "sine"),
         ElementwiseOp("acos", 1, math.acos, lambda out, x: torch.acos(_t(x, out), out=out), "arc cosine"),
+        ElementwiseOp("cos", 1, math.cos, lambda out, x: torch.cos(_t(x, out), out=out), "cosine"),
+        ElementwiseOp("exp", 1, math.exp, lambda out, x: torch.exp(_t(x, out), out=out), "e to the power x"),
+        ElementwiseOp("log", 1, math.log, lambda out, x: torch.log(_t(x, out), out=out), "natural logarithm"),
         ElementwiseOp(
             "min",
             2,
@@ -108,6 +116,27 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
             lambda out, x: out.fill_(0.5),  # needs the row length: run by tvlang.backends.program.row_rank
             "rank within its row, scaled to [0, 1] (ties by position); chunks hold whole rows",
         ),
+        ElementwiseOp(
+            "rowsum",
+            1,
+            lambda x: x,
+            _whole_rows,
+            "the sum of its row (float64, in element order), at every element; chunks hold whole rows",
+        ),
+        ElementwiseOp(
+            "rowmax",
+            1,
+            lambda x: x,
+            _whole_rows,
+            "the largest element of its row, at every element; chunks hold whole rows",
+        ),
+        ElementwiseOp(
+            "colsum",
+            1,
+            lambda x: x,
+            _whole_rows,
+            "the sum of its column (float64, in row order), at every element; one pass, chunks hold whole rows",
+        ),
         ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare(torch.lt), "a < b as 1 or 0"),
         ElementwiseOp("le", 2, lambda a, b: float(a <= b), _compare(torch.le), "a <= b as 1 or 0"),
         ElementwiseOp("gt", 2, lambda a, b: float(a > b), _compare(torch.gt), "a > b as 1 or 0"),
@@ -116,5 +145,12 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
         ElementwiseOp("ne", 2, lambda a, b: float(a != b), _compare(torch.ne), "a != b as 1 or 0"),
     )
 }
+
+# Functions of a whole row (the tensor seen as ``(shape[0], -1)``; a vector is one row): the planner
+# makes every chunk hold whole rows, and only the eager path computes them.
+ROW_FUNCTIONS = frozenset({"rowrank", "rowsum", "rowmax"})
+# Functions of a whole column of that view: a reduction pass accumulates one number per column (flat
+# memory: one row's worth), and the element-wise pass reads each element's column back.
+COLUMN_FUNCTIONS = frozenset({"colsum"})
 
 COMPARISONS = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tvlang.backends.cpu import ACC_DTYPES, Scratch
-from tvlang.backends.reductions import BlockSum, Count, KthLargest
+from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest
 from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.program import Instr, TensorProgram
 
@@ -103,10 +103,19 @@ def _binary(op: str, a: Any, b: Any, out: torch.Tensor) -> torch.Tensor:
 
 
 def _scalar_binary(op: str, a: float, b: float) -> float:
+    """IEEE float64 arithmetic on per-tensor numbers (±inf and NaN where it gives them, no exceptions):
+    Python's floats for the common cases (the same bits, a tenth of numpy's cost), numpy's otherwise."""
+    if op == "add":
+        return a + b
+    if op == "sub":
+        return a - b
+    if op == "mul":
+        return a * b
+    if op == "div" and b != 0.0:
+        return a / b
     with np.errstate(all="ignore"):
         x, y = np.float64(a), np.float64(b)
-        r = {"add": x + y, "sub": x - y, "mul": x * y, "div": x / y, "pow": x**y}[op]
-    return float(r)
+        return float(x / y if op == "div" else x**y)
 
 
 def _product64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -131,6 +140,25 @@ def row_rank(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
     out.view(-1, row).copy_(ranks).div_(row - 1)
 
 
+def row_sum(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
+    """The float64 sum of each element's row, added in element order (a cumulative sum is
+    sequential, as in :func:`tvlang.backends.reductions.block_sums`), rounded once to ``out``'s dtype
+    and written at every element of the row.  The chunk holds whole rows."""
+    rows = x.reshape(-1, row)
+    wide = work_buffer("row-sum", torch.float64, x.numel()).view(-1, row).copy_(rows)
+    scan = torch.cumsum(wide, dim=1, out=work_buffer("row-scan", torch.float64, x.numel()).view(-1, row))
+    out.view(-1, row).copy_(scan[:, -1:].expand(-1, row))
+
+
+def row_max(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
+    """The largest element of each element's row (NaN when the row holds one), at every element."""
+    rows = x.reshape(-1, row)
+    out.view(-1, row).copy_(torch.amax(rows, dim=1, keepdim=True).expand(-1, row))
+
+
+ROW_KERNELS = {"rowrank": row_rank, "rowsum": row_sum, "rowmax": row_max}
+
+
 class ProgramState:
     """One tensor's run of a program: its per-tensor scalars and reduction accumulators."""
 
@@ -151,12 +179,16 @@ class ProgramState:
         self.row = row  # elements per row, for row-wise operations (chunks then hold whole rows)
         self.acc_dtype = ACC_DTYPES[program.acc]
         self.scalars: dict[int, float] = {}
+        self.columns: dict[int, torch.Tensor] = {}  # column functions' results, one number per column
         self.reducers: dict[int, Any] = {}
+        self._cell = torch.empty((), dtype=torch.float64)  # a per-tensor number's element-wise function
         self._settle(0)
 
     def _settle(self, done: int) -> None:
         """Compute every scalar known once ``done`` data passes have finished."""
         for i, ins in enumerate(self.program.instrs):
+            if ins.tensor and ins.op == "reduce" and i not in self.columns and ins.need <= done:
+                self.columns[i] = self.reducers.pop(i).result()
             if ins.tensor or i in self.scalars or ins.need > done:
                 continue
             if ins.op == "reduce":
@@ -182,6 +214,8 @@ class ProgramState:
                     )
                 elif ins.attr == "count":
                     self.reducers[i] = Count()
+                elif ins.attr == "colsum":  # a tensor that is one row (a vector) is one column
+                    self.reducers[i] = ColumnSum(1 if self.row == self.numel else self.row)
                 else:
                     self.reducers[i] = BlockSum()
 
@@ -194,9 +228,8 @@ class ProgramState:
         if ins.op == "neg":
             return -vals[0]
         if ins.op == "call":
-            out = torch.empty((), dtype=torch.float64)
-            ELEMENTWISE[ins.attr].chunk(out, *vals)
-            return float(out)
+            ELEMENTWISE[ins.attr].chunk(self._cell, *vals)
+            return float(self._cell)
         return _scalar_binary(ins.op, vals[0], vals[1])
 
     def feed(
@@ -233,6 +266,8 @@ class ProgramState:
             red = self.reducers[i]
             if ins.attr == "kth":
                 red.add(operand, start, round_)
+            elif ins.attr == "colsum":
+                red.add(operand, start)
             elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
                 other = operand if ins.attr == "sumsq" else values[ins.args[1]]
                 red.add(_product64(operand, other), start)
@@ -280,9 +315,13 @@ class ProgramState:
         chunk: dict[int, torch.Tensor] = {}
         for i, slot in self.program.schedule(targets, frozenset(self.scalars)):
             ins = self.program.instrs[i]
-            args = [chunk[a] if a in chunk else values[a] for a in ins.args]
             out = scratch.get(("slot", slot), self.acc_dtype, stop - start)
-            self._compute(ins, args, views, start, stop, out)
+            if ins.op == "reduce":  # a column function: each element's column, from its pass
+                columns = self.columns[i]
+                out.view(-1, columns.numel()).copy_(columns.expand(out.numel() // columns.numel(), -1))
+            else:
+                args = [chunk[a] if a in chunk else values[a] for a in ins.args]
+                self._compute(ins, args, views, start, stop, out)
             chunk[i] = out
         return [chunk[t] if t in chunk else values[t] for t in targets]
 
@@ -306,8 +345,8 @@ class ProgramState:
                     out.add_(w * x)
         elif ins.op == "neg":
             torch.neg(args[0], out=out)
-        elif ins.op == "call" and ins.attr == "rowrank":
-            row_rank(args[0], self.row, out)
+        elif ins.op == "call" and ins.attr in ROW_KERNELS:
+            ROW_KERNELS[ins.attr](args[0], self.row, out)
         elif ins.op == "call":
             ELEMENTWISE[ins.attr].chunk(out, *args)
         elif ins.op == "rand":

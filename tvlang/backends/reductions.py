@@ -59,6 +59,31 @@ class BlockSum:
         return float(torch.cat([self._blocks[s] for s in sorted(self._blocks)]).sum())
 
 
+class ColumnSum:
+    """Σ of each column of the tensor seen as ``(rows, columns)``, in float64, each column's values
+    added in row order: the chunks come in order and hold whole rows, so any chunking gives the same
+    bits.  Memory: one row of float64 sums, and a chunk-sized scan buffer."""
+
+    def __init__(self, columns: int) -> None:
+        self.columns = columns
+        self.total = torch.zeros(columns, dtype=torch.float64)
+        self.next = 0
+
+    def add(self, values: torch.Tensor, start: int) -> None:
+        assert start == self.next, "column sums take the chunks in order"
+        self.next = start + values.numel()
+        rows = values.numel() // self.columns
+        wide = work_buffer("col-sum", torch.float64, (rows + 1) * self.columns).view(rows + 1, self.columns)
+        wide[0].copy_(self.total)
+        wide[1:].copy_(values.reshape(rows, self.columns))
+        scan = work_buffer("col-scan", torch.float64, (rows + 1) * self.columns).view(rows + 1, self.columns)
+        torch.cumsum(wide, dim=0, out=scan)  # sequential down each column, from the running sums
+        self.total.copy_(scan[rows])
+
+    def result(self) -> torch.Tensor:
+        return self.total
+
+
 class Count:
     """The number of non-zero values."""
 

@@ -273,7 +273,7 @@ def _blocked(body: list[str], sums: list[int]) -> list[str]:
 def _call(fn: str, a: list[str], t: str, f: str) -> str:
     one = f"({t})1"
     zero = f"({t})0"
-    if fn in ("sqrt", "floor", "ceil", "sin", "acos"):
+    if fn in ("sqrt", "floor", "ceil", "sin", "acos", "cos", "exp", "log"):
         return f"{fn}{f}({a[0]})"
     if fn == "abs":
         return f"fabs{f}({a[0]})"

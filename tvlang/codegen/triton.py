@@ -218,7 +218,7 @@ class _Emitter:
             return f"libdevice.sqrt_rn({args[0]})"
         if fn in ("floor", "ceil"):
             return f"tl.{fn}({args[0]})"
-        if fn in ("sin", "acos"):
+        if fn in ("sin", "acos", "cos", "exp", "log"):
             return f"libdevice.{fn}({args[0]})"
         if fn in ("min", "max"):
             self.helpers.add("minmax")
@@ -452,6 +452,12 @@ def _install_interpreter_support() -> None:
         "__nv_sin": np.sin,
         "__nv_acosf": np.arccos,
         "__nv_acos": np.arccos,
+        "__nv_cosf": np.cos,
+        "__nv_cos": np.cos,
+        "__nv_expf": np.exp,
+        "__nv_exp": np.exp,
+        "__nv_logf": np.log,
+        "__nv_log": np.log,
     }
 
     def create_extern_elementwise(

@@ -150,11 +150,24 @@ def const(value: float, label: str | None = None) -> Node:
 
 
 def scalar_value(node: Node) -> float | None:
-    """The value of a scalar node built from constants, or None if it has none yet."""
+    """The value of a scalar node built from constants, or None if it has none yet (memoised: nodes
+    are immutable, and a deep shared DAG such as an unrolled iteration would otherwise be walked once
+    per path)."""
     if node.kind.tensor:
         return None
     if node.op is Op.CONST:
         return float(node.arg[0])
+    if node in _VALUES:
+        return _VALUES[node]
+    value = _scalar_value(node)
+    _VALUES[node] = value
+    return value
+
+
+_VALUES: weakref.WeakKeyDictionary[Node, float | None] = weakref.WeakKeyDictionary()
+
+
+def _scalar_value(node: Node) -> float | None:
     if node.op is Op.CALL:
         from tvlang.ops import ELEMENTWISE
 

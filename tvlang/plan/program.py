@@ -20,13 +20,16 @@ from typing import Any
 
 from tvlang.ir.node import Node, Op, toposort
 from tvlang.ir.printer import format_weight
+from tvlang.ops import COLUMN_FUNCTIONS, ROW_FUNCTIONS
 
 RADIX_BITS = 16
 
 
 @dataclass(frozen=True)
 class Instr:
-    op: str  # input, const, numel, wsum, add, sub, mul, div, neg, pow, call, reduce, rand
+    # input, const, numel, wsum, add, sub, mul, div, neg, pow, call, reduce, rand; a tensor-valued
+    # reduce is a column function (tvlang.ops.COLUMN_FUNCTIONS): per-column results, read per element
+    op: str
     args: tuple[int, ...] = ()
     attr: Any = None  # input index | constant | weights | function name | (seed, stream)
     tensor: bool = True  # a chunk of values (else one number per tensor)
@@ -59,7 +62,8 @@ class TensorProgram:
             if i in needed or i in known or not self.instrs[i].tensor:
                 continue
             needed.add(i)
-            stack.extend(self.instrs[i].args)
+            if self.instrs[i].op != "reduce":  # (a column reduction's chunk is read from its result)
+                stack.extend(self.instrs[i].args)
         order = sorted(needed)
         last_use = {i: i for i in order}
         for i in order:
@@ -88,8 +92,12 @@ class TensorProgram:
 
     @property
     def row_wise(self) -> bool:
-        """Whether an instruction needs whole rows in each chunk (ranks within rows)."""
-        return any(ins.op == "call" and ins.attr == "rowrank" for ins in self.instrs)
+        """Whether an instruction needs whole rows in each chunk (ranks, sums or maxima of rows)."""
+        return any(
+            (ins.op == "call" and ins.attr in ROW_FUNCTIONS)
+            or (ins.op == "reduce" and ins.attr in COLUMN_FUNCTIONS)
+            for ins in self.instrs
+        )
 
     @property
     def passes(self) -> int:
@@ -169,6 +177,9 @@ def compile_program(
             attr = node.arg[0]
         elif node.op is Op.REDUCE:
             rounds = radix_rounds if node.arg == "kth" else 1
+            need += rounds
+        elif node.op is Op.CALL and node.arg in COLUMN_FUNCTIONS:  # a pass, then a value per element
+            op, rounds = "reduce", 1
             need += rounds
         elif node.op is Op.GLOBAL:
             attr = (globals_ or {})[id(node)]  # known before the per-tensor work starts
