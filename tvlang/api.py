@@ -33,6 +33,7 @@ from tvlang.io.endpoints import (
     memory_metas,
 )
 from tvlang.io.lora import LoraAdapter, LoraSource
+from tvlang.io.vocab import VocabPlan, scratch_dir
 from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
@@ -170,8 +171,9 @@ class Program:
     ) -> Plan:
         """The plan, from checkpoint headers only (no tensor data is read)."""
         options = options or Options()
-        graph = optimize(self.lower(params, bindings, options).graph)
-        return _plan(graph, options)[0]
+        lowered = self.lower(params, bindings, options)
+        graph = optimize(lowered.graph)
+        return _plan(graph, options, _vocab_plan(lowered, graph))[0]
 
     def explain(
         self,
@@ -185,7 +187,8 @@ class Program:
         options = options or Options()
         lowered = self.lower(params, bindings, options)
         optimized = optimize(lowered.graph)
-        plan, _ = _plan(optimized, options)
+        vocab = _vocab_plan(lowered, optimized)
+        plan, _ = _plan(optimized, options, vocab)
         sections = [
             "# IR as written",
             format_graph(lowered.graph),
@@ -196,6 +199,9 @@ class Program:
             "# plan",
             plan.explain(per_tensor=None if all_tensors else 12),
         ]
+        if vocab is not None:
+            sections.append(vocab.describe())
+            vocab.close()
         if lowered.params:
             sections[0:0] = ["# parameters", *(f"{k} = {v:g}" for k, v in lowered.params.items()), ""]
         return "\n".join(sections)
@@ -219,7 +225,8 @@ class Program:
         check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
-        plan, opened = _plan(graph, options)
+        vocab = _vocab_plan(lowered, graph)
+        plan, opened = _plan(graph, options, vocab)
         dests = _destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, dests)
         metadata = {"tvlang.version": __version__}
@@ -227,15 +234,18 @@ class Program:
             metadata["tvlang.program"] = self.source
         sources: list[Source] = []
         sinks: list[Sink] = []
+        scratch = scratch_dir() if vocab is not None else None
         try:
             for inp in plan.inputs:
                 handle = opened[inp.ref.key]
+                source: Source
                 if isinstance(handle, Checkpoint):
-                    sources.append(CheckpointSource(handle))
+                    source = CheckpointSource(handle)
                 elif isinstance(handle, LoraAdapter):
-                    sources.append(LoraSource(handle))
+                    source = LoraSource(handle)
                 else:
-                    sources.append(MemorySource(handle))
+                    source = MemorySource(handle)
+                sources.append(source if vocab is None else vocab.source(inp.ref, source))
             for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
                 params_used = lowered.output_params[i]
                 meta = {
@@ -249,6 +259,13 @@ class Program:
                     continue
                 template = opened[plan.inputs[output.template].ref.key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
+                if (
+                    vocab is not None
+                    and scratch is not None
+                    and isinstance(template, Checkpoint)
+                    and template.is_dir
+                ):
+                    sidecars = vocab.sidecars(sidecars, scratch.name)  # the new tokenizer and vocab_size
                 sinks.append(
                     CheckpointWriter(
                         dest,
@@ -283,6 +300,10 @@ class Program:
         finally:
             for source in sources:
                 source.close()
+            if vocab is not None:
+                vocab.close()
+            if scratch is not None:
+                scratch.cleanup()
         if report:
             stderr = sys.stderr
             for line in report.lines():
@@ -294,11 +315,20 @@ class Program:
         return next(iter(results.values())) if len(results) == 1 else results
 
 
-def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
+def _vocab_plan(lowered: Lowered, graph: Graph) -> VocabPlan | None:
+    """The output vocabulary and each model's row map, for a program with a `vocab` statement."""
+    return None if lowered.vocab is None else VocabPlan(lowered.vocab, graph.inputs())
+
+
+def _plan(graph: Graph, options: Options, vocab: VocabPlan | None = None) -> tuple[Plan, dict[str, Any]]:
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
     def open_input(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
+        location, metas, sparse = _open(ref)
+        return location, metas if vocab is None else vocab.metas(ref, metas), sparse
+
+    def _open(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
         if ref.handle is not None:
             opened[ref.key] = ref.handle
             if on_cuda:  # tensors already on the GPU are read in place

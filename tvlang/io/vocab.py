@@ -1,0 +1,512 @@
+"""Vocabulary surgery: embedding and LM-head rows matched by token string, not by index.
+
+A program with a ``vocab`` statement (docs/language.md#vocabularies) reads every model's
+``tokenizer.json``, builds the output vocabulary (one model's, or the union of all of them), and
+re-indexes each model's vocabulary tensors (``embed_tokens``, ``lm_head``, ...) into it before the
+merge, as mergekit's ``tokenizer_source``/``tokenizer`` do.  Row ``j`` of a model's re-indexed
+tensor is the model's own row for output token ``j`` when it has that token; otherwise a default
+shared by every model that lacks it (mergekit's rules, in order):
+
+1. a ``token`` statement: a named model's row for it (or for another token, or a row id), or zero;
+2. the ``base=`` model's row, when it has the token;
+3. the row of the one model that has it;
+4. the mean of the rows of the models that have it (float64, rounded once to the receiving dtype);
+5. zero, when no model has it.
+
+``pad_to=N`` rounds the row count up to a multiple of N; the padding rows are the mean of the
+model's re-indexed rows (a reduction pass over that tensor, done once).
+
+Nothing is copied whole: :class:`VocabSource` gathers, for each chunk, only the rows it covers,
+in runs of consecutive rows read straight from each model's memory map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tvlang.errors import TvInputError
+from tvlang.io.checkpoint import Checkpoint, CheckpointReader
+from tvlang.io.endpoints import Source
+from tvlang.io.safetensors import DTYPES, TensorInfo
+from tvlang.ir.node import InputRef
+from tvlang.ops import work_buffer
+from tvlang.plan.plan import TensorMeta
+from tvlang.source import Span
+
+# Tensors whose rows are indexed by token id: input embeddings and output heads, by name suffix.
+VOCAB_SUFFIXES = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "wte.weight",
+    "embed_in.weight",
+    "embed_out.weight",
+    "word_embeddings.weight",
+    "tok_embeddings.weight",
+    "shared.weight",
+)
+# Files that describe a tokenizer: the template's are replaced by the output vocabulary's.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+)
+# Files copied from the vocabulary's model next to the new tokenizer.json, when it has them.
+_KEPT = ("tokenizer_config.json", "special_tokens_map.json")
+
+ZERO, MEAN, PAD = -1, -2, -3  # row sources besides a model's own row (src_model ≥ 0)
+
+
+def is_vocab_tensor(name: str, shape: Sequence[int]) -> bool:
+    """A tensor indexed by token id (2-D, named like an embedding or an output head)."""
+    return len(shape) == 2 and (name == "output.weight" or name.endswith(VOCAB_SUFFIXES))
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """``token "t" = model[index], force``: where token ``t``'s rows come from."""
+
+    token: str
+    model: InputRef | None  # None: zero rows
+    index: str | int | None  # another token of `model` (its string or its row id); None: `token` itself
+    force: bool  # also for models that have the token
+    span: Span | None = None
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """What a ``vocab`` statement (and its ``token`` statements) asks for."""
+
+    source: InputRef | None  # the model whose tokenizer the output takes; None: the union
+    base: InputRef | None  # the model whose row a token missing from another model takes first
+    pad_to: int | None
+    tokens: tuple[TokenRule, ...] = ()
+    span: Span | None = None
+
+    @property
+    def describe(self) -> str:
+        what = "union" if self.source is None else f"the vocabulary of `{self.source.label}`"
+        return what + (f", base `{self.base.label}`" if self.base is not None else "")
+
+
+@dataclass
+class _Model:
+    ref: InputRef
+    ckpt: Checkpoint
+    tokenizer: dict[str, Any]  # tokenizer.json
+    vocab: dict[str, int]  # token → id, every token (added ones included)
+    rows: int  # ids below this have rows (config.json's vocab_size, and every vocab tensor's rows)
+
+    def has(self, token: str) -> int:
+        i = self.vocab.get(token, -1)
+        return i if 0 <= i < self.rows else -1
+
+
+def _tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ImportError:  # pragma: no cover - the `vocab` extra
+        raise TvInputError(
+            "matching rows by token needs the `tokenizers` library",
+            help="pip install 'tvlang[vocab]'",
+            code="E310",
+        ) from None
+    return tokenizers
+
+
+def _read_json(path: str, what: str, ref: InputRef) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise TvInputError(
+            f"`{ref.label}` has no {os.path.basename(path)}: its rows cannot be matched by token",
+            ref.span,
+            label=f"{ref.key}",
+            help=f"a `vocab` program needs each model's {what}",
+            code="E310",
+        ) from None
+    except (OSError, ValueError) as e:
+        raise TvInputError(f"{path}: not a valid {what} ({e})", ref.span, code="E310") from None
+    if not isinstance(doc, dict):
+        raise TvInputError(f"{path}: not a valid {what} (not an object)", ref.span, code="E310")
+    return doc
+
+
+def _open_model(ref: InputRef, ckpt: Checkpoint) -> _Model:
+    if not ckpt.is_dir:
+        raise TvInputError(
+            f"`{ref.label}` is a single .safetensors file, with no tokenizer: its rows cannot be matched by token",
+            ref.span,
+            help="give the model's Hugging Face directory (with tokenizer.json)",
+            code="E310",
+        )
+    path = os.path.join(ckpt.path, "tokenizer.json")
+    doc = _read_json(path, "tokenizer.json", ref)
+    try:
+        tok = _tokenizers().Tokenizer.from_str(json.dumps(doc))
+    except Exception as e:  # the library's own error types
+        raise TvInputError(
+            f"{path}: the tokenizers library cannot read it ({e})", ref.span, code="E310"
+        ) from None
+    vocab = {str(t): int(i) for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    config = os.path.join(ckpt.path, "config.json")
+    rows = max(vocab.values(), default=-1) + 1
+    if os.path.isfile(config):
+        size = _read_json(config, "config.json", ref).get("vocab_size")
+        if isinstance(size, int) and size > 0:
+            rows = size
+    for name, info in ckpt.tensors.items():
+        if is_vocab_tensor(name, info.shape):
+            rows = min(rows, info.shape[0])
+    return _Model(ref, ckpt, doc, vocab, rows)
+
+
+def _strip(doc: dict[str, Any], rows: int) -> dict[str, Any]:
+    """``doc`` without the tokens whose id has no row (mergekit strips the base tokenizer so)."""
+    doc = json.loads(json.dumps(doc))
+    doc["added_tokens"] = [a for a in doc.get("added_tokens") or [] if int(a.get("id", 0)) < rows]
+    model = doc.get("model") or {}
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        gone = {t for t, i in vocab.items() if int(i) >= rows}
+        model["vocab"] = {t: i for t, i in vocab.items() if t not in gone}
+        merges = model.get("merges")
+        if gone and isinstance(merges, list):
+            model["merges"] = [
+                m for m in merges if not any(p in gone for p in (m.split(" ") if isinstance(m, str) else m))
+            ]
+    elif isinstance(vocab, list):  # Unigram: ids are positions
+        model["vocab"] = vocab[:rows]
+    return doc
+
+
+class VocabPlan:
+    """The output vocabulary and, for each model, where each of its re-indexed rows comes from."""
+
+    def __init__(self, spec: VocabSpec, refs: Sequence[InputRef]) -> None:
+        self.spec = spec
+        order: dict[str, InputRef] = {}
+        for ref in [*([spec.base] if spec.base else []), *refs]:
+            order.setdefault(ref.key, ref)
+        for rule in spec.tokens:
+            if rule.model is not None:
+                order.setdefault(rule.model.key, rule.model)
+        # models whose rows can stand in for a model that lacks a token (mergekit's merged models);
+        # a vocabulary's model that is not merged gives its tokenizer only
+        self.donors = len(order)
+        if spec.source is not None:
+            order.setdefault(spec.source.key, spec.source)
+        self.models: list[_Model] = []
+        self.index: dict[str, int] = {}
+        for key, ref in order.items():
+            if ref.handle is not None or not ref.kind.is_model:
+                raise TvInputError(
+                    f"`{ref.label}` is not a checkpoint directory with a tokenizer: rows cannot be matched by token",
+                    ref.span,
+                    help="with `vocab`, every input is a model's Hugging Face directory",
+                    code="E310",
+                )
+            self.index[key] = len(self.models)
+            self.models.append(_open_model(ref, Checkpoint.open(key)))
+        self._build_tokenizer()
+        self._build_rows()
+        self._readers: dict[int, CheckpointReader] = {}
+        self._lock = threading.Lock()
+        self._pad_means: dict[tuple[int, str], torch.Tensor] = {}
+
+    # -- the output vocabulary --------------------------------------------------------------------
+    def _build_tokenizer(self) -> None:
+        spec, tk = self.spec, _tokenizers()
+        # the union grows the base's tokenizer (the first model when there is no base)
+        first = self.models[self.index[spec.source.key]] if spec.source else self.models[0]
+        self.vocab_model = first
+        tok = tk.Tokenizer.from_str(json.dumps(_strip(first.tokenizer, first.rows)))
+        known = set(tok.get_vocab(with_added_tokens=True))
+        if spec.source is None:  # the union: every model's tokens (base's first), then added tokens
+            new: list[Any] = []
+            for m in self.models:
+                added = {a["content"] for a in m.tokenizer.get("added_tokens") or []}
+                for t, _ in sorted(m.vocab.items(), key=lambda kv: kv[1]):
+                    if t not in known and t not in added and m.has(t) >= 0:
+                        known.add(t)
+                        new.append(tk.AddedToken(t, special=False, normalized=True))
+            tok.add_tokens(new)
+            for m in self.models:
+                for a in m.tokenizer.get("added_tokens") or []:
+                    t = a.get("content")
+                    if not isinstance(t, str) or t in known or m.has(t) < 0:
+                        continue
+                    known.add(t)
+                    added_token = tk.AddedToken(
+                        t,
+                        single_word=bool(a.get("single_word", False)),
+                        lstrip=bool(a.get("lstrip", False)),
+                        rstrip=bool(a.get("rstrip", False)),
+                        normalized=bool(a.get("normalized", not a.get("special", False))),
+                        special=bool(a.get("special", False)),
+                    )
+                    (tok.add_special_tokens if a.get("special") else tok.add_tokens)([added_token])
+        extra = [r.token for r in spec.tokens if r.token not in known]
+        if extra:  # a `token` statement for a token the vocabulary lacks adds it (as mergekit does)
+            tok.add_tokens([tk.AddedToken(t, special=False, normalized=True) for t in dict.fromkeys(extra)])
+        self.tokenizer_json = tok.to_str()
+        self.vocab: dict[str, int] = {
+            str(t): int(i) for t, i in tok.get_vocab(with_added_tokens=True).items()
+        }
+        self.tokens = max(self.vocab.values(), default=-1) + 1
+        pad = spec.pad_to or 1
+        self.rows = -(-self.tokens // pad) * pad
+
+    # -- where each row comes from ----------------------------------------------------------------
+    def _build_rows(self) -> None:
+        n, spec = self.rows, self.spec
+        by_token = {r.token: r for r in spec.tokens}
+        base = self.index[spec.base.key] if spec.base is not None else None
+        # the default each token's rows take in a model that lacks it (or for every model, forced)
+        d_model = np.full(n, ZERO, dtype=np.int64)
+        d_row = np.zeros(n, dtype=np.int64)
+        self.means: dict[int, tuple[tuple[int, int], ...]] = {}
+        have = [np.full(n, -1, dtype=np.int64) for _ in self.models]
+        for t, j in self.vocab.items():
+            for k, m in enumerate(self.models):
+                have[k][j] = m.has(t)
+        for t, j in self.vocab.items():
+            rule = by_token.get(t)
+            if rule is not None:
+                d_model[j], d_row[j] = self._rule_row(rule)
+                continue
+            present = [k for k in range(self.donors) if have[k][j] >= 0]
+            if len(present) == 1:
+                d_model[j], d_row[j] = present[0], have[present[0]][j]
+            elif base is not None and have[base][j] >= 0:
+                d_model[j], d_row[j] = base, have[base][j]
+            elif present:
+                d_model[j] = MEAN
+                self.means[j] = tuple((k, int(have[k][j])) for k in present)
+        d_model[self.tokens :] = PAD
+        forced = np.zeros(n, dtype=bool)
+        for t, rule in by_token.items():
+            forced[self.vocab[t]] = rule.force
+        self.src_model: list[np.ndarray] = []
+        self.src_row: list[np.ndarray] = []
+        for k in range(len(self.models)):
+            own = (have[k] >= 0) & ~forced
+            self.src_model.append(np.where(own, k, d_model))
+            self.src_row.append(np.where(own, have[k], d_row))
+
+    def _rule_row(self, rule: TokenRule) -> tuple[int, int]:
+        if rule.model is None:
+            return ZERO, 0
+        k = self.index[rule.model.key]
+        m = self.models[k]
+        if isinstance(rule.index, int):
+            row, what = rule.index, f"row {rule.index}"
+        else:
+            name = rule.token if rule.index is None else rule.index
+            row, what = m.vocab.get(name, -1), f"token {name!r}"
+        if not 0 <= row < m.rows:
+            raise TvInputError(
+                f"`{m.ref.label}` has no {what}"
+                + (f" (it has {m.rows} rows)" if isinstance(rule.index, int) else ""),
+                rule.span,
+                label="its row is asked for here",
+                code="E311",
+            )
+        return k, row
+
+    # -- what the planner and the runtime see ----------------------------------------------------
+    def metas(self, ref: InputRef, metas: Mapping[str, TensorMeta]) -> dict[str, TensorMeta]:
+        """An input's tensors as re-indexed: vocabulary tensors get the output's rows."""
+        out = dict(metas)
+        if ref.key not in self.index:
+            if any(is_vocab_tensor(n, m.shape) for n, m in metas.items()):
+                raise TvInputError(
+                    f"`{ref.label}` holds embedding rows but is not a model with a tokenizer",
+                    ref.span,
+                    help="with `vocab`, stored task vectors and adapters cannot change embeddings",
+                    code="E310",
+                )
+            return out
+        for name, meta in metas.items():
+            if is_vocab_tensor(name, meta.shape):
+                out[name] = TensorMeta(meta.dtype, (self.rows, *meta.shape[1:]))
+        return out
+
+    def source(self, ref: InputRef, inner: Source) -> Source:
+        k = self.index.get(ref.key)
+        return inner if k is None else VocabSource(self, k, inner)
+
+    def reader(self, k: int) -> CheckpointReader:
+        reader = self._readers.get(k)
+        if reader is None:
+            with self._lock:
+                reader = self._readers.get(k)
+                if reader is None:
+                    reader = self._readers[k] = self.models[k].ckpt.reader()
+        return reader
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
+
+    def gather(self, k: int, name: str, r0: int, r1: int, out: torch.Tensor) -> None:
+        """Rows ``r0:r1`` of model ``k``'s re-indexed ``name`` into ``out`` (rows × cols, its dtype)."""
+        models, rows = self.src_model[k][r0:r1], self.src_row[k][r0:r1]
+        # runs of rows copied from one model's consecutive rows (or one kind of default)
+        brk = (
+            np.flatnonzero((models[1:] != models[:-1]) | ((models[1:] >= 0) & (rows[1:] != rows[:-1] + 1)))
+            + 1
+        )
+        starts = np.concatenate(([0], brk))
+        stops = np.concatenate((brk, [len(models)]))
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            src = int(models[a])
+            if src >= 0:
+                self._copy_rows(src, name, int(rows[a]), int(rows[a]) + b - a, out[a:b])
+            elif src == ZERO:
+                out[a:b].zero_()
+            elif src == MEAN:
+                for j in range(a, b):
+                    acc = torch.zeros(out.shape[1], dtype=torch.float64)
+                    for m, r in self.means[r0 + j]:
+                        acc += self._rows(m, name, r, r + 1)[0]
+                    out[j].copy_(acc / len(self.means[r0 + j]))
+            else:
+                out[a:b].copy_(self.pad_mean(k, name, out.dtype).expand(b - a, -1))
+
+    def _rows(self, k: int, name: str, a: int, b: int) -> torch.Tensor:
+        out = torch.empty((b - a, self._info(k, name).shape[1]), dtype=torch.float64)
+        self._copy_rows(k, name, a, b, out)
+        return out
+
+    def _copy_rows(self, k: int, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        info = self._info(k, name)
+        cols = info.shape[1]
+        reader = self.reader(k)
+        out.copy_(reader.read(info, a * cols, b * cols).view(b - a, cols))
+        reader.release(info, a * cols, b * cols)
+
+    def _info(self, k: int, name: str) -> TensorInfo:
+        info = self.models[k].ckpt.tensors.get(name)
+        if info is None:
+            raise TvInputError(
+                f"`{self.models[k].ref.label}` has no tensor `{name}` to take rows from",
+                self.models[k].ref.span,
+                code="E303",
+            )
+        return info
+
+    def pad_mean(self, k: int, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The mean of model ``k``'s re-indexed token rows of ``name``: a reduction pass over them,
+        in float64 and blocks of rows, rounded once to ``dtype``."""
+        key = (k, name)
+        mean = self._pad_means.get(key)
+        if mean is None:
+            cols = self.models[k].ckpt.tensors[name].shape[1]
+            acc = torch.zeros(cols, dtype=torch.float64)
+            step = max(1, (1 << 18) // max(1, cols))
+            block = torch.empty((step, cols), dtype=dtype)
+            for r in range(0, self.tokens, step):
+                e = min(self.tokens, r + step)
+                self.gather(k, name, r, e, block[: e - r])
+                acc += block[: e - r].to(torch.float64).sum(dim=0)
+            mean = (acc / self.tokens).to(dtype)
+            self._pad_means[key] = mean
+        return mean
+
+    # -- the output's files -----------------------------------------------------------------------
+    def sidecars(self, template: Sequence[str], directory: str) -> list[str]:
+        """The template's side files with its tokenizer replaced by the output vocabulary's
+        (written into ``directory``) and config.json's ``vocab_size`` set to the output's rows."""
+        out = [p for p in template if os.path.basename(p) not in (*TOKENIZER_FILES, "config.json")]
+        path = os.path.join(directory, "tokenizer.json")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.tokenizer_json)
+        out.append(path)
+        source_dir = self.vocab_model.ckpt.path
+        for name in _KEPT:
+            src = os.path.join(source_dir, name)
+            if not os.path.isfile(src):
+                continue
+            doc = _read_json(src, name, self.vocab_model.ref)
+            if name == "tokenizer_config.json":  # transformers reads the added tokens from here too
+                doc["added_tokens_decoder"] = {
+                    str(a["id"]): {k: v for k, v in a.items() if k != "id"}
+                    for a in json.loads(self.tokenizer_json).get("added_tokens") or []
+                }
+            dst = os.path.join(directory, name)
+            with open(dst, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2, ensure_ascii=False)
+            out.append(dst)
+        config = next((p for p in template if os.path.basename(p) == "config.json"), None)
+        if config is not None:
+            doc = _read_json(config, "config.json", self.vocab_model.ref)
+            doc["vocab_size"] = self.rows
+            dst = os.path.join(directory, "config.json")
+            with open(dst, "w", encoding="utf-8") as f:
+                json.dump(doc, f, indent=2)
+            out.append(dst)
+        return sorted(out, key=os.path.basename)
+
+    def describe(self) -> str:
+        added = self.tokens - self.vocab_model.rows
+        return (
+            f"vocab: {self.spec.describe}: {len(self.vocab):,} tokens"
+            + (f" ({added:+,} on `{self.vocab_model.ref.label}`)" if added else "")
+            + f", {self.rows:,} rows"
+        )
+
+
+class VocabSource:
+    """An input whose vocabulary tensors are re-indexed into the output vocabulary, a chunk's rows
+    at a time (into a reused per-thread buffer); every other tensor is read from ``inner``."""
+
+    def __init__(self, plan: VocabPlan, k: int, inner: Source) -> None:
+        self.plan, self.k, self.inner = plan, k, inner
+        self.tensors = plan.models[k].ckpt.tensors
+
+    def _vocab(self, name: str) -> bool:
+        info = self.tensors.get(name)
+        return info is not None and is_vocab_tensor(name, info.shape)
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if not self._vocab(name):
+            return self.inner.read(name, start, stop)
+        info = self.tensors[name]
+        cols = info.shape[1]
+        r0, r1 = start // cols, -(-stop // cols)
+        block = work_buffer(f"vocab-{id(self)}", DTYPES[info.dtype], (r1 - r0) * cols).view(r1 - r0, cols)
+        self.plan.gather(self.k, name, r0, r1, block)
+        return block.view(-1)[start - r0 * cols : stop - r0 * cols]
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        if not self._vocab(name):
+            self.inner.release(name, start, stop)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory[str]:
+    """Where the output's generated tokenizer files wait until the writer copies them."""
+    return tempfile.TemporaryDirectory(prefix="tvlang-vocab-")
+
+
+__all__ = ["VOCAB_SUFFIXES", "TokenRule", "VocabPlan", "VocabSource", "VocabSpec", "is_vocab_tensor"]
