@@ -5,9 +5,10 @@
 mergekit's.  Each method becomes the tvlang method, or composition of methods, that computes what
 mergekit computes; per-model parameters given as gradients or with filters become per-tensor
 numbers (``gradient([...])``, ``where(matches("*mlp*"), a, b)``), resolved before any data is read.
-See ``docs/mergekit.md`` for the mapping and for where the results differ.
+``tokenizer_source:`` and ``tokenizer:`` become ``vocab`` and ``token`` statements (rows matched by
+token, :mod:`tvlang.io.vocab`).  See ``docs/mergekit.md`` for the mapping and for where the results differ.
 
-Anything tvlang cannot reproduce (``slices:``, ``modules:``, tokenizer surgery, LoRA and Hub
+Anything tvlang cannot reproduce (``slices:``, ``modules:``, LoRA and Hub
 references, unknown methods or parameters) is a :class:`TvParamError` ``E407`` that names the field
 and points at it in the YAML; nothing is dropped without a word.
 
