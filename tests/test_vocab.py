@@ -191,6 +191,8 @@ def test_source_base_or_a_model_task_arithmetic(root: Path, source: str) -> None
     owner = "base" if source == "base" else "chat"
     vocab = check_loads_and_runs(out, "w1 w7 <s>")
     assert vocab == vocab_of(root / "m" / owner)  # the source's vocabulary, ids and all
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # unchanged: its files as they are
+        assert (out / name).read_bytes() == (root / "m" / owner / name).read_bytes()
     got = load_file(str(out / "model.safetensors"))
     for tensor in VOCAB_TENSORS:
         ref = reindexed(root, ["base", *names], "base", vocab, len(vocab), tensor)
@@ -303,3 +305,18 @@ def test_cli_error_exit(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert cli.main(["run", str(prog), "-o", str(root / "never")]) == 1
     assert "error[E311]" in capsys.readouterr().err and not (root / "never").exists()
+
+
+def test_tokenizer_files_stay_inside_the_roots(root: Path, tmp_path: Path) -> None:
+    """A tokenizer.json linked to a file outside the directories a program may read is refused
+    before it is read (E305), as any other side file is."""
+    model = tmp_path / "inside" / "linked"
+    save_checkpoint(make_state(llama_shapes(hidden=32, layers=1, vocab=12), 3, torch.float32), str(model))
+    (model / "tokenizer.json").unlink()
+    outside = tmp_path / "outside.json"
+    outside.write_text("not json")  # were it read, this would be E310
+    (model / "tokenizer.json").symlink_to(outside)
+    prog = write(tmp_path / "inside", "p.tv", 'a = load("linked")\nvocab union\noutput o = a\n')
+    with pytest.raises(tvlang.TvError) as info:
+        tvlang.compile_file(prog).plan(options=tvlang.Options(roots=(str(tmp_path / "inside"),)))
+    assert info.value.code == "E305", info.value.render()

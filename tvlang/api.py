@@ -173,7 +173,7 @@ class Program:
         options = options or Options()
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
-        return _plan(graph, options, _vocab_plan(lowered, graph))[0]
+        return _plan(graph, options, _vocab_plan(lowered, graph, options))[0]
 
     def explain(
         self,
@@ -187,7 +187,7 @@ class Program:
         options = options or Options()
         lowered = self.lower(params, bindings, options)
         optimized = optimize(lowered.graph)
-        vocab = _vocab_plan(lowered, optimized)
+        vocab = _vocab_plan(lowered, optimized, options)
         plan, _ = _plan(optimized, options, vocab)
         sections = [
             "# IR as written",
@@ -225,7 +225,7 @@ class Program:
         check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
-        vocab = _vocab_plan(lowered, graph)
+        vocab = _vocab_plan(lowered, graph, options)
         plan, opened = _plan(graph, options, vocab)
         dests = _destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, dests)
@@ -315,9 +315,17 @@ class Program:
         return next(iter(results.values())) if len(results) == 1 else results
 
 
-def _vocab_plan(lowered: Lowered, graph: Graph) -> VocabPlan | None:
+def _vocab_plan(lowered: Lowered, graph: Graph, options: Options) -> VocabPlan | None:
     """The output vocabulary and each model's row map, for a program with a `vocab` statement."""
-    return None if lowered.vocab is None else VocabPlan(lowered.vocab, graph.inputs())
+    if lowered.vocab is None:
+        return None
+    roots = options.roots
+
+    def check(ref: InputRef, ckpt: Checkpoint) -> None:
+        if roots is not None:
+            _check_inside_roots(ckpt, roots, ref)
+
+    return VocabPlan(lowered.vocab, graph.inputs(), check)
 
 
 def _plan(graph: Graph, options: Options, vocab: VocabPlan | None = None) -> tuple[Plan, dict[str, Any]]:

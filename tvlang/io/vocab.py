@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,7 +198,14 @@ def _strip(doc: dict[str, Any], rows: int) -> dict[str, Any]:
 class VocabPlan:
     """The output vocabulary and, for each model, where each of its re-indexed rows comes from."""
 
-    def __init__(self, spec: VocabSpec, refs: Sequence[InputRef]) -> None:
+    def __init__(
+        self,
+        spec: VocabSpec,
+        refs: Sequence[InputRef],
+        check: Callable[[InputRef, Checkpoint], None] | None = None,
+    ) -> None:
+        """``refs``: the models the program reads; ``check`` vets each checkpoint before any of its
+        files is read (the allowed roots)."""
         self.spec = spec
         order: dict[str, InputRef] = {}
         for ref in [*([spec.base] if spec.base else []), *refs]:
@@ -221,8 +228,11 @@ class VocabPlan:
                     help="with `vocab`, every input is a model's Hugging Face directory",
                     code="E310",
                 )
+            ckpt = Checkpoint.open(key)
+            if check is not None:
+                check(ref, ckpt)
             self.index[key] = len(self.models)
-            self.models.append(_open_model(ref, Checkpoint.open(key)))
+            self.models.append(_open_model(ref, ckpt))
         self._build_tokenizer()
         self._build_rows()
         self._readers: dict[int, CheckpointReader] = {}
@@ -264,6 +274,8 @@ class VocabPlan:
         extra = [r.token for r in spec.tokens if r.token not in known]
         if extra:  # a `token` statement for a token the vocabulary lacks adds it (as mergekit does)
             tok.add_tokens([tk.AddedToken(t, special=False, normalized=True) for t in dict.fromkeys(extra)])
+        # one model's vocabulary as it is: its tokenizer files are carried over unchanged
+        self.unchanged = spec.source is not None and not extra and len(first.vocab) == len(known)
         self.tokenizer_json = tok.to_str()
         self.vocab: dict[str, int] = {
             str(t): int(i) for t, i in tok.get_vocab(with_added_tokens=True).items()
@@ -436,12 +448,19 @@ class VocabPlan:
         """The template's side files with its tokenizer replaced by the output vocabulary's
         (written into ``directory``) and config.json's ``vocab_size`` set to the output's rows."""
         out = [p for p in template if os.path.basename(p) not in (*TOKENIZER_FILES, "config.json")]
-        path = os.path.join(directory, "tokenizer.json")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.tokenizer_json)
-        out.append(path)
         source_dir = self.vocab_model.ckpt.path
-        for name in _KEPT:
+        if self.unchanged:
+            out += [
+                os.path.join(source_dir, n)
+                for n in TOKENIZER_FILES
+                if os.path.isfile(os.path.join(source_dir, n))
+            ]
+        else:
+            path = os.path.join(directory, "tokenizer.json")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(self.tokenizer_json)
+            out.append(path)
+        for name in () if self.unchanged else _KEPT:
             src = os.path.join(source_dir, name)
             if not os.path.isfile(src):
                 continue
