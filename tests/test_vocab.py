@@ -35,6 +35,7 @@ MODELS: dict[str, tuple[list[str], list[str], int]] = {  # model tokens, added t
         12,
     ),
     "padded": (WORDS, ["<UNUSED_0>", "<UNUSED_1>"], 12),  # two tokens past its rows: mergekit drops them
+    "rev": (["<unk>", *reversed(WORDS[1:]), "z0"], [], 13),  # every row elsewhere: read row by row
 }
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
@@ -154,7 +155,7 @@ def models_yaml(names: list[str], weight: float = 1.0) -> str:
 
 
 def test_union_linear(root: Path) -> None:
-    names = ["base", "chat", "other", "padded"]
+    names = ["base", "chat", "other", "padded", "rev"]
     cfg = write(
         root,
         "union.yml",
@@ -163,7 +164,7 @@ def test_union_linear(root: Path) -> None:
     )
     out = run(root, cfg, "union")
     vocab = check_loads_and_runs(out, "<|im_start|> w1 y0 x1 <|im_end|>")
-    expected = set(WORDS) | {"x0", "x1", "y0", "y1", "<|im_start|>", "<|im_end|>"}
+    expected = set(WORDS) | {"x0", "x1", "y0", "y1", "z0", "<|im_start|>", "<|im_end|>"}
     assert set(vocab) == expected  # every model's tokens, not the ones past `padded`'s rows
     assert all(vocab[t] == i for t, i in vocab_of(root / "m" / "base").items())  # the base's ids stay
     added = {a["content"]: a for a in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
@@ -178,7 +179,7 @@ def test_union_linear(root: Path) -> None:
     assert torch.equal(got["model.embed_tokens.weight"][vocab["<|im_start|>"]], chat[14])
 
 
-@pytest.mark.parametrize("source", ["base", "m/chat"])
+@pytest.mark.parametrize("source", ["base", "m/chat", "m/padded"])
 def test_source_base_or_a_model_task_arithmetic(root: Path, source: str) -> None:
     names = ["chat", "other"]
     cfg = write(
@@ -188,11 +189,13 @@ def test_source_base_or_a_model_task_arithmetic(root: Path, source: str) -> None
         + models_yaml(names, 0.5),
     )
     out = run(root, cfg, f"ta_{source[-4:]}")
-    owner = "base" if source == "base" else "chat"
+    owner = source.removeprefix("m/")
     vocab = check_loads_and_runs(out, "w1 w7 <s>")
-    assert vocab == vocab_of(root / "m" / owner)  # the source's vocabulary, ids and all
+    # the source's vocabulary, ids and all (without the tokens past its rows)
+    assert vocab == vocab_of(root / "m" / owner, MODELS[owner][2])
     for name in ("tokenizer.json", "tokenizer_config.json"):  # unchanged: its files as they are
-        assert (out / name).read_bytes() == (root / "m" / owner / name).read_bytes()
+        same = (out / name).read_bytes() == (root / "m" / owner / name).read_bytes()
+        assert same == (owner != "padded"), name
     got = load_file(str(out / "model.safetensors"))
     for tensor in VOCAB_TENSORS:
         ref = reindexed(root, ["base", *names], "base", vocab, len(vocab), tensor)

@@ -22,7 +22,9 @@ in runs of consecutive rows read straight from each model's memory map.
 
 from __future__ import annotations
 
+import itertools
 import json
+import mmap
 import os
 import tempfile
 import threading
@@ -69,6 +71,7 @@ TOKENIZER_FILES = (
 _KEPT = ("tokenizer_config.json", "special_tokens_map.json")
 
 ZERO, MEAN, PAD = -1, -2, -3  # row sources besides a model's own row (src_model ≥ 0)
+FEW_RUNS = 8  # a chunk's rows from one model in fewer runs than this are copied from its memory map
 
 
 def is_vocab_tensor(name: str, shape: Sequence[int]) -> bool:
@@ -107,8 +110,9 @@ class VocabSpec:
 class _Model:
     ref: InputRef
     ckpt: Checkpoint
-    tokenizer: dict[str, Any]  # tokenizer.json
+    path: str  # its tokenizer.json
     vocab: dict[str, int]  # token → id, every token (added ones included)
+    added: dict[int, Any]  # id → the tokenizers library's AddedToken
     rows: int  # ids below this have rows (config.json's vocab_size, and every vocab tensor's rows)
 
     def has(self, token: str) -> int:
@@ -156,9 +160,10 @@ def _open_model(ref: InputRef, ckpt: Checkpoint) -> _Model:
             code="E310",
         )
     path = os.path.join(ckpt.path, "tokenizer.json")
-    doc = _read_json(path, "tokenizer.json", ref)
+    if not os.path.isfile(path):
+        _read_json(path, "tokenizer.json", ref)  # the error that says what is missing
     try:
-        tok = _tokenizers().Tokenizer.from_str(json.dumps(doc))
+        tok = _tokenizers().Tokenizer.from_file(path)
     except Exception as e:  # the library's own error types
         raise TvInputError(
             f"{path}: the tokenizers library cannot read it ({e})", ref.span, code="E310"
@@ -173,7 +178,7 @@ def _open_model(ref: InputRef, ckpt: Checkpoint) -> _Model:
     for name, info in ckpt.tensors.items():
         if is_vocab_tensor(name, info.shape):
             rows = min(rows, info.shape[0])
-    return _Model(ref, ckpt, doc, vocab, rows)
+    return _Model(ref, ckpt, path, vocab, dict(tok.get_added_tokens_decoder()), rows)
 
 
 def _strip(doc: dict[str, Any], rows: int) -> dict[str, Any]:
@@ -236,6 +241,7 @@ class VocabPlan:
         self._build_tokenizer()
         self._build_rows()
         self._readers: dict[int, CheckpointReader] = {}
+        self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self._pad_means: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -245,38 +251,45 @@ class VocabPlan:
         # the union grows the base's tokenizer (the first model when there is no base)
         first = self.models[self.index[spec.source.key]] if spec.source else self.models[0]
         self.vocab_model = first
-        tok = tk.Tokenizer.from_str(json.dumps(_strip(first.tokenizer, first.rows)))
+        if max(first.vocab.values(), default=-1) < first.rows:
+            tok = tk.Tokenizer.from_file(first.path)
+        else:  # a padded tokenizer: without the tokens past its model's rows
+            tok = tk.Tokenizer.from_str(
+                json.dumps(_strip(_read_json(first.path, "tokenizer.json", first.ref), first.rows))
+            )
         known = set(tok.get_vocab(with_added_tokens=True))
         if spec.source is None:  # the union: every model's tokens (base's first), then added tokens
             new: list[Any] = []
             for m in self.models:
-                added = {a["content"] for a in m.tokenizer.get("added_tokens") or []}
-                for t, _ in sorted(m.vocab.items(), key=lambda kv: kv[1]):
+                added = {a.content for a in m.added.values()}
+                for t in sorted(m.vocab, key=m.vocab.__getitem__):
                     if t not in known and t not in added and m.has(t) >= 0:
                         known.add(t)
                         new.append(tk.AddedToken(t, special=False, normalized=True))
             tok.add_tokens(new)
             for m in self.models:
-                for a in m.tokenizer.get("added_tokens") or []:
-                    t = a.get("content")
-                    if not isinstance(t, str) or t in known or m.has(t) < 0:
+                for i, a in sorted(m.added.items()):
+                    if a.content in known or i >= m.rows:
                         continue
-                    known.add(t)
-                    added_token = tk.AddedToken(
-                        t,
-                        single_word=bool(a.get("single_word", False)),
-                        lstrip=bool(a.get("lstrip", False)),
-                        rstrip=bool(a.get("rstrip", False)),
-                        normalized=bool(a.get("normalized", not a.get("special", False))),
-                        special=bool(a.get("special", False)),
-                    )
-                    (tok.add_special_tokens if a.get("special") else tok.add_tokens)([added_token])
+                    known.add(a.content)
+                    (tok.add_special_tokens if a.special else tok.add_tokens)([a])
         extra = [r.token for r in spec.tokens if r.token not in known]
         if extra:  # a `token` statement for a token the vocabulary lacks adds it (as mergekit does)
             tok.add_tokens([tk.AddedToken(t, special=False, normalized=True) for t in dict.fromkeys(extra)])
         # one model's vocabulary as it is: its tokenizer files are carried over unchanged
         self.unchanged = spec.source is not None and not extra and len(first.vocab) == len(known)
         self.tokenizer_json = tok.to_str()
+        self.added_tokens = {
+            str(i): {
+                "content": a.content,
+                "single_word": a.single_word,
+                "lstrip": a.lstrip,
+                "rstrip": a.rstrip,
+                "normalized": a.normalized,
+                "special": a.special,
+            }
+            for i, a in sorted(tok.get_added_tokens_decoder().items())
+        }
         self.vocab: dict[str, int] = {
             str(t): int(i) for t, i in tok.get_vocab(with_added_tokens=True).items()
         }
@@ -288,32 +301,40 @@ class VocabPlan:
     def _build_rows(self) -> None:
         n, spec = self.rows, self.spec
         by_token = {r.token: r for r in spec.tokens}
-        base = self.index[spec.base.key] if spec.base is not None else None
-        # the default each token's rows take in a model that lacks it (or for every model, forced)
-        d_model = np.full(n, ZERO, dtype=np.int64)
-        d_row = np.zeros(n, dtype=np.int64)
-        self.means: dict[int, tuple[tuple[int, int], ...]] = {}
-        have = [np.full(n, -1, dtype=np.int64) for _ in self.models]
-        for t, j in self.vocab.items():
-            for k, m in enumerate(self.models):
-                have[k][j] = m.has(t)
-        for t, j in self.vocab.items():
-            rule = by_token.get(t)
-            if rule is not None:
-                d_model[j], d_row[j] = self._rule_row(rule)
-                continue
-            present = [k for k in range(self.donors) if have[k][j] >= 0]
-            if len(present) == 1:
-                d_model[j], d_row[j] = present[0], have[present[0]][j]
-            elif base is not None and have[base][j] >= 0:
-                d_model[j], d_row[j] = base, have[base][j]
-            elif present:
-                d_model[j] = MEAN
-                self.means[j] = tuple((k, int(have[k][j])) for k in present)
-        d_model[self.tokens :] = PAD
+        # have[k][j]: model k's row of output token j, or -1
+        have = np.full((len(self.models), n), -1, dtype=np.int64)
+        for k, m in enumerate(self.models):
+            pairs = [
+                (j, i) for t, i in m.vocab.items() if i < m.rows and (j := self.vocab.get(t)) is not None
+            ]
+            if pairs:
+                js, ids = np.array(pairs, dtype=np.int64).T
+                have[k, js] = ids
+        # the default each token's rows take in a model that lacks it (or for every model, forced):
+        # the one model that has it, else the base's row, else the mean of those that have it, else 0
+        donors = have[: self.donors] >= 0
+        count = donors.sum(axis=0)
+        first = donors.argmax(axis=0)
+        d_model = np.where(count >= 1, first, ZERO)
+        d_row = np.where(count >= 1, have[first, np.arange(n)], 0)
+        several = count >= 2
+        if spec.base is not None:
+            base = self.index[spec.base.key]
+            on_base = several & donors[base]
+            d_model[on_base], d_row[on_base] = base, have[base, on_base]
+            several &= ~donors[base]
+        d_model[several] = MEAN
+        self.means: dict[int, tuple[tuple[int, int], ...]] = {
+            j: tuple((k, int(have[k, j])) for k in np.flatnonzero(donors[:, j]).tolist())
+            for j in np.flatnonzero(several).tolist()
+        }
         forced = np.zeros(n, dtype=bool)
         for t, rule in by_token.items():
-            forced[self.vocab[t]] = rule.force
+            j = self.vocab[t]
+            d_model[j], d_row[j] = self._rule_row(rule)
+            self.means.pop(j, None)
+            forced[j] = rule.force
+        d_model[self.tokens :] = PAD
         self.src_model: list[np.ndarray] = []
         self.src_row: list[np.ndarray] = []
         for k in range(len(self.models)):
@@ -377,31 +398,61 @@ class VocabPlan:
             for reader in self._readers.values():
                 reader.close()
             self._readers.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def gather(self, k: int, name: str, r0: int, r1: int, out: torch.Tensor) -> None:
         """Rows ``r0:r1`` of model ``k``'s re-indexed ``name`` into ``out`` (rows × cols, its dtype)."""
         models, rows = self.src_model[k][r0:r1], self.src_row[k][r0:r1]
-        # runs of rows copied from one model's consecutive rows (or one kind of default)
-        brk = (
-            np.flatnonzero((models[1:] != models[:-1]) | ((models[1:] >= 0) & (rows[1:] != rows[:-1] + 1)))
-            + 1
-        )
-        starts = np.concatenate(([0], brk))
-        stops = np.concatenate((brk, [len(models)]))
-        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-            src = int(models[a])
+        for src in np.unique(models).tolist():
+            pos = np.flatnonzero(models == src)
             if src >= 0:
-                self._copy_rows(src, name, int(rows[a]), int(rows[a]) + b - a, out[a:b])
+                self._take_rows(src, name, pos, rows[pos], out)
             elif src == ZERO:
-                out[a:b].zero_()
+                out.index_fill_(0, torch.from_numpy(pos), 0)
             elif src == MEAN:
-                for j in range(a, b):
+                for j in pos.tolist():
                     acc = torch.zeros(out.shape[1], dtype=torch.float64)
                     for m, r in self.means[r0 + j]:
                         acc += self._rows(m, name, r, r + 1)[0]
                     out[j].copy_(acc / len(self.means[r0 + j]))
             else:
-                out[a:b].copy_(self.pad_mean(k, name, out.dtype).expand(b - a, -1))
+                out[int(pos[0]) :].copy_(self.pad_mean(k, name, out.dtype).expand(len(pos), -1))
+
+    def _take_rows(self, k: int, name: str, pos: np.ndarray, src: np.ndarray, out: torch.Tensor) -> None:
+        """``out[pos] = model k's rows src``, run by run (a run: consecutive rows to consecutive rows).
+        A few long runs are copied from the memory map.  Many short ones (a shuffled vocabulary) are
+        ``pread`` from the file: faulting scattered rows into a mapping would map far more than the
+        rows (the kernel maps whole folios around each fault: ~2 MiB per row measured here)."""
+        brk = np.flatnonzero((np.diff(pos) != 1) | (np.diff(src) != 1)) + 1
+        bounds = itertools.pairwise([0, *brk.tolist(), len(pos)])
+        copy = self._copy_rows if len(brk) < FEW_RUNS else self._pread_rows
+        for a, b in bounds:
+            p0, s0 = int(pos[a]), int(src[a])
+            copy(k, name, s0, s0 + b - a, out[p0 : p0 + b - a])
+
+    def _pread_rows(self, k: int, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        info = self._info(k, name)
+        dtype = DTYPES[info.dtype]
+        row_bytes = info.shape[1] * dtype.itemsize
+        target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+        buf = target.view(torch.uint8).numpy().data
+        offset, want = info.offset + a * row_bytes, (b - a) * row_bytes
+        got = os.preadv(self._fd(info.path), [buf], offset)
+        if got != want:
+            raise TvInputError(f"{info.path}: short read of `{name}` (file changed?)", code="E301")
+        if target is not out:
+            out.copy_(target)
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return fd
 
     def _rows(self, k: int, name: str, a: int, b: int) -> torch.Tensor:
         out = torch.empty((b - a, self._info(k, name).shape[1]), dtype=torch.float64)
@@ -413,7 +464,19 @@ class VocabPlan:
         cols = info.shape[1]
         reader = self.reader(k)
         out.copy_(reader.read(info, a * cols, b * cols).view(b - a, cols))
-        reader.release(info, a * cols, b * cols)
+        self._release(reader, info, a, b)
+
+    @staticmethod
+    def _release(reader: CheckpointReader, info: TensorInfo, a: int, b: int) -> None:
+        """Drop the pages rows ``a:b`` touched, those shared with other rows too: rows are gathered
+        out of order, so a page kept "for a neighbour" would stay mapped (a later read refaults it)."""
+        cols = info.shape[1]
+        size = DTYPES[info.dtype].itemsize
+        lo = (info.offset + a * cols * size) // mmap.PAGESIZE * mmap.PAGESIZE
+        hi = -(-(info.offset + b * cols * size) // mmap.PAGESIZE) * mmap.PAGESIZE
+        reader.release(
+            info, max(0, (lo - info.offset) // size), min(info.numel, -(-(hi - info.offset) // size))
+        )
 
     def _info(self, k: int, name: str) -> TensorInfo:
         info = self.models[k].ckpt.tensors.get(name)
@@ -466,10 +529,7 @@ class VocabPlan:
                 continue
             doc = _read_json(src, name, self.vocab_model.ref)
             if name == "tokenizer_config.json":  # transformers reads the added tokens from here too
-                doc["added_tokens_decoder"] = {
-                    str(a["id"]): {k: v for k, v in a.items() if k != "id"}
-                    for a in json.loads(self.tokenizer_json).get("added_tokens") or []
-                }
+                doc["added_tokens_decoder"] = self.added_tokens
             dst = os.path.join(directory, name)
             with open(dst, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=2, ensure_ascii=False)
