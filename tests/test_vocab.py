@@ -323,3 +323,44 @@ def test_tokenizer_files_stay_inside_the_roots(root: Path, tmp_path: Path) -> No
     with pytest.raises(tvlang.TvError) as info:
         tvlang.compile_file(prog).plan(options=tvlang.Options(roots=(str(tmp_path / "inside"),)))
     assert info.value.code == "E305", info.value.render()
+
+
+# -- GPT-2: tied head, byte-pair tokenizers ---------------------------------------------------------
+
+
+def gpt2(path: Path, seed: int, vocab: dict[str, int], merges: list[tuple[str, str]], rows: int) -> None:
+    transformers = pytest.importorskip("transformers", reason="the `test` extra")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=rows, n_positions=16)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(path))  # the head is tied: only `wte` is stored
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def test_gpt2_union_with_a_padded_byte_pair_base(root: Path) -> None:
+    # the base's tokenizer has two tokens (and a merge) past its 8 rows: they are dropped
+    base = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "abc": 5, "d": 6, "e": 7, "x": 8, "y": 9, "xy": 10}
+    other = {"<unk>": 0, "a": 1, "b": 2, "d": 3, "f": 4, "ab": 5, "df": 6, "e": 7}
+    gpt2(root / "g" / "base", 0, base, [("a", "b"), ("ab", "c"), ("x", "y")], 8)
+    gpt2(root / "g" / "other", 1, other, [("a", "b"), ("d", "f")], 8)
+    cfg = write(
+        root,
+        "gpt2.yml",
+        "merge_method: linear\nbase_model: g/base\ndtype: float32\ntokenizer_source: union\n"
+        "models:\n  - model: g/base\n    parameters: {weight: 1}\n  - model: g/other\n    parameters: {weight: 1}\n",
+    )
+    out = run(root, cfg, "gpt2_union")
+    vocab = check_loads_and_runs(out, "abc df e")
+    assert set(vocab) == {"<unk>", "a", "b", "c", "ab", "abc", "d", "e", "f", "df"}
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 10
+    got = load_file(str(out / "model.safetensors"))["transformer.wte.weight"].double()
+    w = {
+        n: load_file(str(root / "g" / n / "model.safetensors"))["transformer.wte.weight"].double()
+        for n in ("base", "other")
+    }
+    for t, j in vocab.items():
+        rows = [w[n][v[t]] for n, v in (("base", base), ("other", other)) if t in v and v[t] < 8]
+        want = rows[0] if len(rows) == 1 else (rows[0] + rows[1]) / 2  # one model's row, or the average
+        assert_rounded(got[j].float(), want, t)
