@@ -154,6 +154,15 @@ def models_yaml(names: list[str], weight: float = 1.0) -> str:
 # -- mergekit configs -------------------------------------------------------------------------------
 
 
+def test_null_fields_mean_no_vocabulary(root: Path) -> None:
+    """`tokenizer_source: null` and `tokenizer: null` are mergekit's defaults: rows stay by index."""
+    from tvlang.mergekit import translate
+
+    text = "merge_method: linear\ntokenizer_source: null\ntokenizer: null\n" + models_yaml(["base", "chat"])
+    program = translate(text, base_dir=root).program
+    assert "\nvocab " not in program and "\noutput merged = linear(" in program
+
+
 def test_union_linear(root: Path) -> None:
     names = ["base", "chat", "other", "padded", "rev"]
     cfg = write(

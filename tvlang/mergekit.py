@@ -512,7 +512,7 @@ class _Translator:
     def _vocab(self) -> list[str]:
         """``vocab`` and ``token`` lines for mergekit's ``tokenizer_source:`` or ``tokenizer:``."""
         self.vocab_models: list[_Model] = []
-        data = self.data
+        data = {k: v for k, v in self.data.items() if v is not None}  # `null` is mergekit's default: none
         if "tokenizer_source" in data and "tokenizer" in data:
             self.fail(
                 ("tokenizer",),
@@ -530,7 +530,7 @@ class _Translator:
             tokens = self.f.mapping((*at, "tokens"), cfg.get("tokens"))
             if cfg.get("pad_to_multiple_of") is not None:
                 pad = self.f.integer((*at, "pad_to_multiple_of"), cfg["pad_to_multiple_of"])
-        elif "tokenizer_source" in data and data["tokenizer_source"] is not None:
+        elif "tokenizer_source" in data:
             raw, src_at = data["tokenizer_source"], ("tokenizer_source",)
         else:
             return []
