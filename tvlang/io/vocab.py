@@ -545,11 +545,12 @@ class VocabPlan:
         return sorted(out, key=os.path.basename)
 
     def describe(self) -> str:
-        added = self.tokens - self.vocab_model.rows
+        """``tvlang plan``'s line: the output vocabulary and the rows every vocabulary tensor gets."""
+        was = self.vocab_model.rows
         return (
-            f"vocab: {self.spec.describe}: {len(self.vocab):,} tokens"
-            + (f" ({added:+,} on `{self.vocab_model.ref.label}`)" if added else "")
-            + f", {self.rows:,} rows"
+            f"vocab: {self.spec.describe}: {len(self.vocab):,} tokens, {self.rows:,} rows"
+            + (f" (`{self.vocab_model.ref.label}` has {was:,})" if was != self.rows else "")
+            + f", embeddings and heads re-indexed by token in {len(self.models)} model(s)"
         )
 
 
