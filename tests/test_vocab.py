@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import tvlang
 from tvlang import cli
-from tvlang.synth import llama_shapes, make_state, save_checkpoint, write_tokenizer
+from tvlang.synth import llama_shapes, make_lora_adapter, make_state, save_checkpoint, write_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="matching rows by token needs the `vocab` extra")
 yaml = pytest.importorskip("yaml", reason="mergekit configs are YAML (the `config` extra)")
@@ -309,6 +309,22 @@ def test_errors_are_positioned(root: Path, lines: str, code: str, phrase: str, c
     err = info.value
     assert err.code == code and phrase in err.message, err.render()
     assert err.span is not None and err.span.text.startswith(caret), err.render()
+
+
+def test_adapters_pass_and_stored_task_vectors_with_embeddings_are_refused(root: Path) -> None:
+    """A LoRA adapter (no embedding rows) adds to a re-indexed model; a stored task vector that
+    holds embedding rows cannot be re-indexed (it has no tokenizer to match by): E310 at it."""
+    make_lora_adapter(str(root / "adapter"), llama_shapes(hidden=32, layers=1, vocab=12))
+    prog = write(root, "lora.tv", 'base = load("m/base")\nvocab union\noutput o = base + lora("adapter")\n')
+    got = tvlang.compile_file(prog).run()
+    assert got["model.embed_tokens.weight"].shape == (12, 32)
+    prog = write(
+        root, "stored.tv", 'base = load("m/base")\nvocab union\noutput o = base + 0.5*delta("m/chat")\n'
+    )
+    with pytest.raises(tvlang.TvError) as info:
+        tvlang.compile_file(prog).plan()
+    assert info.value.code == "E310" and info.value.span is not None, info.value.render()
+    assert info.value.span.text.startswith('delta("m/chat")'), info.value.render()
 
 
 def test_cli_error_exit(root: Path, capsys: pytest.CaptureFixture[str]) -> None:

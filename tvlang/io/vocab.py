@@ -213,8 +213,8 @@ class VocabPlan:
         files is read (the allowed roots)."""
         self.spec = spec
         order: dict[str, InputRef] = {}
-        for ref in [*([spec.base] if spec.base else []), *refs]:
-            order.setdefault(ref.key, ref)
+        for ref in [*([spec.base] if spec.base else []), *(r for r in refs if r.kind.is_model)]:
+            order.setdefault(ref.key, ref)  # stored task vectors and adapters are not re-indexed (metas)
         for rule in spec.tokens:
             if rule.model is not None:
                 order.setdefault(rule.model.key, rule.model)
