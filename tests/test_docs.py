@@ -46,7 +46,10 @@ NOT_HERE: list[tuple[Callable[[list[str]], bool], str]] = [
         "reads a Hub model from the local cache",
     ),
     (lambda a: "cuda" in a, "needs a GPU"),
-    (lambda a: a[0] == "ray" or "ray" in a, "needs a Ray cluster and shared storage (tests/test_ray.py runs one)"),
+    (
+        lambda a: a[0] == "ray" or "ray" in a,
+        "needs a Ray cluster and shared storage (tests/test_ray.py runs one)",
+    ),
     (
         lambda a: a[:2] == ["python", "examples/config/hydra_app.py"],
         "Hydra app: tests/test_config.py runs it",

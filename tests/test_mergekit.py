@@ -452,11 +452,17 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
     ("merge_method: linear\nslices: []\n" + MODELS, "`slices:` is not supported", "slices"),
     ("merge_method: linear\nmodules: {}\n" + MODELS, "`modules:` is not supported", "modules"),
     (
-        "merge_method: ties\ntokenizer_source: union\n" + BASED,
-        "`tokenizer_source:` is not supported",
-        "tokenizer_source",
+        "merge_method: ties\ntokenizer_source: union\ntokenizer: {source: base}\n" + BASED,
+        "cannot both be given",
+        "tokenizer",
     ),
-    ("merge_method: ties\ntokenizer: {source: base}\n" + BASED, "`tokenizer:` is not supported", "tokenizer"),
+    ("merge_method: ties\ntokenizer: {sorce: base}\n" + BASED, "unknown field `tokenizer.sorce`", "sorce"),
+    (
+        "merge_method: ties\ntokenizer: {tokens: {x: {source: {kind: one}}}}\n" + BASED,
+        "must be one of zero, model_token",
+        "one",
+    ),
+    ("merge_method: ties\ntokenizer: {tokens: {x: {force: true}}}\n" + BASED, "needs a `source:`", "x"),
     (
         "merge_method: ties\nchat_template: chatml\n" + BASED,
         "`chat_template:` is not supported",

@@ -257,7 +257,7 @@ def test_a_worker_that_sees_other_files_refuses_to_run(models: dict[str, str], t
         )
         with pytest.raises(TvError, match="does not see input `m1` as the driver does") as err:
             run_unit(replace(unit, inputs=(unit.inputs[0], moved, *unit.inputs[2:])), {}, "error", None)
-        assert err.value.code == "E310" and f"`{name}`" in err.value.message
+        assert err.value.code == "E312" and f"`{name}`" in err.value.message
         elsewhere = replace(unit.shards[0], path=os.path.join(str(tmp_path), "not-shared"))
         with pytest.raises(TvError, match="cannot write") as err:
             run_unit(replace(unit, shards=(elsewhere,)), {}, "error", None)

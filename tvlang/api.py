@@ -38,6 +38,7 @@ from tvlang.io.endpoints import (
 from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.io.overlap import InputFiles, refuse_overlap
 from tvlang.io.safetensors import check_free_space_together, remove_stale_temporaries
+from tvlang.io.vocab import VocabPlan, scratch_dir
 from tvlang.ir import Graph, InputRef, format_graph
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
@@ -194,7 +195,8 @@ class Program:
         """The plan, from checkpoint headers only (no tensor data is read)."""
         options = options or Options()
         lowered = self.lower(params, bindings, options)
-        return _plan(lowered.graph, options)[0]
+        graph = optimize(lowered.graph)
+        return _plan(lowered, options, graph, _vocab_plan(lowered, graph, options))[0]
 
     def explain(
         self,
@@ -208,7 +210,8 @@ class Program:
         options = options or Options()
         lowered = self.lower(params, bindings, options)
         optimized = optimize(lowered.graph)
-        plan, _ = _plan(lowered.graph, options, optimized)
+        vocab = _vocab_plan(lowered, optimized, options)
+        plan, _ = _plan(lowered, options, optimized, vocab)
         sections = [
             "# IR as written",
             format_graph(lowered.graph),
@@ -219,6 +222,9 @@ class Program:
             "# plan",
             plan.explain(per_tensor=None if all_tensors else 12),
         ]
+        if vocab is not None:
+            sections.append(vocab.describe())
+            vocab.close()
         if lowered.params:
             sections[0:0] = ["# parameters", *(f"{k} = {v:g}" for k, v in lowered.params.items()), ""]
         return "\n".join(sections)
@@ -242,7 +248,9 @@ class Program:
         check_nonfinite_mode(options.nonfinite)
         check_executor(options.executor)
         lowered = self.lower(params, bindings, options)
-        plan, opened = _plan(lowered.graph, options)
+        graph = optimize(lowered.graph)
+        vocab = _vocab_plan(lowered, graph, options)
+        plan, opened = _plan(lowered, options, graph, vocab)
         dests = _destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, opened, dests)
         to_disk = [(d, o.nbytes) for d, o in zip(dests, plan.outputs, strict=True) if d is not None]
@@ -255,15 +263,18 @@ class Program:
             metadata["tvlang.program"] = self.source
         sources: list[Source] = []
         sinks: list[Sink] = []
+        scratch = scratch_dir() if vocab is not None else None
         try:
             for inp in plan.inputs:
                 handle = opened[inp.ref.key]
+                source: Source
                 if isinstance(handle, Checkpoint):
-                    sources.append(CheckpointSource(handle))
+                    source = CheckpointSource(handle)
                 elif isinstance(handle, LoraAdapter):
-                    sources.append(LoraSource(handle))
+                    source = LoraSource(handle)
                 else:
-                    sources.append(MemorySource(handle))
+                    source = MemorySource(handle)
+                sources.append(source if vocab is None else vocab.source(inp.ref, source))
             for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
                 params_used = lowered.output_params[i]
                 meta = {
@@ -277,6 +288,13 @@ class Program:
                     continue
                 template = opened[plan.inputs[output.template].ref.key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
+                if (
+                    vocab is not None
+                    and scratch is not None
+                    and isinstance(template, Checkpoint)
+                    and template.is_dir
+                ):
+                    sidecars = vocab.sidecars(sidecars, scratch.name)  # the new tokenizer and vocab_size
                 sinks.append(
                     CheckpointWriter(
                         dest,
@@ -304,6 +322,10 @@ class Program:
         finally:
             for source in sources:
                 source.close()
+            if vocab is not None:
+                vocab.close()
+            if scratch is not None:
+                scratch.cleanup()
         if report:
             stderr = sys.stderr
             for line in report.lines():
@@ -324,14 +346,32 @@ def _main_dtype(tensors: Sequence[tuple[str, str, Sequence[int]]]) -> str | None
     return max(count, key=count.__getitem__) if count else None
 
 
-def _plan(written: Graph, options: Options, optimized: Graph | None = None) -> tuple[Plan, dict[str, Any]]:
-    """Plan the program as written (lowered) after the passes; ``opened`` holds every input's
-    handle, the ones whose weights folded to zero included (opened and checked, never read)."""
-    graph = optimize(written) if optimized is None else optimized
+def _vocab_plan(lowered: Lowered, graph: Graph, options: Options) -> VocabPlan | None:
+    """The output vocabulary and each model's row map, for a program with a `vocab` statement."""
+    if lowered.vocab is None:
+        return None
+    roots = options.roots
+
+    def check(ref: InputRef, ckpt: Checkpoint) -> None:
+        if roots is not None:
+            _check_inside_roots(ckpt, roots, ref)
+
+    return VocabPlan(lowered.vocab, graph.inputs(), check)
+
+
+def _plan(
+    lowered: Lowered, options: Options, graph: Graph, vocab: VocabPlan | None
+) -> tuple[Plan, dict[str, Any]]:
+    """Plan ``graph``, the lowered program after the passes; ``opened`` holds every input's handle,
+    the ones whose weights folded to zero included (opened and checked, never read)."""
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
     def open_input(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
+        location, metas, sparse = _open(ref)
+        return location, metas if vocab is None else vocab.metas(ref, metas), sparse
+
+    def _open(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
         if ref.handle is not None:
             opened[ref.key] = ref.handle
             if on_cuda:  # tensors already on the GPU are read in place
@@ -357,7 +397,9 @@ def _plan(written: Graph, options: Options, optimized: Graph | None = None) -> t
         keys=options.keys,
         rows=options.rows,
         kernels=options.resolved_kernels(),
-        written=written,
+        # with a vocabulary, rows are re-indexed for the models merged; one whose weight folded to
+        # zero has no row map to compare its embeddings through, so only merged models are checked
+        written=lowered.graph if vocab is None else None,
     )
     return plan, opened
 

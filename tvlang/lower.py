@@ -10,7 +10,7 @@ import difflib
 import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec
 from tvlang.check import KindError
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
 from tvlang.io.hub import resolve_reference
+from tvlang.io.vocab import TokenRule, VocabSpec
 from tvlang.ir import build
 from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
 from tvlang.ir.printer import format_weight
@@ -55,6 +56,7 @@ class Lowered:
     params: dict[str, float]  # every parameter's value as used (the first combination of a sweep)
     output_spans: dict[str, Span]
     output_params: tuple[dict[str, float], ...] = ()  # per output, for sweeps
+    vocab: VocabSpec | None = None  # a `vocab` statement: rows matched by token (tvlang.io.vocab)
 
 
 class Lowering:
@@ -512,7 +514,7 @@ def _lower_sweep(
             output_params.append(run.params)
             spans[label] = first.output_spans[name]
     graph = Graph(tuple(outputs), tuple(expressions))
-    return Lowered(graph, first.params, spans, tuple(output_params))
+    return Lowered(graph, first.params, spans, tuple(output_params), first.vocab)
 
 
 def _varies(runs: Sequence[Lowered], combos: Sequence[dict[str, float]], j: int, p: str) -> bool:
@@ -539,6 +541,9 @@ def _lower(
     outputs: list[tuple[str, Node]] = []
     expressions: list[str] = []
     output_spans: dict[str, Span] = {}
+    vocab_stmt: ast.Vocab | None = None
+    vocab: VocabSpec | None = None
+    tokens: list[TokenRule] = []
     statements = program.statements
     bare = [s for s in statements if isinstance(s, ast.ExprStmt)]
     if bare and (
@@ -574,6 +579,15 @@ def _lower(
             ctx.bind(stmt.target, ctx.expr(stmt.value), stmt.span)
         elif isinstance(stmt, ast.Define):
             ctx.define(stmt)
+        elif isinstance(stmt, ast.Vocab):
+            if vocab_stmt is not None:
+                raise TvNameError(
+                    "a program has one `vocab` statement", stmt.span, label="the second one", code="E211"
+                )
+            vocab_stmt = stmt
+            vocab = _vocab(ctx, stmt)
+        elif isinstance(stmt, ast.TokenRow):
+            tokens.append(_token_rule(ctx, stmt))
         else:
             name = DEFAULT_OUTPUT if isinstance(stmt, ast.ExprStmt) else stmt.target.id
             if name in output_spans:
@@ -621,9 +635,102 @@ def _lower(
             help="add an output line: `output merged = ...`",
             code="E209",
         )
+    if tokens:
+        if vocab is None:
+            raise TvNameError(
+                "a `token` statement needs a `vocab` statement",
+                tokens[0].span,
+                help="say which vocabulary the output takes first: `vocab union` or `vocab MODEL`",
+                code="E211",
+            )
+        seen: dict[str, TokenRule] = {}
+        for rule in tokens:
+            if rule.token in seen:
+                raise TvNameError(f"two `token` statements for {rule.token!r}", rule.span, code="E211")
+            seen[rule.token] = rule
+        vocab = replace(vocab, tokens=tuple(tokens))
     return Lowered(
-        Graph(tuple(outputs), tuple(expressions)), declared, output_spans, tuple(declared for _ in outputs)
+        Graph(tuple(outputs), tuple(expressions)),
+        declared,
+        output_spans,
+        tuple(declared for _ in outputs),
+        vocab,
     )
+
+
+def _model_ref(ctx: Lowering, name: ast.Name, what: str) -> InputRef:
+    """The checkpoint a name is bound to (a `vocab` or `token` statement names models)."""
+    node = ctx.lookup(name)
+    if node.op is not Op.INPUT or not node.kind.is_model:
+        raise TvTypeError(
+            f"{what} names a model, and `{name.id}` is a {node.kind}"
+            + ("" if node.op is Op.INPUT else " expression"),
+            name.span,
+            help='bind the checkpoint to a name first: `chatml = load("path")`',
+            code="E211",
+        )
+    ref = node.arg
+    assert isinstance(ref, InputRef)
+    return ref
+
+
+VOCAB_OPTIONS = ("base", "pad_to")
+
+
+def _vocab(ctx: Lowering, stmt: ast.Vocab) -> VocabSpec:
+    source = None if stmt.source.id == "union" else _model_ref(ctx, stmt.source, "`vocab`")
+    base: InputRef | None = None
+    pad_to: int | None = None
+    seen: set[str] = set()
+    for opt in stmt.options:
+        key = opt.name.id
+        if key not in VOCAB_OPTIONS or key in seen:
+            close = difflib.get_close_matches(key, VOCAB_OPTIONS, n=1)
+            raise TvNameError(
+                f"`{key}` given twice" if key in seen else f"`vocab` has no option `{key}`",
+                opt.name.span,
+                help=f"did you mean `{close[0]}`?"
+                if close and key not in seen
+                else "options: base=MODEL, pad_to=N",
+                code="E211",
+            )
+        seen.add(key)
+        if key == "base":
+            if not isinstance(opt.value, ast.Name):
+                raise TvTypeError("`base=` names a model", opt.value.span, code="E211")
+            base = _model_ref(ctx, opt.value, "`base=`")
+        else:
+            value = scalar_value(ctx.expr(opt.value))
+            if value is None or value != int(value) or value < 1:
+                raise TvTypeError("`pad_to=` is a positive whole number", opt.value.span, code="E211")
+            pad_to = int(value)
+    return VocabSpec(source, base, pad_to, (), stmt.span)
+
+
+def _token_rule(ctx: Lowering, stmt: ast.TokenRow) -> TokenRule:
+    force = False
+    for flag in stmt.flags:
+        if flag.id != "force" or force:
+            raise TvNameError(
+                f"unknown `token` flag `{flag.id}`" if flag.id != "force" else "`force` given twice",
+                flag.span,
+                help="the one flag is `force` (this row also for models that have the token)",
+                code="E211",
+            )
+        force = True
+    if stmt.model.id == "zero":
+        if stmt.index is not None:
+            raise TvTypeError("`zero` has no rows to index", stmt.index.span, code="E211")
+        return TokenRule(stmt.token.value, None, None, force, stmt.span)
+    ref = _model_ref(ctx, stmt.model, "`token`")
+    index: str | int | None = None
+    if isinstance(stmt.index, ast.String):
+        index = stmt.index.value
+    elif isinstance(stmt.index, ast.Number):
+        if stmt.index.value != int(stmt.index.value):
+            raise TvTypeError("a row id is a whole number", stmt.index.span, code="E211")
+        index = int(stmt.index.value)
+    return TokenRule(stmt.token.value, ref, index, force, stmt.span)
 
 
 def _bind_external(ctx: Lowering, bindings: Mapping[str, Bound]) -> None:

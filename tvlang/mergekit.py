@@ -5,9 +5,10 @@
 mergekit's.  Each method becomes the tvlang method, or composition of methods, that computes what
 mergekit computes; per-model parameters given as gradients or with filters become per-tensor
 numbers (``gradient([...])``, ``where(matches("*mlp*"), a, b)``), resolved before any data is read.
-See ``docs/mergekit.md`` for the mapping and for where the results differ.
+``tokenizer_source:`` and ``tokenizer:`` become ``vocab`` and ``token`` statements (rows matched by
+token, :mod:`tvlang.io.vocab`).  See ``docs/mergekit.md`` for the mapping and for where the results differ.
 
-Anything tvlang cannot reproduce (``slices:``, ``modules:``, tokenizer surgery, LoRA and Hub
+Anything tvlang cannot reproduce (``slices:``, ``modules:``, LoRA and Hub
 references, unknown methods or parameters) is a :class:`TvParamError` ``E407`` that names the field
 and points at it in the YAML; nothing is dropped without a word.
 
@@ -49,15 +50,13 @@ CODE = "E407"
 OUTPUT = "merged"
 REQUIRED: Any = object()
 
-TOP_LEVEL = ("merge_method", "models", "base_model", "parameters", "dtype", "out_dtype")
+TOP_LEVEL = (
+    "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer"
+)  # fmt: skip
 UNSUPPORTED_TOP_LEVEL = {
     "slices": "tvlang merges whole models of one shape, tensor by tensor: it cannot stack or cut layer "
     "ranges (a frankenmerge)",
     "modules": "tvlang merges whole models: per-module `slices:`/`models:` are not supported",
-    "tokenizer_source": "tvlang does not rebuild tokenizers or permute embeddings; it copies the base "
-    "model's tokenizer files",
-    "tokenizer": "tvlang does not rebuild tokenizers or permute embeddings; it copies the base model's "
-    "tokenizer files",
     "chat_template": "tvlang does not write chat templates; it copies the base model's tokenizer files",
 }
 OTHER_METHODS = ("passthrough", "task_arithmetic_sce", "ramplus_tl")
@@ -85,7 +84,21 @@ DTYPES = {
 }
 # org/name as the Hugging Face Hub writes it (what a missing local path most likely is)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_RESERVED = {*BUILTINS, "param", "output", "def", "base", "lam", "t", OUTPUT, "l1_rescale"}
+_RESERVED = {
+    *BUILTINS,
+    "param",
+    "output",
+    "def",
+    "base",
+    "lam",
+    "t",
+    OUTPUT,
+    "l1_rescale",
+    "vocab",
+    "token",
+    "union",
+    "zero",
+}
 _L1_RESCALE = (
     "def l1_rescale(d, kept) = where(max(sum(abs(d)) < 1e-7, sum(abs(kept)) < 1e-7), 1, "
     "sum(abs(d)) / max(sum(abs(kept)), 1e-7)) * kept"
@@ -439,6 +452,7 @@ class _Translator:
         self.base = self._base()
         self.models = self._models()
         self._name_models()
+        self.vocab_lines = self._vocab()
         body = self._body()
         dtype = self._dtype()
         return self._assemble(body, dtype)
@@ -536,6 +550,89 @@ class _Translator:
                 name, n = f"{_identifier(m.path)}_{n}", n + 1
             taken.add(name)
             m.name = name
+
+    # -- tokenizer_source / tokenizer: rows matched by token (tvlang.io.vocab) ------------------
+    def _vocab(self) -> list[str]:
+        """``vocab`` and ``token`` lines for mergekit's ``tokenizer_source:`` or ``tokenizer:``."""
+        self.vocab_models: list[_Model] = []
+        data = {k: v for k, v in self.data.items() if v is not None}  # `null` is mergekit's default: none
+        if "tokenizer_source" in data and "tokenizer" in data:
+            self.fail(
+                ("tokenizer",),
+                "`tokenizer_source:` and `tokenizer:` cannot both be given",
+                key=True,
+                help="mergekit refuses both too: keep `tokenizer:` (its `source:` is the tokenizer_source)",
+            )
+        tokens: Mapping[Any, Any] = {}
+        pad: int | None = None
+        if "tokenizer" in data:
+            at: FieldPath = ("tokenizer",)
+            cfg = self.f.mapping(at, data["tokenizer"])
+            self.f.keys(at, cfg, ("source", "tokens", "pad_to_multiple_of"))
+            raw, src_at = cfg.get("source", "union"), (*at, "source")
+            tokens = self.f.mapping((*at, "tokens"), cfg.get("tokens"))
+            if cfg.get("pad_to_multiple_of") is not None:
+                pad = self.f.integer((*at, "pad_to_multiple_of"), cfg["pad_to_multiple_of"])
+        elif "tokenizer_source" in data:
+            raw, src_at = data["tokenizer_source"], ("tokenizer_source",)
+        else:
+            return []
+        first = self.base or self.models[0]  # mergekit: the base model, else one of the models
+        if raw == "union":
+            source = "union"
+        elif raw == "base":
+            source = first.name
+        else:
+            source = self._vocab_model(src_at, raw)
+        line = f"vocab {source}"
+        if self.base is not None:
+            line += ", base=base"
+        if pad is not None:
+            line += f", pad_to={pad}"
+        lines = [line]
+        for token, rule in tokens.items():
+            t_at: FieldPath = ("tokenizer", "tokens", str(token))
+            if not isinstance(token, str) or not token:
+                self.fail(t_at, "a token is a non-empty string", key=True)
+            rule = self.f.mapping(t_at, rule)
+            self.f.keys(t_at, rule, ("source", "force"))
+            force = self.f.boolean((*t_at, "force"), rule["force"]) if "force" in rule else False
+            if rule.get("source") is None:
+                self.fail(t_at, f"token {token!r} needs a `source:`", key=True,
+                          help="a model, {kind: zero} or {kind: model_token, model: M, token: T}")  # fmt: skip
+            lines.append(f"token {_string(token)} = {self._token_source((*t_at, 'source'), rule['source'])}"
+                         + (", force" if force else ""))  # fmt: skip
+        return lines
+
+    def _vocab_model(self, at: FieldPath, raw: Any) -> str:
+        """The name of a model a tokenizer field refers to (a model outside the merge gets one)."""
+        path = self._reference(at, raw)
+        for m in [*([self.base] if self.base else []), *self.models, *self.vocab_models]:
+            if m.path == path:
+                return m.name
+        name, n = _identifier(path), 2
+        while name in self.taken or name in _RESERVED or any(m.name == name for m in self.models):
+            name, n = f"{_identifier(path)}_{n}", n + 1
+        self.taken.add(name)
+        self.vocab_models.append(_Model(path, at, {}, at, name))
+        return name
+
+    def _token_source(self, at: FieldPath, raw: Any) -> str:
+        if not isinstance(raw, Mapping):
+            return self._vocab_model(at, raw)
+        kind = self.f.choice((*at, "kind"), raw.get("kind"), ("zero", "model_token"))
+        if kind == "zero":
+            self.f.keys(at, raw, ("kind",))
+            return "zero"
+        self.f.keys(at, raw, ("kind", "model", "token", "token_id"))
+        if "model" not in raw:
+            self.fail(at, "a `model_token` source needs `model:`")
+        model = self._vocab_model((*at, "model"), raw["model"])
+        if ("token" in raw) == ("token_id" in raw):
+            self.fail(at, "a `model_token` source needs one of `token:` and `token_id:`")
+        if "token" in raw:
+            return f"{model}[{_string(self.f.string((*at, 'token'), raw['token']))}]"
+        return f"{model}[{self.f.integer((*at, 'token_id'), raw['token_id'], minimum=0)}]"
 
     def others(self) -> list[_Model]:
         """The models besides the base, in config order."""
@@ -959,9 +1056,10 @@ class _Translator:
         everyone = ([self.base] if self.base is not None else []) + [
             m for m in self.models if m.name != "base"
         ]
+        everyone += self.vocab_models
         models = {m.name: m.path for m in everyone}
         where = {f"bindings.{m.name}": span for m in everyone if (span := self.f.span(m.at)) is not None}
-        lines = [*self.defs, *self.params, body]
+        lines = [*self.defs, *self.params, *self.vocab_lines, body]
         body_text = "\n".join(lines) + "\n"
         source = os.path.basename(self.f.name)
         header = [

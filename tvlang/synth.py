@@ -140,6 +140,47 @@ def make_family(
     return paths
 
 
+def write_tokenizer(
+    path: str, tokens: Sequence[str], *, added: Sequence[str] = (), special: Sequence[str] = ("<unk>",)
+) -> None:
+    """Write a small word-level tokenizer into the model directory ``path`` (``tokenizer.json``,
+    ``tokenizer_config.json``, ``special_tokens_map.json``): ``tokens`` get ids 0, 1, …; ``added``
+    follow as added tokens, and the ``special`` ones among all of them are special added tokens.
+    ``tokens[0]`` is the unknown token.  Words are split on whitespace."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    entries = []
+    for t in [*tokens, *added]:
+        if t in special or t in added:
+            vocab.setdefault(t, len(vocab))
+            is_special = t in special
+            entries.append(
+                {"id": vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": not is_special, "special": is_special}
+            )  # fmt: skip
+    doc = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": entries,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {
+            "type": "WordLevel",
+            "vocab": {t: i for t, i in vocab.items() if t not in added},
+            "unk_token": tokens[0],
+        },
+    }
+    with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": tokens[0], "model_max_length": 4096}
+    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump({"unk_token": tokens[0]}, f, indent=2)
+
+
 def make_lora_adapter(
     path: str,
     shapes: dict[str, tuple[int, ...]],

@@ -551,7 +551,7 @@ def _differs(host: str, label: str, path: str, what: str) -> TvInputError:
     return TvInputError(
         f"the worker on {host} does not see input `{label}` as the driver does: {path}: {what}",
         help=_SHARED + "; see docs/distributed.md",
-        code="E310",
+        code="E312",
     )
 
 

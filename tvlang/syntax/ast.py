@@ -123,7 +123,28 @@ class Define:
     span: Span
 
 
-Stmt = Binding | Param | Output | ExprStmt | Define
+@dataclass(frozen=True, slots=True)
+class Vocab:
+    """``vocab union, base=base`` or ``vocab chatml``: the output's vocabulary; embedding and head
+    rows are matched by token string, not by index."""
+
+    source: Name
+    options: tuple[Keyword, ...]
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    """``token "<|im_end|>" = chatml, force``: where one token's rows come from."""
+
+    token: String
+    model: Name  # a model, or `zero`
+    index: String | Number | None  # another token of the model (its string or id)
+    flags: tuple[Name, ...]  # `force`
+    span: Span
+
+
+Stmt = Binding | Param | Output | ExprStmt | Define | Vocab | TokenRow
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,6 +98,8 @@ _FRIENDLY = {
     "LSQB": "`[`",
     "RSQB": "`]`",
     "OUTPUT": "`output`",
+    "VOCAB": "`vocab`",
+    "TOKEN": "`token`",
 }
 
 
@@ -236,6 +238,26 @@ class _ToAst(Transformer[Token, Any]):
     def define(self, meta: Any, children: list[Any]) -> ast.Define:
         params = children[1] if len(children) > 2 else []
         return ast.Define(self._name(children[0]), tuple(params), children[-1], self._span(meta))
+
+    @v_args(meta=True)
+    def vocab(self, meta: Any, children: list[Any]) -> ast.Vocab:
+        return ast.Vocab(self._name(children[0]), tuple(children[1:]), self._span(meta))
+
+    @v_args(meta=True)
+    def vocab_option(self, meta: Any, children: list[Any]) -> ast.Keyword:
+        return ast.Keyword(self._name(children[0]), children[1], self._span(meta))
+
+    @v_args(meta=True)
+    def token(self, meta: Any, children: list[Any]) -> ast.TokenRow:
+        token, model, *rest = children
+        index = rest.pop(0) if rest and isinstance(rest[0], (ast.String, ast.Number)) else None
+        return ast.TokenRow(
+            self.string([token]), self._name(model), index, tuple(map(self._name, rest)), self._span(meta)
+        )
+
+    def token_index(self, children: list[Token]) -> ast.String | ast.Number:
+        tok = children[0]
+        return self.string([tok]) if tok.type == "STRING" else self.number([tok])
 
     def defparams(self, children: list[Any]) -> list[Any]:
         return children
