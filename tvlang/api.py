@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from tvlang.io.endpoints import (
     CheckpointSource,
     MemorySink,
     MemorySource,
+    RenamedSource,
     Sink,
     Source,
     checkpoint_metas,
@@ -34,6 +36,7 @@ from tvlang.io.endpoints import (
 )
 from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.ir import Graph, InputRef, format_graph
+from tvlang.layermap import restacked_sidecars
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
@@ -227,15 +230,18 @@ class Program:
             metadata["tvlang.program"] = self.source
         sources: list[Source] = []
         sinks: list[Sink] = []
+        edited_dir = tempfile.TemporaryDirectory(prefix="tvlang-config-")
         try:
             for inp in plan.inputs:
-                handle = opened[inp.ref.key]
+                handle = opened[inp.ref.base_key]
+                source: Source
                 if isinstance(handle, Checkpoint):
-                    sources.append(CheckpointSource(handle))
+                    source = CheckpointSource(handle)
                 elif isinstance(handle, LoraAdapter):
-                    sources.append(LoraSource(handle))
+                    source = LoraSource(handle)
                 else:
-                    sources.append(MemorySource(handle))
+                    source = MemorySource(handle)
+                sources.append(source if inp.names is None else RenamedSource(source, inp.names))
             for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
                 params_used = lowered.output_params[i]
                 meta = {
@@ -247,8 +253,10 @@ class Program:
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
-                template = opened[plan.inputs[output.template].ref.key]
+                template = opened[plan.inputs[output.template].ref.base_key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
+                if output.layers is not None:  # a stacked model: config.json says its depth
+                    sidecars = restacked_sidecars(sidecars, output.layers, edited_dir)
                 sinks.append(
                     CheckpointWriter(
                         dest,
@@ -283,6 +291,7 @@ class Program:
         finally:
             for source in sources:
                 source.close()
+            edited_dir.cleanup()
         if report:
             stderr = sys.stderr
             for line in report.lines():
@@ -370,7 +379,7 @@ def _destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[s
     os.makedirs(path, exist_ok=True)
     dests: list[str | None] = []
     for output in plan.outputs:
-        template = opened[plan.inputs[output.template].ref.key]
+        template = opened[plan.inputs[output.template].ref.base_key]
         as_dir = isinstance(template, Checkpoint) and template.is_dir
         dests.append(os.path.join(path, output.name if as_dir else output.name + ".safetensors"))
     return dests

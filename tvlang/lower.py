@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec
+from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec, layer_length
 from tvlang.check import KindError
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
 from tvlang.io.hub import resolve_reference
@@ -577,6 +577,7 @@ def _lower(
                 raise TvNameError(f"two outputs named `{name}`", stmt.span, code="E205")
             node = ctx.expr(stmt.value)
             ctx.require_point_or_vector(node, stmt.value)
+            layer_length(node)  # layer ranges combined in it agree
             if not linear_form(node):
                 raise TvTypeError(
                     "the weights here cancel out: this output would be zero everywhere",
