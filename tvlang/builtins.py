@@ -279,6 +279,16 @@ def _shifter(by: int, pre: bool, post: bool) -> Callable[[LayerView | None], Lay
     return shift
 
 
+def _lower_scale(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    """Every element times a number.  Of a task vector, plain scaling; of a model, a new checkpoint
+    that counts as the model it scales (like slerp's result, not an affine combination): mergekit's
+    passthrough ``scale``, e.g. zeroing ``o_proj`` in repeated layers."""
+    x, factor = a["x"], a["s"]
+    if x.kind.is_delta:
+        return mul(factor, x)
+    return Node(Op.MUL, (factor, x), None, x.kind)
+
+
 def _p(name: str, kind: str, default: Any = REQUIRED, **kw: Any) -> ParamSpec:
     return ParamSpec(name, kind, default, **kw)
 
@@ -438,6 +448,14 @@ BUILTINS: dict[str, Builtin] = {
             "layer ranges one after another: a deeper model; embeddings from the first slice, final "
             "norm and head from the last; layer() and gradient() inside a slice count its own layers",
             _lower_stack,
+            group="structure",
+        ),
+        Builtin(
+            "scale",
+            (_p("x", "tensor"), _p("s", "number")),
+            "every element times s (a number, possibly per tensor); a scaled model counts as a model: "
+            "mergekit's passthrough `scale`",
+            _lower_scale,
             group="structure",
         ),
         Builtin(
