@@ -366,6 +366,8 @@ class _Translator:
         self.taken = set(_RESERVED) - {"lam", "t"}  # names in the program (`lam` and `t` are for parameters)
         self.bound: dict[str, str] = {}  # per-tensor number bound to a name → its expression
         self.loras: dict[str, tuple[str, str]] = {}  # `model+lora` reference → (model path, adapter path)
+        # a call in the translated program → where the config says it (a slice's layer_range)
+        self.calls: dict[str, Span] = {}
 
     # -- checks --------------------------------------------------------------------------------
     def fail(self, path: FieldPath, message: str, *, key: bool = False, help: str | None = None) -> NoReturn:
@@ -941,6 +943,7 @@ class _Translator:
             for m in everyone
             if (span := self.f.span(m.at)) is not None
         }
+        where.update({f"expression:{call}": span for call, span in self.calls.items()})
         lines = [*(line for line, _ in adapters), *self.defs, *self.params, body]
         body_text = "\n".join([*(job_line for _, job_line in adapters), *lines[len(adapters) :]]) + "\n"
         source = os.path.basename(self.f.name)
@@ -1152,6 +1155,10 @@ class _Structure:
     ) -> str:
         top = self.top
         ranges = [f"layers({models[s.path]}, {s.lo}, {s.hi})" for s in sources]
+        for r, s in zip(ranges, sources, strict=True):
+            span = self.f.span((*s.at, "layer_range"))
+            if span is not None:
+                top.calls.setdefault(r, span)
         raw_sources = [_raw_source(top.data, s.at) for s in sources]
         levels = [self.f.mapping((*at, i, "parameters"), item.get("parameters")), module_params, top.globals]
         if top.method.kind == "passthrough" and len(sources) == 1:
@@ -1197,7 +1204,7 @@ class _SliceTranslator(_Translator):
     def __init__(self, top: _Translator, f: _MkFields, data: Mapping[str, Any]) -> None:
         super().__init__(f, data, top.out_dir, top.seed)
         self.notes, self.defs, self.params = top.notes, top.defs, top.params
-        self.taken, self.bound, self.loras = top.taken, top.bound, top.loras
+        self.taken, self.bound, self.loras, self.calls = top.taken, top.bound, top.loras, top.calls
         self.name, self.method = top.name, top.method
         self.globals = self._parameters(("parameters",), data.get("parameters"), per_model=False)
         self.base = self._base()
