@@ -240,6 +240,27 @@ modules:
     loads_and_runs(out, 4)
 
 
+def test_a_module_of_whole_models_with_module_parameters(root: Path) -> None:
+    yml = """merge_method: task_arithmetic
+base_model: a
+modules:
+  decoder:
+    parameters:
+      weight: [0.2, 0.8]
+    models:
+      - model: b
+      - model: a
+"""
+    out = run(root, "modules_models", yml)
+    a, b, got = state(root / "a"), state(root / "b"), state(out)
+    for layer in range(4):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        w = 0.2 + 0.6 * layer / 3
+        ref = a[name].double() + w * (b[name].double() - a[name].double())
+        torch.testing.assert_close(got[name].double(), ref, rtol=1 / 128, atol=1e-6)
+    loads_and_runs(out, 4)
+
+
 # -- errors, at the config's line ---------------------------------------------------------------------
 
 BAD: list[tuple[str, str, Callable[[str], bool]]] = [

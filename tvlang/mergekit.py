@@ -1083,7 +1083,7 @@ class _Structure:
         )
         sub.models = sub._models()
         sub._name_models()
-        top.models = sub.models
+        top.models, top.base = sub.models, sub.base
         return sub._body()
 
     def _slice(self, at: FieldPath, item: Any) -> tuple[Mapping[str, Any], list[_Source]]:
