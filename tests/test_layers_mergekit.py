@@ -264,6 +264,7 @@ modules:
 # -- errors, at the config's line ---------------------------------------------------------------------
 
 BAD: list[tuple[str, str, Callable[[str], bool]]] = [
+    ("merge_method: passthrough\nmodels:\n  - model: a+nope\n", "E300", lambda e: "bad.yml:3:12" in e),
     (
         DUS.format(m="a").replace("[1, 4]", "[1, 9]"),
         "E310",

@@ -7,9 +7,10 @@ mergekit computes; per-model parameters given as gradients or with filters becom
 numbers (``gradient([...])``, ``where(matches("*mlp*"), a, b)``), resolved before any data is read.
 See ``docs/mergekit.md`` for the mapping and for where the results differ.
 
-Anything tvlang cannot reproduce (``slices:``, ``modules:``, tokenizer surgery, LoRA and Hub
-references, unknown methods or parameters) is a :class:`TvParamError` ``E407`` that names the field
-and points at it in the YAML; nothing is dropped without a word.
+``slices:`` and ``modules:`` become layer ranges stacked with ``layers()`` and ``stack()``, and a
+``model+lora`` reference the model plus ``lora(adapter)``.  Anything tvlang cannot reproduce
+(tokenizer surgery, several modules, unknown methods or parameters) is a :class:`TvParamError`
+``E407`` that names the field and points at it in the YAML; nothing is dropped without a word.
 
 >>> tr = translate({"merge_method": "linear", "models": [
 ...     {"model": "/m/a.safetensors", "parameters": {"weight": 0.3}},
@@ -462,6 +463,9 @@ class _Translator:
         adapter = os.path.normpath(os.path.join(self.f.base_dir, os.path.expanduser(parts[1])))
         key = f"{model}+{adapter}"
         self.loras[key] = (model, adapter)
+        span = self.f.span(at)
+        if span is not None:  # a missing adapter is reported at this line
+            self.calls.setdefault(_string(adapter), span)
         return key
 
     def _split_loras(
