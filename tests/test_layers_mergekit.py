@@ -115,8 +115,11 @@ slices:
 
 
 @pytest.mark.parametrize(("model", "key"), [("a", "layers"), ("g", "h")])
-def test_depth_up_scaling(root: Path, model: str, key: str) -> None:
+def test_depth_up_scaling(root: Path, model: str, key: str, capsys: pytest.CaptureFixture[str]) -> None:
     out = run(root, f"dus_{model}", DUS.format(m=model))
+    assert cli.main(["plan", str(root / f"dus_{model}.yml")]) == 0
+    shown = capsys.readouterr().out
+    assert "layer map (6 layers):" in shown and f"0–2       ← in0 {model} 0–2" in shown, shown
     expected = restack(state(root / model), [0, 1, 2, 1, 2, 3], key)
     same(state(out), expected)
     loads_and_runs(out, 6, expected)
