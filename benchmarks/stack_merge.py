@@ -4,11 +4,13 @@ merge that writes an output of the same size, and mergekit on the same YAML when
     python benchmarks/stack_merge.py --size 1G --repeat 3 --json benchmarks/out/stack.json
 
 1. Writes (once) a Llama-shaped bf16 model of about ``--size`` bytes with 32 layers, and two models
-   of the same width with 56 layers (the stacked output's depth) for the linear merge, with
+   of the same width with 48 layers (the stacked output's depth) for the linear merge, with
    :func:`tvlang.synth.write_family` under ``benchmarks/out/data/stack-<size>/``.
 2. Runs, alternating, each in a fresh process after warming the page cache and ``sync``:
    - **stack**: ``tvlang run stack.yml``, mergekit's ``passthrough`` with ``slices:`` 0–24 and 8–32;
-   - **linear**: ``tvlang run linear.yml``, mergekit's ``linear`` 0.5/0.5 of the two 56-layer models;
+   - **linear**: ``tvlang run linear.yml``, mergekit's ``linear`` 0.5/0.5 of the two 48-layer models;
+   - **copy**: ``tvlang run copy.yml``, mergekit's ``passthrough`` of one 48-layer model (the floor:
+     one input tensor read per output tensor, as in the stack);
    - **mergekit stack**: ``mergekit-yaml stack.yml`` in its own environment (``--mergekit-python``,
      default ``~/mergekit-venv/bin/python``), if there is one.
 3. Checks that the stacked output holds, bit for bit, the source tensor each output tensor maps to.
@@ -107,8 +109,9 @@ def configs(data: str) -> dict[str, str]:
         f"  - model: {os.path.join(data, 'deep', n)}\n    parameters: {{weight: 0.5}}\n"
         for n in ("base", "ft")
     )
+    copy = f"merge_method: passthrough\ndtype: bfloat16\nmodels:\n  - model: {os.path.join(data, 'deep', 'base')}\n"
     paths = {}
-    for name, text in (("stack", stack), ("linear", linear)):
+    for name, text in (("stack", stack), ("linear", linear), ("copy", copy)):
         paths[name] = os.path.join(data, f"{name}.yml")
         with open(paths[name], "w") as f:
             f.write(text)
@@ -148,22 +151,15 @@ def main() -> None:
             json.dump(want, f)
     cfg = configs(data)
     inputs = {"stack": files(os.path.join(data, "one", "a")), "linear": [
-        *files(os.path.join(data, "deep", "base")), *files(os.path.join(data, "deep", "ft"))]}  # fmt: skip
-    outs = {case: os.path.join(OUT, f"stack-bench-{case}") for case in ("stack", "linear", "mergekit")}
+        *files(os.path.join(data, "deep", "base")), *files(os.path.join(data, "deep", "ft"))],
+        "copy": files(os.path.join(data, "deep", "base"))}  # fmt: skip
+    outs = {
+        case: os.path.join(OUT, f"stack-bench-{case}") for case in ("stack", "linear", "copy", "mergekit")
+    }
     mk = None if args.no_mergekit or not os.path.exists(args.mergekit_python) else args.mergekit_python
     cases = {
-        "tvlang stack": (
-            "tvlang",
-            ["run", cfg["stack"], "-o", outs["stack"], "--force", "-q"],
-            "stack",
-            None,
-        ),
-        "tvlang linear": (
-            "tvlang",
-            ["run", cfg["linear"], "-o", outs["linear"], "--force", "-q"],
-            "linear",
-            None,
-        ),
+        f"tvlang {case}": ("tvlang", ["run", cfg[case], "-o", outs[case], "--force", "-q"], case, None)
+        for case in ("stack", "linear", "copy")
     }
     if mk is not None:
         flags = ["--no-copy-tokenizer", "--lazy-unpickle", "--quiet"]
@@ -188,8 +184,8 @@ def main() -> None:
         out = argv[3] if kind == "tvlang" else argv[1]
         written = nbytes(files(out))
         read = (
-            written if which == "stack" else nbytes(inputs["linear"])
-        )  # a stack reads each output tensor once
+            nbytes(inputs["linear"]) if which == "linear" else written
+        )  # one input tensor per output tensor
         wall = statistics.median(float(r["wall_s"]) for r in runs[case])
         rows[case] = {
             "median_wall_s": wall,
@@ -201,6 +197,7 @@ def main() -> None:
             / 1024,
             "others_load": statistics.median(float(r["others_load"]) for r in runs[case]),
             "n": len(runs[case]),
+            "walls_s": [round(float(r["wall_s"]), 2) for r in runs[case]],
         }
     for out in outs.values():
         subprocess.run(["rm", "-rf", out], check=True)
@@ -214,8 +211,9 @@ def main() -> None:
         print(f"| {case} | {r['n']} | {r['median_wall_s']:.2f} | {r['median_work_s']:.2f} | {r['output_gb']:.2f} | "
               f"{r['output_gb_per_s']:.2f} | {r['io_gb_per_s']:.2f} | {r['peak_rss_over_baseline_mib']:.0f} | "
               f"{r['others_load']:.2f} |")  # fmt: skip
-    ratio = rows["tvlang linear"]["median_wall_s"] / rows["tvlang stack"]["median_wall_s"]
-    print(f"\nstack vs linear merge of the same output size: {ratio:.2f}× the output throughput")
+    for other in ("linear", "copy"):
+        ratio = rows[f"tvlang {other}"]["median_wall_s"] / rows["tvlang stack"]["median_wall_s"]
+        print(f"stack vs {other} of the same output size: {ratio:.2f}× its output throughput")
     if "mergekit stack" in rows:
         print(
             f"mergekit / tvlang on the stack: {rows['mergekit stack']['median_wall_s'] / rows['tvlang stack']['median_wall_s']:.1f}× the time"
