@@ -220,6 +220,35 @@ slices:
     loads_and_runs(out, 4)
 
 
+def test_parameters_are_looked_up_source_slice_module_top(root: Path, tmp_path: Path) -> None:
+    """A slice's filter list without a catch-all continues with the top level's setting, as mergekit's
+    lookup does; the translated program, written and run, gives the config's bits."""
+    yml = """merge_method: slerp
+base_model: a
+parameters:
+  t: 0.25
+slices:
+  - sources:
+      - {model: a, layer_range: [0, 4]}
+      - {model: b, layer_range: [0, 4]}
+    parameters:
+      t:
+        - filter: mlp
+          value: 1
+"""
+    out = run(root, "lookup", yml)
+    a, b, got = state(root / "a"), state(root / "b"), state(out)
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], b["model.layers.2.mlp.up_proj.weight"])
+    q = "model.layers.2.self_attn.q_proj.weight"
+    ref = ref_slerp(a[q].double(), b[q].double(), 0.25)
+    torch.testing.assert_close(got[q].double(), ref, rtol=1 / 128, atol=1e-6)
+    tv = tmp_path / "lookup.tv"
+    assert cli.main(["import-mergekit", str(root / "lookup.yml"), "-o", str(tv)]) == 0
+    assert 'where(matches("*mlp*"), 1, 0.25)' in tv.read_text()
+    assert cli.main(["run", str(tv), "-o", str(tmp_path / "from_tv"), "-q"]) == 0
+    same(state(tmp_path / "from_tv"), got)
+
+
 # -- modules and model+lora ---------------------------------------------------------------------------
 
 
