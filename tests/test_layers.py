@@ -198,6 +198,32 @@ def test_gradients_inside_slices_restart_at_each_slice(ckpts: Path) -> None:
     assert reads == {"0": {"a"}, "1": {"b"}, "2": {"a"}, "3": {"b"}}
 
 
+def test_printed_ir_and_the_verifier_after_every_pass(ckpts: Path) -> None:
+    from tvlang.ir import format_graph, verify
+    from tvlang.passes import PIPELINE
+
+    graph = program(
+        ckpts, "output m = stack(layers(a, 0, 2), 0.5*layers(a, 1, 3) + 0.5*layers(b, 1, 3))"
+    ).graph(optimized=False)
+    verify(graph)
+    for p in PIPELINE:
+        graph = p(graph)
+        verify(graph)
+    # each range is a view of its checkpoint placed in the output (layers 1:3 of a as output layers
+    # 2..3, with the tensors after the layers); a slice's ranges keep their own one-slice stacks,
+    # whose layers count from the slice's start
+    assert format_graph(graph).splitlines() == [
+        "%0 = input a layers 0:2@0+pre : model",
+        "%1 = input a layers 1:3@2+post : model",
+        "%2 = stack %1 as 0:2 : model",
+        "%3 = input b layers 1:3@2+post : model",
+        "%4 = stack %3 as 0:2 : model",
+        "%5 = wsum 0.5*%2 + 0.5*%4 : model",
+        "%6 = stack %0 as 0:2, %5 as 2:4 : model",
+        "output m = %6",
+    ]
+
+
 def test_compiled_and_eager_kernels_write_the_same_bits(ckpts: Path) -> None:
     text = (
         "output m = stack(layers(a, 0, 2), slerp(layers(a, 1, 3), layers(b, 1, 3), t=gradient([0.2, 0.7])),"
