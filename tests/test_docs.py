@@ -78,7 +78,7 @@ def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tvlang.synth import llama_shapes
 
     root = tmp_path_factory.mktemp("playground")
-    make_playground(str(root), llama_shapes(hidden=32, layers=2, vocab=64))
+    make_playground(str(root), llama_shapes(hidden=16, layers=32, vocab=64))  # 32 layers: docs cut 0-24, 8-32
     shutil.copy(ROOT / "examples" / "config" / "job.yaml", root / "job.yaml")
     shutil.copy(ROOT / "examples" / "mergekit" / "ties.yml", root / "merge.yml")
     return root

@@ -449,8 +449,8 @@ PLAIN = (
 )
 
 ERRORS = [  # config text, a phrase of the message, the text the caret underlines
-    ("merge_method: linear\nslices: []\n" + MODELS, "`slices:` is not supported", "slices"),
-    ("merge_method: linear\nmodules: {}\n" + MODELS, "`modules:` is not supported", "modules"),
+    ("merge_method: linear\nslices: []\n" + MODELS, "exactly one of `models:`, `slices:`", "slices"),
+    ("merge_method: linear\nmodules: {}\n" + MODELS, "exactly one of `models:`, `slices:`", "modules"),
     (
         "merge_method: ties\ntokenizer_source: union\ntokenizer: {source: base}\n" + BASED,
         "cannot both be given",
@@ -498,7 +498,11 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
         "must be a finite number",
         "x",
     ),
-    ("merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "ckpt/b+lora/x"), "LoRA", "ckpt/b+lora/x"),
+    (
+        "merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "ckpt/b+lora/x+y"),
+        "is not `model+lora`",
+        "ckpt/b+lora/x+y",
+    ),
     (
         "merge_method: ties\n" + BASED.replace("ckpt/a.safetensors", "ckpt/b.safetensors"),
         "listed twice",

@@ -158,6 +158,23 @@ def sweep_many_outputs() -> dict[str, Any]:
 
 
 @check
+def stacked_layers() -> dict[str, Any]:
+    """layers()/stack(): each output tensor reads the input tensors it maps to (renamed sources)."""
+    g = torch.Generator().manual_seed(11)
+    names = ["model.embed_tokens.weight", *(f"model.layers.{i}.w" for i in range(4)), "lm_head.weight"]
+    base = {n: torch.randn(37, 11, generator=g) for n in names}
+    s = [
+        {k: v.to(torch.bfloat16) for k, v in base.items()},
+        {k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()},
+    ]
+    expr = (
+        "stack(layers(base, 0, 2), slerp(layers(base, 1, 3), layers(m1, 1, 3), t=gradient([0.2, 0.7])), "
+        "scale(layers(m1, 3, 4), 0.5))"
+    )
+    return both(expr, bind(s))
+
+
+@check
 def integer_tensors_pass_through() -> dict[str, Any]:
     s = states(5, 2, SHAPES[:2])
     for sd in s:

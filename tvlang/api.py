@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from tvlang.io.endpoints import (
     CheckpointSource,
     MemorySink,
     MemorySource,
+    RenamedSource,
     Sink,
     Source,
     checkpoint_metas,
@@ -38,8 +40,9 @@ from tvlang.io.endpoints import (
 from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.io.overlap import InputFiles, refuse_overlap
 from tvlang.io.safetensors import check_free_space_together, remove_stale_temporaries
-from tvlang.io.vocab import VocabPlan, scratch_dir
+from tvlang.io.vocab import VocabPlan
 from tvlang.ir import Graph, InputRef, format_graph
+from tvlang.layermap import restacked_sidecars
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan
@@ -263,10 +266,11 @@ class Program:
             metadata["tvlang.program"] = self.source
         sources: list[Source] = []
         sinks: list[Sink] = []
-        scratch = scratch_dir() if vocab is not None else None
+        # side files an output changes (tokenizer, config.json) wait here until the writer copies them
+        edited_dir = tempfile.TemporaryDirectory(prefix="tvlang-sidecars-")
         try:
             for inp in plan.inputs:
-                handle = opened[inp.ref.key]
+                handle = opened[inp.ref.base_key]
                 source: Source
                 if isinstance(handle, Checkpoint):
                     source = CheckpointSource(handle)
@@ -274,7 +278,9 @@ class Program:
                     source = LoraSource(handle)
                 else:
                     source = MemorySource(handle)
-                sources.append(source if vocab is None else vocab.source(inp.ref, source))
+                if vocab is not None:
+                    source = vocab.source(inp.ref, source)
+                sources.append(source if inp.names is None else RenamedSource(source, inp.names))
             for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
                 params_used = lowered.output_params[i]
                 meta = {
@@ -286,15 +292,12 @@ class Program:
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
-                template = opened[plan.inputs[output.template].ref.key]
+                template = opened[plan.inputs[output.template].ref.base_key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
-                if (
-                    vocab is not None
-                    and scratch is not None
-                    and isinstance(template, Checkpoint)
-                    and template.is_dir
-                ):
-                    sidecars = vocab.sidecars(sidecars, scratch.name)  # the new tokenizer and vocab_size
+                if vocab is not None and isinstance(template, Checkpoint) and template.is_dir:
+                    sidecars = vocab.sidecars(sidecars, edited_dir.name)  # the new tokenizer and vocab_size
+                if output.layers is not None:  # a stacked model: config.json says its depth
+                    sidecars = restacked_sidecars(sidecars, output.layers, edited_dir)
                 sinks.append(
                     CheckpointWriter(
                         dest,
@@ -324,8 +327,7 @@ class Program:
                 source.close()
             if vocab is not None:
                 vocab.close()
-            if scratch is not None:
-                scratch.cleanup()
+            edited_dir.cleanup()
         if report:
             stderr = sys.stderr
             for line in report.lines():
@@ -445,7 +447,7 @@ def _destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[s
         )
     dests: list[str | None] = []
     for output in plan.outputs:
-        template = opened[plan.inputs[output.template].ref.key]
+        template = opened[plan.inputs[output.template].ref.base_key]
         as_dir = isinstance(template, Checkpoint) and template.is_dir
         dests.append(os.path.join(path, output.name if as_dir else output.name + ".safetensors"))
     return dests
@@ -456,7 +458,7 @@ def _refuse_overwriting_inputs(plan: Plan, opened: Mapping[str, Any], dests: Seq
     of any input (those whose weights folded to zero included)."""
     inputs = []
     for inp in (*plan.inputs, *plan.checked):
-        handle = opened[inp.ref.key]
+        handle = opened[inp.ref.base_key]
         if isinstance(handle, Checkpoint):
             index = [os.path.join(handle.path, INDEX_NAME)] if handle.is_dir else []
             files = [*handle.files, *handle.sidecar_files(), *index]

@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from tvlang import methods
 from tvlang.check import KindError
+from tvlang.errors import TvTypeError
 from tvlang.ir.build import call, context, div, mul, numel, rand, reduce, sub
-from tvlang.ir.node import DELTA, MODEL, InputRef, Kind, Node, Op, scalar_value
+from tvlang.ir.node import DELTA, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
+from tvlang.layermap import LayerView
 from tvlang.ops import ELEMENTWISE
+from tvlang.passes.rewrite import rewrite
 from tvlang.source import Span
 
 if TYPE_CHECKING:
@@ -43,7 +46,7 @@ class Builtin:
     summary: str
     lower: Callable[[Lowering, dict[str, Any], dict[str, Span], Span], Node]
     paper: str = ""
-    group: str = "function"  # "input", "element-wise", "reduction", "context", "method"
+    group: str = "function"  # "input", "element-wise", "reduction", "context", "structure", "method"
 
 
 Lower = Callable[["Lowering", dict[str, Any], dict[str, Span], Span], Node]
@@ -152,6 +155,144 @@ def _const(node: Node | float, what: str) -> float:
     if value is None:
         raise KindError(f"`{what}` must be a number known before any data is read")
     return value
+
+
+WHOLE = -1  # the layer length of a whole model (not a range): known only from its header
+
+
+def layer_length(node: Node) -> tuple[int | None, Span | None]:
+    """How many layers a value spans: a range's length, ``WHOLE`` for whole models, None for numbers;
+    with where that was fixed.  Ranges of different lengths, or a range combined with a whole model,
+    are an error (E211) at the second of them."""
+    memo: dict[int, tuple[int | None, Span | None]] = {}
+    for n in node.toposort():
+        if n.op is Op.INPUT:
+            view = n.arg.view
+            memo[id(n)] = (view.length, view.span) if view is not None else (WHOLE, n.arg.span)
+        elif n.op is Op.STACK:
+            memo[id(n)] = (sum(length for _, length in n.arg), memo[id(n.args[0])][1])
+        else:
+            found: tuple[int | None, Span | None] = (None, None)
+            for a in n.args:
+                length, span = memo[id(a)]
+                if length is None:
+                    continue
+                if found[0] is not None and length != found[0]:
+                    raise _mismatch(found, (length, span))
+                if found[0] is None:
+                    found = (length, span)
+            memo[id(n)] = found
+    return memo[id(node)]
+
+
+def _describe_length(length: int | None) -> str:
+    return "a whole model" if length == WHOLE else f"{length} layer{'s' if length != 1 else ''}"
+
+
+def _mismatch(first: tuple[int | None, Span | None], second: tuple[int | None, Span | None]) -> TvTypeError:
+    where = ""
+    if first[1] is not None:
+        line, col = first[1].line_col()
+        where = f" (`{first[1].text}`, at {line}:{col})"
+    whole = WHOLE in (first[0], second[0])
+    return TvTypeError(
+        f"this combines {_describe_length(second[0])} with {_describe_length(first[0])}{where}",
+        second[1],
+        label=f"{_describe_length(second[0])} here",
+        help="take the same range of every model: `layers(b, 8, 16)` beside `layers(a, 8, 16)`"
+        if whole
+        else "the layer ranges combined in one slice must have the same length",
+        code="E212",
+    )
+
+
+def _viewed(node: Node, make: Callable[[LayerView | None], LayerView]) -> Node:
+    """``node`` with every input seen through ``make(its view)``."""
+
+    def rule(n: Node, args: tuple[Node, ...]) -> Node:
+        if n.op is Op.INPUT:
+            return Node(Op.INPUT, (), n.arg.viewed(make(n.arg.view)), n.kind)
+        return (
+            n if all(a is b for a, b in zip(args, n.args, strict=True)) else Node(n.op, args, n.arg, n.kind)
+        )
+
+    return rewrite(Graph((("x", node),)), rule).outputs[0][1]
+
+
+def _lower_layers(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    x, lo, hi = a["x"], a["start"], a["stop"]
+    if lo < 0 or hi <= lo:
+        raise TvTypeError(
+            f"`layers` needs 0 <= start < stop, not {lo}, {hi}",
+            span,
+            help="layers(a, 8, 16) is a's layers 8 to 15",
+            code="E212",
+        )
+    length, _ = layer_length(x)
+    if length != WHOLE:
+        raise TvTypeError(
+            "`layers` takes a range of whole models, not of a range",
+            s["x"],
+            label=f"this is already {_describe_length(length)}",
+            help="take the range from the models themselves: `layers(a, 8, 16)`",
+            code="E212",
+        )
+    view = LayerView(lo, hi, span=span)
+    return Node(Op.STACK, (_viewed(x, lambda _: view),), ((0, hi - lo),), x.kind)
+
+
+def _lower_stack(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    parts: list[Node] = a["slices"]
+    kind = parts[0].kind
+    segments: list[Node] = []
+    frames: list[tuple[int, int]] = []
+    offset = 0
+    for i, part in enumerate(parts):
+        at = s[f"slices[{i}]"]
+        length, _ = layer_length(part)
+        if length is None or length == WHOLE:
+            raise TvTypeError(
+                "`stack` takes layer ranges",
+                at,
+                label="this is a whole model" if length == WHOLE else "this is a number",
+                help="give the range: `layers(a, 0, 24)`",
+                code="E212",
+            )
+        if part.kind.is_model != kind.is_model:
+            raise TvTypeError(
+                "`stack` cannot stack models and task vectors together",
+                at,
+                label=f"this is a {part.kind}, the first slice a {kind}",
+                code="E212",
+            )
+        first, last = i == 0, i == len(parts) - 1
+        moved = _viewed(part, _shifter(offset, first, last))
+        if moved.op is Op.STACK:  # a range or a stack: its slices become this stack's
+            segments.extend(moved.args)
+            frames.extend((offset + o, n) for o, n in moved.arg)
+        else:
+            segments.append(moved)
+            frames.append((offset, length))
+        offset += length
+    return Node(Op.STACK, tuple(segments), tuple(frames), MODEL if kind.is_model else DELTA)
+
+
+def _shifter(by: int, pre: bool, post: bool) -> Callable[[LayerView | None], LayerView]:
+    def shift(view: LayerView | None) -> LayerView:
+        assert view is not None  # layer_length found a range in every input
+        return view.shifted(by, pre=pre, post=post)
+
+    return shift
+
+
+def _lower_scale(ctx: Lowering, a: dict[str, Any], s: dict[str, Span], span: Span) -> Node:
+    """Every element times a number.  Of a task vector, plain scaling; of a model, a new checkpoint
+    that counts as the model it scales (like slerp's result, not an affine combination): mergekit's
+    passthrough ``scale``, e.g. zeroing ``o_proj`` in repeated layers."""
+    x, factor = a["x"], a["s"]
+    if x.kind.is_delta:
+        return mul(factor, x)
+    return Node(Op.MUL, (factor, x), None, x.kind)
 
 
 def _p(name: str, kind: str, default: Any = REQUIRED, **kw: Any) -> ParamSpec:
@@ -301,6 +442,30 @@ BUILTINS: dict[str, Builtin] = {
             "value, the final norm and head the last)",
             lambda ctx, a, s, sp: context("gradient", tuple(_const(v, "gradient") for v in a["values"])),
             group="context",
+        ),
+        Builtin(
+            "layers",
+            (_p("x", "tensor"), _p("start", "int"), _p("stop", "int")),
+            "layers start..stop-1 of a model (or of each model in a task vector), renumbered from 0; "
+            "embeddings, final norm and head come along",
+            _lower_layers,
+            group="structure",
+        ),
+        Builtin(
+            "stack",
+            (_p("slices", "tensor", variadic=True),),
+            "layer ranges one after another: a deeper model; embeddings from the first slice, final "
+            "norm and head from the last; layer() and gradient() inside a slice count its own layers",
+            _lower_stack,
+            group="structure",
+        ),
+        Builtin(
+            "scale",
+            (_p("x", "tensor"), _p("s", "number")),
+            "every element times s (a number, possibly per tensor); a scaled model counts as a model: "
+            "mergekit's passthrough `scale`",
+            _lower_scale,
+            group="structure",
         ),
         Builtin(
             "magnitude_prune",

@@ -645,6 +645,11 @@ def _relocate(err: TvError, job: Job, overridden: set[str]) -> None:
     if err.span is None:
         return
     origin = err.span.source.name
+    translated = job.where.get(f"expression:{err.span.text}")  # a call a mergekit config wrote
+    if translated is not None and err.span.source.text == job.expression:
+        err.notes = (*err.notes, f"in the translated program: `{err.span.text}`")
+        err.span = translated
+        return
     if origin.startswith("--bind "):
         name, field_ = origin.removeprefix("--bind "), "bindings"
     elif origin == "--set":

@@ -37,12 +37,21 @@ def count_layers(names: Iterable[str]) -> int:
 
 @dataclass(frozen=True)
 class TensorContext:
+    """``offset``: inside a slice of a stacked output (``stack()``, ``layers()``), layers are counted
+    from the slice's first layer and ``num_layers`` is the slice's length."""
+
     name: str
     num_layers: int
+    offset: int = 0
 
     @cached_property
     def layer(self) -> int:
-        return layer_of(self.name)
+        layer = layer_of(self.name)
+        return layer - self.offset if layer >= 0 else -1
+
+    def within(self, offset: int, length: int) -> TensorContext:
+        """The context inside a slice that starts ``offset`` layers into this one."""
+        return TensorContext(self.name, length, self.offset + offset)
 
     @property
     def t(self) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec
+from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec, layer_length
 from tvlang.check import KindError
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
 from tvlang.io.hub import resolve_reference
@@ -594,6 +594,7 @@ def _lower(
                 raise TvNameError(f"two outputs named `{name}`", stmt.span, code="E205")
             node = ctx.expr(stmt.value)
             ctx.require_point_or_vector(node, stmt.value)
+            layer_length(node)  # layer ranges combined in it agree
             weights = linear_form(node)
             if not weights:
                 raise TvTypeError(

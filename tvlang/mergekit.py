@@ -8,9 +8,10 @@ numbers (``gradient([...])``, ``where(matches("*mlp*"), a, b)``), resolved befor
 ``tokenizer_source:`` and ``tokenizer:`` become ``vocab`` and ``token`` statements (rows matched by
 token, :mod:`tvlang.io.vocab`).  See ``docs/mergekit.md`` for the mapping and for where the results differ.
 
-Anything tvlang cannot reproduce (``slices:``, ``modules:``, LoRA and Hub
-references, unknown methods or parameters) is a :class:`TvParamError` ``E407`` that names the field
-and points at it in the YAML; nothing is dropped without a word.
+``slices:`` and ``modules:`` become layer ranges stacked with ``layers()`` and ``stack()``, and a
+``model+lora`` reference the model plus ``lora(adapter)``.  Anything tvlang cannot reproduce (several
+modules, unknown methods or parameters) is a :class:`TvParamError` ``E407`` that names the field and
+points at it in the YAML; nothing is dropped without a word.
 
 >>> tr = translate({"merge_method": "linear", "models": [
 ...     {"model": "/m/a.safetensors", "parameters": {"weight": 0.3}},
@@ -45,21 +46,20 @@ from tvlang.errors import TvInputError, TvParamError
 from tvlang.lower import Bound
 from tvlang.source import Source, Span
 
-MARK_DEPTH = 8  # models[i].parameters.NAME[j].value[k] is the deepest field a mergekit config has
+# modules.M.slices[i].sources[j].parameters.NAME[k].value[l] is the deepest field a mergekit config has
+MARK_DEPTH = 12
 CODE = "E407"
 OUTPUT = "merged"
 REQUIRED: Any = object()
 
 TOP_LEVEL = (
-    "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer"
+    "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
+    "slices", "modules",
 )  # fmt: skip
 UNSUPPORTED_TOP_LEVEL = {
-    "slices": "tvlang merges whole models of one shape, tensor by tensor: it cannot stack or cut layer "
-    "ranges (a frankenmerge)",
-    "modules": "tvlang merges whole models: per-module `slices:`/`models:` are not supported",
     "chat_template": "tvlang does not write chat templates; it copies the base model's tokenizer files",
 }
-OTHER_METHODS = ("passthrough", "task_arithmetic_sce", "ramplus_tl")
+OTHER_METHODS = ("task_arithmetic_sce", "ramplus_tl")
 BOOLEANS = (
     "int8_mask",
     "normalize",
@@ -150,6 +150,7 @@ METHODS: dict[str, _Method] = {
     ),
     "karcher": _Method("karcher", "optional", {"max_iter": 10, "tol": 1e-5}, {}),
     "arcee_fusion": _Method("arcee_fusion", "required", {}, {}),
+    "passthrough": _Method("passthrough", "optional", {}, {"scale": 1.0}),
 }
 # Per-model parameters of some mergekit method: under a method that does not read one, mergekit
 # ignores it, and tvlang warns (any other unknown name stays an error: most likely a typo).
@@ -404,8 +405,13 @@ class _Translator:
         self.warnings: list[str] = []
         self.defs: list[str] = []
         self.params: list[str] = []  # `param` lines and the names of per-tensor numbers
+        self.vocab_models: list[_Model] = []  # models named only as a tokenizer source
+        self.vocab_lines: list[str] = []
         self.taken = set(_RESERVED) - {"lam", "t"}  # names in the program (`lam` and `t` are for parameters)
         self.bound: dict[str, str] = {}  # per-tensor number bound to a name → its expression
+        self.loras: dict[str, tuple[str, str]] = {}  # `model+lora` reference → (model path, adapter path)
+        # a call in the translated program → where the config says it (a slice's layer_range)
+        self.calls: dict[str, Span] = {}
 
     # -- checks --------------------------------------------------------------------------------
     def warn(self, path: FieldPath, message: str) -> None:
@@ -450,6 +456,18 @@ class _Translator:
         self.name, self.method = name, METHODS[name]
         self.globals = self._parameters(("parameters",), data.get("parameters"), per_model=False)
         self.base = self._base()
+        if "slices" in data or "modules" in data:  # layer structure (see _Structure below)
+            for field_ in ("tokenizer_source", "tokenizer"):
+                if data.get(field_) is not None:
+                    self.fail(
+                        (field_,),
+                        f"`{field_}:` together with `slices:` or `modules:` is not supported",
+                        key=True,
+                        help="match the vocabularies in a merge of whole models first, then stack its layers",
+                    )
+            self.vocab_models, self.vocab_lines = [], []
+            body = _Structure(self).body()
+            return self._assemble(body, self._dtype())
         self.models = self._models()
         self._name_models()
         self.vocab_lines = self._vocab()
@@ -497,16 +515,53 @@ class _Translator:
         path = os.path.normpath(os.path.join(self.f.base_dir, os.path.expanduser(text)))
         if os.path.exists(path) or os.path.exists(path + ".safetensors"):
             return path
-        if "+" in text:
-            self.fail(
-                at,
-                f"`{text}` names a LoRA (`model+lora`): applying LoRA adapters is not supported",
-                help="merge the adapter into its model first (PEFT's merge_and_unload) and give that path",
-            )
+        if "+" in text:  # mergekit's `model+lora`: the model plus the adapter's task vector
+            return self._with_lora(at, text)
         if "@" in text or (_HUB_ID.fullmatch(text) and not text.startswith(".")):
             # a Hugging Face Hub id (with or without @revision): read from the local cache (docs/language.md)
             return "hf://" + text
         return path  # missing: reported (E300) at this line when run
+
+    def _with_lora(self, at: FieldPath, text: str) -> str:
+        """``model+adapter``: a reference that stands for the model plus the adapter's task vector
+        (``load(model) + lora(adapter)``), split as mergekit splits it."""
+        parts = text.split("+")
+        if len(parts) != 2 or not all(parts):
+            self.fail(at, f"`{text}` is not `model+lora`: mergekit takes exactly one `+`")
+        model = self._reference(at, parts[0])
+        adapter = os.path.normpath(os.path.join(self.f.base_dir, os.path.expanduser(parts[1])))
+        key = f"{model}+{adapter}"
+        self.loras[key] = (model, adapter)
+        span = self.f.span(at)
+        if span is not None:  # a missing adapter is reported at this line
+            self.calls.setdefault(_string(adapter), span)
+        return key
+
+    def _split_loras(
+        self, models: Mapping[str, str]
+    ) -> tuple[dict[str, str], list[tuple[str, str]], dict[str, str]]:
+        """The bindings with each ``model+lora`` model bound as ``NAME_base``, and the lines
+        ``NAME = NAME_base + lora("adapter")`` (for the program, for the job)."""
+        bound: dict[str, str] = {}
+        lines: list[tuple[str, str]] = []
+        renamed: dict[str, str] = {}
+        for name, path in models.items():
+            if path not in self.loras:
+                bound[name] = path
+                continue
+            model, adapter = self.loras[path]
+            base = f"{name}_base"
+            while base in models or base in self.taken:
+                base += "_"
+            bound[base] = model
+            renamed[name] = base
+            lines.append(
+                (
+                    f"{name} = {base} + lora({_string(self._load_path(adapter))})",
+                    f"{name} = {base} + lora({_string(adapter)})",
+                )
+            )
+        return bound, lines, renamed
 
     def _base(self) -> _Model | None:
         raw = self.data.get("base_model")
@@ -554,7 +609,7 @@ class _Translator:
     # -- tokenizer_source / tokenizer: rows matched by token (tvlang.io.vocab) ------------------
     def _vocab(self) -> list[str]:
         """``vocab`` and ``token`` lines for mergekit's ``tokenizer_source:`` or ``tokenizer:``."""
-        self.vocab_models: list[_Model] = []
+        self.vocab_models = []
         data = {k: v for k, v in self.data.items() if v is not None}  # `null` is mergekit's default: none
         if "tokenizer_source" in data and "tokenizer" in data:
             self.fail(
@@ -734,6 +789,18 @@ class _Translator:
         own = model is not None and name in model.params
         return _Num(self.bind(label or (f"{name}_{model.name}" if own and model is not None else name), text))
 
+    def bind_def(self, label: str, params: Sequence[str], body: str, lines: list[str]) -> str:
+        """``def label(params) = body`` as a line of ``lines`` (a fresh name), and that name."""
+        line = f"({', '.join(params)}) = {body}"
+        same = next((d for d in lines if d.startswith("def ") and d.split("(", 1)[1] == line[1:]), None)
+        if same is not None:  # slices with one formula share one def
+            return same[4:].split("(", 1)[0]
+        while label in self.taken:
+            label += "_"
+        self.taken.add(label)
+        lines.append(f"def {label}{line}")
+        return label
+
     def bind(self, label: str, text: str) -> str:
         """``label = text`` as a line of the program (once), and the name it got."""
         while label in self.taken and self.bound.get(label) != text:
@@ -796,6 +863,8 @@ class _Translator:
             return self._nuslerp()
         if kind == "model_stock":
             return self._model_stock()
+        if kind == "passthrough":
+            return self._passthrough()
         if kind in ("sce", "ram"):
             return self._sce_ram(kind)
         if kind == "multislerp":
@@ -1018,6 +1087,24 @@ class _Translator:
             return f"output {OUTPUT} = nuslerp({first.name}, {second.name}, {t}{per})"
         return f"output {OUTPUT} = base + nuslerp({first.name} - base, {second.name} - base, {t}{per})"
 
+    def _passthrough(self) -> str:
+        """mergekit's passthrough: one model's tensors as they are, each times its ``scale``."""
+        everyone = list(self.models)
+        if self.base is not None and all(m.path != self.base.path for m in everyone):
+            everyone.append(self.base)  # mergekit adds the base model to the tensors it gathers
+        if len(everyone) != 1:
+            self.fail(
+                ("models",),
+                f"merge_method `passthrough` takes exactly one model, not {len(everyone)}: mergekit stops with "
+                "'Passthrough merge expects exactly one tensor'",
+                help="to stack layer ranges of several models, use `slices:` (one source per slice)",
+            )
+        (model,) = everyone
+        factor = self.number("scale", model if model in self.models else None)
+        if factor.const == 1.0:
+            return f"output {OUTPUT} = {model.name}"
+        return f"output {OUTPUT} = scale({model.name}, {factor.text})"
+
     def _model_stock(self) -> str:
         if self.flag("filter_wise"):
             self.fail(
@@ -1057,10 +1144,15 @@ class _Translator:
             m for m in self.models if m.name != "base"
         ]
         everyone += self.vocab_models
-        models = {m.name: m.path for m in everyone}
-        where = {f"bindings.{m.name}": span for m in everyone if (span := self.f.span(m.at)) is not None}
-        lines = [*self.defs, *self.params, *self.vocab_lines, body]
-        body_text = "\n".join(lines) + "\n"
+        models, adapters, renamed = self._split_loras({m.name: m.path for m in everyone})
+        where = {
+            f"bindings.{renamed.get(m.name, m.name)}": span
+            for m in everyone
+            if (span := self.f.span(m.at)) is not None
+        }
+        where.update({f"expression:{call}": span for call, span in self.calls.items()})
+        lines = [*(line for line, _ in adapters), *self.defs, *self.params, *self.vocab_lines, body]
+        body_text = "\n".join([*(job_line for _, job_line in adapters), *lines[len(adapters) :]]) + "\n"
         source = os.path.basename(self.f.name)
         header = [
             f"# {source} (mergekit, merge_method: {self.name}), translated by `tvlang import-mergekit`."
@@ -1093,6 +1185,302 @@ class _Translator:
         if self.out_dir is None:
             return path
         return os.path.relpath(path, self.out_dir)
+
+
+# -- layer structure: slices, modules ------------------------------------------------------------
+
+SLICE_FIELDS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_FIELDS = ("model", "layer_range", "parameters")
+
+
+class _RemappedFields(_MkFields):
+    """The fields of a slice read as if they were a whole config's (``models[j]`` is the slice's
+    ``sources[j]``), with errors pointing at where each one really is."""
+
+    def __init__(self, parent: _MkFields, remap: Callable[[FieldPath], FieldPath]) -> None:
+        super().__init__(parent.name, parent.base_dir, parent.source, parent.marks)
+        self.remap = remap
+
+    def span(self, path: FieldPath, *, key: bool = False) -> Span | None:
+        return super().span(self.remap(path), key=key)
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: str
+    lo: int
+    hi: int
+    at: FieldPath  # the source's place in the config
+
+
+class _Structure:
+    """``slices:`` (and ``modules:`` with one module) as a stack of layer ranges.
+
+    Each slice becomes ``layers(model, lo, hi)`` when it is one source passed through, else a
+    ``def`` holding the method's formula over its sources' ranges, called with them: the
+    method's parameters, gradients included, are looked up per slice as mergekit does (source,
+    slice, module, top level) and gradients run over the slice's own layers.  The slices stack
+    with ``stack()``: embeddings from the first slice, final norm and head from the last."""
+
+    def __init__(self, top: _Translator) -> None:
+        self.top = top
+        self.f = top.f
+
+    def body(self) -> str:
+        top, data = self.top, self.top.data
+        given = [k for k in ("models", "slices", "modules") if k in data]
+        if len(given) != 1:
+            top.fail(
+                (given[-1],),
+                "a mergekit config has exactly one of `models:`, `slices:` and `modules:`, not "
+                + " and ".join(f"`{k}:`" for k in given),
+                key=True,
+                help="mergekit refuses such a config too: keep the one that says what to merge",
+            )
+        prefix: FieldPath = ()
+        module_params: Mapping[str, Any] = {}
+        raw = data.get("slices")
+        if "modules" in data:
+            prefix, raw, module_params = self._module()
+        at = (*prefix, "slices")
+        if raw is None:  # a module with `models:`: the whole models, merged as a config without slices
+            return self._models_module(prefix, module_params)
+        if not isinstance(raw, list) or not raw:
+            self.f.wrong(at, raw, "a non-empty list of slices (`- sources: [...]`)")
+        slices = [self._slice((*at, i), item) for i, item in enumerate(raw)]
+        models = self._name(slices)
+        lines: list[str] = []
+        segments = [
+            self._segment(at, i, item, sources, models, module_params, lines)
+            for i, (item, sources) in enumerate(slices)
+        ]
+        out = segments[0] if len(segments) == 1 else _call("stack", segments)
+        return "\n".join([*lines, f"output {OUTPUT} = {out}"])
+
+    # -- the pieces -----------------------------------------------------------------------------
+    def _module(self) -> tuple[FieldPath, Any, Mapping[str, Any]]:
+        raw = self.f.mapping(("modules",), self.top.data["modules"])
+        if len(raw) != 1:
+            self.top.fail(
+                ("modules",),
+                f"`modules:` with {len(raw)} modules: tvlang merges models of one module (a decoder); "
+                "per-module tensor prefixes of multi-module models are not known to it",
+                help="write the one module's `slices:` or `models:` at the top level",
+            )
+        ((name, module),) = raw.items()
+        prefix: FieldPath = ("modules", str(name))
+        module = self.f.mapping(prefix, module)
+        self.f.keys(prefix, module, ("slices", "models", "parameters"))
+        if ("slices" in module) == ("models" in module):
+            self.top.fail(prefix, f"module `{name}` needs exactly one of `slices:` and `models:`")
+        params = self.f.mapping((*prefix, "parameters"), module.get("parameters"))
+        return prefix, module.get("slices"), params
+
+    def _models_module(self, prefix: FieldPath, module_params: Mapping[str, Any]) -> str:
+        """A module given as ``models:``: the config without modules."""
+        top = self.top
+        module = top.data["modules"][prefix[1]]
+        sub = _SliceTranslator(
+            top,
+            _RemappedFields(self.f, lambda p: _module_path(p, prefix, module_params)),
+            {
+                **{k: v for k, v in top.data.items() if k != "modules"},
+                "models": module["models"],
+                "parameters": _layered_params([module_params, top.globals]),
+            },
+        )
+        sub.models = sub._models()
+        sub._name_models()
+        top.models, top.base = sub.models, sub.base
+        return sub._body()
+
+    def _slice(self, at: FieldPath, item: Any) -> tuple[Mapping[str, Any], list[_Source]]:
+        item = self.f.mapping(at, item)
+        self.f.keys(at, item, SLICE_FIELDS)
+        if "residual_weight" in item:
+            self.top.fail(
+                (*at, "residual_weight"),
+                "a slice's `residual_weight` is not supported",
+                key=True,
+                help="mergekit's planner does not read it either; delete the field",
+            )
+        raw = item.get("sources")
+        if not isinstance(raw, list) or not raw:
+            self.f.wrong(
+                (*at, "sources"), raw, "a non-empty list of `- model: PATH` with `layer_range: [start, stop]`"
+            )
+        sources = []
+        for j, src in enumerate(raw):
+            sat: FieldPath = (*at, "sources", j)
+            src = self.f.mapping(sat, src)
+            self.f.keys(sat, src, SOURCE_FIELDS)
+            for need in ("model", "layer_range"):
+                if need not in src:
+                    self.top.fail(sat, f"`{_dotted(sat)}` needs a `{need}:`")
+            path = self.top._reference((*sat, "model"), src["model"])
+            rng = src["layer_range"]
+            if (
+                not isinstance(rng, list)
+                or len(rng) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in rng)
+                or not 0 <= rng[0] < rng[1]
+            ):
+                self.f.wrong(
+                    (*sat, "layer_range"), rng, "a range `[start, stop]` of layers, 0 <= start < stop"
+                )
+            sources.append(_Source(path, rng[0], rng[1], sat))
+        lengths = [s.hi - s.lo for s in sources]
+        for s, n in zip(sources, lengths, strict=True):
+            if n != lengths[0]:
+                self.top.fail(
+                    (*s.at, "layer_range"),
+                    f"this source has {n} layers and the slice's first {lengths[0]}: mergekit stops with "
+                    "'All inputs to a slice must contain the same number of layers'",
+                )
+        return item, sources
+
+    def _name(self, slices: list[tuple[Mapping[str, Any], list[_Source]]]) -> dict[str, str]:
+        """Every model any slice reads, named once (the base model ``base``): path → name."""
+        top = self.top
+        seen: dict[str, _Model] = {}
+        for _, sources in slices:
+            for s in sources:
+                if s.path not in seen:
+                    seen[s.path] = _Model(s.path, (*s.at, "model"), {}, (*s.at, "parameters"))
+        top.models = list(seen.values())
+        top._name_models()
+        return {m.path: m.name for m in top.models} | ({top.base.path: "base"} if top.base else {})
+
+    def _segment(
+        self,
+        at: FieldPath,
+        i: int,
+        item: Mapping[str, Any],
+        sources: list[_Source],
+        models: Mapping[str, str],
+        module_params: Mapping[str, Any],
+        lines: list[str],
+    ) -> str:
+        top = self.top
+        ranges = [f"layers({models[s.path]}, {s.lo}, {s.hi})" for s in sources]
+        for r, s in zip(ranges, sources, strict=True):
+            span = self.f.span((*s.at, "layer_range"))
+            if span is not None:
+                top.calls.setdefault(r, span)
+        raw_sources = [_raw_source(top.data, s.at) for s in sources]
+        levels = [self.f.mapping((*at, i, "parameters"), item.get("parameters")), module_params, top.globals]
+        if top.method.kind == "passthrough" and len(sources) == 1:
+            own = self.f.mapping((*sources[0].at, "parameters"), raw_sources[0].get("parameters"))
+            if not any("scale" in level for level in (own, *levels)):
+                return ranges[0]  # the layers as they are
+        slice_at: FieldPath = (*at, i)
+        data: dict[str, Any] = {
+            "merge_method": top.name,
+            "models": [{k: r[k] for k in ("model", "parameters") if k in r} for r in raw_sources],
+            "parameters": _layered_params(levels),
+        }
+        base_at: FieldPath = (*slice_at, "base_model") if "base_model" in item else ("base_model",)
+        base_ref = item.get("base_model", top.data.get("base_model"))
+        if base_ref is not None and top.method.kind != "passthrough":
+            if top._reference(base_at, base_ref) in {s.path for s in sources}:
+                data["base_model"] = base_ref
+            elif top.method.base == "required":
+                top.fail(
+                    base_at,
+                    f"the base model is not among the sources of slice {i}: mergekit reads its layers "
+                    "from the slice's sources",
+                    help="add the base model to the slice's `sources:`, with a `layer_range` of the same length",
+                )
+        slice_params = levels[0]
+        sub = _SliceTranslator(
+            top,
+            _RemappedFields(self.f, lambda p: _slice_path(p, slice_at, slice_params, at[:-1], module_params)),
+            data,
+        )
+        sub.models = sub._models()
+        for m in sub.models:  # the names the whole program uses ("base" inside the slice's def)
+            m.name = "base" if sub.base is not None and m.path == sub.base.path else models[m.path]
+        expr = sub._body().removeprefix(f"output {OUTPUT} = ")
+        name = top.bind_def(f"slice{i}", [m.name for m in sub.models], expr, lines)
+        return _call(name, ranges, "    ")
+
+
+class _SliceTranslator(_Translator):
+    """A method's formula over one slice's sources: the parent's names, helpers and parameter lines
+    are shared, and single-number parameters stay inline (a program has one `param t`)."""
+
+    def __init__(self, top: _Translator, f: _MkFields, data: Mapping[str, Any]) -> None:
+        super().__init__(f, data, top.out_dir, top.seed)
+        self.notes, self.defs, self.params = top.notes, top.defs, top.params
+        self.taken, self.bound, self.loras, self.calls = top.taken, top.bound, top.loras, top.calls
+        self.name, self.method = top.name, top.method
+        self.globals = self._parameters(("parameters",), data.get("parameters"), per_model=False)
+        self.base = self._base()
+
+    def param(self, name: str, tv_name: str) -> _Num:
+        return self.number(name, label=tv_name)
+
+
+def _raw_source(data: Mapping[str, Any], at: FieldPath) -> Mapping[str, Any]:
+    node: Any = data
+    for k in at:
+        node = node[k]
+    return node  # type: ignore[no-any-return]
+
+
+def _layered_params(levels: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Parameters looked up level by level (slice, module, top level) as one level: a conditional
+    list without a catch-all entry continues with the next level's setting, as mergekit's lookup does."""
+    merged: dict[str, Any] = {}
+    for name in dict.fromkeys(k for level in levels for k in level):
+        values = [level[name] for level in levels if name in level]
+        if len(values) == 1 or not _conditional(values[0]) or _catch_all(values[0]):
+            merged[name] = values[0]
+            continue
+        chain = list(values[0])
+        for value in values[1:]:
+            if not _conditional(value):
+                chain.append({"value": value})
+                break
+            chain.extend(value)
+            if _catch_all(value):
+                break
+        merged[name] = chain
+    return merged
+
+
+def _conditional(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(x, Mapping) for x in value)
+
+
+def _catch_all(value: list[Mapping[str, Any]]) -> bool:
+    return any(x.get("filter") in (None, "", "*") for x in value)
+
+
+def _slice_path(
+    p: FieldPath,
+    slice_at: FieldPath,
+    slice_params: Mapping[str, Any],
+    prefix: FieldPath,
+    module_params: Mapping[str, Any],
+) -> FieldPath:
+    """Where a field of the config synthesised for one slice is in the real config."""
+    if p[:1] == ("models",):
+        return (*slice_at, "sources", *p[1:])
+    if p[:1] == ("parameters",) and len(p) > 1:
+        if p[1] in slice_params:
+            return (*slice_at, *p)
+        if p[1] in module_params:
+            return (*prefix, *p)
+    if p == ("base_model",):
+        return (*slice_at, "base_model")
+    return p if p[:1] in (("parameters",), ("merge_method",)) else slice_at
+
+
+def _module_path(p: FieldPath, prefix: FieldPath, module_params: Mapping[str, Any]) -> FieldPath:
+    if p[:1] == ("models",) or (p[:1] == ("parameters",) and len(p) > 1 and p[1] in module_params):
+        return (*prefix, *p)
+    return p
 
 
 def _close(word: str, choices: Sequence[str], what: str) -> str:

@@ -51,6 +51,57 @@ def llama_shapes(
     return shapes
 
 
+def gpt2_shapes(
+    hidden: int = 64, layers: int = 2, vocab: int = 256, positions: int = 64
+) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a GPT-2 decoder as ``GPT2LMHeadModel`` saves it (Conv1D weights
+    stored input-major; the head tied to the token embeddings, so not stored)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (vocab, hidden),
+        "transformer.wpe.weight": (positions, hidden),
+    }
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        for norm in ("ln_1", "ln_2"):
+            shapes[p + f"{norm}.weight"] = (hidden,)
+            shapes[p + f"{norm}.bias"] = (hidden,)
+        for name, (fan_in, fan_out) in {
+            "attn.c_attn": (hidden, 3 * hidden),
+            "attn.c_proj": (hidden, hidden),
+            "mlp.c_fc": (hidden, 4 * hidden),
+            "mlp.c_proj": (4 * hidden, hidden),
+        }.items():
+            shapes[p + f"{name}.weight"] = (fan_in, fan_out)
+            shapes[p + f"{name}.bias"] = (fan_out,)
+    shapes["transformer.ln_f.weight"] = (hidden,)
+    shapes["transformer.ln_f.bias"] = (hidden,)
+    return shapes
+
+
+def gpt2_config(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
+    """A ``config.json`` for ``GPT2LMHeadModel`` with the dimensions of :func:`gpt2_shapes`."""
+    vocab, hidden = shapes["transformer.wte.weight"]
+    positions = shapes["transformer.wpe.weight"][0]
+    layers = sum(1 for n in shapes if n.endswith(".ln_1.weight"))
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab,
+        "n_positions": positions,
+        "n_ctx": positions,
+        "n_embd": hidden,
+        "n_layer": layers,
+        "n_head": max(1, hidden // 16),
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-05,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": _HF_DTYPE[dtype],
+    }
+
+
 def shapes_for_bytes(total_bytes: int, itemsize: int = 2, layers: int = 8) -> dict[str, tuple[int, ...]]:
     """Llama shapes whose tensors add up to about ``total_bytes``."""
     vocab = 32000
@@ -102,12 +153,16 @@ def save_checkpoint(state: dict[str, torch.Tensor], path: str, *, shards: int = 
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     first = next(iter(state.values()), None)
     dtype = first.dtype if first is not None else torch.bfloat16
-    spec = LlamaSpec.from_shapes({k: tuple(v.shape) for k, v in state.items()})
-    config = (
-        spec.config(dtype)
-        if spec is not None
-        else {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    )
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    spec = LlamaSpec.from_shapes(shapes)
+    if "transformer.wte.weight" in shapes:
+        config = gpt2_config(shapes, dtype)
+    else:
+        config = (
+            spec.config(dtype)
+            if spec is not None
+            else {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(path, "tokenizer.json"), "w") as f:

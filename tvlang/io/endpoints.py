@@ -52,6 +52,24 @@ class CheckpointSource:
         self._reader.close()
 
 
+class RenamedSource:
+    """A source read under other names: a range of a checkpoint's layers renumbered into a stacked
+    output (``names``: output tensor name → the checkpoint's)."""
+
+    def __init__(self, source: Source, names: Mapping[str, str]) -> None:
+        self._source = source
+        self._names = names
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._source.read(self._names[name], start, stop)
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        self._source.release(self._names[name], start, stop)
+
+    def close(self) -> None:
+        self._source.close()
+
+
 def memory_metas(state: Mapping[str, Any], label: str, device: str = "cpu") -> dict[str, TensorMeta]:
     """Header-like facts of an in-memory state dict, with the same validation a file gets.  Tensors
     must be on the CPU, or on ``device`` (a run on the GPU reads those in place)."""

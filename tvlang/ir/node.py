@@ -20,6 +20,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from tvlang.layermap import LayerView
 from tvlang.source import Span
 
 
@@ -44,6 +45,10 @@ class Op(enum.Enum):
     # arg: ("layer",) | ("num_layers",) | ("matches", pattern) | ("gradient", values): a per-tensor
     # number known from the tensor's name (tvlang.context), resolved when planning
     CTX = "ctx"
+    # arg: ((offset, length), ...), one per operand: the operands' layers one after another (a
+    # stacked model); a tensor takes the operand whose range holds its layer (embeddings the first,
+    # other tensors outside the layers the last), resolved when planning (tvlang.passes.specialize)
+    STACK = "stack"
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,26 @@ class InputRef:
     kind: Kind  # MODEL, or DELTA for a stored task vector
     span: Span | None = field(default=None, compare=False, hash=False)
     handle: Any = field(default=None, compare=False, hash=False, repr=False)  # the in-memory mapping
+    view: LayerView | None = None  # a range of the checkpoint's layers, renumbered (tvlang.layermap)
+
+    @property
+    def base_key(self) -> str:
+        """The checkpoint's own key (a view's ``key`` adds the view, so that each view is an input)."""
+        return self.key.split(VIEW_MARK, 1)[0] if self.view is not None else self.key
+
+    def viewed(self, view: LayerView) -> InputRef:
+        """This checkpoint seen through ``view``."""
+        return InputRef(
+            f"{self.base_key}{VIEW_MARK}{view.text}",
+            self.label,
+            self.kind,
+            self.span,
+            self.handle,
+            view,
+        )
+
+
+VIEW_MARK = "#layers="
 
 
 class Node:

@@ -34,6 +34,8 @@ def _format_rhs(node: Node, names: dict[int, str]) -> str:
         return f"const {format_weight(value)}" + (f" ({label})" if label else "")
     if node.op is Op.INPUT:
         ref = node.arg
+        if ref.view is not None:
+            return f"input {ref.label} layers {ref.view.text}"
         return f"input {ref.label}"
     if node.op is Op.WSUM:
         terms = []
@@ -49,6 +51,8 @@ def _format_rhs(node: Node, names: dict[int, str]) -> str:
     if node.op is Op.CTX:
         what, *rest = node.arg
         return f"{what}({', '.join(repr(r) for r in rest)})"
+    if node.op is Op.STACK:
+        return "stack " + ", ".join(f"{a} as {o}:{o + n}" for a, (o, n) in zip(args, node.arg, strict=True))
     if node.op is Op.GLOBAL:
         return f"model_{node.arg}({', '.join(args)})"
     if node.op is Op.RAND:

@@ -22,24 +22,71 @@ from collections.abc import Mapping
 
 from tvlang.context import TensorContext
 from tvlang.ir.node import Graph, Node, Op, const
+from tvlang.layermap import is_pre
 from tvlang.passes.fold_constants import fold_constants
 from tvlang.passes.linearize import linearize
-from tvlang.passes.rewrite import rebuild, rewrite
+from tvlang.passes.rewrite import rebuild
 
 
 def has_context(node: Node) -> bool:
-    return any(n.op is Op.CTX for n in node.toposort())
+    return any(n.op in (Op.CTX, Op.STACK) for n in node.toposort())
+
+
+def has_stack(node: Node) -> bool:
+    return any(n.op is Op.STACK for n in node.toposort())
 
 
 def specialize(node: Node, ctx: TensorContext, replace: Mapping[int, Node] | None = None) -> Node:
     """``node`` for one tensor; ``replace`` maps input nodes (by id) to stand-ins for inputs that
-    lack this tensor (the union key policy)."""
+    lack this tensor (the union key policy).  A stack becomes the slice that holds the tensor, and
+    context inside a slice counts the slice's layers."""
     replace = replace or {}
+    return linearize(fold_constants(Graph((("out", _resolve(node, ctx, replace)),)))).outputs[0][1]
 
-    def rule(n: Node, args: tuple[Node, ...]) -> Node:
-        if n.op is Op.CTX:
-            return const(ctx.value(n.arg))
-        return replace.get(id(n)) or rebuild(n, args)
 
-    graph = rewrite(Graph((("out", node),)), rule)
-    return linearize(fold_constants(graph)).outputs[0][1]
+def stack_slice(node: Node, layer: int, name: str) -> int:
+    """The operand of a stack that holds ``layer`` (-1: a tensor outside the layers, ``name``)."""
+    frames: tuple[tuple[int, int], ...] = node.arg
+    if layer < 0:
+        return 0 if is_pre(name) else len(frames) - 1
+    for i, (offset, length) in enumerate(frames):
+        if offset <= layer < offset + length:
+            return i
+    return -1
+
+
+def _resolve(node: Node, ctx: TensorContext, replace: Mapping[int, Node]) -> Node:
+    """Bottom-up over everything but stacks; a stack's chosen slice is resolved in its own context
+    (recursion only as deep as stacks nest)."""
+    done: dict[int, Node] = {}
+    for n in _below(node):
+        if n.op is Op.STACK:
+            i = stack_slice(n, ctx.layer, ctx.name)
+            if i < 0:  # a layer no slice holds: the planner never asks for one
+                raise AssertionError(f"{ctx.name} is outside the stack")
+            offset, length = n.arg[i]
+            done[id(n)] = _resolve(n.args[i], ctx.within(offset, length), replace)
+        elif n.op is Op.CTX:
+            done[id(n)] = const(ctx.value(n.arg))
+        else:
+            done[id(n)] = replace.get(id(n)) or rebuild(n, tuple(done[id(a)] for a in n.args))
+    return done[id(node)]
+
+
+def _below(root: Node) -> list[Node]:
+    """``root`` and its operands, operands first, not descending into stacks."""
+    order: list[Node] = []
+    seen: set[int] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        n, expanded = stack.pop()
+        if expanded:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        if n.op is not Op.STACK:
+            stack.extend((a, False) for a in reversed(n.args) if id(a) not in seen)
+    return order

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
+from tvlang.layermap import LayerSources, layer_ranges
 from tvlang.plan.program import TensorProgram
 
 # Bytes per element for each safetensors dtype code.
@@ -58,6 +59,9 @@ class PlannedInput:
     location: str  # a path, or "memory"
     tensors: Mapping[str, TensorMeta] = field(repr=False)
     sparse: bool = False  # a task vector that is zero on the tensors it lacks (a LoRA adapter)
+    # a range of the checkpoint's layers (ref.view): each of ``tensors`` (output names) → the
+    # checkpoint tensor it reads
+    names: Mapping[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ class PlannedOutput:
         repr=False
     )  # (name, dtype, shape), in order
     expression: str = ""
+    # a stacked output (layers(), stack()): per output layer, the (input, source layer) pairs it reads
+    layers: tuple[LayerSources, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -192,14 +198,33 @@ class Plan:
             (min(t.chunk or self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0
         )
 
+    def layer_map(self, out: PlannedOutput) -> list[str]:
+        """A stacked output's layers and where each comes from, in runs: ``0–23 ← a 0–23``."""
+        assert out.layers is not None
+        lines = [f"layer map ({len(out.layers)} layers):"]
+        for first, last, sources in layer_ranges(out.layers):
+            span = f"{first}–{last}" if last > first else f"{first}"
+            froms = ", ".join(
+                f"in{k} {self.inputs[k].ref.label} " + (f"{s}–{s + last - first}" if last > first else f"{s}")
+                for k, s in sources
+            )
+            lines.append(f"  {span:<9} ← {froms}")
+        return lines
+
     def explain(self, *, per_tensor: int | None = 12) -> str:
         """The per-tensor plan and totals, for people (``tvlang plan``)."""
         lines = ["inputs:"]
         for i, inp in enumerate(self.inputs):
             size = sum(m.nbytes for m in inp.tensors.values())
+            view = inp.ref.view
+            seen = (
+                f"  (layers {view.lo}–{view.hi - 1} as {view.offset}–{view.offset + view.length - 1})"
+                if view
+                else ""
+            )
             lines.append(
                 f"  in{i}  {inp.ref.label:<16} {inp.ref.kind!s:<5}  {len(inp.tensors)} tensors, "
-                f"{_human(size)}  {inp.location}"
+                f"{_human(size)}  {inp.location}{seen}"
             )
         for inp in self.checked:
             lines.append(
@@ -211,6 +236,8 @@ class Plan:
                 f"  out{i} {out.name:<16} {out.kind:<5}  {len(out.tensors)} tensors, {_human(out.nbytes)}"
                 f"  (layout of in{out.template})"
             )
+            if out.layers is not None:
+                lines.extend(f"    {line}" for line in self.layer_map(out))
         kernels: dict[tuple[str, ...], str] = {}
         for t in self.tasks:
             kernels.setdefault(_writes_text(t), f"k{len(kernels)}")

@@ -10,10 +10,11 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from tvlang.context import TensorContext, count_layers
+from tvlang.context import TensorContext, count_layers, layer_of
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
-from tvlang.passes.specialize import has_context, specialize
+from tvlang.layermap import output_order
+from tvlang.passes.specialize import has_context, has_stack, specialize
 from tvlang.plan.plan import (
     FLOATS,
     WIDE,
@@ -32,6 +33,7 @@ from tvlang.plan.plan import (
     row_length,
 )
 from tvlang.plan.program import TensorProgram, compile_program
+from tvlang.source import Span
 
 BLOCK = 4096  # tvlang.backends.reductions.BLOCK: reductions sum fixed blocks of this many elements
 
@@ -107,7 +109,22 @@ def build_plan(
     out_dtype = parse_dtype(dtype)
     refs = graph.inputs()
     index = {ref.key: i for i, ref in enumerate(refs)}
-    inputs = [_open(ref, open_input) for ref in refs]
+    inputs = []
+    opened: dict[str, tuple[str, Mapping[str, TensorMeta], bool]] = {}  # a checkpoint read through views
+    for ref in refs:
+        base = ref if ref.view is None else InputRef(ref.base_key, ref.label, ref.kind, ref.span, ref.handle)
+        try:
+            if base.key not in opened:
+                opened[base.key] = open_input(base)
+            location, tensors, sparse = opened[base.key]
+        except TvInputError as err:
+            if err.span is None and ref.span is not None:
+                err.span = ref.span
+            raise
+        if ref.view is None:
+            inputs.append(PlannedInput(ref, location, tensors, sparse))
+        else:
+            inputs.append(_view_input(ref, location, tensors, sparse))
     folded = _folded_inputs(written, index, open_input)
     checked = {key: len(inputs) + i for i, key in enumerate(folded)}
     validate = [*inputs, *folded.values()]
@@ -127,29 +144,49 @@ def build_plan(
                 help='add the adapter to the model it was trained on: `base + lora("path")`',
                 code="E303",
             )
-        _check_compatible(inputs, used, names=keys == "exact", common_rows=rows == "common")
-        if written is not None:
+        stacked = has_stack(node)  # layer ranges: each tensor reads the inputs its slice maps it to
+        if not stacked:
+            _check_compatible(inputs, used, names=keys == "exact", common_rows=rows == "common")
+        if written is not None and not stacked:
             cancelled = [checked[r.key] for r in _refs_of(written.outputs[out_idx][1]) if r.key in checked]
             _check_compatible(
                 validate, [template, *cancelled], names=keys == "exact", common_rows=rows == "common"
             )
         per_tensor = has_context(node)  # weights that depend on the tensor's name or layer
-        num_layers = count_layers(inputs[template].tensors)
+        names = _stacked_names(inputs, used) if stacked else _tensor_names(inputs, used, keys)
+        num_layers = count_layers(names if stacked else inputs[template].tensors)
         input_nodes = {index[n.arg.key]: n for n in node.toposort() if n.op is Op.INPUT}
         order = []
-        for tname in _tensor_names(inputs, used, keys):
-            present = [i for i in used if tname in inputs[i].tensors]
+        layer_sources: dict[int, list[tuple[int, int]]] = {}
+        for tname in names:
+            if stacked:
+                tctx = TensorContext(tname, num_layers)
+                tensor_node = specialize(node, tctx)
+                reads = _inputs_of(tensor_node, index)
+                _check_slice(inputs, reads, tname)
+                # the inputs it reads that hold it; when its weights fold to zero (a `scale` of 0),
+                # the slice's input that holds it gives its shape
+                present = [i for i in reads if tname in inputs[i].tensors]
+                present = present or [next(i for i in used if tname in inputs[i].tensors)]
+                if len(present) < len(reads):  # adapters that leave this tensor alone: zero there
+                    lacking = {id(input_nodes[i]): _stand_in(input_nodes[i], input_nodes[present[0]])
+                               for i in reads if i not in present}  # fmt: skip
+                    tensor_node = specialize(node, tctx, lacking)
+                _note_sources(layer_sources, inputs, present, tname)
+            else:
+                present = [i for i in used if tname in inputs[i].tensors]
             meta = inputs[present[0]].tensors[tname]
             metas = [inputs[i].tensors[tname] for i in present]
             if rows == "common" and meta.shape:  # the rows every input has: a prefix of each
                 meta = TensorMeta(meta.dtype, (min(m.shape[0] for m in metas), *meta.shape[1:]))
             task_reads, writes, roots = tasks.setdefault((tname, meta.shape), ([], [], []))
             if meta.dtype in FLOATS:
-                absent = {id(input_nodes[i]): _stand_in(input_nodes[i], input_nodes[present[0]])
+                absent = {} if stacked else {id(input_nodes[i]): _stand_in(input_nodes[i], input_nodes[present[0]])
                           for i in used if i not in present}  # fmt: skip
-                tensor_node = node
-                if per_tensor or absent:
-                    tensor_node = specialize(node, TensorContext(tname, num_layers), absent)
+                if not stacked:
+                    tensor_node = node
+                    if per_tensor or absent:
+                        tensor_node = specialize(node, TensorContext(tname, num_layers), absent)
                 per_tensor_reads = per_tensor or bool(absent)
                 terms = _terms(tensor_node, index)
                 odt = out_dtype or meta.dtype
@@ -168,7 +205,10 @@ def build_plan(
             writes.append(TensorWrite(out_idx, odt, kernel))
         kind = "model" if node.kind.is_model else "delta"
         expr = graph.expressions[out_idx] if out_idx < len(graph.expressions) else ""
-        outputs.append(PlannedOutput(name, kind, template, tuple(order), expr))
+        layers = None
+        if stacked:
+            layers = tuple(tuple(layer_sources.get(k, ())) for k in range(num_layers))
+        outputs.append(PlannedOutput(name, kind, template, tuple(order), expr, layers))
 
     slots = {ref.key: i for i, ref in enumerate(refs)}
     all_roots = [r for _, _, roots in tasks.values() for r in roots]
@@ -213,7 +253,7 @@ def _folded_inputs(
     if written is None:
         return folded
     for ref in written.inputs():
-        if ref.key in index or ref.key in folded:
+        if ref.key in index or ref.key in folded or ref.view is not None:
             continue
         folded[ref.key] = _open(ref, open_input)
     return folded
@@ -302,6 +342,96 @@ def _tensor_names(inputs: list[PlannedInput], used: list[int], keys: str) -> lis
                     seen.add(n)
                     names.append(n)
     return names
+
+
+def _view_input(
+    ref: InputRef, location: str, tensors: Mapping[str, TensorMeta], sparse: bool
+) -> PlannedInput:
+    """A checkpoint seen through a layer range: its tensors under the output's names.  A range
+    outside the model is an error (E310) at the ``layers()`` call, naming the model's depth."""
+    view = ref.view
+    assert view is not None
+    depth = count_layers(tensors)
+    if not sparse and view.hi > depth:
+        raise TvInputError(
+            f"layers {view.lo}..{view.hi} are outside `{ref.label}`, which has {depth} layer"
+            + ("s" if depth != 1 else "")
+            + (f" (0..{depth})" if depth else ""),
+            view.span or ref.span,
+            label=f"`{ref.label}` has {depth} layers",
+            notes=(f"{ref.label}: {location}",),
+            help=f"a range is start..stop with stop <= {depth}"
+            if depth
+            else "this model has no numbered layers",
+            code="E313",
+        )
+    presented = view.present(tensors)
+    return PlannedInput(
+        ref,
+        location,
+        {out: meta for out, (_, meta) in presented.items()},
+        sparse,
+        {out: src for out, (src, _) in presented.items()},
+    )
+
+
+def _stacked_names(inputs: list[PlannedInput], used: list[int]) -> list[str]:
+    """A stacked output's tensors: every name its slices present, in model order (embeddings first,
+    then layer by layer, then the rest; within a layer, in the first input's order)."""
+    names: dict[str, None] = {}
+    for i in used:
+        names.update(dict.fromkeys(inputs[i].tensors))
+    return output_order(list(names))
+
+
+def _check_slice(inputs: list[PlannedInput], reads: list[int], tname: str) -> None:
+    """The inputs one tensor of a stacked output reads must all hold it, with one shape."""
+    holders = [i for i in reads if tname in inputs[i].tensors]
+    if not holders:
+        return
+    first = inputs[holders[0]]
+    for i in reads:
+        other = inputs[i]
+        if other.sparse:
+            continue
+        if tname not in other.tensors:
+            source = first.names.get(tname, tname) if first.names else tname
+            raise TvInputError(
+                f"tensor `{tname}` of the output (`{source}` of `{first.ref.label}`) has no counterpart in "
+                f"`{other.ref.label}`",
+                _view_span(other),
+                label="this input",
+                notes=(f"{first.ref.label}: {first.location}", f"{other.ref.label}: {other.location}"),
+                help="the models combined in one slice need the same architecture",
+                code="E303",
+            )
+        if other.tensors[tname].shape != first.tensors[tname].shape:
+            raise TvInputError(
+                f"tensor `{tname}` has shape {list(first.tensors[tname].shape)} in `{first.ref.label}` "
+                f"but {list(other.tensors[tname].shape)} in `{other.ref.label}`",
+                _view_span(other),
+                label="this input",
+                code="E304",
+            )
+
+
+def _view_span(inp: PlannedInput) -> Span | None:
+    return inp.ref.view.span if inp.ref.view is not None and inp.ref.view.span is not None else inp.ref.span
+
+
+def _note_sources(
+    layer_sources: dict[int, list[tuple[int, int]]], inputs: list[PlannedInput], reads: list[int], tname: str
+) -> None:
+    """Record which input layers an output layer reads (for the plan's layer map and config.json)."""
+    layer = layer_of(tname)
+    if layer < 0:
+        return
+    pairs = layer_sources.setdefault(layer, [])
+    for i in reads:
+        names = inputs[i].names
+        source = layer_of(names.get(tname, tname) if names else tname)
+        if (i, source) not in pairs:
+            pairs.append((i, source))
 
 
 def _stand_in(missing: Node, present: Node) -> Node:
