@@ -125,10 +125,6 @@ def _program(args: argparse.Namespace) -> Program:
         return compile(args.expr, bindings=_bindings(args))
     if getattr(args, "file", None) is None:
         raise TvParamError("give a program file or -e EXPRESSION", code="E402")
-    if args.file.lower().endswith((".yml", ".yaml", ".json")):  # a job file or mergekit config
-        from tvlang.config import load_job
-
-        return load_job(args.file).compile()
     return compile_file(args.file, bindings=_bindings(args))
 
 
