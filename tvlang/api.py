@@ -21,7 +21,8 @@ from typing import Any
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
 from tvlang.backends.gpu import execute_gpu, resolve_device
 from tvlang.codegen.c import compiler
-from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
+from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
+from tvlang.io.card import CARD_NAME, CardInput, hub_id, model_card
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
@@ -32,12 +33,18 @@ from tvlang.io.endpoints import (
     checkpoint_metas,
     memory_metas,
 )
+from tvlang.io.lora import CONFIG as LORA_CONFIG
 from tvlang.io.lora import LoraAdapter, LoraSource
-from tvlang.ir import Graph, InputRef, format_graph
+from tvlang.io.lora_out import SVD_METHODS, AdapterLayout, LoraWriter
+from tvlang.io.safetensors import MAX_HEADER_BYTES, parse_json_object
+from tvlang.ir import Graph, InputRef, Node, Op, format_graph
+from tvlang.ir.build import sub
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
-from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan
+from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan, parse_dtype
 from tvlang.runtime import Progress, check_nonfinite_mode, execute
+from tvlang.source import Source as TextSource
+from tvlang.source import Span
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 
@@ -69,6 +76,11 @@ class Options:
     # CPU kernels: "auto" (fused loops compiled by the system C compiler when there is one, else
     # "eager"), "compiled" (error without a compiler) or "eager" (torch, op by op); same results
     kernels: str = "auto"
+    # Write each output as a PEFT LoRA adapter of this rank (a directory; docs/language.md, "LoRA
+    # adapters out"): its task vector (a model output minus `lora_base`) factored per 2-D weight
+    as_lora: int | None = None
+    lora_base: str = "base"  # the name (in the program or its bindings) of the adapter's base model
+    lora_svd: str = "auto"  # auto (randomized for large matrices), exact or randomized
 
     def resolved_kernels(self) -> str:
         if self.kernels not in KERNEL_MODES:
@@ -137,6 +149,7 @@ class Program:
     def __init__(self, syntax: ast.Program, bindings: Mapping[str, Any] | None = None) -> None:
         self.syntax = syntax
         self.bindings = {k: _as_bound(v) for k, v in (bindings or {}).items()}
+        self.mergekit_config: str | None = None  # the mergekit YAML it was translated from, for the card
 
     @property
     def source(self) -> str:
@@ -218,15 +231,22 @@ class Program:
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
-        graph = optimize(lowered.graph)
-        plan, opened = _plan(graph, options)
-        dests = _destinations(plan, out, opened)
+        lora_base = self._lora_base(params, bindings, options) if options.as_lora is not None else None
+        if lora_base is None:
+            graph = optimize(lowered.graph)
+            plan, opened = _plan(graph, options)
+            dests = _destinations(plan, out, opened)
+        else:  # the task vectors, in float64, for the adapters' SVDs
+            graph = optimize(_task_vectors(lowered.graph, lora_base))
+            plan, opened = _plan(graph, replace(options, dtype="fp64"))
+            dests = _adapter_destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, dests)
         metadata = {"tvlang.version": __version__}
         if self.syntax.source.name != "<expr>":
             metadata["tvlang.program"] = self.source
         sources: list[Source] = []
         sinks: list[Sink] = []
+        extra_sources: list[Source] = []  # the adapters' base model, read for modules saved whole
         try:
             for inp in plan.inputs:
                 handle = opened[inp.ref.key]
@@ -247,6 +267,18 @@ class Program:
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
+                card = self._card_maker(plan, output.name, params_used)
+                if lora_base is not None:
+                    base = _open_base(lora_base, opened, options)
+                    extra_sources.append(
+                        CheckpointSource(base) if isinstance(base, Checkpoint) else MemorySource(base)
+                    )
+                    sinks.append(
+                        _adapter_writer(
+                            dest, output.tensors, lora_base, base, extra_sources[-1], meta, card, options
+                        )
+                    )
+                    continue
                 template = opened[plan.inputs[output.template].ref.key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
                 sinks.append(
@@ -257,6 +289,7 @@ class Program:
                         max_shard_bytes=options.shard_size,
                         sidecars=sidecars,
                         overwrite=options.overwrite,
+                        files=None if dest.endswith(".safetensors") else {CARD_NAME: card(None)},
                     )
                 )
             progress = (
@@ -281,17 +314,191 @@ class Program:
                 sink.abort()
             raise
         finally:
-            for source in sources:
+            for source in [*sources, *extra_sources]:
                 source.close()
         if report:
             stderr = sys.stderr
             for line in report.lines():
                 print(line, file=stderr)
+        if options.progress:
+            for sink in sinks:
+                for line in sink.summary() if isinstance(sink, LoraWriter) else ():
+                    print(line, file=sys.stderr)
         if all(d is None for d in dests):
             results = {o.name: s.result for o, s in zip(plan.outputs, sinks, strict=True)}  # type: ignore[attr-defined]
         else:
             results = {o.name: d for o, d in zip(plan.outputs, dests, strict=True)}
         return next(iter(results.values())) if len(results) == 1 else results
+
+    def _lora_base(
+        self, params: Mapping[str, ParamValue] | None, bindings: Mapping[str, Any] | None, options: Options
+    ) -> Node:
+        """The checkpoint ``options.lora_base`` names, found by lowering the program's bindings with
+        that name as the only output (headers only, nothing is read)."""
+        rank, name = options.as_lora, options.lora_base
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise TvParamError(f"the LoRA rank must be a positive integer, not {rank!r}", code="E402")
+        if options.lora_svd not in SVD_METHODS:
+            raise TvParamError(
+                f"unknown SVD method {options.lora_svd!r}",
+                help="choose auto, exact or randomized",
+                code="E402",
+            )
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise TvParamError(f"the LoRA base must be a name, not {name!r}", code="E408")
+        span = Span(TextSource(name, "--lora-base"), 0, len(name))
+        kept = [s for s in self.syntax.statements if isinstance(s, (ast.Binding, ast.Param, ast.Define))]
+        probe = ast.Output(ast.Name("lora_base", span), ast.Name(name, span), span)
+        program = Program(replace(self.syntax, statements=(*kept, probe)), self.bindings)
+        why = (
+            "an adapter holds a task vector relative to a base model: a model output M is written as "
+            f"M - {name}, and modules saved whole are {name} + (M - {name})"
+        )
+        try:
+            node = program.lower(params, bindings, options).graph.outputs[0][1]
+        except TvNameError:
+            raise TvParamError(
+                f"--as-lora needs the base model, and no model is named `{name}`",
+                notes=(why,),
+                help="name it with --lora-base NAME (Options(lora_base=...)), or bind `base`",
+                code="E408",
+            ) from None
+        if node.op is not Op.INPUT or not node.kind.is_model:
+            raise TvParamError(
+                f"the LoRA base `{name}` is a {node.kind}, not a checkpoint",
+                notes=(why,),
+                help="name a model bound to a checkpoint (load(...), --bind, a state dict)",
+                code="E408",
+            )
+        return node
+
+    def _card_maker(self, plan: Plan, title: str, params: Mapping[str, float]) -> Any:
+        """A function of the adapter's card section (None for a merge) that writes the model card."""
+        inputs = [
+            CardInput(
+                i.ref.label,
+                "lora" if i.ref.key.startswith(LORA_KEY) else str(i.ref.kind),
+                i.location,
+            )
+            for i in plan.inputs
+        ]
+
+        def card(section: str | None, base: str | None = None) -> str:
+            return model_card(
+                title=title,
+                program=self.source,
+                inputs=inputs,
+                params=params,
+                version=__version__,
+                mergekit_config=self.mergekit_config,
+                library="transformers" if section is None else "peft",
+                extra=() if section is None else (section,),
+                base_model=None if base is None else [base],
+            )
+
+        return card
+
+
+def _task_vectors(graph: Graph, base: Node) -> Graph:
+    """Every output as a task vector: a model output ``M`` becomes ``M - base`` (folded by the passes
+    into one weighted sum, so ``base`` is read once and cancels exactly where it can)."""
+    outputs = tuple((name, sub(node, base) if node.kind.is_model else node) for name, node in graph.outputs)
+    return replace(graph, outputs=outputs)
+
+
+def _adapter_destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[str | None]:
+    """An adapter is a directory; several outputs are directories inside ``out``, by output name."""
+    if out is None:
+        raise TvParamError(
+            "--as-lora writes adapter directories: give an output path", help="e.g. -o adapter/", code="E408"
+        )
+    names = [o.name for o in plan.outputs]
+    if isinstance(out, Mapping):
+        dests = _destinations(plan, out, opened)
+    else:
+        path = os.fspath(out)
+        dests = [path] if len(names) == 1 else [os.path.join(path, n) for n in names]
+    for dest in dests:
+        if dest is not None and dest.endswith(".safetensors"):
+            raise TvOutputError(
+                f"a LoRA adapter is a directory ({LORA_CONFIG}, adapter_model.safetensors), not {dest}",
+                help="give a directory path, e.g. -o adapter/",
+                code="E504",
+            )
+    if len(names) > 1 and not isinstance(out, Mapping):
+        os.makedirs(os.fspath(out), exist_ok=True)
+    return list(dests)
+
+
+def _open_base(base: Node, opened: dict[str, Any], options: Options) -> Checkpoint | Mapping[str, Any]:
+    """The adapter's base: already open when the task vectors read it, else opened here (its weight
+    may have cancelled out of every output)."""
+    ref: InputRef = base.arg
+    handle = opened.get(ref.key)
+    if handle is None:
+        if ref.handle is not None:
+            handle = ref.handle
+        else:
+            handle = Checkpoint.open(ref.key)
+            if options.roots is not None:
+                _check_inside_roots(handle, options.roots, ref)
+        opened[ref.key] = handle
+    assert isinstance(handle, (Checkpoint, Mapping))
+    return handle
+
+
+def _base_config(base: Checkpoint | Mapping[str, Any]) -> dict[str, Any]:
+    """The base's ``config.json`` (model type and architecture decide PEFT's layout), or {}."""
+    if not isinstance(base, Checkpoint):
+        return {}
+    for path in base.sidecar_files():
+        if os.path.basename(path) == "config.json":
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(MAX_HEADER_BYTES + 1)
+            except OSError:
+                return {}
+            if len(raw) > MAX_HEADER_BYTES:
+                return {}
+            try:
+                return parse_json_object(raw, path, "config")
+            except TvInputError:
+                return {}
+    return {}
+
+
+def _adapter_writer(
+    dest: str | None,
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    base_node: Node,
+    base: Checkpoint | Mapping[str, Any],
+    source: Source,
+    metadata: Mapping[str, str],
+    card: Any,
+    options: Options,
+) -> LoraWriter:
+    assert dest is not None and options.as_lora is not None
+    ref: InputRef = base_node.arg
+    metas = checkpoint_metas(base) if isinstance(base, Checkpoint) else memory_metas(base, ref.label)
+    layout = AdapterLayout.plan(
+        tensors,
+        options.as_lora,
+        base_dtypes={name: meta.dtype for name, meta in metas.items()},
+        dtype=parse_dtype(options.dtype),
+        config=_base_config(base),
+    )
+    location = base.path if isinstance(base, Checkpoint) else None
+    base_id = location and (hub_id(location) or location)
+    return LoraWriter(
+        dest,
+        layout,
+        base=source,
+        metadata={**metadata, "tvlang.lora.rank": str(options.as_lora), "tvlang.lora.base": ref.label},
+        config=layout.adapter_config(base_id),
+        card=lambda section: card(section, base_id),
+        svd=options.lora_svd,
+        overwrite=options.overwrite,
+    )
 
 
 def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:

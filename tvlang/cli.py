@@ -13,7 +13,7 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tvlang.api import Options, Program, compile, compile_file, delta, task_vector
 from tvlang.config import JOB_SUFFIXES
@@ -101,7 +101,18 @@ def _options(args: argparse.Namespace) -> Options:
         rows=args.rows or Options.rows,
         device=getattr(args, "device", None) or Options.device,
         kernels=args.kernels or Options.kernels,
+        **_lora_options(args),
     )
+
+
+def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--as-lora R``, ``--lora-base NAME``, ``--lora-svd M``: the Options fields they set."""
+    given = {
+        "as_lora": getattr(args, "as_lora", None),
+        "lora_base": getattr(args, "lora_base", None),
+        "lora_svd": getattr(args, "lora_svd", None),
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _program(args: argparse.Namespace) -> Program:
@@ -128,6 +139,7 @@ def _run_job(args: argparse.Namespace) -> object:
         "rows": args.rows,
         "kernels": args.kernels,
         "device": args.device,
+        **_lora_options(args),
     }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
@@ -269,6 +281,24 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
             choices=("error", "warn", "propagate"),
             help="NaN/inf in an input, or overflow to inf in the output dtype: stop without writing (error, "
             "the default), write and print a warning per tensor (warn), or write silently (propagate)",
+        )
+        p.add_argument(
+            "--as-lora",
+            type=int,
+            metavar="RANK",
+            help="write each output as a PEFT LoRA adapter directory of this rank: its task vector (a model "
+            "output minus the base) factored per 2-D weight by a truncated SVD; see docs/language.md",
+        )
+        p.add_argument(
+            "--lora-base",
+            metavar="NAME",
+            help="the adapter's base model, a name in the program (default: base)",
+        )
+        p.add_argument(
+            "--lora-svd",
+            choices=("auto", "exact", "randomized"),
+            help="the adapter's SVD: exact (LAPACK), randomized (a sketch with power iterations), or auto "
+            "(the default: randomized where the rank is small against the matrix)",
         )
 
 

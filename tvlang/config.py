@@ -54,6 +54,7 @@ from typing import Any, NoReturn
 from tvlang.api import Options, OutSpec, Program, compile_file
 from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
+from tvlang.io.lora_out import SVD_METHODS
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import parse_dtype
 from tvlang.plan.planner import KEY_POLICIES
@@ -88,6 +89,7 @@ class Job:
     name: str = "<job>"
     base_dir: str = "."
     where: Mapping[str, Span] = field(default_factory=dict, compare=False, repr=False)
+    mergekit_config: str | None = None  # the config's text when the job is a mergekit config (its model card)
 
     def compile(self) -> Program:
         """The program with the job's bindings.  An expression has no ``param`` lines, so each job
@@ -100,7 +102,9 @@ class Job:
         syntax = parse(self.expression, f"{self.name} (expression)", self.base_dir)
         declared = {s.target.id for s in syntax.statements if isinstance(s, ast.Param)}
         header = [_declare(k, v, self.name) for k, v in self.params.items() if k not in declared]
-        return Program(replace(syntax, statements=(*header, *syntax.statements)), self.bindings)
+        program = Program(replace(syntax, statements=(*header, *syntax.statements)), self.bindings)
+        program.mergekit_config = self.mergekit_config
+        return program
 
 
 def _declare(name: str, value: ParamValue, job: str) -> ast.Stmt:
@@ -329,6 +333,9 @@ _OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
     "keys": lambda f, v: f.choice(("keys",), v, KEY_POLICIES),
     "rows": lambda f, v: f.choice(("rows",), v, ("exact", "common")),
     "kernels": lambda f, v: f.choice(("kernels",), v, KERNEL_MODES),
+    "as_lora": lambda f, v: f.integer(("as_lora",), v),
+    "lora_base": lambda f, v: f.string(("lora_base",), v),
+    "lora_svd": lambda f, v: f.choice(("lora_svd",), v, SVD_METHODS),
 }
 _OVERRIDES_ONLY: dict[str, Callable[[_Fields, Any], Any]] = {
     "progress": lambda f, v: f.boolean(("progress",), v),

@@ -22,6 +22,7 @@ output merged = a + (weight_b / (0.3 + weight_b))*(b - a)
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -246,7 +247,16 @@ def mergekit_job(f: _Fields, data: Mapping[str, Any]) -> Job:
     """The job for a mergekit config met where a tvlang job was expected (``tvlang run merge.yml``,
     :func:`tvlang.config.run_job`)."""
     mk = _MkFields(f.name, f.base_dir, f.source, f.marks)
-    return _Translator(mk, data, None, 0).translate().job()
+    job = _Translator(mk, data, None, 0).translate().job()
+    return replace(job, mergekit_config=mergekit_text(f.source, data))
+
+
+def mergekit_text(source: Source | None, data: Mapping[str, Any]) -> str:
+    """The config as the model card shows it: the file's text, or the mapping written as JSON
+    (which YAML reads too)."""
+    if source is not None:
+        return source.text
+    return json.dumps(data, indent=2, default=str)
 
 
 def _read(source: Source) -> tuple[Any, dict[FieldPath, tuple[int, int, int, int]]]:

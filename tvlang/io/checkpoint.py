@@ -250,7 +250,10 @@ class CheckpointWriter(Transaction):
     `overwrite`, and even then it is replaced only at commit. Directory outputs get
     ``"format": "pt"`` in their metadata, which ``transformers`` requires.
 
-    `max_shard_bytes` and `sidecars` mean nothing for a single file and are ignored.
+    `files` are text files written into a directory output (its model card, ``README.md``); a
+    sidecar of the same name is then not copied.
+
+    `max_shard_bytes`, `sidecars` and `files` mean nothing for a single file and are ignored.
     """
 
     def __init__(
@@ -262,6 +265,7 @@ class CheckpointWriter(Transaction):
         max_shard_bytes: int = 5 * 2**30,
         sidecars: Sequence[str | os.PathLike[str]] = (),
         overwrite: bool = False,
+        files: Mapping[str, str] | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, not {max_shard_bytes}")
@@ -305,7 +309,10 @@ class CheckpointWriter(Transaction):
         self._tmpdir = tmpdir
         self._finalizer = weakref.finalize(self, shutil.rmtree, tmpdir, ignore_errors=True)
         try:
-            self._copy_sidecars(sidecars, reserved={*names, INDEX_NAME})
+            generated = dict(files or {})
+            sidecars = [s for s in sidecars if os.path.basename(os.fspath(s)) not in generated]
+            self._copy_sidecars(sidecars, reserved={*names, INDEX_NAME, *generated})
+            self._write_files(generated)
             for name, shard in zip(names, shards, strict=True):
                 writer = SafetensorsWriter(os.path.join(tmpdir, name), shard, shard_metadata)
                 self._writers.append(writer)
@@ -361,6 +368,19 @@ class CheckpointWriter(Transaction):
                 self._copied.append(dst)
             except OSError as e:
                 raise TvOutputError(f"{self.path}: cannot copy {src}: {e.strerror}", code="E500") from None
+
+    def _write_files(self, files: Mapping[str, str]) -> None:
+        assert self._tmpdir is not None
+        for name, text in files.items():
+            if os.path.basename(name) != name or name.startswith("."):
+                raise ValueError(f"generated file {name!r} is not a plain file name")
+            dst = os.path.join(self._tmpdir, name)
+            try:
+                with open(dst, "w", encoding="utf-8") as f:
+                    f.write(text)
+                self._copied.append(dst)
+            except OSError as e:
+                raise TvOutputError(f"{self.path}: cannot write {name}: {e.strerror}", code="E500") from None
 
     def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
         """See :meth:`SafetensorsWriter.write`; thread-safe."""
