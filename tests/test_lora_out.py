@@ -312,3 +312,56 @@ def test_mergekit_card_carries_the_config(llama: dict[str, Path], tmp_path: Path
     card = (tmp_path / "out" / "README.md").read_text()
     assert text.strip() in card
     assert _front_matter(card)["base_model"] == [str(llama["base"]), str(llama["ft"])]
+
+
+# -- the language form: output NAME = as_lora(expr, rank=R) ---------------------------------------
+
+
+def test_as_lora_outputs_in_a_program_with_a_sweep(llama: dict[str, Path], tmp_path: Path) -> None:
+    prog = tmp_path / "adapters.tv"
+    prog.write_text(
+        f'base = load("{llama["base"]}")\nft = load("{llama["ft"]}")\nparam lam = [0.25, 1]\n'
+        'output adapter = as_lora(base + lam*(ft - base), rank=3, svd="exact")\n'
+    )
+    assert cli.main(["run", str(prog), "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert sorted(os.listdir(tmp_path / "out")) == ["adapter[lam=0.25]", "adapter[lam=1]"]
+    full = tmp_path / "out" / "adapter[lam=1]"
+    assert json.loads((full / "adapter_config.json").read_text())["r"] == 3
+    assert "as_lora(base + lam*(ft - base), rank=3" in (full / "README.md").read_text()
+    torch.testing.assert_close(
+        _logits(_with_adapter(llama["base"], full)), _logits(_load(llama["ft"])), atol=2e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("program", "message", "marked"),
+    [
+        (
+            "output a = 2 * as_lora(ft - base, rank=4)",
+            "whole value of an `output` line",
+            "as_lora(ft - base, rank=4)",
+        ),
+        ("output a = as_lora(ft - base)", "needs the adapter's rank", "as_lora(ft - base)"),
+        ("output a = as_lora(ft - base, rank=1.5)", "whole number", "1.5"),
+        ("output a = as_lora(ft - base, rank=4, sdv='exact')", "no argument `sdv`", "sdv"),
+        (
+            "output a = as_lora(ft - base, rank=4)\noutput m = ft",
+            "other outputs are adapters",
+            "as_lora(ft - base, rank=4)",
+        ),
+        (
+            "mid = 0.5*ft + 0.5*base\noutput a = as_lora(ft - mid, rank=4, base=mid)",
+            "is a model, not a checkpoint",
+            "as_lora(ft - mid, rank=4, base=mid)",
+        ),
+    ],
+)
+def test_as_lora_errors_point_at_the_call(
+    llama: dict[str, Path], tmp_path: Path, program: str, message: str, marked: str
+) -> None:
+    bindings = {"base": str(llama["base"]), "ft": str(llama["ft"])}
+    with pytest.raises(TvError) as e:
+        tvlang.compile(program, bindings=bindings).run(tmp_path / "a")
+    assert e.value.code == "E408" and message in e.value.message
+    assert e.value.span is not None and e.value.span.text == marked
+    assert not (tmp_path / "a").exists()

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
 from tvlang.backends.gpu import execute_gpu, resolve_device
 from tvlang.codegen.c import compiler
@@ -35,7 +36,7 @@ from tvlang.io.endpoints import (
 )
 from tvlang.io.lora import CONFIG as LORA_CONFIG
 from tvlang.io.lora import LoraAdapter, LoraSource
-from tvlang.io.lora_out import SVD_METHODS, AdapterLayout, LoraWriter
+from tvlang.io.lora_out import AdapterLayout, LoraWriter
 from tvlang.io.safetensors import MAX_HEADER_BYTES, parse_json_object
 from tvlang.ir import Graph, InputRef, Node, Op, format_graph
 from tvlang.ir.build import sub
@@ -147,7 +148,7 @@ class Program:
     so one compiled program serves a whole sweep."""
 
     def __init__(self, syntax: ast.Program, bindings: Mapping[str, Any] | None = None) -> None:
-        self.syntax = syntax
+        self.syntax, self.adapters = strip_adapters(syntax)  # as_lora(...) outputs: written as adapters
         self.bindings = {k: _as_bound(v) for k, v in (bindings or {}).items()}
         self.mergekit_config: str | None = None  # the mergekit YAML it was translated from, for the card
 
@@ -231,13 +232,14 @@ class Program:
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
-        lora_base = self._lora_base(params, bindings, options) if options.as_lora is not None else None
-        if lora_base is None:
+        adapters = self._adapter_specs(lowered.graph, options)
+        bases = {a.base: self._lora_base(a, params, bindings, options) for a in adapters.values()}
+        if not adapters:
             graph = optimize(lowered.graph)
             plan, opened = _plan(graph, options)
             dests = _destinations(plan, out, opened)
         else:  # the task vectors, in float64, for the adapters' SVDs
-            graph = optimize(_task_vectors(lowered.graph, lora_base))
+            graph = optimize(_task_vectors(lowered.graph, {n: bases[a.base] for n, a in adapters.items()}))
             plan, opened = _plan(graph, replace(options, dtype="fp64"))
             dests = _adapter_destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, dests)
@@ -268,14 +270,24 @@ class Program:
                     sinks.append(MemorySink(output.tensors))
                     continue
                 card = self._card_maker(plan, output.name, params_used)
-                if lora_base is not None:
-                    base = _open_base(lora_base, opened, options)
+                spec = adapters.get(output.name)
+                if spec is not None:
+                    base_node = bases[spec.base]
+                    base = _open_base(base_node, opened, options)
                     extra_sources.append(
                         CheckpointSource(base) if isinstance(base, Checkpoint) else MemorySource(base)
                     )
                     sinks.append(
                         _adapter_writer(
-                            dest, output.tensors, lora_base, base, extra_sources[-1], meta, card, options
+                            dest,
+                            output.tensors,
+                            spec,
+                            base_node,
+                            base,
+                            extra_sources[-1],
+                            meta,
+                            card,
+                            options,
                         )
                     )
                     continue
@@ -330,20 +342,39 @@ class Program:
             results = {o.name: d for o, d in zip(plan.outputs, dests, strict=True)}
         return next(iter(results.values())) if len(results) == 1 else results
 
-    def _lora_base(
-        self, params: Mapping[str, ParamValue] | None, bindings: Mapping[str, Any] | None, options: Options
-    ) -> Node:
-        """The checkpoint ``options.lora_base`` names, found by lowering the program's bindings with
-        that name as the only output (headers only, nothing is read)."""
-        rank, name = options.as_lora, options.lora_base
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise TvParamError(f"the LoRA rank must be a positive integer, not {rank!r}", code="E402")
-        if options.lora_svd not in SVD_METHODS:
+    def _adapter_specs(self, graph: Graph, options: Options) -> dict[str, AdapterSpec]:
+        """Which outputs are written as adapters (``as_lora(...)`` in the program, else every one
+        with ``options.as_lora``), by output name; {} for none."""
+        default = None
+        if options.as_lora is not None:
+            check_adapter(options.as_lora, options.lora_svd)
+            default = AdapterSpec(options.as_lora, options.lora_base, options.lora_svd)
+        names = [name for name, _ in graph.outputs]
+        specs = {}
+        for name in names:
+            spec = self.adapters.get(name.partition("[")[0], default)  # a sweep's outputs are NAME[p=v]
+            if spec is not None:
+                specs[name] = spec
+        if specs and len(specs) < len(names):
+            plain = next(n for n in names if n not in specs)
             raise TvParamError(
-                f"unknown SVD method {options.lora_svd!r}",
-                help="choose auto, exact or randomized",
-                code="E402",
+                f"output `{plain}` is a model, and other outputs are adapters: one run writes either",
+                next(iter(specs.values())).span,
+                help="run the merges and the adapters separately (or give every output as_lora(...))",
+                code="E408",
             )
+        return specs
+
+    def _lora_base(
+        self,
+        spec: AdapterSpec,
+        params: Mapping[str, ParamValue] | None,
+        bindings: Mapping[str, Any] | None,
+        options: Options,
+    ) -> Node:
+        """The checkpoint ``spec.base`` names, found by lowering the program's bindings with that
+        name as the only output (headers only, nothing is read)."""
+        name = spec.base
         if not (isinstance(name, str) and name.isidentifier()):
             raise TvParamError(f"the LoRA base must be a name, not {name!r}", code="E408")
         span = Span(TextSource(name, "--lora-base"), 0, len(name))
@@ -358,7 +389,8 @@ class Program:
             node = program.lower(params, bindings, options).graph.outputs[0][1]
         except TvNameError:
             raise TvParamError(
-                f"--as-lora needs the base model, and no model is named `{name}`",
+                f"an adapter needs its base model, and no model is named `{name}`",
+                spec.span,
                 notes=(why,),
                 help="name it with --lora-base NAME (Options(lora_base=...)), or bind `base`",
                 code="E408",
@@ -366,6 +398,7 @@ class Program:
         if node.op is not Op.INPUT or not node.kind.is_model:
             raise TvParamError(
                 f"the LoRA base `{name}` is a {node.kind}, not a checkpoint",
+                spec.span,
                 notes=(why,),
                 help="name a model bound to a checkpoint (load(...), --bind, a state dict)",
                 code="E408",
@@ -399,10 +432,12 @@ class Program:
         return card
 
 
-def _task_vectors(graph: Graph, base: Node) -> Graph:
+def _task_vectors(graph: Graph, bases: Mapping[str, Node]) -> Graph:
     """Every output as a task vector: a model output ``M`` becomes ``M - base`` (folded by the passes
     into one weighted sum, so ``base`` is read once and cancels exactly where it can)."""
-    outputs = tuple((name, sub(node, base) if node.kind.is_model else node) for name, node in graph.outputs)
+    outputs = tuple(
+        (name, sub(node, bases[name]) if node.kind.is_model else node) for name, node in graph.outputs
+    )
     return replace(graph, outputs=outputs)
 
 
@@ -470,6 +505,7 @@ def _base_config(base: Checkpoint | Mapping[str, Any]) -> dict[str, Any]:
 def _adapter_writer(
     dest: str | None,
     tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    spec: AdapterSpec,
     base_node: Node,
     base: Checkpoint | Mapping[str, Any],
     source: Source,
@@ -477,12 +513,12 @@ def _adapter_writer(
     card: Any,
     options: Options,
 ) -> LoraWriter:
-    assert dest is not None and options.as_lora is not None
+    assert dest is not None
     ref: InputRef = base_node.arg
     metas = checkpoint_metas(base) if isinstance(base, Checkpoint) else memory_metas(base, ref.label)
     layout = AdapterLayout.plan(
         tensors,
-        options.as_lora,
+        spec.rank,
         base_dtypes={name: meta.dtype for name, meta in metas.items()},
         dtype=parse_dtype(options.dtype),
         config=_base_config(base),
@@ -493,10 +529,10 @@ def _adapter_writer(
         dest,
         layout,
         base=source,
-        metadata={**metadata, "tvlang.lora.rank": str(options.as_lora), "tvlang.lora.base": ref.label},
+        metadata={**metadata, "tvlang.lora.rank": str(spec.rank), "tvlang.lora.base": ref.label},
         config=layout.adapter_config(base_id),
         card=lambda section: card(section, base_id),
-        svd=options.lora_svd,
+        svd=spec.svd,
         overwrite=options.overwrite,
     )
 

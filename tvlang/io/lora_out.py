@@ -54,6 +54,7 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt"})
 _EMBEDDINGS = frozenset({"wte", "wpe", "lm_head", "shared", "embed_in", "embed_out"})
 _INPUT_EMBEDDINGS = (".embed_tokens.weight", ".wte.weight", ".word_embeddings.weight", ".embed_in.weight")
 TIED_HEAD = "lm_head.weight"
+_BLOCK = 1 << 18  # elements per block when a module saved whole is formed
 
 
 def is_embedding(module: str) -> bool:
@@ -284,6 +285,7 @@ class LoraWriter(Transaction):
         self._card = card
         self._entries = {e.tensor: e for e in layout.entries}
         self._buffers: dict[str, torch.Tensor] = {}
+        self._pool: list[torch.Tensor] = []
         self._filled: dict[str, int] = {}
         self._lock = threading.Lock()
         self._state = "open"
@@ -339,10 +341,12 @@ class LoraWriter(Transaction):
             self._writer.write(entry.planned()[0][0], start, chunk.to(DTYPES[entry.dtype]).contiguous())
         elif entry.role == "full":  # the module as the adapted model has it: base + D, rounded once
             base = self._base.read(name, start, stop)
-            whole = (base.to(torch.float64) + chunk.to(torch.float64)).to(DTYPES[entry.dtype])
+            for lo in range(0, stop - start, _BLOCK):  # float64 temporaries of a block, not of the chunk
+                hi = min(stop - start, lo + _BLOCK)
+                whole = (base[lo:hi].to(torch.float64) + chunk[lo:hi]).to(DTYPES[entry.dtype])
+                for key, _, _ in entry.planned():
+                    self._writer.write(key, start + lo, whole)
             self._base.release(name, start, stop)
-            for key, _, _ in entry.planned():
-                self._writer.write(key, start, whole)
         else:
             self._gather(entry, start, chunk)
 
@@ -351,7 +355,7 @@ class LoraWriter(Transaction):
         with self._lock:
             buf = self._buffers.get(entry.tensor)
             if buf is None:
-                buf = self._buffers[entry.tensor] = torch.empty(numel, dtype=torch.float64)
+                buf = self._buffers[entry.tensor] = self._take(numel)
                 self._filled[entry.tensor] = 0
         buf[start : start + chunk.numel()].copy_(chunk)
         with self._lock:
@@ -360,7 +364,21 @@ class LoraWriter(Transaction):
             if done:
                 del self._buffers[entry.tensor]
         if done:
-            self._factor(entry, buf.view(entry.shape))
+            try:
+                self._factor(entry, buf.view(entry.shape))
+            finally:
+                with self._lock:
+                    self._pool.append(buf)
+
+    def _take(self, numel: int) -> torch.Tensor:
+        """A float64 buffer of ``numel`` elements from the pool (one per tensor in flight, at most
+        about one per worker), so buffers are reused rather than reallocated for every tensor."""
+        fits = [i for i, b in enumerate(self._pool) if b.numel() >= numel]
+        if fits:
+            return self._pool.pop(min(fits, key=lambda i: self._pool[i].numel()))[:numel]
+        if self._pool:  # too small for this tensor: let the largest go, grow
+            self._pool.remove(max(self._pool, key=lambda b: b.numel()))
+        return torch.empty(numel, dtype=torch.float64)
 
     def _factor(self, entry: AdapterEntry, stored: torch.Tensor) -> None:
         """Factor one tensor, write A and B, and measure the error of the factors as stored."""
@@ -437,6 +455,7 @@ class LoraWriter(Transaction):
         self._state = "aborted"
         self._writer.abort()
         self._buffers.clear()
+        self._pool.clear()
         self._finalizer()
 
     # -- reporting -------------------------------------------------------------------------------
