@@ -365,3 +365,20 @@ def test_as_lora_errors_point_at_the_call(
     assert e.value.code == "E408" and message in e.value.message
     assert e.value.span is not None and e.value.span.text == marked
     assert not (tmp_path / "a").exists()
+
+
+def test_job_file_field_and_filtered_task_vector(llama: dict[str, Path], tmp_path: Path) -> None:
+    """``as_lora:`` in a job; mergekit's --exclude-regex as a per-tensor factor: zero factors there."""
+    from tvlang.config import run_job
+
+    job = {
+        "expression": '(1 - matches("*mlp*")) * (ft - base)',
+        "bindings": {"base": str(llama["base"]), "ft": str(llama["ft"])},
+        "output": str(tmp_path / "adapter"),
+        "as_lora": 2,
+    }
+    assert run_job(job) == str(tmp_path / "adapter")
+    with safe_open(tmp_path / "adapter" / "adapter_model.safetensors", "pt") as f:
+        mlp = f.get_tensor("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight")
+        attn = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
+    assert not mlp.any() and attn.any()
