@@ -382,3 +382,29 @@ def test_job_file_field_and_filtered_task_vector(llama: dict[str, Path], tmp_pat
         mlp = f.get_tensor("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight")
         attn = f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
     assert not mlp.any() and attn.any()
+
+
+def test_in_memory_inputs_and_nonfinite_task_vectors(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"m.proj.weight": torch.randn(8, 6, generator=g), "m.norm.weight": torch.ones(6)}
+    low = torch.randn(8, 1, generator=g) @ torch.randn(1, 6, generator=g)
+    ft = {"m.proj.weight": base["m.proj.weight"] + low, "m.norm.weight": torch.full((6,), 2.0)}
+    out = tvlang.evaluate("ft - base", {"base": base, "ft": ft}, out=tmp_path / "ad", as_lora=1)
+    config = json.loads((Path(out) / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] is None and config["modules_to_save"] == ["m.norm"]
+    with safe_open(Path(out) / "adapter_model.safetensors", "pt") as f:
+        a, b = (
+            f.get_tensor("base_model.model.m.proj.lora_A.weight"),
+            f.get_tensor("base_model.model.m.proj.lora_B.weight"),
+        )
+        torch.testing.assert_close(f.get_tensor("base_model.model.m.norm.weight"), ft["m.norm.weight"])
+    torch.testing.assert_close(b @ a, low, atol=1e-6, rtol=0)
+    assert _errors(Path(out))["m.proj.weight"] < 1e-6
+
+    ft["m.proj.weight"][2, 3] = float("nan")
+    with pytest.raises(TvError) as e:
+        tvlang.evaluate(
+            "ft - base", {"base": base, "ft": ft}, out=tmp_path / "nan", as_lora=1, nonfinite="propagate"
+        )
+    assert e.value.code == "E308" and "m.proj.weight" in e.value.message
+    assert not (tmp_path / "nan").exists()

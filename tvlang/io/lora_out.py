@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from tvlang.errors import TvInputError, TvOutputError
+from tvlang.errors import TvError, TvOutputError
 from tvlang.io.card import CARD_NAME
 from tvlang.io.endpoints import Source
 from tvlang.io.lora import CONFIG, PREFIX, WEIGHTS
@@ -357,7 +357,7 @@ class LoraWriter(Transaction):
             if buf is None:
                 buf = self._buffers[entry.tensor] = self._take(numel)
                 self._filled[entry.tensor] = 0
-        buf[start : start + chunk.numel()].copy_(chunk)
+        buf[start : start + chunk.numel()].copy_(chunk)  # buf: a pooled buffer of at least numel
         with self._lock:
             self._filled[entry.tensor] += chunk.numel()
             done = self._filled[entry.tensor] == numel
@@ -365,25 +365,28 @@ class LoraWriter(Transaction):
                 del self._buffers[entry.tensor]
         if done:
             try:
-                self._factor(entry, buf.view(entry.shape))
+                self._factor(entry, buf[:numel].view(entry.shape))
             finally:
                 with self._lock:
                     self._pool.append(buf)
 
     def _take(self, numel: int) -> torch.Tensor:
-        """A float64 buffer of ``numel`` elements from the pool (one per tensor in flight, at most
-        about one per worker), so buffers are reused rather than reallocated for every tensor."""
-        fits = [i for i, b in enumerate(self._pool) if b.numel() >= numel]
+        """A float64 buffer of at least ``numel`` elements from the pool (one per tensor in flight, at
+        most about one per worker), so buffers are reused rather than reallocated for every tensor."""
+        sizes = [b.numel() for b in self._pool]
+        fits = [i for i, n in enumerate(sizes) if n >= numel]
         if fits:
-            return self._pool.pop(min(fits, key=lambda i: self._pool[i].numel()))[:numel]
-        if self._pool:  # too small for this tensor: let the largest go, grow
-            self._pool.remove(max(self._pool, key=lambda b: b.numel()))
+            return self._pool.pop(min(fits, key=lambda i: sizes[i]))
+        if self._pool:  # all too small for this tensor: let the largest go, and grow
+            self._pool.pop(max(range(len(sizes)), key=lambda i: sizes[i]))
         return torch.empty(numel, dtype=torch.float64)
 
     def _factor(self, entry: AdapterEntry, stored: torch.Tensor) -> None:
         """Factor one tensor, write A and B, and measure the error of the factors as stored."""
-        if not bool(torch.isfinite(stored).all()):
-            raise TvInputError(
+        norm = float(torch.linalg.vector_norm(stored))
+        if not math.isfinite(norm):  # a NaN or ±inf anywhere makes the norm one (cheaper than isfinite)
+            # a plain TvError: the runtime reads an OSError (TvInputError is one) from a sink as a write failure
+            raise TvError(
                 f"tensor `{entry.tensor}` of the task vector holds NaN/±inf: it has no SVD",
                 help="check the inputs (run without --as-lora and --nonfinite error to see where)",
                 code="E308",
@@ -392,7 +395,6 @@ class LoraWriter(Transaction):
         a, b = factorize(d, entry.rank, method=self.svd, seed=_seed(entry.tensor))
         dtype = DTYPES[entry.dtype]
         a_out, b_out = a.to(dtype), b.to(dtype)
-        norm = float(torch.linalg.vector_norm(stored))
         a64, b64 = a_out.to(torch.float64), b_out.to(torch.float64)
         if entry.transposed:  # stored = Dᵀ: subtract Aᵀ Bᵀ, in place
             stored.addmm_(a64.T, b64.T, alpha=-1.0)
