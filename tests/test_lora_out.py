@@ -9,9 +9,12 @@ compared with the fine-tune's.  The SVD's truncation is checked against numpy's 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import tvlang
 from tvlang import cli
@@ -408,3 +412,30 @@ def test_in_memory_inputs_and_nonfinite_task_vectors(tmp_path: Path) -> None:
         )
     assert e.value.code == "E308" and "m.proj.weight" in e.value.message
     assert not (tmp_path / "nan").exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason='triton is not installed (pip install "tvlang[gpu]")'
+)
+def test_gpu_backend_writes_the_same_adapter(gpt2: dict[str, Path], tmp_path: Path) -> None:
+    """--device cuda in Triton's interpreter (a subprocess: TRITON_INTERPRET=1 must precede the import)."""
+    args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={gpt2['base']}", "--bind", f"ft={gpt2['ft']}"]
+    assert cli.main([*args, "-o", str(tmp_path / "cpu"), "--as-lora", "4", "-q"]) == 0
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(tvlang.__file__).parent.parent)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "tvlang",
+        *args,
+        "-o",
+        str(tmp_path / "gpu"),
+        "--as-lora",
+        "4",
+        "-q",
+        "--device",
+        "cuda",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cpu, gpu = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("cpu", "gpu"))
+    assert cpu.keys() == gpu.keys() and all(torch.equal(cpu[k], gpu[k]) for k in cpu)

@@ -336,6 +336,8 @@ class LoraWriter(Transaction):
         entry = self._entries.get(name)
         if entry is None or entry.role == "skip":
             return
+        if chunk.device.type != "cpu":  # from the GPU executor: the SVDs and the writes are on the CPU
+            chunk = chunk.cpu()
         stop = start + chunk.numel()
         if entry.role == "bias":
             self._writer.write(entry.planned()[0][0], start, chunk.to(DTYPES[entry.dtype]).contiguous())
