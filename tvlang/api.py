@@ -269,7 +269,9 @@ class Program:
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
-                card = self._card_maker(plan, output.name, params_used)
+                card = self._card_maker(
+                    plan, os.path.basename(dest.rstrip(os.sep)) or output.name, params_used
+                )
                 spec = adapters.get(output.name)
                 if spec is not None:
                     base_node = bases[spec.base]

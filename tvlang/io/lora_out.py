@@ -16,7 +16,7 @@
 The SVD is exact (LAPACK, float64) for small matrices and randomized (Halko, Martinsson & Tropp
 2011: a Gaussian sketch of r + 10 columns, two power iterations, float64) when r + 10 is under
 half the smaller dimension: on a 2048 × 2048 float64 matrix it took 0.06 s against 4 s for the
-full SVD, and a whole 93M-parameter model 6.6 s against 45 s (``benchmarks/RESULTS.md``).  It is exact whenever the true rank is at most r + 10 and otherwise within a small
+full SVD, and a whole 93M-parameter model 1.7 s against 13.8 s (``benchmarks/RESULTS.md``).  It is exact whenever the true rank is at most r + 10 and otherwise within a small
 factor of the optimal truncation error; the sketch is seeded by the tensor's name, so the result
 does not depend on threads or runs.  Either way the error is measured, not assumed: each tensor's
 relative Frobenius error ‖D − B̃Ã‖/‖D‖, with the factors as rounded to the stored dtype, goes into
