@@ -79,10 +79,11 @@ def files(path: str) -> dict[str, bytes]:
 
 
 def both(tmp_path: object, run: Callable[[str, str], None]) -> tuple[dict[str, bytes], dict[str, bytes]]:
-    """``run(executor, out)`` with the local executor and with Ray; both outputs' files."""
+    """``run(executor, out)`` with the local executor and with Ray; both outputs' files.  The outputs
+    have one name (the model card is titled by it), in two directories."""
     outs = {}
     for executor in ("local", "ray"):
-        out = os.path.join(str(tmp_path), executor)
+        out = os.path.join(str(tmp_path), executor, "merged")
         run(executor, out)
         outs[executor] = files(out)
     return outs["local"], outs["ray"]

@@ -304,9 +304,22 @@ def _python() -> list[str]:
     return [sys.executable, "-m", "tvlang"]
 
 
+def _signals_as_a_shell() -> None:
+    """A child inherits ignored and blocked signals (libraries imported by earlier tests set some):
+    start it as a shell would, with SIGINT and SIGTERM delivered."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_start_up_is_a_clean_exit(ckpt, tmp_path) -> None:
     args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}"]
-    proc = subprocess.Popen([*_python(), *args, "-o", str(tmp_path / "o")], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*_python(), *args, "-o", str(tmp_path / "o")],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_signals_as_a_shell,
+    )
     time.sleep(0.4)  # inside the imports (torch alone takes over a second)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -327,7 +340,12 @@ def test_sigterm_aborts_and_cleans_up(tmp_path) -> None:
     args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={big['base']}", "--bind", f"ft={big['ft']}"]
     # eager kernels on tiny chunks: slow enough to be caught while writing
     slow = ["--kernels", "eager", "--chunk", "4096", "--threads", "1", "-q"]
-    proc = subprocess.Popen([*_python(), *args, *slow, "-o", str(out)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*_python(), *args, *slow, "-o", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_signals_as_a_shell,
+    )
     deadline = time.monotonic() + 60
     while not _temporaries(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -21,11 +21,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
 from tvlang.backends.gpu import resolve_device
 from tvlang.codegen.c import compiler
-from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
+from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
 from tvlang.executors import check_executor, executor_for
+from tvlang.io.card import CARD_NAME, CardInput, hub_id, model_card
 from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
@@ -37,16 +39,26 @@ from tvlang.io.endpoints import (
     checkpoint_metas,
     memory_metas,
 )
+from tvlang.io.lora import CONFIG as LORA_CONFIG
 from tvlang.io.lora import LoraAdapter, LoraSource
+from tvlang.io.lora_out import AdapterLayout, LoraWriter
 from tvlang.io.overlap import InputFiles, refuse_overlap
-from tvlang.io.safetensors import check_free_space_together, remove_stale_temporaries
+from tvlang.io.safetensors import (
+    MAX_HEADER_BYTES,
+    check_free_space_together,
+    parse_json_object,
+    remove_stale_temporaries,
+)
 from tvlang.io.vocab import VocabPlan
-from tvlang.ir import Graph, InputRef, format_graph
+from tvlang.ir import Graph, InputRef, Node, Op, format_graph
+from tvlang.ir.build import sub
 from tvlang.layermap import restacked_sidecars
 from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
-from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan
+from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan, parse_dtype
 from tvlang.runtime import Progress, check_nonfinite_mode
+from tvlang.source import Source as TextSource
+from tvlang.source import Span
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 from tvlang.version import __version__
@@ -96,6 +108,11 @@ class Options:
     # else a local one for the run)
     executor: str = "local"
     address: str | None = None
+    # Write each output as a PEFT LoRA adapter of this rank (a directory; docs/language.md, "LoRA
+    # adapters out"): its task vector (a model output minus `lora_base`) factored per 2-D weight
+    as_lora: int | None = None
+    lora_base: str = "base"  # the name (in the program or its bindings) of the adapter's base model
+    lora_svd: str = "auto"  # auto (randomized for large matrices), exact or randomized
 
     def resolved_kernels(self) -> str:
         if self.kernels not in KERNEL_MODES:
@@ -162,8 +179,9 @@ class Program:
     so one compiled program serves a whole sweep."""
 
     def __init__(self, syntax: ast.Program, bindings: Mapping[str, Any] | None = None) -> None:
-        self.syntax = syntax
+        self.syntax, self.adapters = strip_adapters(syntax)  # as_lora(...) outputs: written as adapters
         self.bindings = {k: _as_bound(v) for k, v in (bindings or {}).items()}
+        self.mergekit_config: str | None = None  # the mergekit YAML it was translated from, for the card
 
     @property
     def source(self) -> str:
@@ -199,7 +217,7 @@ class Program:
         options = options or Options()
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
-        return _plan(lowered, options, graph, _vocab_plan(lowered, graph, options))[0]
+        return _plan(lowered.graph, options, graph, _vocab_plan(lowered, graph, options))[0]
 
     def explain(
         self,
@@ -214,7 +232,7 @@ class Program:
         lowered = self.lower(params, bindings, options)
         optimized = optimize(lowered.graph)
         vocab = _vocab_plan(lowered, optimized, options)
-        plan, _ = _plan(lowered, options, optimized, vocab)
+        plan, _ = _plan(lowered.graph, options, optimized, vocab)
         sections = [
             "# IR as written",
             format_graph(lowered.graph),
@@ -251,10 +269,16 @@ class Program:
         check_nonfinite_mode(options.nonfinite)
         check_executor(options.executor)
         lowered = self.lower(params, bindings, options)
-        graph = optimize(lowered.graph)
+        adapters = self._adapter_specs(lowered.graph, options)
+        bases = {a.base: self._lora_base(a, params, bindings, options) for a in adapters.values()}
+        written, plan_options = lowered.graph, options
+        if adapters:  # the task vectors, in float64, for the adapters' SVDs
+            written = _task_vectors(lowered.graph, {n: bases[a.base] for n, a in adapters.items()})
+            plan_options = replace(options, dtype="fp64")
+        graph = optimize(written)
         vocab = _vocab_plan(lowered, graph, options)
-        plan, opened = _plan(lowered, options, graph, vocab)
-        dests = _destinations(plan, out, opened)
+        plan, opened = _plan(written, plan_options, graph, vocab)
+        dests = (_adapter_destinations if adapters else _destinations)(plan, out, opened)
         _refuse_overwriting_inputs(plan, opened, dests)
         to_disk = [(d, o.nbytes) for d, o in zip(dests, plan.outputs, strict=True) if d is not None]
         for target, _ in to_disk:
@@ -268,6 +292,7 @@ class Program:
         sinks: list[Sink] = []
         # side files an output changes (tokenizer, config.json) wait here until the writer copies them
         edited_dir = tempfile.TemporaryDirectory(prefix="tvlang-sidecars-")
+        extra_sources: list[Source] = []  # the adapters' base model, read for modules saved whole
         try:
             for inp in plan.inputs:
                 handle = opened[inp.ref.base_key]
@@ -292,6 +317,30 @@ class Program:
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
+                card = self._card_maker(
+                    plan, os.path.basename(dest.rstrip(os.sep)) or output.name, params_used
+                )
+                spec = adapters.get(output.name)
+                if spec is not None:
+                    base_node = bases[spec.base]
+                    base = _open_base(base_node, opened, options)
+                    extra_sources.append(
+                        CheckpointSource(base) if isinstance(base, Checkpoint) else MemorySource(base)
+                    )
+                    sinks.append(
+                        _adapter_writer(
+                            dest,
+                            output.tensors,
+                            spec,
+                            base_node,
+                            base,
+                            extra_sources[-1],
+                            meta,
+                            card,
+                            options,
+                        )
+                    )
+                    continue
                 template = opened[plan.inputs[output.template].ref.base_key]
                 sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
                 if vocab is not None and isinstance(template, Checkpoint) and template.is_dir:
@@ -307,6 +356,7 @@ class Program:
                         sidecars=sidecars,
                         overwrite=options.overwrite,
                         config_dtype=_main_dtype(output.tensors),
+                        generated=None if dest.endswith(".safetensors") else {CARD_NAME: card(None)},
                     )
                 )
             progress = (
@@ -323,7 +373,7 @@ class Program:
                 sink.abort()
             raise
         finally:
-            for source in sources:
+            for source in [*sources, *extra_sources]:
                 source.close()
             if vocab is not None:
                 vocab.close()
@@ -332,11 +382,207 @@ class Program:
             stderr = sys.stderr
             for line in report.lines():
                 print(line, file=stderr)
+        if options.progress:
+            for sink in sinks:
+                for line in sink.summary() if isinstance(sink, LoraWriter) else ():
+                    print(line, file=sys.stderr)
         if all(d is None for d in dests):
             results = {o.name: s.result for o, s in zip(plan.outputs, sinks, strict=True)}  # type: ignore[attr-defined]
         else:
             results = {o.name: d for o, d in zip(plan.outputs, dests, strict=True)}
         return next(iter(results.values())) if len(results) == 1 else results
+
+    def _adapter_specs(self, graph: Graph, options: Options) -> dict[str, AdapterSpec]:
+        """Which outputs are written as adapters (``as_lora(...)`` in the program, else every one
+        with ``options.as_lora``), by output name; {} for none."""
+        default = None
+        if options.as_lora is not None:
+            check_adapter(options.as_lora, options.lora_svd)
+            default = AdapterSpec(options.as_lora, options.lora_base, options.lora_svd)
+        names = [name for name, _ in graph.outputs]
+        specs = {}
+        for name in names:
+            spec = self.adapters.get(name.partition(".")[0], default)  # a sweep's outputs are NAME.p=v
+            if spec is not None:
+                specs[name] = spec
+        if specs and len(specs) < len(names):
+            plain = next(n for n in names if n not in specs)
+            raise TvParamError(
+                f"output `{plain}` is a model, and other outputs are adapters: one run writes either",
+                next(iter(specs.values())).span,
+                help="run the merges and the adapters separately (or give every output as_lora(...))",
+                code="E408",
+            )
+        return specs
+
+    def _lora_base(
+        self,
+        spec: AdapterSpec,
+        params: Mapping[str, ParamValue] | None,
+        bindings: Mapping[str, Any] | None,
+        options: Options,
+    ) -> Node:
+        """The checkpoint ``spec.base`` names, found by lowering the program's bindings with that
+        name as the only output (headers only, nothing is read)."""
+        name = spec.base
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise TvParamError(f"the LoRA base must be a name, not {name!r}", code="E408")
+        span = Span(TextSource(name, "--lora-base"), 0, len(name))
+        kept = [s for s in self.syntax.statements if isinstance(s, (ast.Binding, ast.Param, ast.Define))]
+        probe = ast.Output(ast.Name("lora_base", span), ast.Name(name, span), span)
+        program = Program(replace(self.syntax, statements=(*kept, probe)), self.bindings)
+        why = (
+            "an adapter holds a task vector relative to a base model: a model output M is written as "
+            f"M - {name}, and modules saved whole are {name} + (M - {name})"
+        )
+        try:
+            node = program.lower(params, bindings, options).graph.outputs[0][1]
+        except TvNameError:
+            raise TvParamError(
+                f"an adapter needs its base model, and no model is named `{name}`",
+                spec.span,
+                notes=(why,),
+                help="name it with --lora-base NAME (Options(lora_base=...)), or bind `base`",
+                code="E408",
+            ) from None
+        if node.op is not Op.INPUT or not node.kind.is_model:
+            raise TvParamError(
+                f"the LoRA base `{name}` is a {node.kind}, not a checkpoint",
+                spec.span,
+                notes=(why,),
+                help="name a model bound to a checkpoint (load(...), --bind, a state dict)",
+                code="E408",
+            )
+        return node
+
+    def _card_maker(self, plan: Plan, title: str, params: Mapping[str, float]) -> Any:
+        """A function of the adapter's card section (None for a merge) that writes the model card."""
+        inputs = [
+            CardInput(
+                i.ref.label,
+                "lora" if i.ref.key.startswith(LORA_KEY) else str(i.ref.kind),
+                i.location,
+            )
+            for i in plan.inputs
+        ]
+
+        def card(section: str | None, base: str | None = None) -> str:
+            return model_card(
+                title=title,
+                program=self.source,
+                inputs=inputs,
+                params=params,
+                version=__version__,
+                mergekit_config=self.mergekit_config,
+                library="transformers" if section is None else "peft",
+                extra=() if section is None else (section,),
+                base_model=None if base is None else [base],
+            )
+
+        return card
+
+
+def _task_vectors(graph: Graph, bases: Mapping[str, Node]) -> Graph:
+    """Every output as a task vector: a model output ``M`` becomes ``M - base`` (folded by the passes
+    into one weighted sum, so ``base`` is read once and cancels exactly where it can)."""
+    outputs = tuple(
+        (name, sub(node, bases[name]) if node.kind.is_model else node) for name, node in graph.outputs
+    )
+    return replace(graph, outputs=outputs)
+
+
+def _adapter_destinations(plan: Plan, out: OutSpec, opened: Mapping[str, Any]) -> list[str | None]:
+    """An adapter is a directory; several outputs are directories inside ``out``, by output name."""
+    if out is None:
+        raise TvParamError(
+            "--as-lora writes adapter directories: give an output path", help="e.g. -o adapter/", code="E408"
+        )
+    names = [o.name for o in plan.outputs]
+    if isinstance(out, Mapping):
+        dests = _destinations(plan, out, opened)
+    else:
+        path = os.fspath(out)
+        dests = [path] if len(names) == 1 else [os.path.join(path, n) for n in names]
+    for dest in dests:
+        if dest is not None and dest.endswith(".safetensors"):
+            raise TvOutputError(
+                f"a LoRA adapter is a directory ({LORA_CONFIG}, adapter_model.safetensors), not {dest}",
+                help="give a directory path, e.g. -o adapter/",
+                code="E505",
+            )
+    return list(dests)
+
+
+def _open_base(base: Node, opened: dict[str, Any], options: Options) -> Checkpoint | Mapping[str, Any]:
+    """The adapter's base: already open when the task vectors read it, else opened here (its weight
+    may have cancelled out of every output)."""
+    ref: InputRef = base.arg
+    handle = opened.get(ref.key)
+    if handle is None:
+        if ref.handle is not None:
+            handle = ref.handle
+        else:
+            handle = Checkpoint.open(ref.key)
+            if options.roots is not None:
+                _check_inside_roots(handle, options.roots, ref)
+        opened[ref.key] = handle
+    assert isinstance(handle, (Checkpoint, Mapping))
+    return handle
+
+
+def _base_config(base: Checkpoint | Mapping[str, Any]) -> dict[str, Any]:
+    """The base's ``config.json`` (model type and architecture decide PEFT's layout), or {}."""
+    if not isinstance(base, Checkpoint):
+        return {}
+    for path in base.sidecar_files():
+        if os.path.basename(path) == "config.json":
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(MAX_HEADER_BYTES + 1)
+            except OSError:
+                return {}
+            if len(raw) > MAX_HEADER_BYTES:
+                return {}
+            try:
+                return parse_json_object(raw, path, "config")
+            except TvInputError:
+                return {}
+    return {}
+
+
+def _adapter_writer(
+    dest: str | None,
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    spec: AdapterSpec,
+    base_node: Node,
+    base: Checkpoint | Mapping[str, Any],
+    source: Source,
+    metadata: Mapping[str, str],
+    card: Any,
+    options: Options,
+) -> LoraWriter:
+    assert dest is not None
+    ref: InputRef = base_node.arg
+    metas = checkpoint_metas(base) if isinstance(base, Checkpoint) else memory_metas(base, ref.label)
+    layout = AdapterLayout.plan(
+        tensors,
+        spec.rank,
+        base_dtypes={name: meta.dtype for name, meta in metas.items()},
+        dtype=parse_dtype(options.dtype),
+        config=_base_config(base),
+    )
+    location = base.path if isinstance(base, Checkpoint) else None
+    base_id = location and (hub_id(location) or location)
+    return LoraWriter(
+        dest,
+        layout,
+        base=source,
+        metadata={**metadata, "tvlang.lora.rank": str(spec.rank), "tvlang.lora.base": ref.label},
+        config=layout.adapter_config(base_id),
+        card=lambda section: card(section, base_id),
+        svd=spec.svd,
+        overwrite=options.overwrite,
+    )
 
 
 def _main_dtype(tensors: Sequence[tuple[str, str, Sequence[int]]]) -> str | None:
@@ -362,10 +608,10 @@ def _vocab_plan(lowered: Lowered, graph: Graph, options: Options) -> VocabPlan |
 
 
 def _plan(
-    lowered: Lowered, options: Options, graph: Graph, vocab: VocabPlan | None
+    written: Graph, options: Options, graph: Graph, vocab: VocabPlan | None
 ) -> tuple[Plan, dict[str, Any]]:
-    """Plan ``graph``, the lowered program after the passes; ``opened`` holds every input's handle,
-    the ones whose weights folded to zero included (opened and checked, never read)."""
+    """Plan ``graph``, the program ``written`` after the passes; ``opened`` holds every input's
+    handle, the ones whose weights folded to zero included (opened and checked, never read)."""
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
@@ -401,7 +647,7 @@ def _plan(
         kernels=options.resolved_kernels(),
         # with a vocabulary, rows are re-indexed for the models merged; one whose weight folded to
         # zero has no row map to compare its embeddings through, so only merged models are checked
-        written=lowered.graph if vocab is None else None,
+        written=written if vocab is None else None,
     )
     return plan, opened
 

@@ -16,7 +16,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tvlang.errors import TvError, TvOutputError, TvParamError
 from tvlang.source import Source, Span
@@ -115,7 +115,18 @@ def _options(args: argparse.Namespace) -> Options:
         kernels=args.kernels or Options.kernels,
         executor=getattr(args, "executor", None) or Options.executor,
         address=getattr(args, "address", None),
+        **_lora_options(args),
     )
+
+
+def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--as-lora R``, ``--lora-base NAME``, ``--lora-svd M``: the Options fields they set."""
+    given = {
+        "as_lora": getattr(args, "as_lora", None),
+        "lora_base": getattr(args, "lora_base", None),
+        "lora_svd": getattr(args, "lora_svd", None),
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _program(args: argparse.Namespace) -> Program:
@@ -143,19 +154,22 @@ def _target(args: argparse.Namespace) -> PreparedJob:
             program = declare_params(program, params, "--set")
         return PreparedJob(None, program, params, {}, _options(args), getattr(args, "output", None))
     flags = {
-        k: getattr(args, k, None)
-        for k in (
-            "dtype",
-            "threads",
-            "chunk",
-            "nonfinite",
-            "keys",
-            "rows",
-            "kernels",
-            "device",
-            "executor",
-            "address",
-        )
+        **{
+            k: getattr(args, k, None)
+            for k in (
+                "dtype",
+                "threads",
+                "chunk",
+                "nonfinite",
+                "keys",
+                "rows",
+                "kernels",
+                "device",
+                "executor",
+                "address",
+            )
+        },
+        **_lora_options(args),
     }
     options = {k: v for k, v in flags.items() if v is not None}
     if args.memory:
@@ -311,6 +325,24 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
             choices=("error", "warn", "propagate"),
             help="NaN/inf in an input, or overflow to inf in the output dtype: stop without writing (error, "
             "the default), write and print a warning per tensor (warn), or write silently (propagate)",
+        )
+        p.add_argument(
+            "--as-lora",
+            type=int,
+            metavar="RANK",
+            help="write each output as a PEFT LoRA adapter directory of this rank: its task vector (a model "
+            "output minus the base) factored per 2-D weight by a truncated SVD; see docs/language.md",
+        )
+        p.add_argument(
+            "--lora-base",
+            metavar="NAME",
+            help="the adapter's base model, a name in the program (default: base)",
+        )
+        p.add_argument(
+            "--lora-svd",
+            choices=("auto", "exact", "randomized"),
+            help="the adapter's SVD: exact (LAPACK), randomized (a sketch with power iterations), or auto "
+            "(the default: randomized where the rank is small against the matrix)",
         )
 
 

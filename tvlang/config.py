@@ -58,6 +58,7 @@ from tvlang.api import Options, OutSpec, Program, compile_file, declare_params, 
 from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.executors import EXECUTORS
+from tvlang.io.lora_out import SVD_METHODS
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import Plan, parse_dtype
 from tvlang.plan.planner import KEY_POLICIES
@@ -92,6 +93,7 @@ class Job:
     base_dir: str = "."
     where: Mapping[str, Span] = field(default_factory=dict, compare=False, repr=False)
     translated: str | None = None  # the whole .tv program, when the job is a translated mergekit config
+    mergekit_config: str | None = None  # the config's text when the job is a mergekit config (its model card)
 
     def compile(self) -> Program:
         """The program with the job's bindings.  An expression has no ``param`` lines, so each job
@@ -102,7 +104,9 @@ class Job:
             return compile_file(self.program, bindings=self.bindings)
         assert self.expression is not None
         syntax = parse(self.expression, f"{self.name} (expression)", self.base_dir)
-        return declare_params(Program(syntax, self.bindings), self.params, self.name)
+        program = declare_params(Program(syntax, self.bindings), self.params, self.name)
+        program.mergekit_config = self.mergekit_config
+        return program
 
 
 def _dotted(path: FieldPath) -> str:
@@ -325,6 +329,9 @@ _OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
     "kernels": lambda f, v: f.choice(("kernels",), v, KERNEL_MODES),
     "executor": lambda f, v: f.choice(("executor",), v, EXECUTORS),
     "address": lambda f, v: f.string(("address",), v),
+    "as_lora": lambda f, v: f.integer(("as_lora",), v),
+    "lora_base": lambda f, v: f.string(("lora_base",), v),
+    "lora_svd": lambda f, v: f.choice(("lora_svd",), v, SVD_METHODS),
 }
 _OVERRIDES_ONLY: dict[str, Callable[[_Fields, Any], Any]] = {
     "progress": lambda f, v: f.boolean(("progress",), v),

@@ -24,6 +24,7 @@ output merged = a + (weight_b / (0.3 + weight_b))*(b - a)
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import sys
@@ -286,7 +287,15 @@ def mergekit_job(f: _Fields, data: Mapping[str, Any]) -> Job:
     translation = _Translator(mk, data, None, 0).translate()
     for line in translation.warnings:  # what mergekit accepts and ignores: said once, not an error
         print(line, file=sys.stderr)
-    return translation.job()
+    return replace(translation.job(), mergekit_config=mergekit_text(f.source, data))
+
+
+def mergekit_text(source: Source | None, data: Mapping[str, Any]) -> str:
+    """The config as the model card shows it: the file's text, or the mapping written as JSON
+    (which YAML reads too)."""
+    if source is not None:
+        return source.text
+    return json.dumps(data, indent=2, default=str)
 
 
 def _read(source: Source) -> tuple[Any, dict[FieldPath, tuple[int, int, int, int]]]:

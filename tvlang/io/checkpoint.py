@@ -278,7 +278,11 @@ class CheckpointWriter(Transaction):
     ``config.json`` (its ``torch_dtype`` and ``dtype`` keys, where present), so that
     ``transformers`` loads the model in the dtype it was written in.
 
-    `max_shard_bytes`, `sidecars` and `config_dtype` mean nothing for a single file and are ignored.
+    `generated` are text files written into a directory output (its model card, ``README.md``); a
+    sidecar of the same name is then not copied.
+
+    `max_shard_bytes`, `sidecars`, `config_dtype` and `generated` mean nothing for a single file and
+    are ignored.
     """
 
     def __init__(
@@ -291,6 +295,7 @@ class CheckpointWriter(Transaction):
         sidecars: Sequence[str | os.PathLike[str]] = (),
         overwrite: bool = False,
         config_dtype: str | None = None,
+        generated: Mapping[str, str] | None = None,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, not {max_shard_bytes}")
@@ -347,7 +352,10 @@ class CheckpointWriter(Transaction):
                 os.mkdir(tmpdir)
             except OSError as e:
                 raise TvOutputError(f"{self.path}: cannot create: {e.strerror}", code="E500") from None
-            self._copy_sidecars(sidecars, reserved={*names, INDEX_NAME})
+            files = dict(generated or {})
+            sidecars = [s for s in sidecars if os.path.basename(os.fspath(s)) not in files]
+            self._copy_sidecars(sidecars, reserved={*names, INDEX_NAME, *files})
+            self._write_files(files)
             for name, shard in zip(names, shards, strict=True):
                 writer = SafetensorsWriter(os.path.join(tmpdir, name), shard, shard_metadata)
                 self._writers.append(writer)
@@ -433,6 +441,19 @@ class CheckpointWriter(Transaction):
         """The weight files being written (one per shard), in order: a distributed run's workers
         write them through their temporary paths."""
         return tuple(self._writers)
+
+    def _write_files(self, files: Mapping[str, str]) -> None:
+        assert self._tmpdir is not None
+        for name, text in files.items():
+            if os.path.basename(name) != name or name.startswith("."):
+                raise ValueError(f"generated file {name!r} is not a plain file name")
+            dst = os.path.join(self._tmpdir, name)
+            try:
+                with open(dst, "w", encoding="utf-8") as f:
+                    f.write(text)
+                self._copied.append(dst)
+            except OSError as e:
+                raise TvOutputError(f"{self.path}: cannot write {name}: {e.strerror}", code="E500") from None
 
     def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
         """See :meth:`SafetensorsWriter.write`; thread-safe."""

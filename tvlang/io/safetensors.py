@@ -638,6 +638,7 @@ class SafetensorsWriter(Transaction):
         self.path = os.fspath(path)
         planned = plan_tensors(tensors)
         header = encode_header(planned, metadata)
+        self._planned, self._header_len = planned, len(header)
         self._slots: dict[str, _Slot] = {}
         offset = len(header)
         for t in planned:
@@ -725,6 +726,24 @@ class SafetensorsWriter(Transaction):
             if self._state != "open":
                 raise ValueError(f"{self.path}: writer is {self._state}")
             self._written[name] += count
+
+    def rewrite_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace the header's ``__metadata__`` with facts known only once the data is written
+        (an adapter's per-tensor errors).  The new header must not be longer than the first: plan
+        it with placeholders of the final width; a shorter one is padded with spaces."""
+        header = encode_header(self._planned, metadata)
+        raw = header[8:].rstrip(b" ")
+        room = self._header_len - 8
+        if len(raw) > room:
+            raise ValueError(f"{self.path}: new metadata needs {len(raw)} header bytes, {room} were planned")
+        raw += b" " * (room - len(raw))
+        with self._cond:
+            if self._state != "open":
+                raise ValueError(f"{self.path}: writer is {self._state}")
+        try:
+            self._pwrite(memoryview(room.to_bytes(8, "little") + raw), 0)
+        except OSError as e:
+            raise TvOutputError(f"{self.path}: cannot write: {e.strerror}", code=_E_OUTPUT) from None
 
     def incomplete(self) -> list[str]:
         """Tensors whose written element count differs from their size (a bug upstream)."""
