@@ -1,0 +1,192 @@
+"""Benchmark: the anchored weighted sum against the flat one it replaced, same inputs, same run.
+
+    git archive 025b972 tvlang grammar | tar -x -C /tmp/tv-flat && echo 025b972 > /tmp/tv-flat/COMMIT
+    python benchmarks/anchored_sum.py --old /tmp/tv-flat --size 256M --repeat 7
+
+The linear pass once emitted ``wsum 1.6*base + 0.4*ft1 - …`` and now emits
+``wsum 0.4*(ft1 - base) - … + 1*base``: one more subtraction per fine-tune and element, formed
+once per chunk.  This script times the mission's task-arithmetic merge (``linear_merge.EXPR``
+through ``tvlang eval``, a bf16 base and four fine-tunes from :mod:`tvlang.synth`, one
+``.safetensors`` file each) with the tvlang tree ``--old`` and the tree ``--new`` (default: this
+checkout), alternating old/new in each repetition, each run a fresh process on a warm page cache,
+for both CPU kernel modes (``--kernels compiled`` and ``--kernels eager``).  It reports median wall
+and work (after the imports) seconds and the ratio new ÷ old (below 1: the new code is faster).
+Then the same merge on in-memory state dicts, timed inside the process (the kernels without file
+I/O or imports), the trees alternating.
+
+Then, on slices of a few tensors, the share of output values that are the float64 result rounded
+once to bf16 (round to nearest, ties to even) for both trees: what the anchored form is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import linear_merge as lm
+from harness import OUT, ROOT, machine_facts, parse_size, run_child, source_commit, source_digest, warm
+
+MODES = ("compiled", "eager")
+
+
+def memory_child(report: str, nbytes: int, repeat: int) -> None:
+    """The same merge on in-memory state dicts (no file reads or writes, imports not timed):
+    ``repeat`` timed ``tvlang.evaluate`` calls per kernel mode, interleaved."""
+    import time
+
+    import torch
+
+    import tvlang
+    from tvlang.synth import make_state, shapes_for_bytes
+
+    torch.set_num_threads(1)
+    shapes = shapes_for_bytes(nbytes)
+    base = make_state(shapes, 0)
+    states = {"base": base, **{n: make_state(shapes, i, base=base) for i, n in enumerate(lm.NAMES[1:], 1)}}
+    bindings = {"base": base, **{n: tvlang.task_vector(states[n]) for n in lm.NAMES[1:]}}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    for _ in range(repeat + 1):  # the first round compiles and warms up: not counted
+        for mode in MODES:
+            t0 = time.perf_counter()
+            tvlang.evaluate(lm.EXPR, bindings, kernels=mode, threads=1)
+            times[mode].append(time.perf_counter() - t0)
+    with open(report, "w") as fh:
+        json.dump({"seconds": {m: t[1:] for m, t in times.items()}, "cpu_s": 0.0}, fh)
+
+
+def child_main(kind: str, report: str, args: list[str]) -> None:
+    """``accuracy PATHS… OUT``: the correctly rounded share of ``OUT`` on slices of a few tensors;
+    ``memory BYTES REPEAT``: :func:`memory_child`."""
+    import torch
+    from safetensors import safe_open
+
+    from tvlang.numerics import ulp_error
+
+    if kind == "memory":
+        memory_child(report, int(args[0]), int(args[1]))
+        return
+    assert kind == "accuracy"
+    paths, out = args[:-1], args[-1]
+    ins = [safe_open(p, "pt") for p in paths]
+    good = total = 0
+    worst = 0.0
+    with safe_open(out, "pt") as f:
+        keys = list(f.keys())
+        for k in dict.fromkeys(
+            [keys[1], keys[len(keys) // 3], keys[2 * len(keys) // 3], "model.norm.weight"]
+        ):
+            rows = max(1, (1 << 21) // f.get_slice(k).get_shape()[-1])
+            s = {n: x.get_slice(k)[:rows].double() for n, x in zip(lm.NAMES, ins, strict=True)}
+            tv = {n: s[n] - s["base"] for n in lm.NAMES[1:]}
+            ref = s["base"] + 0.4 * (tv["amazon_sent"] - tv["amazon_lm"] + tv["yelp_lm"]) - tv["toxic"]
+            got = f.get_slice(k)[:rows]
+            err = ulp_error(got, ref)
+            even = got.view(torch.int16) % 2 == 0
+            good += int(((err < 0.5) | ((err == 0.5) & even)).sum())
+            total += err.numel()
+            worst = max(worst, err.max().item())
+    with open(report, "w") as fh:
+        json.dump({"correctly_rounded": good / total, "elements": total, "max_ulp": worst, "cpu_s": 0.0}, fh)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--old", required=True, help="the tvlang tree to compare against (a snapshot of the old code)"
+    )
+    p.add_argument("--new", default=ROOT, help="the tvlang tree under test (default: this checkout)")
+    p.add_argument("--size", default="256M", help="bytes per checkpoint, e.g. 256M")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs per tree and mode (median reported)")
+    p.add_argument("--memory-size", default="64M", help="bytes per checkpoint for the in-memory runs")
+    p.add_argument(
+        "--memory-rounds", type=int, default=5, help="child processes per tree, 3 timed calls each"
+    )
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    trees = {"old": os.path.abspath(args.old), "new": os.path.abspath(args.new)}
+    digests = {k: source_digest(v) for k, v in trees.items()}
+    paths = lm.ensure_data(args.size, parse_size(args.size))
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {(m, t): [] for m in MODES for t in trees}
+    outs = {t: os.path.join(OUT, f"anchored-{t}.safetensors") for t in trees}
+    for r in range(args.repeat):
+        for mode in MODES:
+            for tree, src in trees.items():  # alternate, so drift hits both alike
+                if os.path.exists(outs[tree]):
+                    os.remove(outs[tree])
+                warm(paths)
+                os.sync()
+                cmd = [*lm.tool_args("tvlang", paths, outs[tree]), "--kernels", mode]
+                res = run_child(lm.__file__, src, "tvlang", cmd)
+                runs[(mode, tree)].append(res)
+                print(f"{mode} {tree} run {r + 1}/{args.repeat}: {res['wall_s']:.2f} s wall, "
+                      f"{res['work_s']:.2f} s work", file=sys.stderr, flush=True)  # fmt: skip
+    accuracy = {t: run_child(__file__, trees["new"], "accuracy", [*paths, outs[t]]) for t in trees}
+    # in memory: the kernels without file I/O and imports; the trees alternate, several rounds
+    in_memory: dict[str, dict[str, list[float]]] = {t: {m: [] for m in MODES} for t in trees}
+    for _ in range(args.memory_rounds):
+        for tree, src in trees.items():
+            res = run_child(__file__, src, "memory", [str(parse_size(args.memory_size)), "3"])
+            for m in MODES:
+                in_memory[tree][m].extend(res["seconds"][m])
+    for out in outs.values():
+        os.remove(out)
+    summary: dict[str, Any] = {}
+    lines = [
+        "| kernels | tree | n | median wall s | median work s | others' load (CPUs) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        med = {t: {k: statistics.median(float(x[k]) for x in runs[(mode, t)]) for k in ("wall_s", "work_s")}
+               for t in trees}  # fmt: skip
+        for t in trees:
+            load = statistics.median(float(x["others_load"]) for x in runs[(mode, t)])
+            lines.append(
+                f"| {mode} | {t} | {args.repeat} | {med[t]['wall_s']:.2f} | {med[t]['work_s']:.2f} | {load:.2f} |"
+            )
+        ratio = {k: med["new"][k] / med["old"][k] for k in ("wall_s", "work_s")}
+        lines.append(
+            f"| {mode} | **new ÷ old** | | **{ratio['wall_s']:.3f}** | **{ratio['work_s']:.3f}** | |"
+        )
+        summary[mode] = {"median": med, "ratio_new_over_old": ratio}
+    lines += [
+        "",
+        f"In memory ({args.memory_size} per checkpoint, state dicts in, state dict out, 1 thread):",
+        "",
+        "| kernels | old median s | new median s | new ÷ old |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        old, new = (statistics.median(in_memory[t][mode]) for t in ("old", "new"))
+        lines.append(f"| {mode} | {old:.3f} | {new:.3f} | **{new / old:.3f}** |")
+        summary[mode]["in_memory"] = {"old_s": old, "new_s": new, "ratio_new_over_old": new / old}
+    lines.append("")
+    for t in trees:
+        a = accuracy[t]
+        lines.append(f"{t}: {a['correctly_rounded']:.4%} of {a['elements']:,} sampled bf16 values correctly rounded, "
+                     f"worst {a['max_ulp']:.2f} ulp")  # fmt: skip
+    print("\n".join(lines))
+    if any(source_digest(v) != digests[k] for k, v in trees.items()):
+        print("warning: a tvlang tree changed during the run", file=sys.stderr)
+    if args.json:
+        doc = {"command": "python " + shlex.join(sys.argv), "size": args.size, "repeat": args.repeat,
+               "trees": {k: {"src": v, "commit": source_commit(v), "sha256": digests[k]} for k, v in trees.items()},
+               "machine": machine_facts(str(runs[(MODES[0], "new")][0]["torch"])), "summary": summary,
+               "accuracy": accuracy, "in_memory": in_memory, "runs": {f"{m}/{t}": v for (m, t), v in runs.items()}}  # fmt: skip
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        sys.path.insert(0, sys.argv[2])
+        child_main(sys.argv[3], sys.argv[4], sys.argv[5:])
+    else:
+        os.makedirs(OUT, exist_ok=True)
+        main()
