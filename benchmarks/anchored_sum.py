@@ -21,6 +21,7 @@ once to bf16 (round to nearest, ties to even) for both trees: what the anchored 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shlex
@@ -51,13 +52,16 @@ def memory_child(report: str, nbytes: int, repeat: int) -> None:
     states = {"base": base, **{n: make_state(shapes, i, base=base) for i, n in enumerate(lm.NAMES[1:], 1)}}
     bindings = {"base": base, **{n: tvlang.task_vector(states[n]) for n in lm.NAMES[1:]}}
     times: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(repeat + 1):  # the first round compiles and warms up: not counted
         for mode in MODES:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tvlang.evaluate(lm.EXPR, bindings, kernels=mode, threads=1)
             times[mode].append(time.perf_counter() - t0)
+            cpu[mode].append(time.process_time() - c0)
     with open(report, "w") as fh:
-        json.dump({"seconds": {m: t[1:] for m, t in times.items()}, "cpu_s": 0.0}, fh)
+        result = {"seconds": {m: t[1:] for m, t in times.items()}, "cpu": {m: t[1:] for m, t in cpu.items()}}
+        json.dump({**result, "cpu_s": 0.0}, fh)
 
 
 def child_main(kind: str, report: str, args: list[str]) -> None:
@@ -126,22 +130,26 @@ def main() -> None:
                 runs[(mode, tree)].append(res)
                 print(f"{mode} {tree} run {r + 1}/{args.repeat}: {res['wall_s']:.2f} s wall, "
                       f"{res['work_s']:.2f} s work", file=sys.stderr, flush=True)  # fmt: skip
-    accuracy = {t: run_child(__file__, trees["new"], "accuracy", [*paths, outs[t]]) for t in trees}
+    accuracy = {}
+    if args.repeat:
+        accuracy = {t: run_child(__file__, trees["new"], "accuracy", [*paths, outs[t]]) for t in trees}
     # in memory: the kernels without file I/O and imports; the trees alternate, several rounds
-    in_memory: dict[str, dict[str, list[float]]] = {t: {m: [] for m in MODES} for t in trees}
+    in_memory = {t: {k: {m: [] for m in MODES} for k in ("seconds", "cpu")} for t in trees}
     for _ in range(args.memory_rounds):
         for tree, src in trees.items():
             res = run_child(__file__, src, "memory", [str(parse_size(args.memory_size)), "3"])
-            for m in MODES:
-                in_memory[tree][m].extend(res["seconds"][m])
+            for k in ("seconds", "cpu"):
+                for m in MODES:
+                    in_memory[tree][k][m].extend(res[k][m])
     for out in outs.values():
-        os.remove(out)
+        if os.path.exists(out):
+            os.remove(out)
     summary: dict[str, Any] = {}
     lines = [
         "| kernels | tree | n | median wall s | median work s | others' load (CPUs) |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for mode in MODES:
+    for mode in MODES if args.repeat else ():
         med = {t: {k: statistics.median(float(x[k]) for x in runs[(mode, t)]) for k in ("wall_s", "work_s")}
                for t in trees}  # fmt: skip
         for t in trees:
@@ -158,15 +166,22 @@ def main() -> None:
         "",
         f"In memory ({args.memory_size} per checkpoint, state dicts in, state dict out, 1 thread):",
         "",
-        "| kernels | old median s | new median s | new ÷ old |",
-        "|---|---:|---:|---:|",
+        "| kernels | old median wall s | new median wall s | new ÷ old | old median CPU s | new median CPU s | new ÷ old |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for mode in MODES:
-        old, new = (statistics.median(in_memory[t][mode]) for t in ("old", "new"))
-        lines.append(f"| {mode} | {old:.3f} | {new:.3f} | **{new / old:.3f}** |")
-        summary[mode]["in_memory"] = {"old_s": old, "new_s": new, "ratio_new_over_old": new / old}
+        old, new = (statistics.median(in_memory[t]["seconds"][mode]) for t in ("old", "new"))
+        old_cpu, new_cpu = (statistics.median(in_memory[t]["cpu"][mode]) for t in ("old", "new"))
+        lines.append(
+            f"| {mode} | {old:.3f} | {new:.3f} | **{new / old:.3f}** | {old_cpu:.3f} | {new_cpu:.3f} "
+            f"| **{new_cpu / old_cpu:.3f}** |"
+        )
+        summary.setdefault(mode, {})["in_memory"] = {
+            "old_s": old, "new_s": new, "old_cpu_s": old_cpu, "new_cpu_s": new_cpu,
+            "ratio_new_over_old": new / old, "cpu_ratio_new_over_old": new_cpu / old_cpu,
+        }  # fmt: skip
     lines.append("")
-    for t in trees:
+    for t in accuracy:
         a = accuracy[t]
         lines.append(f"{t}: {a['correctly_rounded']:.4%} of {a['elements']:,} sampled bf16 values correctly rounded, "
                      f"worst {a['max_ulp']:.2f} ulp")  # fmt: skip
@@ -176,7 +191,7 @@ def main() -> None:
     if args.json:
         doc = {"command": "python " + shlex.join(sys.argv), "size": args.size, "repeat": args.repeat,
                "trees": {k: {"src": v, "commit": source_commit(v), "sha256": digests[k]} for k, v in trees.items()},
-               "machine": machine_facts(str(runs[(MODES[0], "new")][0]["torch"])), "summary": summary,
+               "machine": machine_facts(importlib.metadata.version("torch")), "summary": summary,
                "accuracy": accuracy, "in_memory": in_memory, "runs": {f"{m}/{t}": v for (m, t), v in runs.items()}}  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
