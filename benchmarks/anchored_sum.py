@@ -64,6 +64,61 @@ def memory_child(report: str, nbytes: int, repeat: int) -> None:
         json.dump({**result, "cpu_s": 0.0}, fh)
 
 
+def kernel_child(report: str, n: int, repeat: int) -> None:
+    """One chunk of ``n`` elements through the flat and the anchored kernel of the same merge, in
+    this process, interleaved: the flat one is the anchored one's weights on the inputs themselves
+    (what the linear pass emitted before), run by the same code."""
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    import tvlang
+    from tvlang.backends.compiled import Kernels, call
+    from tvlang.backends.cpu import Scratch, run_kernel
+    from tvlang.plan.plan import TensorWrite, WeightedSum
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, generator=g) * 0.02
+    states = {"base": {"w": base.bfloat16()}}
+    for name in lm.NAMES[1:]:
+        states[name] = {"w": (base + 2e-4 * torch.randn(n, generator=g)).bfloat16()}
+    bindings = {"base": states["base"], **{m: tvlang.task_vector(states[m]) for m in lm.NAMES[1:]}}
+    plan = tvlang.compile(lm.EXPR, bindings=bindings).plan(options=tvlang.Options(kernels="compiled"))
+    task = plan.tasks[0]
+    anchored = task.writes[0].kernel
+    assert isinstance(anchored, WeightedSum) and any(m is not None for _, _, m in anchored.terms)
+    flat_weights: dict[int, float] = {}
+    for w, slot, minus in anchored.terms:
+        flat_weights[slot] = flat_weights.get(slot, 0.0) + w
+        if minus is not None:
+            flat_weights[minus] = flat_weights.get(minus, 0.0) - w
+    flat = WeightedSum(tuple((w, i, None) for i, w in flat_weights.items()), anchored.acc)
+    views = {i: states[plan.inputs[i].ref.label]["w"] for i in task.reads}
+    out = torch.empty(n, dtype=torch.bfloat16)
+    scratch = Scratch()
+    kernels = {
+        form: Kernels(plan).task(replace(task, writes=(TensorWrite(0, "BF16", k),)))
+        for form, k in (("flat", flat), ("anchored", anchored))
+    }
+    runs = {
+        ("eager", "flat"): lambda: run_kernel(flat, views, out, scratch, {}),
+        ("eager", "anchored"): lambda: run_kernel(anchored, views, out, scratch, {}),
+        **{("compiled", f): (lambda k=k: call(k, views, [out], {}, [], 0)) for f, k in kernels.items()},  # type: ignore[misc]
+    }
+    cpu: dict[str, list[float]] = {f"{m}/{f}": [] for m, f in runs}
+    for r in range(repeat + 1):  # the first round warms up: not counted
+        for (mode, form), fn in runs.items():
+            c0 = time.process_time()
+            for _ in range(10):
+                fn()
+            if r:
+                cpu[f"{mode}/{form}"].append((time.process_time() - c0) / 10)
+    with open(report, "w") as fh:
+        json.dump({"cpu": cpu, "cpu_s": 0.0}, fh)
+
+
 def child_main(kind: str, report: str, args: list[str]) -> None:
     """``accuracy PATHS… OUT``: the correctly rounded share of ``OUT`` on slices of a few tensors;
     ``memory BYTES REPEAT``: :func:`memory_child`."""
@@ -74,6 +129,9 @@ def child_main(kind: str, report: str, args: list[str]) -> None:
 
     if kind == "memory":
         memory_child(report, int(args[0]), int(args[1]))
+        return
+    if kind == "kernel":
+        kernel_child(report, int(args[0]), int(args[1]))
         return
     assert kind == "accuracy"
     paths, out = args[:-1], args[-1]
@@ -141,6 +199,7 @@ def main() -> None:
             for k in ("seconds", "cpu"):
                 for m in MODES:
                     in_memory[tree][k][m].extend(res[k][m])
+    chunk = run_child(__file__, trees["new"], "kernel", [str(1 << 20), "30"])["cpu"]
     for out in outs.values():
         if os.path.exists(out):
             os.remove(out)
@@ -180,6 +239,18 @@ def main() -> None:
             "old_s": old, "new_s": new, "old_cpu_s": old_cpu, "new_cpu_s": new_cpu,
             "ratio_new_over_old": new / old, "cpu_ratio_new_over_old": new_cpu / old_cpu,
         }  # fmt: skip
+    lines += [
+        "",
+        "One 1M-element bf16 chunk through the kernel alone (this checkout; the flat form is the old one's "
+        "arithmetic), median process CPU time of 30 × 10 calls, interleaved:",
+        "",
+        "| kernels | flat µs | anchored µs | anchored ÷ flat |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        flat_us, anch_us = (statistics.median(chunk[f"{mode}/{f}"]) * 1e6 for f in ("flat", "anchored"))
+        lines.append(f"| {mode} | {flat_us:.0f} | {anch_us:.0f} | **{anch_us / flat_us:.3f}** |")
+        summary.setdefault(mode, {})["chunk"] = {"flat_us": flat_us, "anchored_us": anch_us}
     lines.append("")
     for t in accuracy:
         a = accuracy[t]
