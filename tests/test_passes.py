@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -186,3 +187,13 @@ def test_linearize_is_idempotent(tmp_path: object) -> None:
     assert format_graph(optimize(graph, verify_each=True)) == format_graph(graph)
     soup = tvlang.compile("0.2*a + 0.3*b + 0.5*c", bindings={n: {"w": torch.zeros(2)} for n in "abc"}).graph()
     assert format_graph(optimize(soup)) == format_graph(soup)
+
+
+def test_verifier_requires_anchored_sums() -> None:
+    from tvlang.ir import MODEL, Graph, InputRef, IRVerifyError, Node
+
+    a, b = (Node(Op.INPUT, (), InputRef(f"/{n}", n, MODEL), MODEL) for n in "ab")
+    flat = Node(Op.WSUM, (a, b), (0.5, 0.5), MODEL)  # the form the linear pass no longer emits
+    with pytest.raises(IRVerifyError, match="not anchored"):
+        verify(Graph((("out", flat),)))
+    verify(optimize(Graph((("out", flat),))))  # linearize anchors it: 0.5*(b - a) + 1*a
