@@ -44,11 +44,20 @@ def test_gradient_follows_mergekits_interpolation() -> None:
     assert TensorContext("model.layers.9.y", n).t == 1.0
 
 
-def _weights(prog: tvlang.Program, output: int, tensor: str) -> list[float]:
-    task = next(t for t in prog.plan().tasks if t.name == tensor)
+def _weights(prog: tvlang.Program, output: int, tensor: str) -> dict[str, float]:
+    """Each input's weight in the (anchored) weighted sum an output tensor is."""
+    plan = prog.plan()
+    task = next(t for t in plan.tasks if t.name == tensor)
     kernel = next(w.kernel for w in task.writes if w.output == output)
     assert isinstance(kernel, WeightedSum)  # still the plain weighted sum: no per-element cost
-    return [w for w, _ in kernel.terms]
+    flat: dict[str, float] = {}
+    for w, slot, minus in kernel.terms:
+        label = plan.inputs[slot].ref.label
+        flat[label] = flat.get(label, 0.0) + w
+        if minus is not None:
+            label = plan.inputs[minus].ref.label
+            flat[label] = flat.get(label, 0.0) - w
+    return flat
 
 
 def test_the_one_liners(pair: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -65,12 +74,14 @@ def test_the_one_liners(pair: dict[str, dict[str, torch.Tensor]]) -> None:
         """.replace("\n        ", "\n"),
         bindings=pair,
     )
-    assert _weights(prog, 0, "model.embed_tokens.weight") == [1.0]  # only the base is read
-    assert _weights(prog, 0, "model.layers.1.mlp.up_proj.weight") == [0.5, 0.5]
-    assert _weights(prog, 1, "model.layers.2.self_attn.q_proj.weight") == pytest.approx([0.7, 0.3])
-    assert _weights(prog, 1, "model.layers.2.mlp.down_proj.weight") == pytest.approx([0.5, 0.5])
-    assert _weights(prog, 2, "model.layers.0.mlp.up_proj.weight") == pytest.approx([0.8, 0.2])
-    assert _weights(prog, 2, "model.layers.3.mlp.up_proj.weight") == pytest.approx([0.2, 0.8])
+    assert _weights(prog, 0, "model.embed_tokens.weight") == {"base": 1.0}  # only the base is read
+    assert _weights(prog, 0, "model.layers.1.mlp.up_proj.weight") == {"base": 0.5, "ft": 0.5}
+    assert _weights(prog, 1, "model.layers.2.self_attn.q_proj.weight") == pytest.approx(
+        {"base": 0.7, "ft": 0.3}
+    )
+    assert _weights(prog, 1, "model.layers.2.mlp.down_proj.weight") == pytest.approx({"base": 0.5, "ft": 0.5})
+    assert _weights(prog, 2, "model.layers.0.mlp.up_proj.weight") == pytest.approx({"base": 0.8, "ft": 0.2})
+    assert _weights(prog, 2, "model.layers.3.mlp.up_proj.weight") == pytest.approx({"base": 0.2, "ft": 0.8})
     out = prog.run()
     base, ft = pair["base"], pair["ft"]
     n = "model.layers.1.mlp.up_proj.weight"
@@ -87,8 +98,8 @@ def test_the_one_liners(pair: dict[str, dict[str, torch.Tensor]]) -> None:
 
 def test_regex_patterns_and_errors(pair: dict[str, dict[str, torch.Tensor]]) -> None:
     prog = tvlang.compile('base + matches("re:layers\\\\.[02]\\\\.")*(ft - base)', bindings=pair)
-    assert _weights(prog, 0, "model.layers.2.mlp.up_proj.weight") == [1.0]  # ft only
-    assert _weights(prog, 0, "model.layers.1.mlp.up_proj.weight") == [1.0]  # base only
+    assert _weights(prog, 0, "model.layers.2.mlp.up_proj.weight") == {"ft": 1.0}  # ft only
+    assert _weights(prog, 0, "model.layers.1.mlp.up_proj.weight") == {"base": 1.0}  # base only
     with pytest.raises(tvlang.TvTypeError) as info:
         tvlang.compile("gradient([0.2, 0.8]) * base + ft - ft", bindings=pair).graph()
     assert "known before any data is read" in info.value.message and info.value.span is not None

@@ -177,7 +177,12 @@ def _up_proj_weights(prog: tvlang.Program) -> dict[int, list[float]]:
         if task.name.endswith("mlp.up_proj.weight"):
             kernel = task.writes[0].kernel
             assert isinstance(kernel, WeightedSum)  # resolved before any data is read
-            weights[int(task.name.split(".")[2])] = sorted(w for w, _ in kernel.terms)
+            per_input: dict[int, float] = {}  # each input's weight, from the anchored terms w·(in - minus)
+            for w, i, minus in kernel.terms:
+                per_input[i] = per_input.get(i, 0.0) + w
+                if minus is not None:
+                    per_input[minus] = per_input.get(minus, 0.0) - w
+            weights[int(task.name.split(".")[2])] = sorted(w for w in per_input.values() if w != 0)
     return weights
 
 
@@ -218,7 +223,7 @@ def test_printed_ir_and_the_verifier_after_every_pass(ckpts: Path) -> None:
         "%2 = stack %1 as 0:2 : model",
         "%3 = input b layers 1:3@2+post : model",
         "%4 = stack %3 as 0:2 : model",
-        "%5 = wsum 0.5*%2 + 0.5*%4 : model",
+        "%5 = wsum 0.5*(%4 - %2) + 1*%2 : model",
         "%6 = stack %0 as 0:2, %5 as 2:4 : model",
         "output m = %6",
     ]

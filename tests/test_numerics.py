@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tvlang
-from tvlang.numerics import ulp_error
+from tvlang.codegen.c import compiler
+from tvlang.numerics import correctly_rounded, ulp_error
 
 from .conftest import MISSION, NAMES, family
 
@@ -135,4 +136,63 @@ def test_fp8_inputs_compute_in_float32(tmp_path) -> None:
     out = tvlang.evaluate("0.25*a + 0.75*b", {"a": path, "b": b}, dtype="bf16")
     exact = 0.25 * a["w"].double() + 0.75 * b["w"].double()
     assert ulp_error(out["w"], exact).max().item() <= 0.5
-    assert tvlang.evaluate("0.3*a + 0.7*b", {"a": a, "b": b})["w"].dtype == torch.float8_e4m3fn
+    # the output follows its anchor's dtype: the model with the largest weight when none is a base
+    assert tvlang.evaluate("0.7*a + 0.3*b", {"a": a, "b": b})["w"].dtype == torch.float8_e4m3fn
+    assert tvlang.evaluate("0.3*a + 0.7*b", {"a": a, "b": b})["w"].dtype == torch.float8_e5m2
+
+
+# -- fine-tune-like inputs: the anchored sum is correctly rounded almost everywhere ----------------
+
+ANCHORED = [
+    # the issue's merge: the base's own weight folds to 0.1, the others are not dyadic
+    "base + 0.5*(ft1 - base) - 0.3*(ft2 - base) + 0.7*(ft3 - base)",
+    # thirds: the base's weight folds to zero, so it is never read (ft1 is the anchor)
+    "base + (1/3)*(ft1 - base) + (1/3)*(ft2 - base) + (1/3)*(ft3 - base)",
+    # a soup with no base: the largest weight is the anchor
+    "0.3*ft1 + 0.7*ft2",
+    # a non-zero (negative) base coefficient
+    "base + 0.7*(ft1 - base) + 0.7*(ft2 - base)",
+    # a task vector: cancels to a few ulps of the models, rounded relative to itself
+    "0.3*(ft1 - base) + 0.7*(ft2 - base)",
+]
+FINE_TUNE_SIZE = 1 << 16
+
+
+def _fine_tunes(dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """A base and three fine-tunes a few ulps of ``dtype`` away from it (some elements unchanged)."""
+    g = torch.Generator().manual_seed(13)
+    base = torch.randn(FINE_TUNE_SIZE, generator=g, dtype=torch.float64) * 0.02
+    ulps = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
+    out = {"base": {"w": base.to(dtype)}}
+    for i in (1, 2, 3):
+        shift = torch.randint(-4, 5, (FINE_TUNE_SIZE,), generator=g, dtype=torch.float64)
+        out[f"ft{i}"] = {"w": (base * (1 + shift * ulps)).to(dtype)}
+    return out
+
+
+def _exact(src: str, states: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The formula in float64: on the differences from the base (exact here), plus the base times
+    the weights' sum (each formula is affine: 1 for a model, 0 for a task vector)."""
+    b = states["base"]["w"].double()
+    deltas = {n: s["w"].double() - b for n, s in states.items()}
+    scope: dict[str, object] = {"__builtins__": {}}
+    mass = round(eval(src, scope, dict.fromkeys(states, 1.0)))  # test-only oracle over numbers
+    result = eval(src, scope, deltas) + mass * b  # and over float64 tensors
+    assert isinstance(result, torch.Tensor)
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("src", ANCHORED)
+def test_fine_tune_merges_correctly_rounded(src: str, dtype: torch.dtype) -> None:
+    states = _fine_tunes(dtype)
+    out = tvlang.evaluate(src, states, kernels="eager")["w"]
+    assert out.dtype == dtype
+    exact = _exact(src, states)
+    errors = ulp_error(out, exact)
+    assert errors.max().item() <= 1.0, f"worst error {errors.max().item()} ulp"
+    share = correctly_rounded(out, exact).double().mean().item()
+    assert share >= 0.9999, f"{share:.4%} correctly rounded"
+    if compiler() is not None:  # the fused C loop forms the same differences: the same bits
+        compiled = tvlang.evaluate(src, states, kernels="compiled")["w"]
+        assert torch.equal(compiled.view(torch.uint8), out.view(torch.uint8))

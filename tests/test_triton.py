@@ -161,7 +161,7 @@ def test_kernels_take_weights_as_arguments() -> None:
         ).plan()
         task = plan.tasks[0]
         bound = task_spec(task, {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads})
-        assert bound.spec.weights[-1] == lam
+        assert bound.spec.weights == (lam, 1.0)  # lam*(a - base) + 1*base
         sources.append(triton_source(bound.spec))
     assert sources[0] == sources[1]
     assert repr(0.1) not in sources[0] and "w0: tl.float64" in sources[0]

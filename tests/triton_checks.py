@@ -138,6 +138,27 @@ def linear_dtypes() -> dict[str, Any]:
 
 
 @check
+def linear_anchors() -> dict[str, Any]:
+    """Anchored sums: a soup (the largest weight is the anchor), a task vector (the anchor's own
+    coefficient is zero, but it is subtracted), a base whose weight folds to zero (never read), and
+    several outputs with different anchors in one kernel (each difference formed once)."""
+    import tvlang
+
+    s = states(11, 4, SHAPES[:2] + SHAPES[4:5])
+    out = {
+        "soup": both("0.3*m1 + 0.7*m2", bind(s)),
+        "task vector": both("0.3*(m1 - base) + 0.7*(m2 - base)", bind(s)),
+        "base weight zero": both("base + 0.5*(m1 - base) + 0.5*(m2 - base)", bind(s)),
+    }
+    src = "output a = base + 0.3*(m1 - base)\noutput b = 0.25*m2 + 0.75*m3\noutput c = m3 - base\n"
+    cpu = tvlang.compile(src, bindings=bind(s)).run(options=tvlang.Options(device="cpu"))
+    before = LAUNCHES[0]
+    gpu = tvlang.compile(src, bindings=bind(s)).run(options=tvlang.Options(device="cuda"))
+    out["outputs with different anchors"] = {**compare(cpu, gpu), "launches": LAUNCHES[0] - before}
+    return out
+
+
+@check
 def sweep_many_outputs() -> dict[str, Any]:
     import tvlang
 

@@ -27,6 +27,19 @@ def ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.pow(2.0, e - mant)
 
 
+def correctly_rounded(result: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """Where ``result`` is ``exact`` rounded to nearest, ties to even (a tie rounded the other way
+    is half an ulp off too, but not the correctly rounded value).
+
+    >>> exact = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8], dtype=torch.float64)  # two ties
+    >>> correctly_rounded(torch.tensor([1.0, 1.0 + 2**-7], dtype=torch.bfloat16), exact).tolist()
+    [True, False]
+    """
+    err = ulp_error(result, exact)
+    bits = result.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[result.element_size()])
+    return (err < 0.5) | ((err == 0.5) & (bits % 2 == 0))
+
+
 def ulp_error(result: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """``|result - exact|`` in ulps of ``result.dtype`` at ``exact``: ≤ 0.5 is correctly rounded,
     < 1 is within one rounding."""

@@ -319,7 +319,8 @@ def _run_chunk(
     program_outputs: list[torch.Tensor] = []
     if state is not None:
         program_outputs = state.outputs(views, start, stop, scratch)
-    widened: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # inputs converted once per chunk
+    # inputs widened and differences formed once per chunk
+    widened: dict[tuple[int, int | None, torch.dtype], torch.Tensor] = {}
     for write in task.writes:
         out = scratch.get("out", DTYPES[write.dtype], n)
         if isinstance(write.kernel, ProgramOutput):
@@ -492,7 +493,7 @@ def _nonfinite_error(
     kernel = write.kernel
     assert isinstance(kernel, WeightedSum)
     total = NonFiniteReport(plan)
-    slots = sorted({slot for _, slot in kernel.terms})
+    slots = sorted(kernel.inputs)
     for lo in range(0, task.numel, plan.chunk):
         hi = min(task.numel, lo + plan.chunk)
         views = {i: sources[i].read(task.name, lo, hi) for i in slots}

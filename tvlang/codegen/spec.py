@@ -12,7 +12,9 @@ operation, with the same roundings:
   per-tensor number (a reduction result, ``numel``) is a float64 parameter
   rounded to ``T`` where a chunk operation uses it;
 - a weighted sum starts from zero and takes ``acc = fma(T(w), x, acc)`` per
-  tensor term in term order, and ``acc = acc + T(w·p)`` for a number ``p``;
+  tensor term in term order, and ``acc = acc + T(w·p)`` for a number ``p``; a
+  term that is a difference from the anchor (``m - a``) is one subtraction in
+  ``T``, formed once per element however many sums use it;
 - an output is rounded once to its dtype (16-bit outputs of a float64
   accumulator go through float32, as torch's conversion does), kept in ``T``
   ("ACC") for the operands of k-th largest values and counts, or added up in
@@ -219,8 +221,11 @@ def task_spec(task: TensorTask, input_dtypes: Mapping[int, str]) -> Bound:
     outputs = []
     for w in writes:
         if isinstance(w.kernel, WeightedSum):
-            args = tuple(b.load(slot) for _, slot in w.kernel.terms)
-            s = b.add(Stmt("wsum", args, tuple(float(c) for c, _ in w.kernel.terms)))
+            args = tuple(
+                b.load(slot) if minus is None else b.add(Stmt("sub", (b.load(slot), b.load(minus))))
+                for _, slot, minus in w.kernel.terms
+            )
+            s = b.add(Stmt("wsum", args, tuple(float(c) for c, _, _ in w.kernel.terms)))
         else:
             assert task.program is not None and isinstance(w.kernel, ProgramOutput)
             s = program_stmts[task.program.outputs[w.kernel.index]]

@@ -166,7 +166,10 @@ def toposort(roots: list[Node]) -> list[Node]:
             continue
         seen.add(id(node))
         stack.append((node, True))
-        stack.extend((a, False) for a in reversed(node.args) if id(a) not in seen)
+        args = node.args
+        if node.op is Op.WSUM and args and args[-1].kind.is_model:
+            args = (args[-1], *args[:-1])  # an anchored sum's anchor first: listings start from the base
+        stack.extend((a, False) for a in reversed(args) if id(a) not in seen)
     return order
 
 

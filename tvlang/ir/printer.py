@@ -1,5 +1,8 @@
 """The IR's text form: what ``tvlang plan`` shows and what tests compare.
 
+A difference ``m - a`` that only weighted sums use is written inside them, ``0.5*(%1 - %0)``,
+so that an anchored sum reads as the formula it is.
+
 >>> from tvlang.ir.node import const, Graph
 >>> print(format_graph(Graph((("x", const(2.0, "lam")),))))
 %0 = const 2 (lam) : scalar
@@ -18,13 +21,32 @@ def format_weight(w: float) -> str:
 def format_graph(graph: Graph) -> str:
     names: dict[int, str] = {}
     lines: list[str] = []
-    for node in graph.nodes():
-        ref = f"%{len(names)}"
+    nodes = graph.nodes()
+    inline = _inline_differences(graph, nodes)
+    count = 0
+    for node in nodes:
+        if id(node) in inline:
+            names[id(node)] = f"({names[id(node.args[0])]} - {names[id(node.args[1])]})"
+            continue
+        ref = f"%{count}"
+        count += 1
         names[id(node)] = ref
         lines.append(f"{ref} = {_format_rhs(node, names)} : {node.kind}")
     for name, node in graph.outputs:
         lines.append(f"output {name} = {names[id(node)]}")
     return "\n".join(lines)
+
+
+def _inline_differences(graph: Graph, nodes: list[Node]) -> set[int]:
+    """Differences of two tensors that only weighted sums use (the terms of anchored sums)."""
+    outputs = {id(n) for _, n in graph.outputs}
+    candidates = {
+        id(n) for n in nodes if n.op is Op.SUB and all(a.kind.tensor for a in n.args) and id(n) not in outputs
+    }
+    for n in nodes:
+        if n.op is not Op.WSUM:
+            candidates -= {id(a) for a in n.args}
+    return candidates
 
 
 def _format_rhs(node: Node, names: dict[int, str]) -> str:

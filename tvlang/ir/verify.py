@@ -69,6 +69,11 @@ def _check(node: Node) -> str | None:
             return "wsum keeps a zero or non-finite weight"
         if len({id(a) for a in args}) != len(args):
             return "wsum repeats an operand"
+        # anchored (tvlang.passes.linearize): models enter as differences from one anchor, added last
+        anchors = {id(a.args[1]) for a in args if a.op is Op.SUB and a.args[1].kind.is_model}
+        models = [a for a in args if a.kind.is_model]
+        if len(anchors) > 1 or len(models) > 1 or (models and models[0] is not args[-1]):
+            return "wsum is not anchored at one model, added last"
         expected = sum(w * _mass(a) for w, a in zip(node.arg, args, strict=True))
     if (
         kind.tensor

@@ -12,7 +12,7 @@ from tvlang.context import TensorContext
 >>> print(format_graph(Graph((("out", specialize(out, TensorContext("model.layers.1.q", 3))),))))
 %0 = input base : model
 %1 = input ft : model
-%2 = wsum 0.5*%0 + 0.5*%1 : model
+%2 = wsum 0.5*(%1 - %0) + 1*%0 : model
 output out = %2
 """
 

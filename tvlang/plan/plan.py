@@ -66,17 +66,29 @@ class PlannedInput:
 
 @dataclass(frozen=True)
 class WeightedSum:
-    """``out = round(Σ weight_i · input_i)``: each product accumulated in ``acc`` (fused multiply-add,
-    in term order, starting from zero), rounded once to the output dtype."""
+    """``out = round(Σ weight_i · term_i)``, a term being an input or the difference of two
+    (``input − anchor``, formed exactly in ``acc``): each product accumulated in ``acc`` (fused
+    multiply-add, in term order, starting from zero), rounded once to the output dtype."""
 
-    terms: tuple[tuple[float, int], ...]  # (weight, input index)
+    terms: tuple[tuple[float, int, int | None], ...]  # (weight, input index, input subtracted or None)
     acc: str  # "F32" or "F64"
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        """The inputs read, each once, in first-use order."""
+        seen: dict[int, None] = {}
+        for _, slot, minus in self.terms:
+            seen[slot] = None
+            if minus is not None:
+                seen[minus] = None
+        return tuple(seen)
 
     def describe(self) -> str:
         parts = []
-        for i, (w, slot) in enumerate(self.terms):
+        for i, (w, slot, minus) in enumerate(self.terms):
             sign = "" if i == 0 else (" - " if w < 0 else " + ")
-            parts.append(f"{sign}{format_weight(w if i == 0 else abs(w))}*in{slot}")
+            term = f"in{slot}" if minus is None else f"(in{slot} - in{minus})"
+            parts.append(f"{sign}{format_weight(w if i == 0 else abs(w))}*{term}")
         return f"wsum[{self.acc.lower()}] " + "".join(parts)
 
 

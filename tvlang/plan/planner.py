@@ -14,6 +14,7 @@ from tvlang.context import TensorContext, count_layers, layer_of
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
 from tvlang.layermap import output_order
+from tvlang.passes.linearize import anchor_of, is_difference
 from tvlang.passes.specialize import has_context, has_stack, specialize
 from tvlang.plan.plan import (
     FLOATS,
@@ -306,23 +307,36 @@ def _aligned(task: TensorTask, chunk: int) -> TensorTask:
 
 
 def _inputs_of(node: Node, index: Mapping[str, int]) -> list[int]:
-    """The inputs an output reads, in first-use order (the first is its template)."""
+    """The inputs an output reads, in first-use order, its anchor first (the first is its template)."""
     seen: list[int] = []
     for n in node.toposort():
         if n.op is Op.INPUT and index[n.arg.key] not in seen:
             seen.append(index[n.arg.key])
-    if node.op is Op.WSUM:  # the linear form's order puts the base first
-        firsts = [index[a.arg.key] for a in node.args if a.op is Op.INPUT]
-        seen = firsts + [i for i in seen if i not in firsts]
+    anchor = anchor_of(node)
+    if anchor is not None and anchor.op is Op.INPUT:  # the base: its layout is the output's
+        first = index[anchor.arg.key]
+        seen = [first] + [i for i in seen if i != first]
     return seen
 
 
-def _terms(node: Node, index: Mapping[str, int]) -> list[tuple[float, int]] | None:
-    """The weighted sum an output is, if it is one over inputs (the fast path); else None."""
+def _terms(node: Node, index: Mapping[str, int]) -> list[tuple[float, int, int | None]] | None:
+    """The weighted sum an output is, if it is one over inputs and their differences (the fast
+    path); else None."""
+    pairs = zip(node.arg, node.args, strict=True) if node.op is Op.WSUM else [(1.0, node)]
+    terms = []
+    for w, a in pairs:
+        term = _term(w, a, index)
+        if term is None:
+            return None
+        terms.append(term)
+    return terms
+
+
+def _term(weight: float, node: Node, index: Mapping[str, int]) -> tuple[float, int, int | None] | None:
     if node.op is Op.INPUT:
-        return [(1.0, index[node.arg.key])]
-    if node.op is Op.WSUM and all(a.op is Op.INPUT for a in node.args):
-        return [(w, index[a.arg.key]) for w, a in zip(node.arg, node.args, strict=True)]
+        return (weight, index[node.arg.key], None)
+    if is_difference(node) and all(a.op is Op.INPUT for a in node.args):
+        return (weight, index[node.args[0].arg.key], index[node.args[1].arg.key])
     return None
 
 
