@@ -25,11 +25,15 @@ from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
+    IntoSink,
     MemorySink,
     MemorySource,
     Sink,
     Source,
+    check_into,
     checkpoint_metas,
+    into_dtypes,
+    into_tensors,
     memory_metas,
 )
 from tvlang.io.lora import LoraAdapter, LoraSource
@@ -206,6 +210,8 @@ class Program:
         params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         options: Options | None = None,
+        *,
+        into: Any = None,
     ) -> Any:
         """Compute every output.
 
@@ -214,12 +220,39 @@ class Program:
         → one file, anything else → a Hugging Face directory); with several outputs it is
         a directory holding one checkpoint per output; a mapping gives each output's path.
         Returns the written path(s) in the same shape.
+
+        ``into=`` an ``nn.Module`` (or a state dict of preallocated tensors) writes the one
+        output into its parameters and buffers in place, chunk by chunk, in each tensor's own
+        dtype and on its own device, and returns it.  Names are matched as the module's
+        ``state_dict()`` keys; a missing, extra or mis-shaped tensor is an error (E510) raised
+        before anything is written.
         """
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
         lowered = self.lower(params, bindings, options)
         graph = optimize(lowered.graph)
-        plan, opened = _plan(graph, options)
+        targets = None
+        if into is not None:
+            if out is not None:
+                raise TvParamError("give either an output path or into=, not both", code="E402")
+            if options.dtype is not None:
+                raise TvParamError(
+                    "into= writes each tensor in the model's own dtype; dtype= cannot change it",
+                    help="convert the model first (model.to(torch.bfloat16)) or leave dtype unset",
+                    code="E402",
+                )
+            if len(graph.outputs) != 1:
+                names = ", ".join(n for n, _ in graph.outputs)
+                raise TvParamError(
+                    f"into= takes one output, and this program has {len(graph.outputs)} ({names})",
+                    help="run one output at a time, or write them to files",
+                    code="E405",
+                )
+            targets = into_tensors(into)
+        plan, opened = _plan(graph, options, into_dtypes(targets) if targets is not None else None)
+        if targets is not None:
+            output = plan.outputs[0]
+            check_into(targets, output.tensors, output.name, lowered.output_spans.get(output.name))
         dests = _destinations(plan, out, opened)
         _refuse_overwriting_inputs(plan, dests)
         metadata = {"tvlang.version": __version__}
@@ -244,6 +277,9 @@ class Program:
                     "tvlang.output": output.name,
                     "tvlang.params": json.dumps(params_used, sort_keys=True),
                 }
+                if targets is not None:
+                    sinks.append(IntoSink(targets, [name for name, _, _ in output.tensors]))
+                    continue
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
@@ -287,6 +323,8 @@ class Program:
             stderr = sys.stderr
             for line in report.lines():
                 print(line, file=stderr)
+        if into is not None:
+            return into
         if all(d is None for d in dests):
             results = {o.name: s.result for o, s in zip(plan.outputs, sinks, strict=True)}  # type: ignore[attr-defined]
         else:
@@ -294,7 +332,9 @@ class Program:
         return next(iter(results.values())) if len(results) == 1 else results
 
 
-def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
+def _plan(
+    graph: Graph, options: Options, tensor_dtypes: Mapping[str, str] | None = None
+) -> tuple[Plan, dict[str, Any]]:
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
@@ -324,6 +364,7 @@ def _plan(graph: Graph, options: Options) -> tuple[Plan, dict[str, Any]]:
         keys=options.keys,
         rows=options.rows,
         kernels=options.resolved_kernels(),
+        tensor_dtypes=tensor_dtypes,
     )
     return plan, opened
 
@@ -419,16 +460,17 @@ def evaluate(
     *,
     out: OutSpec = None,
     params: Mapping[str, ParamValue] | None = None,
+    into: Any = None,
     **options: Any,
 ) -> Any:
     """Compile and run ``source`` once.  ``bindings`` maps names to paths, state dicts,
     ``nn.Module``\\ s, numbers, :func:`task_vector` or :func:`delta`; ``options`` are
-    :class:`Options` fields.  See :meth:`Program.run` for ``out`` and the result."""
+    :class:`Options` fields.  See :meth:`Program.run` for ``out``, ``into`` and the result."""
     try:
         opts = replace(Options(), **options)
     except TypeError as e:
         raise TvParamError(f"unknown option: {e}", code="E402") from None
-    return compile(source, bindings=bindings).run(out, params, options=opts)
+    return compile(source, bindings=bindings).run(out, params, options=opts, into=into)
 
 
 __all__ = ["Options", "Program", "TvError", "compile", "compile_file", "delta", "evaluate", "task_vector"]
