@@ -15,10 +15,14 @@ from tvlang.errors import (
     TvSyntaxError,
     TvTypeError,
 )
+from tvlang.tune import Range, Trial, TuneResult, log_range, tune
 
 __all__ = [
     "Options",
     "Program",
+    "Range",
+    "Trial",
+    "TuneResult",
     "TvError",
     "TvInputError",
     "TvNameError",
@@ -31,5 +35,7 @@ __all__ = [
     "compile_file",
     "delta",
     "evaluate",
+    "log_range",
     "task_vector",
+    "tune",
 ]
