@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import torch
 
 from tvlang.api import Options, Program, compile, compile_file
-from tvlang.errors import TvOutputError, TvParamError
+from tvlang.errors import TvInputError, TvOutputError, TvParamError
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes")
 GRID_POINTS = 11  # values per range in a grid search without a trial budget: 0, 0.1, ..., 1 over [0, 1]
@@ -64,7 +64,7 @@ def log_range(low: float, high: float) -> Range:
     return Range(float(low), float(high), log=True)
 
 
-Dimension = Range | tuple[float, ...]
+Dimension = Range | list[float]  # a range, or the values to try
 
 
 def _dimensions(space: Mapping[str, Any]) -> dict[str, Dimension]:
@@ -80,7 +80,7 @@ def _dimensions(space: Mapping[str, Any]) -> dict[str, Dimension]:
             elif isinstance(spec, tuple) and len(spec) == 2:
                 dim = Range(float(spec[0]), float(spec[1]))
             elif isinstance(spec, (list, tuple)) and spec:
-                dim = tuple(float(v) for v in spec)
+                dim = [float(v) for v in spec]
             else:
                 raise ValueError
         except (TypeError, ValueError):
@@ -163,7 +163,7 @@ class TuneResult:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
             space: dict[str, Dimension] = {
-                k: Range(v["low"], v["high"], v["log"]) if isinstance(v, dict) else tuple(v)
+                k: Range(v["low"], v["high"], v["log"]) if isinstance(v, dict) else [float(x) for x in v]
                 for k, v in data["space"].items()
             }
             trials = [Trial(int(t["number"]), dict(t["params"]), float(t["score"]), float(t["seconds"]))
@@ -463,4 +463,100 @@ def tune(
     return result
 
 
-__all__ = ["SAMPLERS", "Range", "Trial", "TuneResult", "log_range", "tune"]
+def parse_dimension(name: str, text: str) -> Dimension:
+    """The command line's forms: ``0:1`` (a range), ``log:1e-3:1`` (a log range), ``0.2,0.4,0.6``
+    or ``0.5`` (values)."""
+    try:
+        parts = text.split(":")
+        if len(parts) == 3 and parts[0].strip().lower() == "log":
+            return _dimensions({name: log_range(float(parts[1]), float(parts[2]))})[name]
+        if len(parts) == 2:
+            return _dimensions({name: (float(parts[0]), float(parts[1]))})[name]
+        if len(parts) == 1:
+            return [float(v) for v in text.split(",")]
+    except ValueError:
+        pass
+    raise TvParamError(
+        f"--param {name}={text}: not a range LOW:HIGH, log:LOW:HIGH or values A,B,C", code="E420"
+    )
+
+
+def load_score(spec: str, *, limit: int | None = None, tokenizer: Any = None) -> Callable[[Any], float]:
+    """``module:function`` (imported; the current directory is searched first, as ``python -m``
+    does), or ``lm-eval:TASK[,TASK...]`` (lm-evaluation-harness, see :mod:`tvlang.harness`)."""
+    if spec.startswith("lm-eval:"):
+        from tvlang.harness import lm_eval_score
+
+        tasks = [t for t in spec.removeprefix("lm-eval:").split(",") if t]
+        return lm_eval_score(tasks, limit=limit, tokenizer=tokenizer)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TvParamError(
+            f"--score {spec!r}: expected MODULE:FUNCTION or lm-eval:TASK",
+            help="e.g. --score mypkg.eval:score (a function taking the model, returning a float)",
+            code="E420",
+        )
+    import importlib
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TvParamError(f"--score: cannot import {module_name}: {e}", code="E420") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise TvParamError(f"--score: {module_name} has no function `{attr}`", code="E420")
+    return fn  # type: ignore[no-any-return,unused-ignore]
+
+
+def load_template(path: str, dtype: str | None = None) -> Any:
+    """The model trials merge into, read once from the program's template checkpoint: a
+    ``transformers`` model when the directory has a ``config.json`` and transformers is installed
+    (weights loaded as it loads them), else a state dict of the checkpoint's tensors."""
+    from tvlang.api import evaluate
+    from tvlang.plan.planner import parse_dtype
+
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        try:
+            import transformers
+        except ImportError:
+            pass
+        else:
+            torch_dtype: Any = "auto"
+            if dtype is not None:
+                from tvlang.io.safetensors import DTYPES
+
+                torch_dtype = DTYPES[parse_dtype(dtype) or "F32"]
+            model: Any
+            try:
+                try:
+                    model = transformers.AutoModelForCausalLM.from_pretrained(
+                        path, dtype=torch_dtype, local_files_only=True
+                    )
+                except TypeError:  # transformers < 4.56 names it torch_dtype
+                    model = transformers.AutoModelForCausalLM.from_pretrained(
+                        path, torch_dtype=torch_dtype, local_files_only=True
+                    )
+            except (OSError, ValueError, KeyError) as e:
+                raise TvInputError(
+                    f"transformers cannot load the template model {path}: {str(e).splitlines()[0]}",
+                    help="check its config.json, or score a state dict: a template without config.json",
+                    code="E300",
+                ) from None
+            model.eval()
+            return model
+    return evaluate("template", {"template": path}, dtype=dtype)
+
+
+__all__ = [
+    "SAMPLERS",
+    "Range",
+    "Trial",
+    "TuneResult",
+    "load_score",
+    "load_template",
+    "log_range",
+    "parse_dimension",
+    "tune",
+]
