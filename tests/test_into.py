@@ -149,3 +149,23 @@ def test_into_refuses_a_path_as_well_and_several_outputs(ckpts: dict[str, Path],
     with pytest.raises(TvError) as err:
         tvlang.evaluate("base", _bindings(ckpts), into=[1, 2])
     assert err.value.code == "E510"
+
+
+def test_a_second_run_builds_no_kernel(ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights are kernel arguments: a run with new numbers compiles nothing (its kernels' source
+    is the one already built)."""
+    from tvlang.codegen import c
+
+    if c.compiler() is None:
+        pytest.skip("no C compiler: the eager path builds no kernels")
+    prog = tvlang.compile(f"param lam = 0.5\n{PROGRAMS['ties']}", bindings=_bindings(ckpts))
+    model = Tiny().to(torch.bfloat16)
+    prog.run(into=model, params={"lam": 0.2}, options=tvlang.Options(kernels="compiled"))
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("a kernel was compiled again")
+
+    monkeypatch.setattr(c, "_compile", no_build)
+    prog.run(into=model, params={"lam": 0.9}, options=tvlang.Options(kernels="compiled"))
+    ref = prog.run(params={"lam": 0.9}, options=tvlang.Options(kernels="compiled"))
+    assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
