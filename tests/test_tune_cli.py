@@ -61,6 +61,24 @@ def test_tune_cli_end_to_end(ckpt: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert "E500" in capsys.readouterr().err
 
 
+def test_tune_cli_interrupted_then_resumed(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TVLANG_TUNE_CKPT", str(ckpt / "ckpt"))
+    out = tmp_path / "best"
+    args = ["tune", str(ckpt / "merge.tv"), "--param", "lam=0:1", "-o", str(out), "-q"]
+    assert main([*args, "--score", "tests.tune_scores:interrupting"]) == 130
+    study = tmp_path / "best.trials.json"
+    assert len(json.loads(study.read_text())["trials"]) == 2 and not out.exists()
+    assert (
+        main([*args, "--score", "tests.tune_scores:closeness"]) == 1
+    )  # the trials file exists: not silently
+    assert main([*args, "--score", "tests.tune_scores:closeness", "--resume"]) == 0
+    trials = json.loads(study.read_text())["trials"]
+    assert len(trials) == 11 and max(trials, key=lambda t: t["score"])["params"] == {"lam": 0.3}
+    assert (out / "model.safetensors").exists()
+
+
 def test_tune_cli_errors(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = [str(ckpt / "merge.tv"), "-o", str(tmp_path / "o"), "-q"]
     for extra, code in (

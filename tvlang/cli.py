@@ -8,6 +8,7 @@ interrupted.  An interrupted or failed run leaves no output behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -208,7 +209,6 @@ def _cmd_import_mergekit(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     """``tvlang tune prog.tv --param lam=0:1 --score mod:fn -o best/``: search, then write the best
     merge, its trials (``<out>.trials.json``, ``.csv``) and their plot (``<out>.png``) beside it."""
-    from tvlang.plan.planner import parse_dtype
     from tvlang.tune import Range, load_score, load_template, parse_dimension, tune
 
     if args.output is None:
@@ -221,7 +221,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     stem = args.output.rstrip("/\\").removesuffix(".safetensors")
     beside = [stem + ".trials.json", stem + ".trials.csv", stem + ".png"]
     if not args.force:
-        for path in (args.output, *(() if args.resume else beside[:1]), *beside[1:]):
+        for path in [args.output, *([] if args.resume else beside)]:
             if os.path.exists(path):
                 raise TvOutputError(f"{path} exists", help="use --force to replace it", code="E500")
     elif not args.resume and os.path.exists(beside[0]):
@@ -236,7 +236,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"loading the template model from {template}", file=sys.stderr)
     model = load_template(template, args.dtype)
-    trial_options = Options(**{**options.__dict__, "dtype": None, "progress": False})
+    trial_options = dataclasses.replace(options, dtype=None, progress=False)  # the model's dtypes decide
     result = tune(
         program,
         space,
@@ -257,10 +257,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     best = result.best
-    dtype = args.dtype or (None if isinstance(model, dict) else _model_dtype(model))
-    program.run(
-        args.output, best.params, options=Options(**{**options.__dict__, "dtype": parse_dtype(dtype)})
-    )
+    program.run(args.output, best.params, options=options)  # the template's dtypes, or --dtype
     try:
         result.plot(beside[2], title=f"{args.score}: {len(result.trials)} trials ({args.sampler})")
     except ImportError:
@@ -270,14 +267,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"wrote {args.output}, {beside[0]}, {beside[1]}, {beside[2]}", file=sys.stderr)
     return 0
-
-
-def _model_dtype(model: object) -> str | None:
-    """The dtype of a transformers model's first float parameter, as an output dtype name."""
-    for p in model.parameters():  # type: ignore[attr-defined]
-        if p.is_floating_point():
-            return str(p.dtype)
-    return None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
