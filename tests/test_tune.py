@@ -168,3 +168,22 @@ def test_errors_come_before_any_trial() -> None:
 
 def test_log_range_grid() -> None:
     assert tvlang.log_range(0.01, 1).grid(3) == [0.01, 0.1, 1.0]
+
+
+def test_optuna_sqlite_storage_resumes(tmp_path: Path) -> None:
+    pytest.importorskip("optuna", reason="Optuna samplers need the tvlang[tune] extra")
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = {"lam": (0.0, 1.0), "mu": (0.0, 1.0)}
+    first = tvlang.tune(SOURCE, space, quadratic, bindings=_bindings(), trials=4, sampler="random", study=url,
+                        progress=False)  # fmt: skip
+    more = tvlang.tune(SOURCE, space, quadratic, bindings=_bindings(), trials=6, sampler="random", study=url,
+                       progress=False)  # fmt: skip
+    assert len(first.trials) == 4 and more.trials[:4] == [  # the storage held the first four
+        tvlang.Trial(t.number, t.params, t.score, more.trials[t.number].seconds) for t in first.trials
+    ]
+    assert len(more.trials) == 6
+    import optuna
+
+    assert len(optuna.load_study(study_name="tvlang-random-0", storage=url).trials) == 6
+    with pytest.raises(TvError, match="Optuna sampler"):
+        tvlang.tune(SOURCE, space, quadratic, bindings=_bindings(), study=url, progress=False)

@@ -328,10 +328,11 @@ def _suggestions(
     sampler: str,
     seed: int,
     total: int,
-    done: Sequence[Trial],
+    done: list[Trial],
     storage: str | None,
 ) -> Iterator[tuple[dict[str, float], Callable[[float], None]]]:
-    """Parameter values to try next, each with the call that reports its score back."""
+    """Parameter values to try next, each with the call that reports its score back (trials an
+    Optuna storage already holds are appended to ``done`` first)."""
     if sampler == "grid":
         seen = {tuple(sorted(t.params.items())) for t in done}
         for params in _grid(dims, total):
@@ -348,7 +349,14 @@ def _suggestions(
         study_name=f"tvlang-{sampler}-{seed}" if storage else None,
         load_if_exists=storage is not None,
     )
-    if storage is None:  # a study resumed from JSON: the sampler sees the completed trials
+    if storage is not None:  # a study resumed from Optuna's storage: its trials are ours too
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+        for frozen in study.trials:
+            if frozen.state in finished:
+                seconds = frozen.duration.total_seconds() if frozen.duration is not None else 0.0
+                value = float("nan") if frozen.value is None else float(frozen.value)
+                done.append(Trial(len(done), {k: float(v) for k, v in frozen.params.items()}, value, seconds))
+    else:  # a study resumed from JSON: the sampler sees the completed trials
         for t in done:
             value = None if math.isnan(t.score) else t.score
             state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
