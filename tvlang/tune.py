@@ -358,10 +358,12 @@ def _suggestions(
                 done.append(Trial(len(done), {k: float(v) for k, v in frozen.params.items()}, value, seconds))
     else:  # a study resumed from JSON: the sampler sees the completed trials
         for t in done:
-            value = None if math.isnan(t.score) else t.score
-            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+            ok = not math.isnan(t.score)
+            state = optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL
             study.add_trial(
-                optuna.trial.create_trial(params=t.params, distributions=dists, value=value, state=state)
+                optuna.trial.create_trial(
+                    params=t.params, distributions=dists, value=t.score if ok else None, state=state
+                )
             )
     for _ in range(total - len(done)):
         trial = study.ask(dists)
@@ -400,8 +402,8 @@ def tune(
     ``nn.Module`` or a state dict of tensors, merged into in place on every trial), else the
     merged state dict.  ``trials``: how many (default: the whole grid; 20 for a sampler).
     ``study``: a JSON file written after every trial and resumed from when it exists, or an Optuna
-    storage URL (``sqlite:///study.db``) for the Optuna samplers.  Ctrl-C stops after the current
-    trial's merge and returns the completed trials (``interrupted=True``).  With ``keep_best``,
+    storage URL (``sqlite:///study.db``) for the Optuna samplers.  Ctrl-C abandons the trial in
+    progress and returns the completed ones (``interrupted=True``).  With ``keep_best``,
     ``into`` holds the best trial's merge at the end.
     """
     if sampler not in SAMPLERS:
@@ -465,6 +467,7 @@ def tune(
         result.interrupted = True
         if path is not None:
             result.save(path)
+    best = result.best if any(not math.isnan(t.score) for t in result.trials) else None
     bar.update(len(result.trials), best, end="\n")
     if into is not None and keep_best and best is not None:
         prog.run(params=best.params, options=options, into=into)

@@ -151,7 +151,7 @@ def plot_lambda(res: Results, path: str) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"Choosing λ with tvlang.tune: negating {c.task}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
