@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from safetensors import safe_open
 
 TARGET_LAM = 0.3
@@ -34,5 +33,3 @@ def interrupting(model: Any) -> float:
         raise KeyboardInterrupt
     return closeness(model)
 
-
-torch.set_num_threads(1)
