@@ -32,4 +32,3 @@ def interrupting(model: Any) -> float:
     if CALLS[0] == 3:
         raise KeyboardInterrupt
     return closeness(model)
-
