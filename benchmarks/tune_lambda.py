@@ -126,6 +126,8 @@ def case_write_load(data: str) -> dict[str, Any]:
         "best": best,
         "peak": vm_hwm(),
         "child_peak": children,
+        "cpu": cpu_seconds(),
+        "loadavg": os.getloadavg()[0],
     }
 
 
@@ -176,6 +178,9 @@ def main() -> int:
     for case in ("tune", "write_load"):
         print(f"running {case} ...", file=sys.stderr)
         results[case] = child(case, data)
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "tune_lambda.json"), "w") as f:
+        json.dump({"size": args.size, "imports_peak": imports, **results}, f, indent=1)
     tune, base = results["tune"], results["write_load"]
     assert tune["scores"] == base["scores"], "the two workflows scored different models"
     mib = 2**20
