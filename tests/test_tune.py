@@ -187,3 +187,13 @@ def test_optuna_sqlite_storage_resumes(tmp_path: Path) -> None:
     assert len(optuna.load_study(study_name="tvlang-random-0", storage=url).trials) == 6
     with pytest.raises(TvError, match="Optuna sampler"):
         tvlang.tune(SOURCE, space, quadratic, bindings=_bindings(), study=url, progress=False)
+
+
+def test_fixed_params_hold_in_every_trial() -> None:
+    res = tvlang.tune(SOURCE, {"lam": [0.2, 0.3]}, quadratic, bindings=_bindings(), params={"mu": 0.7},
+                      progress=False)  # fmt: skip
+    assert res.best_params == {"lam": 0.3} and res.best_score == pytest.approx(0.0, abs=1e-20)
+    with pytest.raises(TvError, match="both searched and fixed"):
+        tvlang.tune(
+            SOURCE, {"lam": [0.2]}, quadratic, bindings=_bindings(), params={"lam": 0.1}, progress=False
+        )

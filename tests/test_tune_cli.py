@@ -79,6 +79,24 @@ def test_tune_cli_interrupted_then_resumed(
     assert (out / "model.safetensors").exists()
 
 
+def test_tune_cli_set_fixes_another_param(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--set gives a param the same value in every trial and in the written output."""
+    monkeypatch.setenv("TVLANG_TUNE_CKPT", str(ckpt / "ckpt"))
+    prog = tmp_path / "two.tv"
+    prog.write_text(
+        f'base = load("{ckpt}/ckpt/base")\nparam lam = 0.5\nparam mu = 1\n'
+        f'output merged = base + mu*lam*(load("{ckpt}/ckpt/ft") - base)\n'
+    )
+    out = tmp_path / "best.safetensors"
+    args = ["tune", str(prog), "--param", "lam=0.3,0.6", "--set", "mu=0.5", "-o", str(out), "-q"]
+    assert main([*args, "--score", "tests.tune_scores:closeness"]) == 0
+    trials = json.loads((tmp_path / "best.trials.json").read_text())["trials"]
+    assert max(trials, key=lambda t: t["score"])["params"] == {"lam": 0.6}  # 0.5 * 0.6 = 0.3
+    assert (tmp_path / "best.png").exists() and out.exists()
+
+
 def test_tune_cli_errors(ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = [str(ckpt / "merge.tv"), "-o", str(tmp_path / "o"), "-q"]
     for extra, code in (

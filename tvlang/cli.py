@@ -227,7 +227,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     elif not args.resume and os.path.exists(beside[0]):
         os.remove(beside[0])
     program = _program(args)
-    first = {k: d.low if isinstance(d, Range) else d[0] for k, d in space.items()}
+    fixed = _params(args)  # --set: the same value in every trial
+    first = fixed | {k: d.low if isinstance(d, Range) else d[0] for k, d in space.items()}
     plan = program.plan(first, options=options)
     if len(plan.outputs) != 1:
         raise TvParamError("tvlang tune searches a program with one output", code="E405")
@@ -241,6 +242,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         program,
         space,
         score,
+        params=fixed,  # a --set sweep is refused by into= (E405)
         into=model,
         trials=args.trials,
         sampler=args.sampler,
@@ -257,7 +259,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     best = result.best
-    program.run(args.output, best.params, options=options)  # the template's dtypes, or --dtype
+    program.run(args.output, {**fixed, **best.params}, options=options)  # the template's dtypes, or --dtype
     try:
         result.plot(beside[2], title=f"{args.score}: {len(result.trials)} trials ({args.sampler})")
     except ImportError:

@@ -384,6 +384,7 @@ def tune(
     score: Callable[[Any], float],
     *,
     bindings: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
     into: Any = None,
     trials: int | None = None,
     sampler: str = "grid",
@@ -396,7 +397,8 @@ def tune(
     """Search ``space`` for the parameters of ``program`` whose merge ``score`` rates highest.
 
     ``program``: source text, a ``.tv`` path or a compiled :class:`~tvlang.Program` (one output);
-    ``bindings`` as in :func:`tvlang.evaluate`.  ``space`` maps each ``param`` to a range
+    ``bindings`` as in :func:`tvlang.evaluate`; ``params`` fixes other parameters for every trial.
+    ``space`` maps each ``param`` to a range
     ``(low, high)``, a :func:`log_range`, or a list of values.  ``score(model) -> float`` rates one
     merge (higher is better; NaN marks a failed trial); ``model`` is ``into`` when given (an
     ``nn.Module`` or a state dict of tensors, merged into in place on every trial), else the
@@ -419,7 +421,11 @@ def tune(
     options = options or Options()
     if into is not None:
         _check_not_an_input(prog, into)
-    first = {k: d.low if isinstance(d, Range) else d[0] for k, d in dims.items()}
+    fixed = dict(params or {})
+    both = sorted(set(fixed) & set(dims))
+    if both:
+        raise TvParamError(f"`{both[0]}` is both searched and fixed", code="E420")
+    first = fixed | {k: d.low if isinstance(d, Range) else d[0] for k, d in dims.items()}
     prog.plan(first, options=options)  # unknown parameters, missing inputs: before any trial
 
     storage = None
@@ -447,7 +453,7 @@ def tune(
     try:
         for params, tell in _suggestions(dims, sampler, seed, total, result.trials, storage):
             start = time.perf_counter()
-            model = prog.run(params=params, options=options, into=into)
+            model = prog.run(params=fixed | params, options=options, into=into)
             value = score(model)
             try:
                 value = float(value)
@@ -470,7 +476,7 @@ def tune(
     best = result.best if any(not math.isnan(t.score) for t in result.trials) else None
     bar.update(len(result.trials), best, end="\n")
     if into is not None and keep_best and best is not None:
-        prog.run(params=best.params, options=options, into=into)
+        prog.run(params=fixed | best.params, options=options, into=into)
     return result
 
 
