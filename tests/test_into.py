@@ -169,3 +169,17 @@ def test_a_second_run_builds_no_kernel(ckpts: dict[str, Path], monkeypatch: pyte
     prog.run(into=model, params={"lam": 0.9}, options=tvlang.Options(kernels="compiled"))
     ref = prog.run(params={"lam": 0.9}, options=tvlang.Options(kernels="compiled"))
     assert all(torch.equal(model.state_dict()[k], ref[k]) for k in ref)
+
+
+def test_a_module_whose_state_dict_copies_is_refused(ckpts: dict[str, Path]) -> None:
+    """Writing into copies would leave the module unchanged and say nothing: refused instead."""
+    model = Tiny().to(torch.bfloat16)
+
+    def copies(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, local: object) -> None:
+        for k in list(state):
+            state[k] = state[k].clone()
+
+    model._register_state_dict_hook(copies)
+    with pytest.raises(TvError, match=r"state_dict\(\) gives a copy of") as err:
+        tvlang.evaluate("base + 0.5*(a - base)", _bindings(ckpts), into=model)
+    assert err.value.code == "E510"

@@ -126,8 +126,9 @@ class MemorySink:
 def into_tensors(into: Any) -> dict[str, torch.Tensor]:
     """The tensors a run writes into: an ``nn.Module``'s state dict (detached views of its own
     parameters and buffers, so writing them changes the module) or a mapping of preallocated tensors."""
+    module = None
     if hasattr(into, "state_dict") and callable(into.state_dict):
-        into = into.state_dict()
+        module, into = into, into.state_dict()
     if not isinstance(into, Mapping):
         raise TvOutputError(
             f"cannot merge into a {type(into).__name__}",
@@ -139,6 +140,16 @@ def into_tensors(into: Any) -> dict[str, torch.Tensor]:
         if not isinstance(tensor, torch.Tensor):
             raise TvOutputError(f"entry `{name}` to merge into is a {type(tensor).__name__}", code="E510")
         found[str(name)] = tensor.detach()
+    if module is not None and hasattr(module, "parameters") and hasattr(module, "buffers"):
+        own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+        copies = [k for k, t in found.items() if t.untyped_storage().data_ptr() not in own]
+        if copies:
+            raise TvOutputError(
+                f"the module's state_dict() gives a copy of `{copies[0]}`, not the tensor itself: "
+                "writing it would not change the module",
+                help="merge into a state dict of the module's own tensors (named_parameters, buffers)",
+                code="E510",
+            )
     return found
 
 
