@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,6 +56,10 @@ NOT_HERE: list[tuple[Callable[[list[str]], bool], str]] = [
         "Hydra app: tests/test_config.py runs it",
     ),
     (lambda a: a[-1:] == ["demo"], "the demo: tests/test_cli.py runs it"),
+    (
+        lambda a: any(x.startswith("lm-eval:") for x in a),
+        "lm-evaluation-harness tasks from the Hub (tests/test_tune_cli.py runs a local task)",
+    ),
 ]
 
 
@@ -72,6 +77,23 @@ def blocks() -> list[pytest.ParameterSet]:
     return params
 
 
+# The user's own files that docs/tune.md and the README's "Choosing λ" name: a program with the
+# parameters they search, and a score function.
+MERGE_TV = """\
+base = load("ckpt/base")
+a = load("ckpt/amazon_sent") - base
+b = load("ckpt/yelp_lm") - base
+param lam = 0.5
+param density = 0.5
+output merged = base + lam*ties(a, b, density=density)
+"""
+SCORE_PY = """\
+def score(model):
+    \"\"\"A stand-in for a validation accuracy: closeness of the MLP weights to zero.\"\"\"
+    return -sum(float(p.float().abs().mean()) for n, p in model.named_parameters() if "mlp" in n)
+"""
+
+
 @pytest.fixture(scope="module")
 def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tvlang.demo import make_playground
@@ -81,6 +103,10 @@ def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_playground(str(root), llama_shapes(hidden=16, layers=32, vocab=64))  # 32 layers: docs cut 0-24, 8-32
     shutil.copy(ROOT / "examples" / "config" / "job.yaml", root / "job.yaml")
     shutil.copy(ROOT / "examples" / "mergekit" / "ties.yml", root / "merge.yml")
+    (root / "merge.tv").write_text(MERGE_TV)
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "eval.py").write_text(SCORE_PY)
     return root
 
 
@@ -103,7 +129,7 @@ def _is_program(body: str) -> bool:
 def _run_shell(body: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
     """Run the block's tvlang commands; return how many ran, and why the others were not run."""
     ran, not_run = 0, []
-    for raw in body.splitlines():
+    for raw in body.replace("\\\n", " ").splitlines():  # continued lines are one command
         words = shlex.split(raw, comments=True)
         while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value before a command
             words = words[1:]
@@ -126,7 +152,9 @@ def _run_shell(body: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, list
 
 
 @pytest.mark.parametrize(("lang", "body"), blocks())
-def test_doc_snippet_runs(lang: str, body: str, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doc_snippet_runs(
+    lang: str, body: str, workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     if lang == "bash":
         ran, not_run = _run_shell(body, capsys)
         if not ran:
@@ -147,5 +175,21 @@ def test_doc_snippet_runs(lang: str, body: str, workdir: Path, capsys: pytest.Ca
     import tvlang
 
     sd = tvlang.evaluate("base", bindings={"base": "ckpt/base"})
-    namespace = {"base_sd": sd, "ft_sd": load_file("ckpt/amazon_sent/model.safetensors")}
+    monkeypatch.syspath_prepend(str(workdir))
+    monkeypatch.delitem(sys.modules, "mypkg.eval", raising=False)
+    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+    import mypkg.eval  # the playground's score function
+
+    namespace = {
+        "tvlang": tvlang,  # blocks that continue an earlier one use it without importing it again
+        "base_sd": sd,
+        "ft_sd": load_file("ckpt/amazon_sent/model.safetensors"),
+        # the user's validation scores that docs/tune.md and the README call by these names
+        "score": mypkg.eval.score,
+        "val_accuracy": mypkg.eval.score,
+        "evaluate_on_validation": mypkg.eval.score,
+    }
+    if re.search(r"\bmodel\b", body) and "model =" not in body:  # a model loaded in the block before
+        transformers = pytest.importorskip("transformers", reason="the test extra installs transformers")
+        namespace["model"] = transformers.AutoModelForCausalLM.from_pretrained("ckpt/base")
     exec(compile(body, "<doc>", "exec"), namespace)

@@ -76,6 +76,10 @@ def test_analogy_builds_a_vector_for_the_unseen_task(results: tuple[Results, Pat
 def test_outputs_and_cache(results: tuple[Results, Path, Path]) -> None:
     res, out, cache = results
     assert (out / "addition.png").stat().st_size > 10_000
+    assert (out / "lambda.png").stat().st_size > 10_000
+    curve = res.curve  # what tvlang.tune measured while choosing λ for the first negation
+    assert curve.lams == list(res.config.negation_grid) and curve.chosen == res.negation[0].lam
+    assert res.addition.trials == (2 ** len(res.config.tasks) - 1) * len(res.config.addition_grid)
     text = (out / "RESULTS.md").read_text(encoding="utf-8")
     assert "## Negation" in text and "output analogy = base + lam_analogy*(C + (B - A))" in text
     assert res.trained  # the first run trained every checkpoint ...

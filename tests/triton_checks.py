@@ -471,6 +471,28 @@ def resident_inputs() -> dict[str, Any]:
     return compare(cpu, gpu)
 
 
+@check
+def into_a_model_on_the_device() -> dict[str, Any]:
+    """``into=`` tensors on the device (a model being tuned there) get the CPU backend's bits, in
+    place; a float32 target gets the float32 result."""
+    import tvlang
+
+    s = states(41, 3, SHAPES)
+    expr = "base + 0.3*(m1 - base) + ties(m1 - base, m2 - base, density=0.4)"
+    cpu = tvlang.evaluate(expr, bindings=bind(s), device="cpu")
+    target = {k: torch.zeros_like(v, device=dev()) for k, v in cpu.items()}
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    tvlang.evaluate(expr, bindings=bind(s), device="cuda", into=target)
+    assert {k: v.data_ptr() for k, v in target.items()} == ptrs
+    wide = {k: torch.zeros(v.shape, dtype=torch.float32, device=dev()) for k, v in cpu.items()}
+    tvlang.evaluate(expr, bindings=bind(s), device="cuda", into=wide)
+    cpu32 = tvlang.evaluate(expr, bindings=bind(s), device="cpu", dtype="fp32")
+    return {
+        "bf16": compare(cpu, {k: v.cpu() for k, v in target.items()}, on_gpu(True)),
+        "fp32": compare(cpu32, {k: v.cpu() for k, v in wide.items()}, on_gpu(True)),
+    }
+
+
 def main(argv: list[str]) -> int:
     global DEVICE
     args = list(argv)

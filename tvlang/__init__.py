@@ -22,23 +22,34 @@ from tvlang.version import __version__
 
 if TYPE_CHECKING:
     from tvlang.api import Options, Program, compile, compile_file, delta, evaluate, task_vector
+    from tvlang.tuning import Range, Trial, TuneResult, log_range, tune
 
-_API = ("Options", "Program", "compile", "compile_file", "delta", "evaluate", "task_vector")
+# name -> the module that defines it, imported on first use
+_LAZY = {
+    **dict.fromkeys(
+        ("Options", "Program", "compile", "compile_file", "delta", "evaluate", "task_vector"), "api"
+    ),
+    **dict.fromkeys(("Range", "Trial", "TuneResult", "log_range", "tune"), "tuning"),
+}
 
 
 def __getattr__(name: str) -> Any:
     """The API is imported on first use: ``import tvlang`` (and the CLI's start, where Ctrl-C and
     ``--help`` must answer at once) stays light until something needs torch."""
-    if name in _API:
-        import tvlang.api
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-        return getattr(tvlang.api, name)
+        return getattr(importlib.import_module(f"tvlang.{module}"), name)
     raise AttributeError(f"module 'tvlang' has no attribute {name!r}")
 
 
 __all__ = [
     "Options",
     "Program",
+    "Range",
+    "Trial",
+    "TuneResult",
     "TvError",
     "TvInputError",
     "TvNameError",
@@ -51,5 +62,7 @@ __all__ = [
     "compile_file",
     "delta",
     "evaluate",
+    "log_range",
     "task_vector",
+    "tune",
 ]

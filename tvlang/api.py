@@ -31,12 +31,16 @@ from tvlang.io.card import CARD_NAME, CardInput, hub_id, model_card
 from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
+    IntoSink,
     MemorySink,
     MemorySource,
     RenamedSource,
     Sink,
     Source,
+    check_into,
     checkpoint_metas,
+    into_dtypes,
+    into_tensors,
     memory_metas,
 )
 from tvlang.io.lora import CONFIG as LORA_CONFIG
@@ -256,6 +260,8 @@ class Program:
         params: Mapping[str, ParamValue] | None = None,
         bindings: Mapping[str, Any] | None = None,
         options: Options | None = None,
+        *,
+        into: Any = None,
     ) -> Any:
         """Compute every output.
 
@@ -264,6 +270,12 @@ class Program:
         → one file, anything else → a Hugging Face directory); with several outputs it is
         a directory holding one checkpoint per output; a mapping gives each output's path.
         Returns the written path(s) in the same shape.
+
+        ``into=`` an ``nn.Module`` (or a state dict of preallocated tensors) writes the one
+        output into its parameters and buffers in place, chunk by chunk, in each tensor's own
+        dtype and on its own device, and returns it.  Names are matched as the module's
+        ``state_dict()`` keys; a missing, extra or mis-shaped tensor is an error (E510) raised
+        before anything is written.
         """
         options = options or Options()
         check_nonfinite_mode(options.nonfinite)
@@ -276,8 +288,30 @@ class Program:
             written = _task_vectors(lowered.graph, {n: bases[a.base] for n, a in adapters.items()})
             plan_options = replace(options, dtype="fp64")
         graph = optimize(written)
+        targets = None
+        if into is not None:
+            if out is not None:
+                raise TvParamError("give either an output path or into=, not both", code="E402")
+            if options.dtype is not None or adapters:
+                raise TvParamError(
+                    "into= writes each tensor in the model's own dtype; dtype= and as_lora cannot change it",
+                    help="convert the model first (model.to(torch.bfloat16)) or leave dtype unset",
+                    code="E402",
+                )
+            if len(graph.outputs) != 1:
+                names = ", ".join(n for n, _ in graph.outputs)
+                raise TvParamError(
+                    f"into= takes one output, and this program has {len(graph.outputs)} ({names})",
+                    help="run one output at a time, or write them to files",
+                    code="E405",
+                )
+            targets = into_tensors(into)
         vocab = _vocab_plan(lowered, graph, options)
-        plan, opened = _plan(written, plan_options, graph, vocab)
+        tensor_dtypes = into_dtypes(targets) if targets is not None else None
+        plan, opened = _plan(written, plan_options, graph, vocab, tensor_dtypes)
+        if targets is not None:
+            output = plan.outputs[0]
+            check_into(targets, output.tensors, output.name, lowered.output_spans.get(output.name))
         dests = (_adapter_destinations if adapters else _destinations)(plan, out, opened)
         _refuse_overwriting_inputs(plan, opened, dests)
         to_disk = [(d, o.nbytes) for d, o in zip(dests, plan.outputs, strict=True) if d is not None]
@@ -314,6 +348,9 @@ class Program:
                     "tvlang.output": output.name,
                     "tvlang.params": json.dumps(params_used, sort_keys=True),
                 }
+                if targets is not None:
+                    sinks.append(IntoSink(targets, [name for name, _, _ in output.tensors]))
+                    continue
                 if dest is None:
                     sinks.append(MemorySink(output.tensors))
                     continue
@@ -386,6 +423,8 @@ class Program:
             for sink in sinks:
                 for line in sink.summary() if isinstance(sink, LoraWriter) else ():
                     print(line, file=sys.stderr)
+        if into is not None:
+            return into
         if all(d is None for d in dests):
             results = {o.name: s.result for o, s in zip(plan.outputs, sinks, strict=True)}  # type: ignore[attr-defined]
         else:
@@ -608,10 +647,15 @@ def _vocab_plan(lowered: Lowered, graph: Graph, options: Options) -> VocabPlan |
 
 
 def _plan(
-    written: Graph, options: Options, graph: Graph, vocab: VocabPlan | None
+    written: Graph,
+    options: Options,
+    graph: Graph,
+    vocab: VocabPlan | None,
+    tensor_dtypes: Mapping[str, str] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """Plan ``graph``, the program ``written`` after the passes; ``opened`` holds every input's
-    handle, the ones whose weights folded to zero included (opened and checked, never read)."""
+    handle, the ones whose weights folded to zero included (opened and checked, never read).
+    ``tensor_dtypes``: each named tensor's output dtype (a model merged into keeps its own)."""
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
@@ -648,6 +692,7 @@ def _plan(
         # with a vocabulary, rows are re-indexed for the models merged; one whose weight folded to
         # zero has no row map to compare its embeddings through, so only merged models are checked
         written=written if vocab is None else None,
+        tensor_dtypes=tensor_dtypes,
     )
     return plan, opened
 
@@ -763,16 +808,17 @@ def evaluate(
     *,
     out: OutSpec = None,
     params: Mapping[str, ParamValue] | None = None,
+    into: Any = None,
     **options: Any,
 ) -> Any:
     """Compile and run ``source`` once.  ``bindings`` maps names to paths, state dicts,
     ``nn.Module``\\ s, numbers, :func:`task_vector` or :func:`delta`; ``options`` are
-    :class:`Options` fields.  See :meth:`Program.run` for ``out`` and the result."""
+    :class:`Options` fields.  See :meth:`Program.run` for ``out``, ``into`` and the result."""
     try:
         opts = replace(Options(), **options)
     except TypeError as e:
         raise TvParamError(f"unknown option: {e}", code="E402") from None
-    return compile(source, bindings=bindings).run(out, params, options=opts)
+    return compile(source, bindings=bindings).run(out, params, options=opts, into=into)
 
 
 __all__ = ["Options", "Program", "TvError", "compile", "compile_file", "delta", "evaluate", "task_vector"]

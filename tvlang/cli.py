@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -250,6 +251,71 @@ def _cmd_import_mergekit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """``tvlang tune prog.tv --param lam=0:1 --score mod:fn -o best/``: search, then write the best
+    merge, its trials (``<out>.trials.json``, ``.csv``) and their plot (``<out>.png``) beside it."""
+    from tvlang.tuning import Range, load_score, load_template, parse_dimension, tune
+
+    if args.output is None:
+        args.parser.error("the following arguments are required: -o/--output")
+
+    space = {name: parse_dimension(name, value) for name, value in _pairs(args.param, "--param")}
+    if not space:
+        raise TvParamError("give at least one --param NAME=LOW:HIGH to search", code="E420")
+    options = _options(args)
+    stem = args.output.rstrip("/\\").removesuffix(".safetensors")
+    beside = [stem + ".trials.json", stem + ".trials.csv", stem + ".png"]
+    if not args.force:
+        for path in [args.output, *([] if args.resume else beside)]:
+            if os.path.exists(path):
+                raise TvOutputError(f"{path} exists", help="use --force to replace it", code="E500")
+    elif not args.resume and os.path.exists(beside[0]):
+        os.remove(beside[0])
+    program = _program(args)
+    fixed = _params(args)  # --set: the same value in every trial
+    first = fixed | {k: d.low if isinstance(d, Range) else d[0] for k, d in space.items()}
+    plan = program.plan(first, options=options)
+    if len(plan.outputs) != 1:
+        raise TvParamError("tvlang tune searches a program with one output", code="E405")
+    template = plan.inputs[plan.outputs[0].template].location
+    score = load_score(args.score, limit=args.limit, tokenizer=template)
+    if not args.quiet:
+        print(f"loading the template model from {template}", file=sys.stderr)
+    model = load_template(template, args.dtype)
+    trial_options = dataclasses.replace(options, dtype=None, progress=False)  # the model's dtypes decide
+    result = tune(
+        program,
+        space,
+        score,
+        params=fixed,  # a --set sweep is refused by into= (E405)
+        into=model,
+        trials=args.trials,
+        sampler=args.sampler,
+        seed=args.seed,
+        options=trial_options,
+        study=args.study or beside[0],
+        progress=not args.quiet,
+        keep_best=False,
+    )
+    result.save(beside[0])
+    result.to_csv(beside[1])
+    if result.interrupted:
+        print(f"interrupted after {len(result.trials)} trials: they are in {beside[0]} (--resume continues)",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    best = result.best
+    program.run(args.output, {**fixed, **best.params}, options=options)  # the template's dtypes, or --dtype
+    try:
+        result.plot(beside[2], title=f"{args.score}: {len(result.trials)} trials ({args.sampler})")
+    except ImportError:
+        beside[2] = "(no plot: matplotlib is not installed)"
+    params = ", ".join(f"{k}={v:.6g}" for k, v in best.params.items())
+    print(f"best score {best.score:.6g} at {params}")
+    if not args.quiet:
+        print(f"wrote {args.output}, {beside[0]}, {beside[1]}, {beside[2]}", file=sys.stderr)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tvlang.demo import run_demo
 
@@ -388,6 +454,24 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("-o", "--output", help="write the program here (default: print it; paths are absolute)")
     imp.add_argument("--force", action="store_true", help="replace an existing output file")
     imp.set_defaults(func=_cmd_import_mergekit)
+
+    tn = sub.add_parser(
+        "tune", help="choose parameters by merging into a model in memory and scoring it (see docs/tune.md)"
+    )
+    tn.add_argument("file", help="the .tv program (one output)")
+    tn.add_argument("--param", action="append", metavar="NAME=RANGE",
+                    help="a parameter to search: LOW:HIGH, log:LOW:HIGH or A,B,C (repeatable)")  # fmt: skip
+    tn.add_argument("--score", required=True,
+                    help="MODULE:FUNCTION (score(model) -> float, higher is better) or lm-eval:TASK[,TASK...]")  # fmt: skip
+    tn.add_argument("--limit", type=int, help="lm-eval: examples per task")
+    tn.add_argument("--trials", type=int, help="how many (default: the whole grid; 20 for a sampler)")
+    tn.add_argument("--sampler", choices=("grid", "random", "tpe", "cmaes"), default="grid")
+    tn.add_argument("--seed", type=int, default=0)
+    tn.add_argument("--study", help="the trials file to write and resume (default: OUTPUT.trials.json; "
+                    "or an Optuna storage such as sqlite:///study.db)")  # fmt: skip
+    tn.add_argument("--resume", action="store_true", help="continue the trials already in the study")
+    _common(tn, running=True)
+    tn.set_defaults(func=_cmd_tune, parser=tn)
 
     demo = sub.add_parser(
         "demo",

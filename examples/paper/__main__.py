@@ -1,5 +1,5 @@
 """``python -m examples.paper``: train (or load) the models, run the three experiments,
-print the tables, write ``addition.png`` and ``RESULTS.md``."""
+print the tables, write ``addition.png``, ``lambda.png`` and ``RESULTS.md``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from examples.paper.experiments import Config, Results, run
-from examples.paper.report import plot, results_md
+from examples.paper.report import plot, plot_lambda, results_md
 from examples.paper.train import TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,12 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def produce(cfg: Config, out: str, cache: str, command: str,
             log: Callable[[str], None] = lambda _: None) -> Results:  # fmt: skip
-    """Run everything and write ``<out>/addition.png`` and ``<out>/RESULTS.md``."""
+    """Run everything and write ``<out>/addition.png``, ``<out>/lambda.png`` and ``<out>/RESULTS.md``."""
     torch.set_num_threads(1)  # small model, shared machine: one thread is as fast and disturbs less
     start = time.perf_counter()
     res = run(cfg, cache, log)
     os.makedirs(out, exist_ok=True)
     plot(res, os.path.join(out, "addition.png"))
+    plot_lambda(res, os.path.join(out, "lambda.png"))
     with open(os.path.join(out, "RESULTS.md"), "w", encoding="utf-8") as f:
         f.write(results_md(res, command, time.perf_counter() - start, "addition.png"))
     return res
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "RESULTS.md"), encoding="utf-8") as f:
         print(f.read().split("\n## The tvlang programs")[0])
     print(
-        f"wrote {os.path.join(args.out, 'addition.png')} and RESULTS.md ({time.perf_counter() - start:.0f} s)"
+        f"wrote {os.path.join(args.out, 'addition.png')}, lambda.png and RESULTS.md ({time.perf_counter() - start:.0f} s)"
     )
     return 0
 

@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import tvlang
@@ -48,16 +49,28 @@ class Config:
 
 class Sweep:
     """One program, one output per entry of ``exprs`` (name -> expression with a ``{lam}`` hole),
-    each output scaled by its own parameter ``lam_<name>``."""
+    each output scaled by its own parameter ``lam_<name>``.
 
-    def __init__(self, exprs: Mapping[str, str], bindings: Mapping[str, Any]) -> None:
+    λ is chosen per output with :func:`tvlang.tune`: that output's program alone, merged on every
+    trial into one preallocated model (``into=``) whose state dict the score reads; nothing is
+    written to disk.  The chosen merges then come from one run of the whole program."""
+
+    def __init__(self, exprs: Mapping[str, str], bindings: Mapping[str, Any],
+                 memory: Mapping[str, Any], template: StateDict) -> None:  # fmt: skip
         self.names = list(exprs)
+        self.exprs = {n: e.format(lam=f"lam_{n}") for n, e in exprs.items()}
         self.source = "\n".join(
-            [*(f"param lam_{n} = 1" for n in self.names),
-             *(f"output {n} = {e.format(lam=f'lam_{n}')}" for n, e in exprs.items())]
-        )  # fmt: skip
+            [
+                *(f"param lam_{n} = 1" for n in self.names),
+                *(f"output {n} = {e}" for n, e in self.exprs.items()),
+            ]
+        )
         self.program = tvlang.compile(self.source, bindings=bindings)
+        self.memory = memory  # the same checkpoints, bound in memory, for the trials
+        self.into = {k: v.clone() for k, v in template.items()}  # the model every trial merges into
         self.runs = 0
+        self.trials = 0
+        self.tuned: dict[str, tvlang.TuneResult] = {}
 
     def run(self, lams: Mapping[str, float]) -> dict[str, StateDict]:
         """Every output at once, output ``n`` at ``lams[n]``."""
@@ -66,19 +79,29 @@ class Sweep:
         return out if len(self.names) > 1 else {self.names[0]: out}
 
     def pick(self, grid: tuple[float, ...], score: Callable[[str, StateDict], float]) -> dict[str, float]:
-        """Per output, the grid value with the highest ``score`` (the smallest one on ties)."""
-        best: dict[str, tuple[float, float]] = {}
-        for lam in grid:
-            for name, weights in self.run(dict.fromkeys(self.names, lam)).items():
-                s = score(name, weights)
-                if name not in best or s > best[name][0]:
-                    best[name] = (s, lam)
-        return {name: lam for name, (_, lam) in best.items()}
+        """Per output, the grid value with the highest ``score`` on validation data (the smallest
+        one on ties), chosen by :func:`tvlang.tune`."""
+        lams = {}
+        for name in self.names:
+            program = tvlang.compile(f"param lam_{name} = 1\noutput {name} = {self.exprs[name]}",
+                                     bindings=self.memory)  # fmt: skip
+            res = tvlang.tune(program, {f"lam_{name}": list(grid)}, partial(score, name), into=self.into,
+                              options=TVLANG, progress=False, keep_best=False)  # fmt: skip
+            self.tuned[name] = res
+            self.trials += len(res.trials)
+            lams[name] = res.best_params[f"lam_{name}"]
+        return lams
 
 
-def _bindings(zoo: Zoo, names: list[str]) -> dict[str, Any]:
-    """``base`` and each named task vector (fine-tuned file minus ``base``), read by tvlang from disk."""
-    return {"base": zoo.paths["base"], **{n: tvlang.task_vector(zoo.paths[n]) for n in names}}
+def _bindings(zoo: Zoo, names: list[str], memory: bool = False) -> dict[str, Any]:
+    """``base`` and each named task vector (fine-tuned file minus ``base``), read by tvlang from disk
+    (``memory=True``: the same checkpoints as state dicts, for the many runs that choose λ)."""
+    get = zoo.weights if memory else zoo.paths.__getitem__
+    return {"base": get("base"), **{n: tvlang.task_vector(get(n)) for n in names}}
+
+
+def _sweep(zoo: Zoo, exprs: Mapping[str, str], names: list[str]) -> Sweep:
+    return Sweep(exprs, _bindings(zoo, names), _bindings(zoo, names, memory=True), zoo.weights("base"))
 
 
 # ---------------------------------------------------------------------------------------- negation
@@ -93,11 +116,23 @@ class NegationRow:
     negated: tuple[float, float]
 
 
-def negation(cfg: Config, zoo: Zoo, digits: Digits) -> tuple[list[NegationRow], str]:
+@dataclass
+class Curve:
+    """Validation accuracy against λ while negating one task vector: what tvlang.tune measured."""
+
+    task: str
+    lams: list[float]
+    target: list[float]
+    control: list[float]
+    chosen: float
+    floor: float  # the control accuracy a λ must keep
+
+
+def negation(cfg: Config, zoo: Zoo, digits: Digits) -> tuple[list[NegationRow], str, Curve]:
     """Paper Table 1: forget a task with ``base - lam*tau``.  ``lam`` is the one that lowers the
     target most on validation data while control accuracy stays >= ``control_floor`` of the base
     model's (the smallest grid value if none does)."""
-    sweep = Sweep({t: f"base - {{lam}}*{t}" for t in cfg.tasks}, _bindings(zoo, list(cfg.tasks)))
+    sweep = _sweep(zoo, {t: f"base - {{lam}}*{t}" for t in cfg.tasks}, list(cfg.tasks))
     heads, enc = zoo.heads, zoo.encoder
 
     def pair(weights: StateDict | None, task: str, part: str) -> tuple[float, float]:
@@ -107,18 +142,27 @@ def negation(cfg: Config, zoo: Zoo, digits: Digits) -> tuple[list[NegationRow], 
 
     control_val = pair(None, cfg.tasks[0], "val")[1]
 
+    measured: dict[str, list[tuple[float, float]]] = {t: [] for t in cfg.tasks}
+
     def score(task: str, weights: StateDict) -> float:
         target, control = pair(weights, task, "val")
+        measured[task].append((target, control))
         return -target if control >= cfg.control_floor * control_val else float("-inf")
 
     lams = sweep.pick(cfg.negation_grid, score)
+    first = cfg.tasks[0]
+    curve = Curve(
+        first, [t.params[f"lam_{first}"] for t in sweep.tuned[first].trials],
+        [m[0] for m in measured[first]], [m[1] for m in measured[first]], lams[first],
+        cfg.control_floor * control_val,
+    )  # fmt: skip
     negated = sweep.run(lams)
     fts = {t: zoo.weights(t) for t in cfg.tasks}
     rows = [
         NegationRow(t, lams[t], pair(None, t, "test"), pair(fts[t], t, "test"), pair(negated[t], t, "test"))
         for t in cfg.tasks
     ]
-    return rows, sweep.source
+    return rows, sweep.source, curve
 
 
 # ---------------------------------------------------------------------------------------- addition
@@ -139,6 +183,7 @@ class Addition:
     finetuned: dict[str, float]  # test accuracy of each task's own fine-tuned model
     runs: int  # tvlang program runs (each one pass computing all 2^n - 1 merges)
     source: str
+    trials: int = 0  # tvlang.tune trials choosing λ (one merge into a model in memory each)
 
 
 def addition(cfg: Config, zoo: Zoo, digits: Digits) -> Addition:
@@ -149,7 +194,7 @@ def addition(cfg: Config, zoo: Zoo, digits: Digits) -> Addition:
     subsets = [s for k in range(1, len(tasks) + 1) for s in itertools.combinations(tasks, k)]
     names = {"m_" + "_".join(s): s for s in subsets}
     sums = {n: " + ".join(s) if len(s) == 1 else f"({' + '.join(s)})" for n, s in names.items()}
-    sweep = Sweep({n: f"base + {{lam}}*{total}" for n, total in sums.items()}, _bindings(zoo, tasks))
+    sweep = _sweep(zoo, {n: f"base + {{lam}}*{total}" for n, total in sums.items()}, tasks)
     val = {t: digits.task(t, "val") for t in tasks}
     test = {t: digits.task(t, "test") for t in tasks}
     enc, heads = zoo.encoder, zoo.heads
@@ -175,7 +220,7 @@ def addition(cfg: Config, zoo: Zoo, digits: Digits) -> Addition:
             subset, lam, acc, sum(norm.values()) / len(tasks),
             sum(norm[t] for t in subset) / len(subset) if subset else None,
         ))  # fmt: skip
-    return Addition(rows, ft_test, sweep.runs, sweep.source)
+    return Addition(rows, ft_test, sweep.runs, sweep.source, sweep.trials)
 
 
 # ----------------------------------------------------------------------------------------- analogy
@@ -204,7 +249,8 @@ def analogy(cfg: Config, zoo: Zoo, digits: Digits) -> tuple[list[AnalogyRow], st
         "B_plus_C": "base + {lam}*(C + B)",
         "analogy": "base + {lam}*(C + (B - A))",
     }
-    sweep = Sweep(exprs, bindings)
+    memory = {"base": zoo.weights("base"), **{k: tvlang.task_vector(zoo.weights(names[k])) for k in "ABC"}}
+    sweep = Sweep(exprs, bindings, memory, zoo.weights("base"))
     enc, heads = zoo.encoder, zoo.heads
     d = names["D"]
     lams = sweep.pick(cfg.analogy_grid, lambda _, w: accuracies(enc, w, heads, {d: few})[d])
@@ -241,6 +287,7 @@ class Results:
     addition: Addition
     analogy: list[AnalogyRow]
     sources: dict[str, str]  # experiment -> its tvlang program
+    curve: Curve  # validation accuracy against λ, negating the first task
     trained: list[str]  # checkpoints trained by this run (empty when all came from the cache)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -257,16 +304,19 @@ def run(cfg: Config, cache_root: str, log: Callable[[str], None] = lambda _: Non
     )
     sources = {}
     t = time.perf_counter()
-    neg, sources["negation"] = negation(cfg, zoo, digits)
+    neg, sources["negation"], curve = negation(cfg, zoo, digits)
     seconds["negation"] = time.perf_counter() - t
     log(f"negation done ({seconds['negation']:.0f} s)")
     t = time.perf_counter()
     add = addition(cfg, zoo, digits)
     sources["addition"] = add.source
     seconds["addition"] = time.perf_counter() - t
-    log(f"addition done ({seconds['addition']:.0f} s, {len(add.rows) - 1} merges in {add.runs} tvlang runs)")
+    log(
+        f"addition done ({seconds['addition']:.0f} s, λ of {len(add.rows) - 1} merges chosen in {add.trials} "
+        f"tvlang.tune trials)"
+    )
     t = time.perf_counter()
     ana, sources["analogy"] = analogy(cfg, zoo, digits)
     seconds["analogy"] = time.perf_counter() - t
     log(f"analogy done ({seconds['analogy']:.0f} s)")
-    return Results(cfg, neg, add, ana, sources, zoo.trained, seconds)
+    return Results(cfg, neg, add, ana, sources, curve, zoo.trained, seconds)

@@ -70,8 +70,9 @@ def addition_table(res: Results) -> str:
         f"{_pct(_mean(list(full.accuracy.values())))} % over the {n} tasks, against "
         f"{_pct(_mean(list(base.accuracy.values())))} % for the pretrained model and "
         f"{_pct(_mean(list(add.finetuned.values())))} % for {n} separate fine-tuned models. "
-        f"The {len(add.rows) - 1} merges came from {add.runs} runs of one tvlang program "
-        f"({add.runs - 1} to choose λ on validation data, one to build the chosen merges)."
+        f"Each merge's λ was chosen by `tvlang.tune` ({add.trials} trials in all, each a merge into one "
+        f"model in memory); the {len(add.rows) - 1} chosen merges then came from one run of one tvlang "
+        f"program."
     )
 
 
@@ -133,6 +134,29 @@ def plot(res: Results, path: str) -> None:
     plt.close(fig)
 
 
+def plot_lambda(res: Results, path: str) -> None:
+    """Validation accuracy against λ while negating one task vector, as tvlang.tune measured it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = res.curve
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(c.lams, [100 * v for v in c.target], "o-", color="tab:red", label=f"target: {c.task} (↓)")
+    ax.plot(c.lams, [100 * v for v in c.control], "s-", color="tab:blue", label="control: upright digits")
+    ax.axhline(100 * c.floor, ls="--", color="tab:blue", lw=1, label="control floor")
+    ax.axvline(c.chosen, ls=":", color="black", lw=1.2, label=f"chosen λ = {c.chosen:g}")
+    ax.set_xlabel("λ in base − λ·τ")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"Choosing λ with tvlang.tune: negating {c.task}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def results_md(res: Results, command: str, total_seconds: float, png: str) -> str:
     cfg = res.config
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in res.seconds.items())
@@ -156,18 +180,24 @@ def results_md(res: Results, command: str, total_seconds: float, png: str) -> st
 Made by `{command}` in {total_seconds:.0f} s ({timing}; {trained}).
 Seed {cfg.train.seed}; tasks: {", ".join(cfg.tasks)}; control: upright digits.
 Accuracies are on held-out test images (%); every λ was chosen on validation data
-(the analogy's on D's few training images).
+(the analogy's on D's few training images) with `tvlang.tune`: a grid search that merges each
+candidate straight into one model in memory and scores it, writing nothing to disk.
 
 {tables(res)}
 
 ![normalised accuracy against the number of task vectors added]({png})
+
+![validation accuracy against λ, negating one task vector](lambda.png)
 
 ## The tvlang programs
 
 `base` is bound to the pretrained checkpoint's file and each task name (A, B, C in the analogy)
 to `tvlang.task_vector(<its fine-tuned file>)`, i.e. fine-tuned − base; tvlang reads the files.
 
-Negation (the swept λ values are passed as `params=`; one run computes every task's model):
+Each output's λ is chosen by `tvlang.tune` on that output's line alone (with its `param`), then
+the chosen values are passed as `params=` and one run computes every model.
+
+Negation:
 
 ```
 {res.sources["negation"]}

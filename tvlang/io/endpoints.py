@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 import torch
 
-from tvlang.errors import TvInputError
+from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.safetensors import DTYPE_CODES, DTYPES, TensorInfo
-from tvlang.plan.plan import TensorMeta
+from tvlang.plan.plan import FLOATS, TensorMeta
+from tvlang.source import Span
 
 
 class Source(Protocol):
@@ -138,3 +139,113 @@ class MemorySink:
 
     def abort(self) -> None:
         self.result.clear()
+
+
+def into_tensors(into: Any) -> dict[str, torch.Tensor]:
+    """The tensors a run writes into: an ``nn.Module``'s state dict (detached views of its own
+    parameters and buffers, so writing them changes the module) or a mapping of preallocated tensors."""
+    module = None
+    if hasattr(into, "state_dict") and callable(into.state_dict):
+        module, into = into, into.state_dict()
+    if not isinstance(into, Mapping):
+        raise TvOutputError(
+            f"cannot merge into a {type(into).__name__}",
+            help="give an nn.Module or a state dict of preallocated tensors",
+            code="E510",
+        )
+    found = {}
+    for name, tensor in into.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TvOutputError(f"entry `{name}` to merge into is a {type(tensor).__name__}", code="E510")
+        found[str(name)] = tensor.detach()
+    if module is not None and hasattr(module, "parameters") and hasattr(module, "buffers"):
+        own = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+        copies = [k for k, t in found.items() if t.untyped_storage().data_ptr() not in own]
+        if copies:
+            raise TvOutputError(
+                f"the module's state_dict() gives a copy of `{copies[0]}`, not the tensor itself: "
+                "writing it would not change the module",
+                help="merge into a state dict of the module's own tensors (named_parameters, buffers)",
+                code="E510",
+            )
+    return found
+
+
+def into_dtypes(targets: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """The output dtype of each float tensor: the target's own (a run rounds once, to it)."""
+    codes = {name: DTYPE_CODES.get(t.dtype) for name, t in targets.items()}
+    return {name: code for name, code in codes.items() if code in FLOATS}
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), int(t.storage_offset()), tuple(t.shape), tuple(t.stride()))
+
+
+def check_into(
+    targets: Mapping[str, torch.Tensor],
+    tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+    output: str,
+    span: Span | None = None,
+) -> None:
+    """Every tensor of the output has a target of its shape and kind, and every target is written
+    (or shares its storage with one that is: tied weights); checked before anything is written."""
+
+    def fail(message: str, help: str | None = None) -> TvOutputError:
+        return TvOutputError(
+            message, span, label=f"output `{output}` is written into the model", help=help, code="E510"
+        )
+
+    written = set()
+    for name, dtype, shape in tensors:
+        target = targets.get(name)
+        if target is None:
+            near = [k for k in targets if k.endswith(name) or name.endswith(k)]
+            raise fail(
+                f"the model has no tensor `{name}` ({len(tensors)} tensors computed, {len(targets)} in the model)",
+                help=f"did you mean `{near[0]}`? names are matched as a state dict's"
+                if near
+                else "names are matched as the model's state_dict() keys",
+            )
+        if tuple(target.shape) != tuple(shape):
+            raise fail(
+                f"tensor `{name}` is {list(shape)} in the output but {list(target.shape)} in the model"
+            )
+        code = DTYPE_CODES.get(target.dtype)
+        if (code in FLOATS) != (dtype in FLOATS) or (dtype not in FLOATS and code != dtype):
+            raise fail(f"tensor `{name}` is {dtype} in the output but {target.dtype} in the model")
+        if target.device.type == "meta":
+            raise fail(
+                f"tensor `{name}` of the model has no storage (device meta)",
+                help="materialise the model first, e.g. model.to_empty(device='cpu')",
+            )
+        if not target.is_contiguous():
+            raise fail(
+                f"tensor `{name}` of the model is not contiguous", help="call .contiguous() on it first"
+            )
+        written.add(_storage(target))
+    names = {name for name, _, _ in tensors}
+    extra = [k for k, t in targets.items() if k not in names and _storage(t) not in written]
+    if extra:
+        raise fail(
+            f"the model has {len(extra)} tensor{'s' if len(extra) != 1 else ''} that the output lacks: "
+            + ", ".join(f"`{k}`" for k in extra[:3])
+            + (", ..." if len(extra) > 3 else ""),
+            help="merge every tensor of the model, or give a state dict of just the tensors to write",
+        )
+
+
+class IntoSink:
+    """Writes each output chunk straight into a target tensor, in place, on its device and in its
+    dtype: the model being merged into is the output, and no other copy is made."""
+
+    def __init__(self, targets: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
+        self._flat = {name: targets[name].view(-1) for name in names}
+
+    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        self._flat[name][start : start + chunk.numel()].copy_(chunk)
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass

@@ -90,8 +90,10 @@ def build_plan(
     rows: str = "exact",
     kernels: str = "eager",
     written: Graph | None = None,
+    tensor_dtypes: Mapping[str, str] | None = None,
 ) -> Plan:
-    """``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
+    """``tensor_dtypes``: the output dtype of named float tensors, before ``dtype`` (a model being
+    merged into has its own).  ``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
     ``intersection`` (only the names all of them hold) or ``union`` (every name any holds; a model
     that lacks a tensor counts as the first input that has it, so its task vector is zero there,
     and a stored task vector that lacks one is zero there).  ``rows``: ``exact`` (shapes must match,
@@ -190,7 +192,7 @@ def build_plan(
                         tensor_node = specialize(node, TensorContext(tname, num_layers), absent)
                 per_tensor_reads = per_tensor or bool(absent)
                 terms = _terms(tensor_node, index)
-                odt = out_dtype or meta.dtype
+                odt = (tensor_dtypes or {}).get(tname) or out_dtype or meta.dtype
                 wide = any(m.dtype in WIDE for m in metas) or odt in WIDE
                 kernel: Kernel
                 if terms is not None:
