@@ -54,7 +54,7 @@ def main() -> None:
     )
     if not os.path.isdir(family):
         sys.exit(f"{family} is missing: run benchmarks/suite.py once to generate it")
-    runtime._write = timed(runtime._write, "write")  # type: ignore[assignment]
+    runtime.write_to_sink = timed(runtime.write_to_sink, "write")  # type: ignore[assignment]
     runtime.call = timed(runtime.call, "kernel")  # type: ignore[assignment]
     endpoints.CheckpointSource.read = timed(endpoints.CheckpointSource.read, "map")  # type: ignore[method-assign]
     endpoints.CheckpointSource.release = timed(endpoints.CheckpointSource.release, "release")  # type: ignore[method-assign]

@@ -165,8 +165,8 @@ def test_failed_run_leaves_nothing(program: str, tmp_path, capsys, monkeypatch) 
             raise RuntimeError("simulated failure mid-run")
         return real(*args, **kwargs)
 
-    real = tvlang.runtime._write  # both kernel paths write through it
-    monkeypatch.setattr(tvlang.runtime, "_write", failing)
+    real = tvlang.runtime.write_to_sink  # both kernel paths write through it
+    monkeypatch.setattr(tvlang.runtime, "write_to_sink", failing)
     outdir = tmp_path / "out"
     outdir.mkdir()
     rc, _, err = run("run", program, "-o", str(outdir / "merged"), "-q", "--threads", "1", capsys=capsys)

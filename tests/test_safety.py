@@ -311,7 +311,7 @@ def test_ctrl_c_stops_worker_threads_promptly(tmp_path: Path, monkeypatch: pytes
     rather than letting them finish the whole merge before the abort."""
     state = {"w": torch.ones(200_000), "v": torch.ones(200_000)}
     calls = {"n": 0, "at_interrupt": 0}
-    real = tvlang.runtime._write  # both kernel paths write through it
+    real = tvlang.runtime.write_to_sink  # both kernel paths write through it
     main = threading.main_thread().ident
     assert main is not None
 
@@ -322,7 +322,7 @@ def test_ctrl_c_stops_worker_threads_promptly(tmp_path: Path, monkeypatch: pytes
             signal.pthread_kill(main, signal.SIGINT)
         real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(tvlang.runtime, "_write", counting)
+    monkeypatch.setattr(tvlang.runtime, "write_to_sink", counting)
     with pytest.raises(KeyboardInterrupt):
         tvlang.evaluate(
             "0.5*a + 0.5*b", {"a": state, "b": state}, out=tmp_path / "o.safetensors", threads=2, chunk=100

@@ -56,8 +56,9 @@ from tvlang.io.safetensors import (
 from tvlang.io.vocab import VocabPlan
 from tvlang.ir import Graph, InputRef, Node, Op, format_graph
 from tvlang.ir.build import sub
+from tvlang.ir.node import LORA_KEY
 from tvlang.layermap import restacked_sidecars
-from tvlang.lower import LORA_KEY, Bound, Lowered, ParamValue, lower
+from tvlang.lower import Bound, Lowered, ParamValue, lower
 from tvlang.passes import optimize
 from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan, parse_dtype
 from tvlang.runtime import Progress, check_nonfinite_mode

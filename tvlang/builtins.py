@@ -9,20 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tvlang import methods
 from tvlang.check import KindError
 from tvlang.errors import TvTypeError
 from tvlang.ir.build import call, context, div, mul, numel, rand, reduce, sub
-from tvlang.ir.node import DELTA, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
+from tvlang.ir.node import DELTA, LORA_KEY, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
 from tvlang.layermap import LayerView
 from tvlang.ops import ELEMENTWISE
 from tvlang.passes.rewrite import rewrite
 from tvlang.source import Span
 
-if TYPE_CHECKING:
-    from tvlang.lower import Lowering
+
+class Lowering(Protocol):
+    """What a builtin needs of the lowering that calls it (:class:`tvlang.lower.Lowering`):
+    builtins are a table the lowering reads, so they never import it."""
+
+    expansions: list[str]  # call sites of the user methods being expanded (random streams)
+
+    def resolve_checkpoint(self, path: str, span: Span) -> str: ...
+
 
 REQUIRED: Any = object()
 
@@ -61,8 +68,6 @@ def _load(kind: Kind) -> Lower:
 
 
 def _lower_lora(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
-    from tvlang.lower import LORA_KEY
-
     path = ctx.resolve_checkpoint(args["path"], spans["path"])
     ref = InputRef(LORA_KEY + path, args["path"], DELTA, span)
     return Node(Op.INPUT, (), ref, DELTA)

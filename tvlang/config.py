@@ -46,24 +46,23 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
-import math
 import os
-import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn
+from dataclasses import dataclass, replace
+from typing import Any
 
-from tvlang.api import Options, OutSpec, Program, compile_file, declare_params, parse_size
+from tvlang import mergekit
+from tvlang.api import Options, OutSpec, Program
 from tvlang.backends.compiled import KERNEL_MODES
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.executors import EXECUTORS
+from tvlang.fields import FieldPath, Fields, describe, did_you_mean, dotted, read_json, read_yaml
 from tvlang.io.lora_out import SVD_METHODS
+from tvlang.job import Job
 from tvlang.lower import Bound, ParamValue
 from tvlang.plan import Plan, parse_dtype
 from tvlang.plan.planner import KEY_POLICIES
-from tvlang.source import Source, Span
-from tvlang.syntax.parser import parse
+from tvlang.source import Source
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
 DEVICES = ("cpu", "cuda", "auto")  # "auto": the GPU when CUDA and Triton are there, else the CPU
@@ -71,183 +70,13 @@ ROLES = ("model", "task", "delta")
 NONFINITE = ("error", "warn", "propagate")
 MAX_JOB_CHARS = 1 << 20  # a job is a few lines; refuse anything that could not be one
 
-FieldPath = tuple[str | int, ...]
-_Marks = dict[FieldPath, tuple[int, int, int, int]]  # key start, key end, value start, value end
-_MARK_DEPTH = 3  # bindings.NAME.FIELD is the deepest field in the schema
-_MAX_MARKS = 1 << 16  # a job is a few lines; stop recording positions (only errors use them) beyond this
-
-
-@dataclass(frozen=True)
-class Job:
-    """A validated job.  Paths are absolute; ``where`` maps dotted field paths to their place in
-    the job file, so errors found only when running (a missing checkpoint) still point there."""
-
-    program: str | None
-    expression: str | None
-    bindings: Mapping[str, Bound]
-    params: Mapping[str, ParamValue]
-    output: str | Mapping[str, str] | None
-    options: Options
-    device: str = "cpu"
-    name: str = "<job>"
-    base_dir: str = "."
-    where: Mapping[str, Span] = field(default_factory=dict, compare=False, repr=False)
-    translated: str | None = None  # the whole .tv program, when the job is a translated mergekit config
-    mergekit_config: str | None = None  # the config's text when the job is a mergekit config (its model card)
-
-    def compile(self) -> Program:
-        """The program with the job's bindings.  An expression has no ``param`` lines, so each job
-        parameter it does not declare is declared ahead of it: then ``--set`` and sweeps work as for
-        a ``.tv`` file, a misspelt ``--set`` name is an error, and the values are recorded in the
-        output's metadata.  ``load()`` paths in an expression are relative to the job."""
-        if self.program is not None:
-            return compile_file(self.program, bindings=self.bindings)
-        assert self.expression is not None
-        syntax = parse(self.expression, f"{self.name} (expression)", self.base_dir)
-        program = declare_params(Program(syntax, self.bindings), self.params, self.name)
-        program.mergekit_config = self.mergekit_config
-        return program
-
-
-def _dotted(path: FieldPath) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
-
-
-def _what(value: Any) -> str:
-    """How a wrong value is named in an error: its YAML type and, for a scalar, the value."""
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if value is None:
-        return "null"
-    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string"}.get(
-        type(value), "a value"
-    )
-    text = repr(value)
-    return f"{kind} ({text[:60] + '…' if len(text) > 60 else text})"
-
-
-def _did_you_mean(word: str, choices: tuple[str, ...], what: str) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"did you mean `{close[0]}`?" if close else f"{what}: " + ", ".join(choices)
-
-
-class _Fields:
-    """Validates fields and raises errors that name them and, where the text is known, point at them."""
-
-    def __init__(
-        self, name: str, base_dir: str, source: Source | None = None, marks: _Marks | None = None
-    ) -> None:
-        self.name = name
-        self.base_dir = base_dir
-        self.source = source
-        self.marks = marks or {}
-
-    def span(self, path: FieldPath, *, key: bool = False) -> Span | None:
-        mark = self.marks.get(tuple(p if isinstance(p, int) else str(p) for p in path))
-        if self.source is None or mark is None:
-            return None
-        start, end = (mark[0], mark[1]) if key else (mark[2], mark[3])
-        return Span(self.source, start, max(end, start + 1))
-
-    def fail(
-        self, path: FieldPath, message: str, *, key: bool = False, help: str | None = None, label: str = ""
-    ) -> NoReturn:
-        span = self.span(path, key=key)
-        notes = () if span is not None else (f"in {self.name}",)
-        raise TvParamError(message, span, label=label, help=help, notes=notes, code="E406")
-
-    def wrong(self, path: FieldPath, value: Any, expected: str, help: str | None = None) -> NoReturn:
-        self.fail(path, f"`{_dotted(path)}` must be {expected}, not {_what(value)}", help=help)
-
-    def expect(self, path: FieldPath, value: Any, ok: bool, expected: str, help: str | None = None) -> None:
-        if not ok:
-            self.wrong(path, value, expected, help)
-
-    def keys(self, path: FieldPath, data: Mapping[Any, Any], allowed: tuple[str, ...]) -> None:
-        for k in data:
-            if not isinstance(k, str):
-                self.fail((*path, str(k)), f"field names must be strings, not {_what(k)}", key=True)
-            if k not in allowed:
-                where = f"`{_dotted((*path, k))}`" if path else f"`{k}`"
-                self.fail(
-                    (*path, k), f"unknown field {where}", key=True, help=_did_you_mean(k, allowed, "fields")
-                )
-
-    def mapping(self, path: FieldPath, value: Any) -> Mapping[Any, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.wrong(path, value, "a mapping")
-        return value
-
-    def name_key(self, path: FieldPath, name: Any) -> str:
-        if not (isinstance(name, str) and name.isidentifier()):
-            self.fail(path, f"`{name}` is not a valid name", key=True, help="names are letters, digits and _")
-        return name
-
-    def string(self, path: FieldPath, value: Any) -> str:
-        self.expect(path, value, isinstance(value, str) and value.strip() != "", "a non-empty string")
-        return str(value)
-
-    def path(self, path: FieldPath, value: Any) -> str:
-        text = os.path.expanduser(self.string(path, value))
-        if text.startswith("hf://"):  # a Hugging Face cache reference, resolved like load("hf://…")
-            return text
-        return os.path.normpath(os.path.join(self.base_dir, text))
-
-    def choice(self, path: FieldPath, value: Any, choices: tuple[str, ...]) -> str:
-        self.expect(path, value, isinstance(value, str), "one of " + ", ".join(choices))
-        if value not in choices:
-            self.fail(
-                path,
-                f"`{_dotted(path)}` must be one of {', '.join(choices)}, not {value!r}",
-                help=_did_you_mean(value, choices, "choices"),
-            )
-        return str(value)
-
-    def param(self, path: FieldPath, value: Any) -> ParamValue:
-        """A number, or a non-empty list of numbers: a sweep."""
-        if isinstance(value, (list, tuple)):
-            if not value:
-                self.wrong(path, value, "a number or a non-empty list of numbers")
-            return [self.number((*path, i), v) for i, v in enumerate(value)]
-        return self.number(path, value)
-
-    def number(self, path: FieldPath, value: Any) -> float:
-        # YAML 1.1 reads `1e-3` as a string, so a string that is a number is a number
-        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
-            value = float(value)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        self.expect(path, value, ok, "a finite number")
-        return float(value)
-
-    def integer(self, path: FieldPath, value: Any, minimum: int = 1) -> int:
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-        self.expect(path, value, ok, f"an integer of at least {minimum}")
-        return int(value)
-
-    def boolean(self, path: FieldPath, value: Any) -> bool:
-        self.expect(path, value, isinstance(value, bool), "true or false")
-        return bool(value)
-
-    def size(self, path: FieldPath, value: Any) -> int:
-        if isinstance(value, str):
-            try:
-                return max(1, parse_size(value, f"`{_dotted(path)}`"))
-            except TvParamError as e:
-                self.fail(path, e.message, help=e.help)
-        return self.integer(path, value)
+MARK_DEPTH = 3  # bindings.NAME.FIELD is the deepest field in the schema
 
 
 # -- the fields ---------------------------------------------------------------------------------
 
 
-def _bindings(f: _Fields, value: Any) -> dict[str, Bound]:
+def _bindings(f: Fields, value: Any) -> dict[str, Bound]:
     bindings: dict[str, Bound] = {}
     for name, spec in f.mapping(("bindings",), value).items():
         at: FieldPath = ("bindings", f.name_key(("bindings", name), name))
@@ -259,7 +88,7 @@ def _bindings(f: _Fields, value: Any) -> dict[str, Bound]:
             f.wrong(at, spec, "a path or a mapping with `path:`", help=hint)
         f.keys(at, spec, ("path", "role", "base"))
         if "path" not in spec:
-            f.fail(at, f"`{_dotted(at)}` needs a `path:`", key=True)
+            f.fail(at, f"`{dotted(at)}` needs a `path:`", key=True)
         role = f.choice((*at, "role"), spec.get("role", "model"), ROLES)
         if "base" in spec and role != "task":
             f.fail((*at, "base"), f"only a task has a base, and `{name}` is a {role}", key=True)
@@ -269,12 +98,12 @@ def _bindings(f: _Fields, value: Any) -> dict[str, Bound]:
     return bindings
 
 
-def _params(f: _Fields, value: Any) -> dict[str, ParamValue]:
+def _params(f: Fields, value: Any) -> dict[str, ParamValue]:
     params = f.mapping(("params",), value)
     return {f.name_key(("params", k), k): f.param(("params", k), v) for k, v in params.items()}
 
 
-def _output(f: _Fields, value: Any) -> str | dict[str, str] | None:
+def _output(f: Fields, value: Any) -> str | dict[str, str] | None:
     if value is None:
         return None
     if isinstance(value, Mapping):
@@ -283,7 +112,7 @@ def _output(f: _Fields, value: Any) -> str | dict[str, str] | None:
     return f.path(("output",), value)
 
 
-def _dtype(f: _Fields, value: Any) -> str | None:
+def _dtype(f: Fields, value: Any) -> str | None:
     if value is None:
         return None
     f.expect(("dtype",), value, isinstance(value, str), "one of bf16, fp16, fp32, fp64")
@@ -294,7 +123,7 @@ def _dtype(f: _Fields, value: Any) -> str | None:
     return str(value)
 
 
-def _device(f: _Fields, value: Any) -> str:
+def _device(f: Fields, value: Any) -> str:
     if value is None:
         return "cpu"
     f.expect(("device",), value, isinstance(value, str), "one of " + ", ".join(DEVICES))
@@ -307,7 +136,7 @@ def _device(f: _Fields, value: Any) -> str:
     return str(value.lower())
 
 
-def _roots(f: _Fields, value: Any) -> tuple[str, ...] | None:
+def _roots(f: Fields, value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     f.expect(("roots",), value, isinstance(value, (list, tuple)), "a list of directories")
@@ -316,7 +145,7 @@ def _roots(f: _Fields, value: Any) -> tuple[str, ...] | None:
 
 # Each option field: how it is checked and which Options field it sets.  Overrides given to
 # run_job() or on the command line go through the same checks.
-_OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
+_OPTIONS: dict[str, Callable[[Fields, Any], Any]] = {
     "dtype": _dtype,
     "memory": lambda f, v: f.size(("memory",), v),
     "threads": lambda f, v: None if v is None else f.integer(("threads",), v),
@@ -333,20 +162,18 @@ _OPTIONS: dict[str, Callable[[_Fields, Any], Any]] = {
     "lora_base": lambda f, v: f.string(("lora_base",), v),
     "lora_svd": lambda f, v: f.choice(("lora_svd",), v, SVD_METHODS),
 }
-_OVERRIDES_ONLY: dict[str, Callable[[_Fields, Any], Any]] = {
+_OVERRIDES_ONLY: dict[str, Callable[[Fields, Any], Any]] = {
     "progress": lambda f, v: f.boolean(("progress",), v),
     "chunk": lambda f, v: None if v is None else f.integer(("chunk",), v),
 }
 FIELDS = ("program", "expression", "bindings", "params", "output", "device", *_OPTIONS)
 
 
-def _job(f: _Fields, data: Any) -> Job:
+def _job(f: Fields, data: Any) -> Job:
     if isinstance(data, Mapping) and "merge_method" in data:  # a mergekit config (docs/mergekit.md)
-        from tvlang.mergekit import mergekit_job
-
-        return mergekit_job(f, data)
+        return mergekit.mergekit_job(f, data)
     if not isinstance(data, Mapping):
-        f.fail((), f"a job is a mapping of fields, not {_what(data)}", help="fields: " + ", ".join(FIELDS))
+        f.fail((), f"a job is a mapping of fields, not {describe(data)}", help="fields: " + ", ".join(FIELDS))
     f.keys((), data, FIELDS)
     if "program" in data and "expression" in data:
         f.fail(("expression",), "give `program:` or `expression:`, not both", key=True)
@@ -368,7 +195,7 @@ def _job(f: _Fields, data: Any) -> Job:
         name=f.name,
         base_dir=f.base_dir,
         where={
-            _dotted(p): span
+            dotted(p): span
             for p in f.marks
             if p and p[0] in ("bindings", "params") and (span := f.span(p)) is not None
         },
@@ -385,7 +212,7 @@ def job_from_mapping(
     resolve against ``base_dir`` (default: the current directory)."""
     plain = _from_omegaconf(data)
     base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
-    return _job(_Fields(source_name, base), plain if plain is not None else data)
+    return _job(Fields(source_name, base), plain if plain is not None else data)
 
 
 def load_job(path: str | os.PathLike[str]) -> Job:
@@ -401,114 +228,14 @@ def load_job(path: str | os.PathLike[str]) -> Job:
     source = Source(text, path)
     if len(text) > MAX_JOB_CHARS:
         raise TvParamError(f"{path} is over {MAX_JOB_CHARS} characters: not a job file", code="E406")
-    reader = _read_json if path.lower().endswith(".json") else _read_yaml
-    data, marks = reader(source)
+    reader = read_json if path.lower().endswith(".json") else read_yaml
+    data, marks = reader(source, depth=MARK_DEPTH)
     if isinstance(data, Mapping) and "merge_method" in data:  # a mergekit config (docs/mergekit.md)
-        from tvlang.mergekit import MARK_DEPTH
-
-        data, marks = reader(source, depth=MARK_DEPTH)  # its fields nest deeper than a job's
+        data, marks = reader(source, depth=mergekit.MARK_DEPTH)  # its fields nest deeper than a job's
     if data is None:
         raise TvParamError(f"{path} is empty", help="a job needs `program:` or `expression:`", code="E406")
-    f = _Fields(path, os.path.dirname(os.path.abspath(path)), source, marks)
+    f = Fields(path, os.path.dirname(os.path.abspath(path)), source, marks)
     return _job(f, data)
-
-
-# -- reading files, with the position of every field ----------------------------------------------
-
-
-def _syntax_error(source: Source, pos: int, message: str, end: int | None = None) -> TvParamError:
-    pos = min(max(pos, 0), len(source.text))
-    span = Span(source, pos, max(pos + 1, end or 0))
-    return TvParamError(f"{source.name} is not valid: {message}", span, code="E406")
-
-
-def _read_yaml(source: Source, depth: int = _MARK_DEPTH) -> tuple[Any, _Marks]:
-    try:
-        import yaml
-    except ImportError:
-        raise TvParamError(
-            f"reading {source.name} needs PyYAML", help="pip install 'tvlang[config]'", code="E406"
-        ) from None
-    loader = yaml.SafeLoader(source.text)  # what yaml.safe_load does, keeping the node tree for positions
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise _syntax_error(source, mark.index if mark else 0, str(e.problem or e.context)) from None
-    except yaml.YAMLError as e:
-        raise _syntax_error(source, 0, str(e)) from None
-    except RecursionError:
-        raise _syntax_error(source, 0, "nested too deeply") from None
-    finally:
-        loader.dispose()
-    marks: _Marks = {}
-
-    def walk(n: Any, path: FieldPath) -> None:
-        if len(path) >= depth or len(marks) > _MAX_MARKS:  # aliases could make a deep walk exponential
-            return
-        if isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                if not isinstance(k, yaml.ScalarNode):
-                    continue
-                p = (*path, k.value)
-                if p in marks:
-                    raise _syntax_error(
-                        source, k.start_mark.index, f"`{_dotted(p)}` is given twice", k.end_mark.index
-                    )
-                marks[p] = (k.start_mark.index, k.end_mark.index, v.start_mark.index, v.end_mark.index)
-                walk(v, p)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, v in enumerate(n.value):
-                marks[(*path, i)] = (v.start_mark.index, v.end_mark.index) * 2
-                walk(v, (*path, i))
-
-    if node is not None:
-        walk(node, ())
-    return data, marks
-
-
-def _read_json(source: Source, depth: int = _MARK_DEPTH) -> tuple[Any, _Marks]:
-    text = source.text
-    try:
-        data = json.loads(text) if text.strip() else None
-    except json.JSONDecodeError as e:
-        raise _syntax_error(source, e.pos, e.msg) from None
-    except RecursionError:
-        raise _syntax_error(source, 0, "nested too deeply") from None
-    marks: _Marks = {}
-    decoder = json.JSONDecoder()
-    space = re.compile(r"[ \t\n\r]*")
-
-    def skip(i: int) -> int:
-        m = space.match(text, i)
-        return m.end() if m else i
-
-    def value(i: int, path: FieldPath) -> int:  # the end of the value starting at i (valid JSON)
-        i = skip(i)
-        if len(path) >= depth or text[i] not in "{[":
-            return decoder.raw_decode(text, i)[1]
-        close, n = ("}" if text[i] == "{" else "]"), 0
-        i = skip(i + 1)
-        while text[i] != close:
-            if close == "}":
-                key, key_end = decoder.raw_decode(text, i)
-                p, key_start, i = (*path, key), i, skip(key_end) + 1  # past the colon
-            else:
-                p, key_start, key_end = (*path, n), skip(i), -1
-            start = skip(i)
-            end = value(start, p)
-            if p in marks:
-                raise _syntax_error(source, key_start, f"`{_dotted(p)}` is given twice", key_end)
-            marks[p] = (key_start, key_end if key_end >= 0 else end, start, end)
-            i, n = skip(end), n + 1
-            if text[i] == ",":
-                i = skip(i + 1)
-        return i + 1
-
-    if data is not None:
-        value(0, ())
-    return data, marks
 
 
 def _from_omegaconf(data: Any) -> Any:
@@ -591,11 +318,11 @@ def prepare_job(
     given here are relative to the current directory, as on a command line."""
     job = as_job(spec, base_dir=base_dir)
     checks = {**_OPTIONS, **_OVERRIDES_ONLY, "device": _device}
-    f = _Fields("the options given to run the job", os.getcwd())
+    f = Fields("the options given to run the job", os.getcwd())
     for k in options:
         if k not in checks:
             raise TvParamError(
-                f"unknown option `{k}`", help=_did_you_mean(k, tuple(checks), "options"), code="E402"
+                f"unknown option `{k}`", help=did_you_mean(k, tuple(checks), "options"), code="E402"
             )
     checked = {k: checks[k](f, v) for k, v in options.items()}
     opts = replace(job.options, **{k: v for k, v in checked.items() if v is not None})
@@ -606,7 +333,7 @@ def prepare_job(
             raise TvParamError(
                 f"task vector `{name}` is relative to `{bound.base}`, which the job does not bind",
                 span,
-                help=_did_you_mean(bound.base, tuple(job.bindings), "bindings")
+                help=did_you_mean(bound.base, tuple(job.bindings), "bindings")
                 if difflib.get_close_matches(bound.base, list(job.bindings), n=1)
                 else f"add `{bound.base}: PATH` under `bindings:`, or set this binding's `base:`",
                 notes=() if span else (f"in {job.name}",),

@@ -32,7 +32,6 @@ MAX_INPUTS = 4096
 MAX_OUTPUTS = 4096
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_EXPANSION = 64
-LORA_KEY = "lora:"  # input keys of PEFT LoRA adapters (tvlang.io.lora): sparse, low-rank task vectors
 DEFAULT_OUTPUT = "out"
 
 

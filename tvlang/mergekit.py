@@ -34,16 +34,9 @@ from typing import Any, NoReturn
 
 from tvlang.api import Options, Program
 from tvlang.builtins import BUILTINS
-from tvlang.config import (
-    FieldPath,
-    Job,
-    _dotted,
-    _Fields,
-    _read_json,
-    _read_yaml,
-    _what,
-)
 from tvlang.errors import TvInputError, TvParamError
+from tvlang.fields import FieldPath, Fields, describe, dotted, read_json, read_yaml
+from tvlang.job import Job
 from tvlang.lower import Bound
 from tvlang.source import Source, Span
 
@@ -198,7 +191,7 @@ class Translation:
         return self.job().compile()
 
 
-class _MkFields(_Fields):
+class _MkFields(Fields):
     """The job-file field checks, reporting E407 and falling back to the nearest positioned field."""
 
     def fail(
@@ -280,7 +273,7 @@ def load_config(
     )
 
 
-def mergekit_job(f: _Fields, data: Mapping[str, Any]) -> Job:
+def mergekit_job(f: Fields, data: Mapping[str, Any]) -> Job:
     """The job for a mergekit config met where a tvlang job was expected (``tvlang run merge.yml``,
     :func:`tvlang.config.run_job`)."""
     mk = _MkFields(f.name, f.base_dir, f.source, f.marks)
@@ -299,7 +292,7 @@ def mergekit_text(source: Source | None, data: Mapping[str, Any]) -> str:
 
 
 def _read(source: Source) -> tuple[Any, dict[FieldPath, tuple[int, int, int, int]]]:
-    reader = _read_json if source.name.lower().endswith(".json") else _read_yaml
+    reader = read_json if source.name.lower().endswith(".json") else read_yaml
     try:
         data, marks = reader(source, depth=MARK_DEPTH)
     except TvParamError as e:  # a syntax error, reported by the job-file reader
@@ -429,7 +422,7 @@ class _Translator:
             line, col = span.line_col()
             where = f"{self.f.name}:{line}:{col}"
         else:
-            where = f"{self.f.name}: {_dotted(path)}"
+            where = f"{self.f.name}: {dotted(path)}"
         self.warnings.append(f"warning: {where}: {message}")
 
     def fail(self, path: FieldPath, message: str, *, key: bool = False, help: str | None = None) -> NoReturn:
@@ -438,10 +431,10 @@ class _Translator:
     def translate(self) -> Translation:
         f, data = self.f, self.data
         if not isinstance(data, Mapping):
-            self.fail((), f"a mergekit config is a mapping of fields, not {_what(data)}")
+            self.fail((), f"a mergekit config is a mapping of fields, not {describe(data)}")
         for k in data:
             if not isinstance(k, str):
-                self.fail((str(k),), f"field names must be strings, not {_what(k)}", key=True)
+                self.fail((str(k),), f"field names must be strings, not {describe(k)}", key=True)
             if k in UNSUPPORTED_TOP_LEVEL:
                 self.fail(
                     (k,), f"mergekit's `{k}:` is not supported", key=True, help=UNSUPPORTED_TOP_LEVEL[k]
@@ -593,7 +586,7 @@ class _Translator:
                 self.f.wrong(at, entry, "a mapping `- model: PATH` (with optional `parameters:`)")
             self.f.keys(at, entry, ("model", "parameters"))
             if "model" not in entry:
-                self.fail(at, f"`{_dotted(at)}` needs a `model:`")
+                self.fail(at, f"`{dotted(at)}` needs a `model:`")
             path = self._reference((*at, "model"), entry["model"])
             if any(m.path == path for m in models):
                 self.fail((*at, "model"), f"`{entry['model']}` is listed twice under `models:`")
@@ -707,7 +700,7 @@ class _Translator:
         if isinstance(raw, Mapping):
             self.fail(
                 at,
-                f"`{_dotted(at)}` is a single mapping: mergekit's conditional parameters are a list",
+                f"`{dotted(at)}` is a single mapping: mergekit's conditional parameters are a list",
                 help="write `- {filter: self_attn, value: 0.5}` entries, the last one without a filter",
             )
         if isinstance(raw, list) and raw and all(isinstance(x, Mapping) for x in raw):
@@ -715,7 +708,7 @@ class _Translator:
             for j, item in enumerate(raw):
                 self.f.keys((*at, j), item, ("filter", "value"))
                 if "value" not in item:
-                    self.fail((*at, j), f"`{_dotted((*at, j))}` needs a `value:`")
+                    self.fail((*at, j), f"`{dotted((*at, j))}` needs a `value:`")
                 flt = item.get("filter")
                 if flt is not None and not isinstance(flt, str):
                     self.f.wrong((*at, j, "filter"), flt, "a string (a part of tensor names)")
@@ -763,7 +756,7 @@ class _Translator:
                 return rules[: next(i for i, r in enumerate(rules) if r.filter is None) + 1]
         default = (self.method.per_model if per_model else self.method.globals)[name]
         if default is REQUIRED:
-            who = f"`{_dotted(model.at[:2])}`" if model is not None else "the config"
+            who = f"`{dotted(model.at[:2])}`" if model is not None else "the config"
             if rules:
                 self.fail(
                     levels[-1],
@@ -1325,7 +1318,7 @@ class _Structure:
             self.f.keys(sat, src, SOURCE_FIELDS)
             for need in ("model", "layer_range"):
                 if need not in src:
-                    self.top.fail(sat, f"`{_dotted(sat)}` needs a `{need}:`")
+                    self.top.fail(sat, f"`{dotted(sat)}` needs a `{need}:`")
             path = self.top._reference((*sat, "model"), src["model"])
             rng = src["layer_range"]
             if (

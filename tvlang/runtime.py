@@ -215,10 +215,10 @@ def _work(plan: Plan) -> Iterator[tuple[TensorTask, int, int]]:
         if task.passes > 1:
             yield task, WHOLE_TASK, WHOLE_TASK
             continue
-        yield from _chunks(plan, task)
+        yield from task_chunks(plan, task)
 
 
-def _chunks(plan: Plan, task: TensorTask) -> Iterator[tuple[TensorTask, int, int]]:
+def task_chunks(plan: Plan, task: TensorTask) -> Iterator[tuple[TensorTask, int, int]]:
     n, chunk = task.numel, task.chunk or plan.chunk
     if n == 0:
         yield task, 0, 0
@@ -265,9 +265,9 @@ def execute(
             task, start, stop = item
             try:
                 if start == WHOLE_TASK:
-                    _run_task(run, task, scratch)
+                    run_task(run, task, scratch)
                 else:
-                    _run_chunk(run, task, start, stop, scratch)
+                    run_chunk(run, task, start, stop, scratch)
             except BaseException:
                 failed.set()
                 raise
@@ -300,7 +300,7 @@ def execute(
     return run.report
 
 
-def _run_chunk(
+def run_chunk(
     run: Run, task: TensorTask, start: int, stop: int, scratch: Scratch, state: ProgramState | None = None
 ) -> None:
     """One chunk of every output of ``task`` (``state``: its program's run, when a multi-pass task
@@ -330,7 +330,7 @@ def _run_chunk(
                 if nonfinite == "error":
                     raise _program_nonfinite_error(plan, task, write, bad)
                 report.add_program(task.name, write.output, bad)
-            _write(run.sinks[write.output], task.name, start, out)
+            write_to_sink(run.sinks[write.output], task.name, start, out)
             continue
         run_kernel(write.kernel, views, out, scratch, widened)
         if nonfinite != "propagate" and not output_finite(write.kernel, out, scratch):
@@ -341,7 +341,7 @@ def _run_chunk(
             found.inputs = {i: c for i, c in found.inputs.items() if i not in counted}
             counted.update(found.inputs)
             report.add(task.name, write.output, found)
-        _write(run.sinks[write.output], task.name, start, out)
+        write_to_sink(run.sinks[write.output], task.name, start, out)
     for i in task.reads:
         sources[i].release(task.name, start, stop)
 
@@ -372,11 +372,11 @@ def _run_compiled(
         if out is None:  # a non-float tensor, copied from its template
             out = scratch.get("out", DTYPES[write.dtype], n)
             run_kernel(write.kernel, views, out, scratch)
-        _write(run.sinks[write.output], task.name, start, out)
+        write_to_sink(run.sinks[write.output], task.name, start, out)
     return True
 
 
-def _run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
+def run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
     """Every pass of a task with reductions: the reduction passes feed the program's accumulators
     chunk by chunk, then the last pass writes the outputs."""
     plan, sources = run.plan, run.sources
@@ -384,7 +384,7 @@ def _run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
     read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
     for q in range(1, task.passes + 1):
-        for _, start, stop in _chunks(plan, task):
+        for _, start, stop in task_chunks(plan, task):
             if run.failed.is_set():
                 return
             if q < task.passes:
@@ -394,7 +394,7 @@ def _run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
                     sources[i].release(task.name, start, stop)
                 moved = read_bytes
             else:
-                _run_chunk(run, task, start, stop, scratch, state)
+                run_chunk(run, task, start, stop, scratch, state)
                 moved = read_bytes + write_bytes
             if run.progress is not None:
                 run.progress.advance((stop - start) * moved)
@@ -437,7 +437,7 @@ def model_reduction_round(
         assert task.program is not None
         state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), kernels=kernels)
         nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
-        for _, start, stop in _chunks(plan, task):
+        for _, start, stop in task_chunks(plan, task):
             views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
             select.add(state.value(operand, views, start, stop, scratch).to(torch.float64), start, round_)
             for i in task.reads:
@@ -456,7 +456,7 @@ def _program_nonfinite_error(plan: Plan, task: TensorTask, write: TensorWrite, c
     )
 
 
-def _write(sink: Sink, name: str, start: int, out: torch.Tensor) -> None:
+def write_to_sink(sink: Sink, name: str, start: int, out: torch.Tensor) -> None:
     """``sink.write``, with any OSError turned into an error that names the output (never a temporary)."""
     try:
         sink.write(name, start, out)

@@ -64,11 +64,11 @@ from tvlang.runtime import (
     NonFiniteReport,
     Progress,
     Run,
-    _chunks,
-    _run_chunk,
-    _run_task,
-    _write,
     check_nonfinite_mode,
+    run_chunk,
+    run_task,
+    task_chunks,
+    write_to_sink,
 )
 
 SLOTS = 3  # staging slots on CUDA: copy in, compute, copy back, each on its own chunk
@@ -514,10 +514,10 @@ class _Executor:
         """Write one chunk's outputs, or, if one is not finite, redo the chunk on the CPU path so that
         the error or the report is the CPU backend's."""
         if self.nonfinite != "propagate" and not all(all_finite(o, self.scratch()) for o in outs):
-            _run_chunk(self.cpu, task, start, stop, self.scratch(), state)
+            run_chunk(self.cpu, task, start, stop, self.scratch(), state)
             return
         for write, out in zip(writes, outs, strict=True):
-            _write(self.sinks[write.output], task.name, start, out)
+            write_to_sink(self.sinks[write.output], task.name, start, out)
 
     def reduction_pass(self, task: TensorTask, state: ProgramState, q: int) -> None:
         """Data pass ``q`` of a task with reductions: its operands by a kernel, reduced on the device."""
@@ -557,11 +557,11 @@ class _Executor:
         """A task no generated kernel computes, on the CPU path of :mod:`tvlang.runtime`."""
         scratch = self.scratch()
         if task.passes > 1:
-            _run_task(self.cpu, task, scratch)
+            run_task(self.cpu, task, scratch)
             return
         moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
-        for _, start, stop in _chunks(self.plan, task):
-            _run_chunk(self.cpu, task, start, stop, scratch)
+        for _, start, stop in task_chunks(self.plan, task):
+            run_chunk(self.cpu, task, start, stop, scratch)
             self.advance((stop - start) * moved)
 
     def model_reductions(self) -> None:

@@ -15,8 +15,8 @@ with ``key = fmix64(fmix64(seed ^ fnv1a(stream)) ^ fnv1a(tensor name))``, where
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -27,7 +27,39 @@ from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.program import Instr, TensorProgram
 
 if TYPE_CHECKING:
-    from tvlang.backends.compiled import Kernels
+    from tvlang.codegen.c import RadixHistogram
+
+
+class Kernels(Protocol):
+    """What a program's run asks of the compiled kernels (:class:`tvlang.backends.compiled.Kernels`,
+    which builds on this module): each call returns None/False when no kernel does the work, and
+    the program then runs it eagerly."""
+
+    histogram: RadixHistogram | None  # for k-th largest values
+
+    def run_program(
+        self,
+        program: TensorProgram,
+        targets: tuple[int, ...],
+        views: Mapping[int, torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+        scalars: Mapping[int, float],
+        tensor: str,
+        start: int,
+    ) -> bool: ...
+
+    def run_reductions(
+        self,
+        program: TensorProgram,
+        work: Sequence[tuple[int, int]],
+        views: Mapping[int, torch.Tensor],
+        scratch: Scratch,
+        scalars: Mapping[int, float],
+        tensor: str,
+        start: int,
+        stop: int,
+    ) -> list[torch.Tensor] | None: ...
+
 
 _FMIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # the constants of MurmurHash3's 64-bit finaliser, as int64
 _FMIX2 = 0xC4CEB9FE1A85EC53 - (1 << 64)

@@ -84,6 +84,9 @@ MODEL = Kind(True, 1.0)
 DELTA = Kind(True, 0.0)
 
 
+LORA_KEY = "lora:"  # input keys of PEFT LoRA adapters (tvlang.io.lora): sparse, low-rank task vectors
+
+
 @dataclass(frozen=True)
 class InputRef:
     """A checkpoint the program reads: identity is ``key``; the rest is for people."""
