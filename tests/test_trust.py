@@ -312,7 +312,9 @@ def _signals_as_a_shell() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="finds the moment torch loads through /proc")
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/maps"), reason="finds the moment torch loads through /proc"
+)
 def test_ctrl_c_during_start_up_is_a_clean_exit(ckpt, tmp_path) -> None:
     args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}"]
     proc = subprocess.Popen(

@@ -36,6 +36,8 @@ from tvlang.io.safetensors import (
     pickle_refusal,
     plan_tensors,
     read_header,
+    remove_old,
+    swap_into_place,
     temp_sibling,
 )
 
@@ -497,7 +499,6 @@ class CheckpointWriter(Transaction):
     def _install(self, durable: bool) -> None:
         """Rename the finished directory in; an old one is renamed away first, then deleted."""
         assert self._tmpdir is not None
-        old = None
         try:
             if durable:
                 for copied in self._copied:
@@ -507,15 +508,7 @@ class CheckpointWriter(Transaction):
                     finally:
                         os.close(fd)
                 fsync_dir(self._tmpdir)
-            if os.path.lexists(self.path):
-                old = temp_sibling(self.path, "old")
-                os.rename(self.path, old)
-            try:
-                os.rename(self._tmpdir, self.path)
-            except OSError:
-                if old is not None:
-                    os.rename(old, self.path)
-                raise
+            old = swap_into_place(self._tmpdir, self.path)
             if durable:
                 fsync_dir(os.path.dirname(self.path))
         except OSError as e:
@@ -523,11 +516,7 @@ class CheckpointWriter(Transaction):
                 f"{self.path}: cannot move the output into place: {e.strerror}", code="E500"
             ) from None
         self._finalizer.detach()
-        if old is not None:
-            if os.path.isdir(old) and not os.path.islink(old):
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.unlink(old)
+        remove_old(old)
 
     def abort(self) -> None:
         """Delete everything written so far; idempotent, and a no-op after commit."""

@@ -42,7 +42,16 @@ from tvlang.errors import TvError, TvOutputError
 from tvlang.io.card import CARD_NAME
 from tvlang.io.endpoints import Source
 from tvlang.io.lora import CONFIG, PREFIX, WEIGHTS
-from tvlang.io.safetensors import DTYPES, FLOAT_CODES, SafetensorsWriter, Transaction, fsync_dir, temp_sibling
+from tvlang.io.safetensors import (
+    DTYPES,
+    FLOAT_CODES,
+    SafetensorsWriter,
+    Transaction,
+    fsync_dir,
+    remove_old,
+    swap_into_place,
+    temp_sibling,
+)
 
 OVERSAMPLE = 10  # extra sketch columns of the randomized SVD
 POWER_ITERATIONS = 2
@@ -437,25 +446,15 @@ class LoraWriter(Transaction):
         self._state = "committed"
 
     def _install(self) -> None:
-        old = None
         try:
             fsync_dir(self._tmpdir)
-            if os.path.lexists(self.path):
-                old = temp_sibling(self.path, "old")
-                os.rename(self.path, old)
-            try:
-                os.rename(self._tmpdir, self.path)
-            except OSError:
-                if old is not None:
-                    os.rename(old, self.path)
-                raise
+            old = swap_into_place(self._tmpdir, self.path)
         except OSError as e:
             raise TvOutputError(
                 f"{self.path}: cannot move the output into place: {e.strerror}", code="E500"
             ) from None
         self._finalizer.detach()
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        remove_old(old)
 
     def abort(self) -> None:
         if self._state != "open":

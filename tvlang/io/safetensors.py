@@ -548,6 +548,33 @@ def remove_stale_temporaries(path: str) -> list[tuple[str, int]]:
     return removed
 
 
+def swap_into_place(tmp: str, path: str) -> str | None:
+    """Rename the finished ``tmp`` to ``path``, so that ``path`` never holds a partial output: an
+    existing ``path`` is renamed away first (and back if the second rename fails).  Returns where
+    the old one went, for the caller to delete once its own clean-up is disarmed; raises OSError."""
+    old = None
+    if os.path.lexists(path):
+        old = temp_sibling(path, "old")
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old is not None:
+            os.rename(old, path)
+        raise
+    return old
+
+
+def remove_old(old: str | None) -> None:
+    """Delete what :func:`swap_into_place` renamed away."""
+    if old is None:
+        return
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
+
+
 def check_free_space_together(outputs: Sequence[tuple[str, int]]) -> None:
     """Outputs that share a filesystem must fit on it together (a sweep's ten outputs, not each)."""
     need: dict[int, tuple[str, int, list[str]]] = {}
