@@ -29,6 +29,7 @@ DEVICE = "interpret"
 BLOCK = 4096  # the interpreter's BLOCK_SIZE (tvlang.codegen.triton.INTERPRETER_BLOCK)
 CHECKS: dict[str, Callable[[], dict[str, Any]]] = {}
 LAUNCHES = [0]
+CHUNKS: list[tuple[int, int]] = []  # (start, elements) of every launch, in order
 
 
 def check(fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
@@ -120,6 +121,34 @@ def linear_bf16_ragged() -> dict[str, Any]:
     results = {f"chunk {c}": both(expr, bind(s), chunk=c) for c in (None, BLOCK - 1, BLOCK + 1, 1000)}
     assert all(r["launches"] > 0 for r in results.values())
     return results
+
+
+@check
+def plan_chunks_are_streamed() -> dict[str, Any]:
+    """The plan decides the GPU's chunks (a staging slot's share of the memory budget, whole blocks):
+    the executor launches exactly the plan's chunks, and the bits are the CPU backend's."""
+    import tvlang
+    from tvlang.plan.plan import SLOTS, gpu_bytes_per_element
+
+    s = states(3, 3, ((20000,),))
+    expr = "base + 0.4*(m1 - base) - 0.7*(m2 - base)"
+    program = tvlang.compile(expr)
+    probe = program.plan(bindings=bind(s), options=tvlang.Options(device="cuda"))
+    per_element = gpu_bytes_per_element(probe, probe.tasks[0])
+    memory = SLOTS * per_element * 2 * BLOCK + 100  # two blocks per chunk
+    plan = program.plan(bindings=bind(s), options=tvlang.Options(device="cuda", memory=memory))
+    chunk = plan.tasks[0].chunk
+    assert plan.device in ("cuda", "interpret") and chunk == 2 * BLOCK, (plan.device, chunk)
+    assert f"3 chunks of {chunk:,}" in plan.explain()
+    del CHUNKS[:]
+    result = both(expr, bind(s), memory=memory)
+    expected = [(start, min(chunk, 20000 - start)) for start in range(0, 20000, chunk)]
+    assert expected == CHUNKS, (CHUNKS, expected)
+    forced = states(4, 3, ((5000,),))
+    del CHUNKS[:]
+    result_forced = both(expr, bind(forced), chunk=1000, memory=memory)  # the user's chunk wins
+    assert [n for _, n in CHUNKS] == [1000] * 5, CHUNKS
+    return {"planned": result, "forced": result_forced, "chunk": chunk}
 
 
 @check
@@ -508,6 +537,7 @@ def main(argv: list[str]) -> int:
 
     def counting(*a: Any, **k: Any) -> None:
         LAUNCHES[0] += 1
+        CHUNKS.append((a[5], a[2][0].numel()))
         original(*a, **k)
 
     tcg.run_spec = counting  # type: ignore[assignment]

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
-from tvlang.backends.compiled import KERNEL_MODES, resolve_mode
-from tvlang.backends.gpu import resolve_device
+from tvlang.backends.compiled import KERNEL_MODES, c_kernel_sources, resolve_mode
+from tvlang.backends.gpu import kernel_sources, resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
 from tvlang.executors import check_executor, executor_for
@@ -59,7 +59,7 @@ from tvlang.ir.build import sub
 from tvlang.ir.node import LORA_KEY
 from tvlang.layermap import restacked_sidecars
 from tvlang.lower import Bound, Lowered, ParamValue, lower
-from tvlang.passes import optimize
+from tvlang.passes import STAGES, optimize, stages
 from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan, parse_dtype
 from tvlang.runtime import Progress, check_nonfinite_mode
 from tvlang.source import Source as TextSource
@@ -231,18 +231,36 @@ class Program:
         options: Options | None = None,
         *,
         all_tensors: bool = False,
+        stage: str | None = None,
     ) -> str:
-        """The IR as written, after the passes, and the per-tensor plan with totals."""
+        """The IR as written, after the passes, and the per-tensor plan with totals; ``stage`` (one
+        of ``STAGES``) prints that stage alone: the source, the IR as written, the IR after each
+        pass, the plan, or the generated C or Triton kernels."""
+        if stage is not None and stage not in STAGES:
+            raise TvParamError(
+                f"unknown stage {stage!r}", help="choose one of " + ", ".join(STAGES), code="E402"
+            )
+        if stage == "source":
+            return self.source.rstrip("\n")
         options = options or Options()
         lowered = self.lower(params, bindings, options)
-        optimized = optimize(lowered.graph)
+        if stage == "written":
+            return format_graph(lowered.graph)
+        after = stages(lowered.graph)
+        if stage == "passes":
+            return "\n\n".join(f"# IR after {name}\n{format_graph(g)}" for name, g in after)
+        optimized = after[-1][1] if after else lowered.graph
         vocab = _vocab_plan(lowered, optimized, options)
         plan, _ = _plan(lowered.graph, options, optimized, vocab)
+        if stage in ("c", "triton"):
+            if vocab is not None:
+                vocab.close()
+            return _kernel_text(plan, stage)
         sections = [
             "# IR as written",
             format_graph(lowered.graph),
             "",
-            "# IR after passes (fold_constants, linearize)",
+            f"# IR after passes ({', '.join(name for name, _ in after)})",
             format_graph(optimized),
             "",
             "# plan",
@@ -251,6 +269,8 @@ class Program:
         if vocab is not None:
             sections.append(vocab.describe())
             vocab.close()
+        if stage == "plan":
+            return "\n".join(sections[7:])
         if lowered.params:
             sections[0:0] = ["# parameters", *(f"{k} = {v:g}" for k, v in lowered.params.items()), ""]
         return "\n".join(sections)
@@ -658,7 +678,8 @@ def _plan(
     handle, the ones whose weights folded to zero included (opened and checked, never read).
     ``tensor_dtypes``: each named tensor's output dtype (a model merged into keeps its own)."""
     opened: dict[str, Any] = {}
-    on_cuda = resolve_device(options.device) == "cuda"
+    device = resolve_device(options.device)
+    on_cuda = device == "cuda"
 
     def open_input(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
         location, metas, sparse = _open(ref)
@@ -694,8 +715,19 @@ def _plan(
         # zero has no row map to compare its embeddings through, so only merged models are checked
         written=written if vocab is None else None,
         tensor_dtypes=tensor_dtypes,
+        device=device,
     )
     return plan, opened
+
+
+def _kernel_text(plan: Plan, language: str) -> str:
+    """Each distinct generated kernel of ``plan``, C (the compiled CPU backend) or Triton (the GPU
+    backend), under a comment saying what it computes and for which tensors."""
+    kernels = c_kernel_sources(plan) if language == "c" else kernel_sources(plan)
+    if not kernels:
+        where = "eagerly" if language == "c" else "on the CPU path"
+        return f"# no {'C' if language == 'c' else 'Triton'} kernels: every task of this plan runs {where}"
+    return "\n".join(f"# {what}\n{source}" for what, source in kernels).rstrip("\n")
 
 
 def _check_inside_roots(ckpt: Checkpoint, roots: Sequence[str], ref: InputRef) -> None:

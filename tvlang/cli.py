@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tvlang.errors import TvError, TvOutputError, TvParamError
+from tvlang.passes import STAGES
 from tvlang.source import Source, Span
 
 # The API (and torch behind it) is imported when a command needs it, not when the command
@@ -212,14 +213,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     target = _target(args)
-    if getattr(args, "triton", False):
-        from tvlang.backends.gpu import kernel_sources
-
-        kernels = kernel_sources(target.plan())
-        if not kernels:
-            print("# no Triton kernels: every task of this plan runs on the CPU path")
-        for what, source in kernels:
-            print(f"# {what}\n{source}")
+    stage = "triton" if getattr(args, "triton", False) else getattr(args, "stage", None)
+    if stage is not None:
+        if stage == "source" and target.job is not None and target.job.translated is not None:
+            print(target.job.translated.rstrip())
+            return 0
+        print(target.explain(all_tensors=args.all, stage=stage))
         return 0
     if target.job is not None and target.job.translated is not None:
         print(f"# program (translated from {target.job.name})\n{target.job.translated.rstrip()}\n")
@@ -361,13 +360,14 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
         "(intersection), or all of them, a model lacking one counting as the first input that has it (union)",
     )
     p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        help="where kernels run: cpu (the default), cuda (generated Triton kernels on the GPU; "
+        'pip install "tvlang[gpu]") or auto (cuda when available, else cpu); the plan\'s chunks follow '
+        "it; see docs/gpu.md",
+    )
     if running:
-        p.add_argument(
-            "--device",
-            choices=("cpu", "cuda", "auto"),
-            help="where kernels run: cpu (the default), cuda (generated Triton kernels on the GPU; "
-            'pip install "tvlang[gpu]") or auto (cuda when available, else cpu); see docs/gpu.md',
-        )
         p.add_argument(
             "--executor",
             choices=("local", "ray"),
@@ -442,10 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
         if func is _cmd_plan:
             p.add_argument("--all", action="store_true", help="list every tensor, not the first dozen")
             p.add_argument(
-                "--triton",
-                action="store_true",
-                help="print the generated Triton source of each distinct GPU kernel of the plan instead",
+                "--stage",
+                choices=STAGES,
+                help="print one stage alone: the program's source, the IR as written, the IR after each "
+                "pass, the plan, or the generated kernels (c: the compiled CPU backend's, triton: the GPU's)",
             )
+            p.add_argument("--triton", action="store_true", help="the same as --stage triton")
         _common(p)
         p.set_defaults(func=func)
 

@@ -289,9 +289,11 @@ class PreparedJob:
         with self._located():
             return self.program.plan(self.params, self.bindings, self.options)
 
-    def explain(self, *, all_tensors: bool = False) -> str:
+    def explain(self, *, all_tensors: bool = False, stage: str | None = None) -> str:
         with self._located():
-            return self.program.explain(self.params, self.bindings, self.options, all_tensors=all_tensors)
+            return self.program.explain(
+                self.params, self.bindings, self.options, all_tensors=all_tensors, stage=stage
+            )
 
     @contextlib.contextmanager
     def _located(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -208,3 +209,49 @@ def prepare_kernels(plan: Plan) -> Kernels:
     kernels = Kernels(plan)
     kernels.prepare()
     return kernels
+
+
+def c_kernel_sources(plan: Plan) -> list[tuple[str, str]]:
+    """(what it computes and for which tensors, C source) of each distinct kernel the compiled CPU
+    backend builds for ``plan`` (``tvlang plan --stage c``): model-wide selections' operands, each
+    reduction pass, the fused element-wise pass.  What no kernel computes is left out (eager)."""
+    found: dict[str, tuple[str, list[str]]] = {}
+
+    def add(make: Callable[[], Bound], role: str, tensor: str) -> None:
+        try:
+            source = c.c_source(make().spec)
+        except (Unsupported, KeyError):  # the eager path computes it
+            return
+        tensors = found.setdefault(source, (role, []))[1]
+        if tensor not in tensors:  # a kernel serving several passes of one tensor
+            tensors.append(tensor)
+
+    for red in plan.model_reductions:
+        for task_index, operand in red.users:
+            task = plan.tasks[task_index]
+            program = task.program
+            assert program is not None
+            dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+            add(
+                partial(program_spec, program, (operand,), dtypes),
+                f"model_kth#{red.key}: its operand",
+                task.name,
+            )
+    for task in plan.tasks:
+        if not any(isinstance(w.kernel, WeightedSum | ProgramOutput) for w in task.writes):
+            continue
+        dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+        program = task.program
+        for q in range(1, task.passes):
+            assert program is not None
+            add(
+                partial(reduction_spec, program, program.reductions_in(q), dtypes),
+                f"pass {q}: reductions",
+                task.name,
+            )
+        add(partial(task_spec, task, dtypes), "element-wise pass: the outputs", task.name)
+    out = []
+    for source, (role, tensors) in found.items():
+        names = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+        out.append((f"{role}; {len(tensors)} tensor(s): {names}", source))
+    return out

@@ -43,7 +43,7 @@ import torch
 
 from tvlang.backends.cpu import Scratch, all_finite
 from tvlang.backends.program import ProgramState, random_key
-from tvlang.backends.reductions import BLOCK, DIGIT, BlockSum, Count, KthLargest, block_sums
+from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block_sums
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
 from tvlang.errors import TvParamError
@@ -51,6 +51,7 @@ from tvlang.io.endpoints import Sink, Source
 from tvlang.io.safetensors import DTYPES
 from tvlang.plan.plan import (
     ITEMSIZE,
+    SLOTS,
     Copy,
     Plan,
     ProgramOutput,
@@ -71,7 +72,6 @@ from tvlang.runtime import (
     write_to_sink,
 )
 
-SLOTS = 3  # staging slots on CUDA: copy in, compute, copy back, each on its own chunk
 DEVICES = ("cpu", "cuda", "auto")
 INSTALL_HELP = (
     'install the GPU extra: pip install "tvlang[gpu]" (Triton; a CUDA build of torch is needed too)'
@@ -299,15 +299,6 @@ class _Executor:
             s = self.local.scratch = Scratch()
         return s
 
-    def chunk(self, task: TensorTask, per_element: int) -> int:
-        """Elements per chunk: the plan's on the CPU (so tests choose ragged sizes); on CUDA as many as
-        fit a slot's share of the memory budget, a multiple of the reduction block."""
-        planned = task.chunk or self.plan.chunk
-        if not self.cuda:
-            return max(1, planned)
-        fit = self.plan.memory // (SLOTS * max(1, per_element)) // BLOCK * BLOCK
-        return max(BLOCK, fit)
-
     def slots_for(self, nbytes: int) -> list[_Slot]:
         """The staging slots, (re)allocated when a chunk needs more than they hold."""
         if nbytes > self.slot_bytes:
@@ -345,8 +336,7 @@ class _Executor:
         assert spec is not None and p.bound is not None
         dtypes = [DTYPES[d] for d in spec.inputs]
         out_dtypes = [DTYPES[spec.acc if d == ACC else d] for _, d in spec.outputs]
-        per_element = sum(d.itemsize for d in dtypes + out_dtypes) + (32 if task.passes > 1 else 0)
-        chunk = self.chunk(task, per_element)
+        chunk = max(1, task.chunk or self.plan.chunk)  # the plan's (tvlang.plan.planner.gpu_chunk)
         sizes = [(min(chunk, task.numel), d) for d in dtypes + out_dtypes]
         slots = self.slots_for(_arena_bytes(sizes))
         for start, stop in _ranges(task.numel, chunk):

@@ -17,6 +17,11 @@ from tvlang.ir.printer import format_weight
 from tvlang.layermap import LayerSources, layer_ranges
 from tvlang.plan.program import TensorProgram
 
+SLOTS = 3  # staging slots on the GPU: copy in, compute, copy back, each on its own chunk
+GPU_DEVICES = ("cuda", "interpret")  # devices whose chunks stream through SLOTS staging slots
+
+_WHERE = {"cuda": "on the GPU", "interpret": "in Triton's interpreter (on the CPU)"}
+
 # Bytes per element for each safetensors dtype code.
 ITEMSIZE = {
     "F64": 8,
@@ -186,6 +191,8 @@ class Plan:
     # inputs the program names whose weights the passes folded to zero: their headers were checked
     # against the others, their data is never read
     checked: tuple[PlannedInput, ...] = ()
+    # where the kernels run: "cpu", or the GPU backend ("cuda", or "interpret": Triton's interpreter)
+    device: str = "cpu"
 
     @property
     def bytes_read(self) -> int:
@@ -206,6 +213,11 @@ class Plan:
     @property
     def peak_memory(self) -> int:
         """Estimated working memory: per worker, one chunk of every input mapped, the accumulator, the outputs."""
+        if self.device in GPU_DEVICES:  # host and device: every slot holds a chunk in flight
+            return SLOTS * max(
+                (min(t.chunk or self.chunk, t.numel) * gpu_bytes_per_element(self, t) for t in self.tasks),
+                default=0,
+            )
         return self.threads * max(
             (min(t.chunk or self.chunk, t.numel) * bytes_per_element(self, t) for t in self.tasks), default=0
         )
@@ -269,12 +281,13 @@ class Plan:
         shown = self.tasks if per_tensor is None else self.tasks[:per_tensor]
         for t in shown:
             shape = "×".join(map(str, t.shape)) or "scalar"
-            chunks = max(1, -(-t.numel // (t.chunk or self.chunk)))
+            size = t.chunk or self.chunk
+            chunks = max(1, -(-t.numel // size))
             notes = f", {t.passes} passes" if t.passes > 1 else ""
             if t.program is not None and t.program.row_wise:
                 notes += f", whole rows of {row_length(t.shape):,} per chunk"
             lines.append(
-                f"  {t.name}  [{shape}]  {kernels[_writes_text(t)]}  {chunks} chunk{'s' if chunks > 1 else ''}{notes}"
+                f"  {t.name}  [{shape}]  {kernels[_writes_text(t)]}  {chunks} chunk{'s' if chunks > 1 else ''} of {size:,}{notes}"
             )
         if per_tensor is not None and len(self.tasks) > per_tensor:
             lines.append(f"  … {len(self.tasks) - per_tensor} more tensors (--all lists them)")
@@ -282,7 +295,11 @@ class Plan:
             f"totals: {len(self.tasks)} tensors, read {_human(self.bytes_read)}, "
             f"write {_human(self.bytes_written)}, chunk {self.chunk:,} elements, {self.threads} thread(s), "
             f"peak working memory ≈ {_human(self.peak_memory)} (budget {_human(self.memory)}), "
-            f"{'compiled fused' if self.kernels == 'compiled' else 'eager'} CPU kernels"
+            + (
+                f"generated Triton kernels {_WHERE.get(self.device, self.device)}, chunks through {SLOTS} staging slots"
+                if self.device != "cpu"
+                else f"{'compiled fused' if self.kernels == 'compiled' else 'eager'} CPU kernels"
+            )
         )
         return "\n".join(lines)
 
@@ -309,6 +326,14 @@ def bytes_per_element(plan: Plan, task: TensorTask) -> int:
     return inputs + acc + max(ITEMSIZE[w.dtype] for w in task.writes)
 
 
+def gpu_bytes_per_element(plan: Plan, task: TensorTask) -> int:
+    """Bytes a GPU staging slot holds per element: every input's chunk, every output's, and room
+    for the reduction passes' outputs (float64 block sums or accumulation-dtype operands)."""
+    inputs = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
+    outputs = sum(ITEMSIZE[w.dtype] for w in task.writes)
+    return inputs + outputs + (32 if task.passes > 1 else 0)
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -323,7 +348,9 @@ def human_bytes(n: float) -> str:
 
 __all__: Sequence[str] = [
     "FLOATS",
+    "GPU_DEVICES",
     "ITEMSIZE",
+    "SLOTS",
     "Copy",
     "Kernel",
     "ModelReduction",
@@ -335,6 +362,7 @@ __all__: Sequence[str] = [
     "TensorTask",
     "TensorWrite",
     "WeightedSum",
+    "gpu_bytes_per_element",
     "human_bytes",
     "row_length",
 ]

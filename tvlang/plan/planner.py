@@ -18,6 +18,8 @@ from tvlang.passes.linearize import anchor_of, is_difference
 from tvlang.passes.specialize import has_context, has_stack, specialize
 from tvlang.plan.plan import (
     FLOATS,
+    GPU_DEVICES,
+    SLOTS,
     WIDE,
     Copy,
     Kernel,
@@ -31,6 +33,7 @@ from tvlang.plan.plan import (
     TensorWrite,
     WeightedSum,
     bytes_per_element,
+    gpu_bytes_per_element,
     row_length,
 )
 from tvlang.plan.program import TensorProgram, compile_program
@@ -91,6 +94,7 @@ def build_plan(
     kernels: str = "eager",
     written: Graph | None = None,
     tensor_dtypes: Mapping[str, str] | None = None,
+    device: str = "cpu",
 ) -> Plan:
     """``tensor_dtypes``: the output dtype of named float tensors, before ``dtype`` (a model being
     merged into has its own).  ``keys``: ``exact`` (every input of an output holds the same tensor names, else E303),
@@ -102,7 +106,11 @@ def build_plan(
 
     ``written`` is the program before the passes: an input it names whose weight folded to zero
     (``base + (ft - base)``) is still opened and checked against the others, from its header
-    only, because a task vector exists only between models of one architecture."""
+    only, because a task vector exists only between models of one architecture.
+
+    ``device``: ``cpu``, or ``cuda``/``interpret`` (the GPU backend, on a GPU or in Triton's
+    interpreter), whose chunks each fill a staging slot's share of the memory budget (``gpu_chunk``);
+    a ``chunk`` given by the caller wins on every device."""
     if rows not in ("exact", "common"):
         raise TvParamError(f"unknown row policy {rows!r}", help="choose exact or common", code="E402")
     if keys not in KEY_POLICIES:
@@ -231,16 +239,47 @@ def build_plan(
             program = programs[key]
         planned_tasks.append(TensorTask(tname, shape, tuple(sorted(reads)), tuple(writes), program))
     plan = Plan(tuple(inputs), tuple(outputs), tuple(planned_tasks), chunk or MAX_CHUNK, threads, memory)
-    if chunk is None:
+    on_gpu = device in GPU_DEVICES
+    if chunk is not None:
+        # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits never depend on chunking).
+        final = tuple(_aligned(t, chunk) for t in planned_tasks)
+    elif on_gpu:
+        chunk = gpu_chunk(memory, max((gpu_bytes_per_element(plan, t) for t in planned_tasks), default=1))
+        final = tuple(
+            _gpu_aligned(t, gpu_chunk(memory, gpu_bytes_per_element(plan, t))) for t in planned_tasks
+        )
+    else:
         per_element = max((bytes_per_element(plan, t) for t in planned_tasks), default=1)
         fit = memory // max(1, threads * per_element)
         chunk = max(MIN_CHUNK, min(MAX_CHUNK, fit // MIN_CHUNK * MIN_CHUNK))
-    # Reductions sum fixed blocks, so their chunks hold whole blocks (the bits then never depend on chunking).
-    final = tuple(_aligned(t, chunk) for t in planned_tasks)
+        final = tuple(_aligned(t, chunk) for t in planned_tasks)
     globals_ = tuple(_model_reduction(i, n, final) for i, n in enumerate(global_nodes))
     return Plan(
-        plan.inputs, plan.outputs, final, chunk, threads, memory, globals_, kernels, tuple(folded.values())
+        plan.inputs,
+        plan.outputs,
+        final,
+        chunk,
+        threads,
+        memory,
+        globals_,
+        kernels,
+        tuple(folded.values()),
+        device if on_gpu else "cpu",
     )
+
+
+def gpu_chunk(memory: int, per_element: int) -> int:
+    """Elements per GPU chunk: as many as fit one of ``SLOTS`` staging slots' share of the memory
+    budget, a whole number of reduction blocks (at least one)."""
+    return max(BLOCK, memory // (SLOTS * max(1, per_element)) // BLOCK * BLOCK)
+
+
+def _gpu_aligned(task: TensorTask, chunk: int) -> TensorTask:
+    """A GPU chunk (already whole blocks) rounded up to whole rows where the program works by rows."""
+    if task.program is not None and task.program.row_wise:
+        unit = math.lcm(BLOCK, row_length(task.shape))
+        chunk = -(-chunk // unit) * unit
+    return replace(task, chunk=chunk)
 
 
 def _refs_of(node: Node) -> list[InputRef]:
