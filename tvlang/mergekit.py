@@ -53,7 +53,7 @@ TOP_LEVEL = (
 UNSUPPORTED_TOP_LEVEL = {
     "chat_template": "tvlang does not write chat templates; it copies the base model's tokenizer files",
 }
-OTHER_METHODS = ("task_arithmetic_sce", "ramplus_tl")
+OTHER_METHODS = ("ramplus_tl",)
 BOOLEANS = (
     "int8_mask",
     "normalize",
