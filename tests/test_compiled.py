@@ -71,6 +71,7 @@ METHODS = [
     "nearswap(base, m1, 0.05)",
     "linear(m1, m2, m3, weights=[1, 2, 1])",
     "base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.02)",
+    "base + ramplus(m1 - base, m2 - base, m3 - base, r=0.5, alpha=3, epsilon=0.02)",
     "base + sce(m1 - base, m2 - base, m3 - base, select_topk=0.4)",
     "multislerp(m1, m2, m3, weights=[0.2, 0.5, 0.3])",
     "base + multislerp(m1 - base, m2 - base, weights=[1, 3])",

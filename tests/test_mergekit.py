@@ -470,7 +470,6 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
     ),
     ("merge_method: ties\nname: x\n" + BASED, "unknown mergekit field `name`", "name"),
     ("merge_method: tiez\n" + BASED, "unknown merge_method `tiez`", "tiez"),
-    ("merge_method: ramplus_tl\n" + BASED, "not supported by tvlang yet", "ramplus_tl"),
     # no mergekit release has it (its registry's SCE merge is `sce`): an unknown name, as in mergekit
     (
         "merge_method: task_arithmetic_sce\n" + BASED,

@@ -1,4 +1,4 @@
-"""mergekit configs of sce, ram, multislerp, karcher, arcee_fusion and row/column-wise nuslerp, run as
+"""mergekit configs of sce, ram, ramplus_tl, multislerp, karcher, arcee_fusion and row/column-wise nuslerp, run as
 ``tvlang run config.yml`` on tiny Llama-shaped checkpoints, against float64 references of mergekit's
 code (tests/test_methods_extra.py); per-model parameters a method ignores are warnings with their
 position, typos stay errors.
@@ -24,6 +24,7 @@ from .test_methods_extra import (
     ref_multislerp,
     ref_nuslerp,
     ref_ram,
+    ref_ramplus,
     ref_sce,
 )
 
@@ -69,6 +70,19 @@ CASES: dict[str, tuple[dict[str, Any], str, Ref, float]] = {  # config, phrase o
         config("ram", {"a": {}, "b": {}}, parameters={"epsilon": 0.05}),
         "base + ram(a - base, b - base, epsilon=0.05)",
         lambda s: ref_ram(s["base"], [s["a"], s["b"]], 0.05),
+        2e-7,
+    ),
+    # |a - base| is about 1e-4 in the matrices: about half the entries of each are live, unique and shared mixed
+    "ramplus_tl": (
+        config("ramplus_tl", {"a": {}, "b": {}, "c": {}}, parameters={"r": 0.5, "alpha": 4, "epsilon": 1e-4}),
+        "base + ramplus(a - base, b - base, c - base, r=0.5, alpha=4, epsilon=0.0001)",
+        lambda s: ref_ramplus(s["base"], [s["a"], s["b"], s["c"]], 0.5, 4.0, 1e-4),
+        2e-7,
+    ),
+    "ramplus_tl_defaults": (
+        config("ramplus_tl", {"a": {}, "b": {}}),
+        "base + ramplus(a - base, b - base)",
+        lambda s: ref_ramplus(s["base"], [s["a"], s["b"]]),
         2e-7,
     ),
     "multislerp": (

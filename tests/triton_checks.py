@@ -264,6 +264,8 @@ METHODS: dict[str, tuple[str, int, bool]] = {  # expression, models, depends on 
     "model_stock": ("model_stock(base, m1, m2, m3)", 4, True),
     "nearswap": ("nearswap(base, m1, 0.05)", 2, False),
     "ram": ("base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.02)", 4, False),
+    # its reductions are counts: exact in any order
+    "ramplus": ("base + ramplus(m1 - base, m2 - base, m3 - base, r=0.5, alpha=3, epsilon=0.02)", 4, False),
     "sce": ("base + sce(m1 - base, m2 - base, m3 - base, select_topk=0.4)", 4, True),
     "multislerp": ("multislerp(m1, m2, m3, weights=[0.2, 0.5, 0.3])", 4, True),
     "karcher": ("karcher(m1, m2, m3)", 4, True),

@@ -384,6 +384,26 @@ def ram(deltas: Sequence[Node], epsilon: Node | float = 1e-5) -> Node:
     return div(_sum([mul(d, k) for d, k in zip(deltas, live, strict=True)]), call("max", count, 1.0))
 
 
+def ramplus(
+    deltas: Sequence[Node], r: Node | float = 0.1, alpha: Node | float = 0.2, epsilon: Node | float = 1e-5
+) -> Node:
+    """mergekit's ``ramplus_tl`` (RAM+, tensor-local): as ``ram``, but each task vector's unique
+    entries (where it alone contributes) are scaled by λᵢ = 1 + r·clamp(ρᵢ, 0, alpha), ρᵢ the count
+    of its shared entries over the count of its unique ones in this tensor (the divisor clamped at
+    epsilon).  One reduction pass counts, one element-wise pass writes."""
+    live = [call("gt", call("abs", d), epsilon) for d in deltas]
+    count = _sum(live)
+    unique = call("eq", count, 1.0)
+    shared = call("gt", count, 1.0)
+    average = div(1.0, call("max", count, 1.0))
+    terms = []
+    for d, k in zip(deltas, live, strict=True):
+        rho = div(reduce("sum", mul(k, shared)), call("max", reduce("sum", mul(k, unique)), epsilon))
+        lam = add(1.0, mul(r, call("clamp", rho, 0.0, alpha)))
+        terms.append(mul(mul(d, k), call("where", unique, lam, average)))
+    return _sum(terms)
+
+
 def sce(deltas: Sequence[Node], select_topk: Node | float = 1.0) -> Node:
     """mergekit's ``sce`` (Select, Calculate, Erase): keep the elements whose variance across the task
     vectors is among the top ``select_topk`` share of the non-zero variances; weight each task vector
