@@ -68,6 +68,7 @@ METHODS = [
     "slerp(m1, m2, 0.4)",
     "base + nuslerp(m1 - base, m2 - base, 0.25)",
     "model_stock(base, m1, m2, m3)",
+    'model_stock(base, m1, m2, m3, per="row")',
     "nearswap(base, m1, 0.05)",
     "linear(m1, m2, m3, weights=[1, 2, 1])",
     "base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.02)",

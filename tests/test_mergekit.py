@@ -536,7 +536,6 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
     ),
     ("merge_method: linear\nparameters: {normalize: 'yes'}\n" + MODELS, "must be true or false", "'yes'"),
     ("merge_method: linear\nparameters: {normalize: false}\n" + MODELS, "must sum to 1", "false"),
-    ("merge_method: model_stock\nparameters: {filter_wise: true}\n" + PLAIN, "filter-wise", "true"),
     (
         "merge_method: nearswap\nparameters: {t: 0}\nbase_model: ckpt/base.safetensors\nmodels: [{model: ckpt/a.safetensors}]\n",
         "above 0",

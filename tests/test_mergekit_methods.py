@@ -1,4 +1,4 @@
-"""mergekit configs of sce, ram, ramplus_tl, multislerp, karcher, arcee_fusion and row/column-wise nuslerp, run as
+"""mergekit configs of sce, ram, ramplus_tl, filter-wise model_stock, multislerp, karcher, arcee_fusion and row/column-wise nuslerp, run as
 ``tvlang run config.yml`` on tiny Llama-shaped checkpoints, against float64 references of mergekit's
 code (tests/test_methods_extra.py); per-model parameters a method ignores are warnings with their
 position, typos stay errors.
@@ -21,6 +21,7 @@ from tvlang.synth import llama_shapes, make_family
 from .test_methods_extra import (
     ref_arcee_fusion,
     ref_karcher,
+    ref_model_stock_rows,
     ref_multislerp,
     ref_nuslerp,
     ref_ram,
@@ -84,6 +85,12 @@ CASES: dict[str, tuple[dict[str, Any], str, Ref, float]] = {  # config, phrase o
         "base + ramplus(a - base, b - base)",
         lambda s: ref_ramplus(s["base"], [s["a"], s["b"]]),
         2e-7,
+    ),
+    "model_stock_filter_wise": (
+        config("model_stock", {"a": {}, "b": {}, "c": {}}, parameters={"filter_wise": True}),
+        'model_stock(base, a, b, c, per="row")',
+        lambda s: ref_model_stock_rows(s["base"], [s["a"], s["b"], s["c"]]),
+        1e-6,
     ),
     "multislerp": (
         config("multislerp", {"a": {"weight": 0.2}, "b": {"weight": 0.5}, "c": {"weight": 0.3}}, base=False),

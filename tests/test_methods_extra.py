@@ -1,4 +1,4 @@
-"""The methods sce, ram, ramplus, multislerp, karcher, arcee_fusion and row- and column-wise nuslerp against
+"""The methods sce, ram, ramplus, row-wise model_stock, multislerp, karcher, arcee_fusion and row- and column-wise nuslerp against
 float64 references written here from mergekit's code (merge_methods/*.py), run on whole tensors.
 
 Inputs are float32, so tvlang accumulates in float64; results agree to float32 rounding.  Then
@@ -69,6 +69,23 @@ def ref_ramplus(
     z = tv * nonzero
     merged = (z * unique * lam.unsqueeze(-1) + z * overlap / counts.clamp(min=1)).sum(0)
     return base + merged.reshape(base.shape)
+
+
+def ref_model_stock_rows(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """mergekit's model_stock with ``filter_wise: true``: cosines along the last dimension (a 1-D
+    tensor is one row); the rows here are those of the tensor seen as ``(shape[0], -1)``."""
+    rows = (base.shape[0], -1) if base.dim() > 1 else (1, -1)
+    w0, ws = base.reshape(rows), [m.reshape(rows) for m in models]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norm = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+            cos.append(((offsets[i] * offsets[j]).sum(dim=-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    t = n * c / (1 + (n - 1) * c)
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(base.shape)
 
 
 def _sparse_states(seed: int, n: int = 4, keep: float = 0.4) -> list[dict[str, torch.Tensor]]:
@@ -213,6 +230,14 @@ def test_ramplus(r: float, alpha: float, keep: float) -> None:
     )
 
 
+def test_model_stock_per_row() -> None:
+    s = _states(17)
+    s[2]["t0"][3] = s[0]["t0"][3]  # a row one task vector leaves unchanged: its cosines are 0
+    _check(
+        'model_stock(base, m1, m2, m3, per="row")', s, lambda x: ref_model_stock_rows(x[0], x[1:]), rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize("topk", [1.0, 0.3, 0.0])
 def test_sce(topk: float) -> None:
     _check(
@@ -318,6 +343,7 @@ BF16 = {
         x[0] + ref_nuslerp(0.3, x[1] - x[0], x[2] - x[0], "column")
     ),
     "arcee_fusion(base, m1)": lambda x: ref_arcee_fusion(x[0], x[1]),
+    'model_stock(base, m1, m2, m3, per="row")': lambda x: ref_model_stock_rows(x[0], x[1:]),
 }
 
 

@@ -670,9 +670,14 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             "model_stock",
-            (_p("base", "model"), _p("models", "model", variadic=True)),
-            "Model Stock: move from the base toward the mean by the angle between task vectors",
-            lambda ctx, a, s, sp: methods.model_stock(a["base"], a["models"]),
+            (
+                _p("base", "model"),
+                _p("models", "model", variadic=True),
+                _p("per", "string", "tensor", choices=("tensor", "row")),
+            ),
+            "Model Stock: move from the base toward the mean by the angle between task vectors "
+            "(over the whole tensor, or per row)",
+            lambda ctx, a, s, sp: methods.model_stock(a["base"], a["models"], a["per"]),
             group="method",
             paper="https://arxiv.org/abs/2403.19522",
         ),

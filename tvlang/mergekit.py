@@ -1110,14 +1110,9 @@ class _Translator:
         return f"output {OUTPUT} = scale({model.name}, {factor.text})"
 
     def _model_stock(self) -> str:
-        if self.flag("filter_wise"):
-            self.fail(
-                ("parameters", "filter_wise"),
-                "filter-wise model_stock (`filter_wise: true`) is not built in tvlang",
-                help="tvlang's model_stock measures the angle over the whole tensor (mergekit's default)",
-            )
         others = self._needs(2)
-        return f"output {OUTPUT} = " + _call("model_stock", ["base", *(o.name for o in others)])
+        per = ['per="row"'] if self.flag("filter_wise") else []
+        return f"output {OUTPUT} = " + _call("model_stock", ["base", *(o.name for o in others), *per])
 
     # -- output ---------------------------------------------------------------------------------
     def _dtype(self) -> str | None:

@@ -231,19 +231,24 @@ def _interpolation(a: Node, b: Node, t: Node | float, s0: Node, s1: Node) -> Nod
     raise KindError("interpolation needs two models or two task vectors")
 
 
-def model_stock(base: Node, models: Sequence[Node]) -> Node:
+def model_stock(base: Node, models: Sequence[Node], per: str = "tensor") -> Node:
     """Model Stock (Jang et al., 2024) as mergekit computes it: the mean pairwise cosine of the
     task vectors over the whole tensor, ``t = N·cos / (1 + (N-1)·cos)``, and
-    ``t·mean(models) + (1-t)·base``."""
+    ``t·mean(models) + (1-t)·base``.  ``per="row"`` (mergekit's ``filter_wise: true``) takes the
+    cosines, and so t, per row of the tensor seen as ``(shape[0], -1)`` (a 1-D tensor is one row)."""
     if len(models) < 2:
         raise KindError("model_stock needs at least two fine-tuned models besides the base")
     deltas = [sub(m, base) for m in models]
-    norms = [call("sqrt", reduce("sumsq", d)) for d in deltas]
+
+    def dot(x: Node, y: Node) -> Node:
+        return call("rowsum", mul(x, y)) if per == "row" else reduce("dot", x, y)
+
+    norms = [call("sqrt", call("rowsum", mul(d, d)) if per == "row" else reduce("sumsq", d)) for d in deltas]
     cosines = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
             denom = call("max", mul(norms[i], norms[j]), 1e-6)
-            cosines.append(call("clamp", div(reduce("dot", deltas[i], deltas[j]), denom), -1.0, 1.0))
+            cosines.append(call("clamp", div(dot(deltas[i], deltas[j]), denom), -1.0, 1.0))
     cos = div(_sum(cosines), float(len(cosines)))
     n = float(len(models))
     t = div(mul(n, cos), add(1.0, mul(n - 1.0, cos)))
