@@ -1043,14 +1043,18 @@ class _Translator:
                 self.fail(
                     ("models",), "the weights sum to zero: mergekit's normalised average divides by zero"
                 )
-            if not normalize and abs(total - 1.0) > 1e-9:
-                self.fail(
-                    ("parameters", "normalize"),
-                    f"with `normalize: false` the weights must sum to 1 (they sum to {_num(total)}): a tvlang "
-                    "output is an affine combination of models",
-                    help="normalise them, or express the scaling as a task vector with task_arithmetic",
-                )
             args = [*names, "weights=[" + ", ".join(w.text for w in weights) + "]"]
+            if not normalize and abs(total - 1.0) > 1e-9:
+                if abs(total) < 1e-12:
+                    self.fail(
+                        ("parameters", "normalize"),
+                        "with `normalize: false` and weights that sum to zero the result is a task vector, "
+                        "not a model",
+                        help="write the difference in a program (`output d = a - b` is a task vector to "
+                        "add to a model), or give the weights a non-zero sum",
+                    )
+                # Σ wᵢmᵢ = W·(Σ wᵢmᵢ / W): the average scaled as a whole, as passthrough's `scale` does
+                return f"output {OUTPUT} = scale(" + _call("linear", args) + f", {_num(total)})"
             return f"output {OUTPUT} = " + _call("linear", args if normalize else [*args, "normalize=0"])
         if not normalize:
             self.fail(
