@@ -1,4 +1,4 @@
-"""mergekit configs of sce, ram, multislerp, karcher, arcee_fusion and row/column-wise nuslerp, run as
+"""mergekit configs of sce, ram, ramplus_tl, filter-wise model_stock, multislerp, karcher, arcee_fusion and row/column-wise nuslerp, run as
 ``tvlang run config.yml`` on tiny Llama-shaped checkpoints, against float64 references of mergekit's
 code (tests/test_methods_extra.py); per-model parameters a method ignores are warnings with their
 position, typos stay errors.
@@ -21,9 +21,11 @@ from tvlang.synth import llama_shapes, make_family
 from .test_methods_extra import (
     ref_arcee_fusion,
     ref_karcher,
+    ref_model_stock_rows,
     ref_multislerp,
     ref_nuslerp,
     ref_ram,
+    ref_ramplus,
     ref_sce,
 )
 
@@ -70,6 +72,25 @@ CASES: dict[str, tuple[dict[str, Any], str, Ref, float]] = {  # config, phrase o
         "base + ram(a - base, b - base, epsilon=0.05)",
         lambda s: ref_ram(s["base"], [s["a"], s["b"]], 0.05),
         2e-7,
+    ),
+    # |a - base| is about 1e-4 in the matrices: about half the entries of each are live, unique and shared mixed
+    "ramplus_tl": (
+        config("ramplus_tl", {"a": {}, "b": {}, "c": {}}, parameters={"r": 0.5, "alpha": 4, "epsilon": 1e-4}),
+        "base + ramplus(a - base, b - base, c - base, r=0.5, alpha=4, epsilon=0.0001)",
+        lambda s: ref_ramplus(s["base"], [s["a"], s["b"], s["c"]], 0.5, 4.0, 1e-4),
+        2e-7,
+    ),
+    "ramplus_tl_defaults": (
+        config("ramplus_tl", {"a": {}, "b": {}}),
+        "base + ramplus(a - base, b - base)",
+        lambda s: ref_ramplus(s["base"], [s["a"], s["b"]]),
+        2e-7,
+    ),
+    "model_stock_filter_wise": (
+        config("model_stock", {"a": {}, "b": {}, "c": {}}, parameters={"filter_wise": True}),
+        'model_stock(base, a, b, c, per="row")',
+        lambda s: ref_model_stock_rows(s["base"], [s["a"], s["b"], s["c"]]),
+        1e-6,
     ),
     "multislerp": (
         config("multislerp", {"a": {"weight": 0.2}, "b": {"weight": 0.5}, "c": {"weight": 0.3}}, base=False),

@@ -1,4 +1,4 @@
-"""The methods sce, ram, multislerp, karcher, arcee_fusion and row- and column-wise nuslerp against
+"""The methods sce, ram, ramplus, row-wise model_stock, multislerp, karcher, arcee_fusion and row- and column-wise nuslerp against
 float64 references written here from mergekit's code (merge_methods/*.py), run on whole tensors.
 
 Inputs are float32, so tvlang accumulates in float64; results agree to float32 rounding.  Then
@@ -51,6 +51,51 @@ def ref_ram(base: torch.Tensor, tensors: list[torch.Tensor], epsilon: float = 1e
     z = tv * nonzero
     merged = (z * (counts == 1) + z * (counts > 1) / counts.clamp(min=1)).sum(0)
     return base + merged.reshape(base.shape)
+
+
+def ref_ramplus(
+    base: torch.Tensor, tensors: list[torch.Tensor], r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> torch.Tensor:
+    """mergekit's ``ramplus_tl``; its counts are integers, so ρ is formed here in float64 (mergekit's
+    integer-by-float division gives float32)."""
+    tv = torch.stack([t - base for t in tensors]).reshape(len(tensors), -1)
+    nonzero = tv.abs() > epsilon
+    counts = nonzero.sum(0, keepdim=True)
+    overlap, unique = counts > 1, counts == 1
+    shared_counts = (nonzero & overlap).sum(dim=1)
+    unique_counts = (nonzero & unique).sum(dim=1)
+    rho = shared_counts.double() / unique_counts.double().clamp(min=epsilon)
+    lam = 1 + r * rho.clamp(min=0, max=alpha)
+    z = tv * nonzero
+    merged = (z * unique * lam.unsqueeze(-1) + z * overlap / counts.clamp(min=1)).sum(0)
+    return base + merged.reshape(base.shape)
+
+
+def ref_model_stock_rows(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """mergekit's model_stock with ``filter_wise: true``: cosines along the last dimension (a 1-D
+    tensor is one row); the rows here are those of the tensor seen as ``(shape[0], -1)``."""
+    rows = (base.shape[0], -1) if base.dim() > 1 else (1, -1)
+    w0, ws = base.reshape(rows), [m.reshape(rows) for m in models]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norm = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+            cos.append(((offsets[i] * offsets[j]).sum(dim=-1) / norm.clamp(min=1e-6)).clamp(-1, 1))
+    c = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    t = n * c / (1 + (n - 1) * c)
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(base.shape)
+
+
+def _sparse_states(seed: int, n: int = 4, keep: float = 0.4) -> list[dict[str, torch.Tensor]]:
+    """Task vectors that each change about ``keep`` of the entries: unique and shared ones mixed."""
+    s = _states(seed, n)
+    g = torch.Generator().manual_seed(seed + 1000)
+    for st in s[1:]:
+        for k, v in st.items():
+            st[k] = torch.where(torch.rand(v.shape, generator=g) < keep, v, s[0][k])
+    return s
 
 
 def ref_sce(base: torch.Tensor, tensors: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
@@ -175,6 +220,24 @@ def test_ram(epsilon: float) -> None:
     )
 
 
+@pytest.mark.parametrize(("r", "alpha", "keep"), [(0.1, 0.2, 0.4), (0.5, 3.0, 0.2), (0.3, 0.5, 1.0)])
+def test_ramplus(r: float, alpha: float, keep: float) -> None:
+    """Clamped at alpha, not clamped (ρ < alpha), and no unique entry at all (ρ's divisor clamped)."""
+    _check(
+        f"base + ramplus(m1 - base, m2 - base, m3 - base, r={r}, alpha={alpha}, epsilon=0.01)",
+        _sparse_states(16, keep=keep),
+        lambda x: ref_ramplus(x[0], x[1:], r, alpha, 0.01),
+    )
+
+
+def test_model_stock_per_row() -> None:
+    s = _states(17)
+    s[2]["t0"][3] = s[0]["t0"][3]  # a row one task vector leaves unchanged: its cosines are 0
+    _check(
+        'model_stock(base, m1, m2, m3, per="row")', s, lambda x: ref_model_stock_rows(x[0], x[1:]), rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize("topk", [1.0, 0.3, 0.0])
 def test_sce(topk: float) -> None:
     _check(
@@ -267,6 +330,9 @@ def test_arcee_fusion() -> None:
 
 BF16 = {
     "base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.01)": lambda x: ref_ram(x[0], x[1:], 0.01),
+    "base + ramplus(m1 - base, m2 - base, m3 - base, r=0.5, alpha=3, epsilon=0.01)": lambda x: ref_ramplus(
+        x[0], x[1:], 0.5, 3.0, 0.01
+    ),
     "base + sce(m1 - base, m2 - base, m3 - base, select_topk=0.5)": lambda x: ref_sce(x[0], x[1:], 0.5),
     "multislerp(m1, m2, m3, weights=[0.2, 0.5, 0.3])": lambda x: ref_multislerp(x[1:], [0.2, 0.5, 0.3]),
     "karcher(m1, m2, m3)": lambda x: ref_karcher(x[1:]),
@@ -277,6 +343,7 @@ BF16 = {
         x[0] + ref_nuslerp(0.3, x[1] - x[0], x[2] - x[0], "column")
     ),
     "arcee_fusion(base, m1)": lambda x: ref_arcee_fusion(x[0], x[1]),
+    'model_stock(base, m1, m2, m3, per="row")': lambda x: ref_model_stock_rows(x[0], x[1:]),
 }
 
 

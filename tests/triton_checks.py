@@ -291,8 +291,11 @@ METHODS: dict[str, tuple[str, int, bool]] = {  # expression, models, depends on 
     "slerp": ("slerp(m1, m2, 0.3)", 3, True),
     "nuslerp": ("base + nuslerp(m1 - base, m2 - base, 0.6)", 3, True),
     "model_stock": ("model_stock(base, m1, m2, m3)", 4, True),
+    "model_stock_row": ('model_stock(base, m1, m2, m3, per="row")', 4, True),
     "nearswap": ("nearswap(base, m1, 0.05)", 2, False),
     "ram": ("base + ram(m1 - base, m2 - base, m3 - base, epsilon=0.02)", 4, False),
+    # its reductions are counts: exact in any order
+    "ramplus": ("base + ramplus(m1 - base, m2 - base, m3 - base, r=0.5, alpha=3, epsilon=0.02)", 4, False),
     "sce": ("base + sce(m1 - base, m2 - base, m3 - base, select_topk=0.4)", 4, True),
     "multislerp": ("multislerp(m1, m2, m3, weights=[0.2, 0.5, 0.3])", 4, True),
     "karcher": ("karcher(m1, m2, m3)", 4, True),
@@ -315,7 +318,7 @@ METHODS: dict[str, tuple[str, int, bool]] = {  # expression, models, depends on 
 }
 
 
-ROW_METHODS = ("della", "nuslerp_row", "nuslerp_column", "arcee_fusion")
+ROW_METHODS = ("della", "model_stock_row", "nuslerp_row", "nuslerp_column", "arcee_fusion")
 
 
 def _method(name: str) -> dict[str, Any]:

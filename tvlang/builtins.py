@@ -648,6 +648,19 @@ BUILTINS: dict[str, Builtin] = {
             paper="https://arxiv.org/abs/2601.13572",
         ),
         Builtin(
+            "ramplus",
+            (
+                _p("deltas", "delta", variadic=True),
+                _p("r", "number", 0.1),
+                _p("alpha", "number", 0.2),
+                _p("epsilon", "number", 1e-5),
+            ),
+            "RAM+: ram, with each task vector's unique entries scaled up by its shared/unique ratio",
+            lambda ctx, a, s, sp: methods.ramplus(a["deltas"], a["r"], a["alpha"], a["epsilon"]),
+            group="method",
+            paper="https://arxiv.org/abs/2601.13572",
+        ),
+        Builtin(
             "arcee_fusion",
             (_p("base", "model"), _p("model", "model")),
             "take the model's value where its importance (|change| × the row's softmax KL divergence) "
@@ -657,9 +670,14 @@ BUILTINS: dict[str, Builtin] = {
         ),
         Builtin(
             "model_stock",
-            (_p("base", "model"), _p("models", "model", variadic=True)),
-            "Model Stock: move from the base toward the mean by the angle between task vectors",
-            lambda ctx, a, s, sp: methods.model_stock(a["base"], a["models"]),
+            (
+                _p("base", "model"),
+                _p("models", "model", variadic=True),
+                _p("per", "string", "tensor", choices=("tensor", "row")),
+            ),
+            "Model Stock: move from the base toward the mean by the angle between task vectors "
+            "(over the whole tensor, or per row)",
+            lambda ctx, a, s, sp: methods.model_stock(a["base"], a["models"], a["per"]),
             group="method",
             paper="https://arxiv.org/abs/2403.19522",
         ),

@@ -53,7 +53,6 @@ TOP_LEVEL = (
 UNSUPPORTED_TOP_LEVEL = {
     "chat_template": "tvlang does not write chat templates; it copies the base model's tokenizer files",
 }
-OTHER_METHODS = ("task_arithmetic_sce", "ramplus_tl")
 BOOLEANS = (
     "int8_mask",
     "normalize",
@@ -101,7 +100,7 @@ _L1_RESCALE = (
 
 @dataclass(frozen=True)
 class _Method:
-    # gta | linear | slerp | nearswap | nuslerp | model_stock | sce | ram | multislerp | karcher | arcee_fusion
+    # gta | linear | slerp | nearswap | nuslerp | model_stock | sce | ram | ramplus | multislerp | karcher | arcee_fusion
     kind: str
     base: str  # required | optional
     globals: Mapping[str, Any]  # parameter name → default (REQUIRED: none)
@@ -139,6 +138,7 @@ METHODS: dict[str, _Method] = {
     "model_stock": _Method("model_stock", "required", {"filter_wise": False}, {}),
     "sce": _Method("sce", "required", {"int8_mask": False, "select_topk": 1.0}, {}),
     "ram": _Method("ram", "required", {"epsilon": 1e-5}, {}),
+    "ramplus_tl": _Method("ramplus", "required", {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, {}),
     "multislerp": _Method(
         "multislerp", "optional", {"normalize_weights": True, "eps": 1e-8}, {"weight": REQUIRED}
     ),
@@ -450,11 +450,9 @@ class _Translator:
             self.fail((), "a mergekit config needs `merge_method:`", help="supported: " + ", ".join(METHODS))
         name = f.string(("merge_method",), data["merge_method"])
         if name not in METHODS:
-            if name in OTHER_METHODS:
-                message = f"mergekit's merge_method `{name}` is not supported by tvlang yet"
-            else:
-                message = f"unknown merge_method `{name}`"
-            self.fail(("merge_method",), message, help="supported: " + ", ".join(METHODS))
+            self.fail(
+                ("merge_method",), f"unknown merge_method `{name}`", help="supported: " + ", ".join(METHODS)
+            )
         self.name, self.method = name, METHODS[name]
         self.globals = self._parameters(("parameters",), data.get("parameters"), per_model=False)
         self.base = self._base()
@@ -867,7 +865,7 @@ class _Translator:
             return self._model_stock()
         if kind == "passthrough":
             return self._passthrough()
-        if kind in ("sce", "ram"):
+        if kind in ("sce", "ram", "ramplus"):
             return self._sce_ram(kind)
         if kind == "multislerp":
             return self._multislerp()
@@ -885,8 +883,12 @@ class _Translator:
             topk = self.number("select_topk", label="select_topk")
             extra = [] if topk.const == 1.0 else [f"select_topk={topk.text}"]
         else:
-            eps = self.number("epsilon", label="epsilon")
-            extra = [] if eps.const == 1e-5 else [f"epsilon={eps.text}"]
+            extra = []
+            defaults = {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5} if kind == "ramplus" else {"epsilon": 1e-5}
+            for name, default in defaults.items():
+                value = self.number(name, label=name)
+                if value.const != default:
+                    extra.append(f"{name}={value.text}")
         return f"output {OUTPUT} = base + " + _call(kind, [*deltas, *extra])
 
     def _multislerp(self) -> str:
@@ -1041,14 +1043,18 @@ class _Translator:
                 self.fail(
                     ("models",), "the weights sum to zero: mergekit's normalised average divides by zero"
                 )
-            if not normalize and abs(total - 1.0) > 1e-9:
-                self.fail(
-                    ("parameters", "normalize"),
-                    f"with `normalize: false` the weights must sum to 1 (they sum to {_num(total)}): a tvlang "
-                    "output is an affine combination of models",
-                    help="normalise them, or express the scaling as a task vector with task_arithmetic",
-                )
             args = [*names, "weights=[" + ", ".join(w.text for w in weights) + "]"]
+            if not normalize and abs(total - 1.0) > 1e-9:
+                if abs(total) < 1e-12:
+                    self.fail(
+                        ("parameters", "normalize"),
+                        "with `normalize: false` and weights that sum to zero the result is a task vector, "
+                        "not a model",
+                        help="write the difference in a program (`output d = a - b` is a task vector to "
+                        "add to a model), or give the weights a non-zero sum",
+                    )
+                # Σ wᵢmᵢ = W·(Σ wᵢmᵢ / W): the average scaled as a whole, as passthrough's `scale` does
+                return f"output {OUTPUT} = scale(" + _call("linear", args) + f", {_num(total)})"
             return f"output {OUTPUT} = " + _call("linear", args if normalize else [*args, "normalize=0"])
         if not normalize:
             self.fail(
@@ -1108,14 +1114,9 @@ class _Translator:
         return f"output {OUTPUT} = scale({model.name}, {factor.text})"
 
     def _model_stock(self) -> str:
-        if self.flag("filter_wise"):
-            self.fail(
-                ("parameters", "filter_wise"),
-                "filter-wise model_stock (`filter_wise: true`) is not built in tvlang",
-                help="tvlang's model_stock measures the angle over the whole tensor (mergekit's default)",
-            )
         others = self._needs(2)
-        return f"output {OUTPUT} = " + _call("model_stock", ["base", *(o.name for o in others)])
+        per = ['per="row"'] if self.flag("filter_wise") else []
+        return f"output {OUTPUT} = " + _call("model_stock", ["base", *(o.name for o in others), *per])
 
     # -- output ---------------------------------------------------------------------------------
     def _dtype(self) -> str | None:

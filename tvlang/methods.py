@@ -231,19 +231,24 @@ def _interpolation(a: Node, b: Node, t: Node | float, s0: Node, s1: Node) -> Nod
     raise KindError("interpolation needs two models or two task vectors")
 
 
-def model_stock(base: Node, models: Sequence[Node]) -> Node:
+def model_stock(base: Node, models: Sequence[Node], per: str = "tensor") -> Node:
     """Model Stock (Jang et al., 2024) as mergekit computes it: the mean pairwise cosine of the
     task vectors over the whole tensor, ``t = N·cos / (1 + (N-1)·cos)``, and
-    ``t·mean(models) + (1-t)·base``."""
+    ``t·mean(models) + (1-t)·base``.  ``per="row"`` (mergekit's ``filter_wise: true``) takes the
+    cosines, and so t, per row of the tensor seen as ``(shape[0], -1)`` (a 1-D tensor is one row)."""
     if len(models) < 2:
         raise KindError("model_stock needs at least two fine-tuned models besides the base")
     deltas = [sub(m, base) for m in models]
-    norms = [call("sqrt", reduce("sumsq", d)) for d in deltas]
+
+    def dot(x: Node, y: Node) -> Node:
+        return call("rowsum", mul(x, y)) if per == "row" else reduce("dot", x, y)
+
+    norms = [call("sqrt", call("rowsum", mul(d, d)) if per == "row" else reduce("sumsq", d)) for d in deltas]
     cosines = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
             denom = call("max", mul(norms[i], norms[j]), 1e-6)
-            cosines.append(call("clamp", div(reduce("dot", deltas[i], deltas[j]), denom), -1.0, 1.0))
+            cosines.append(call("clamp", div(dot(deltas[i], deltas[j]), denom), -1.0, 1.0))
     cos = div(_sum(cosines), float(len(cosines)))
     n = float(len(models))
     t = div(mul(n, cos), add(1.0, mul(n - 1.0, cos)))
@@ -382,6 +387,26 @@ def ram(deltas: Sequence[Node], epsilon: Node | float = 1e-5) -> Node:
     live = [call("gt", call("abs", d), epsilon) for d in deltas]
     count = _sum(live)
     return div(_sum([mul(d, k) for d, k in zip(deltas, live, strict=True)]), call("max", count, 1.0))
+
+
+def ramplus(
+    deltas: Sequence[Node], r: Node | float = 0.1, alpha: Node | float = 0.2, epsilon: Node | float = 1e-5
+) -> Node:
+    """mergekit's ``ramplus_tl`` (RAM+, tensor-local): as ``ram``, but each task vector's unique
+    entries (where it alone contributes) are scaled by λᵢ = 1 + r·clamp(ρᵢ, 0, alpha), ρᵢ the count
+    of its shared entries over the count of its unique ones in this tensor (the divisor clamped at
+    epsilon).  One reduction pass counts, one element-wise pass writes."""
+    live = [call("gt", call("abs", d), epsilon) for d in deltas]
+    count = _sum(live)
+    unique = call("eq", count, 1.0)
+    shared = call("gt", count, 1.0)
+    average = div(1.0, call("max", count, 1.0))
+    terms = []
+    for d, k in zip(deltas, live, strict=True):
+        rho = div(reduce("sum", mul(k, shared)), call("max", reduce("sum", mul(k, unique)), epsilon))
+        lam = add(1.0, mul(r, call("clamp", rho, 0.0, alpha)))
+        terms.append(mul(mul(d, k), call("where", unique, lam, average)))
+    return _sum(terms)
 
 
 def sce(deltas: Sequence[Node], select_topk: Node | float = 1.0) -> Node:
