@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tvlang
+import tvlang.api
 from tvlang.errors import TvError
 
 
@@ -186,8 +187,6 @@ def test_a_module_whose_state_dict_copies_is_refused(ckpts: dict[str, Path]) -> 
 
 
 def _counting_build_plan(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    import tvlang.api
-
     calls: list[int] = []
     real = tvlang.api.build_plan
 
@@ -217,8 +216,17 @@ def test_repeated_runs_reuse_the_plan(
     prog.run(into=model, params={"lam": 0.3})
     assert len(calls) == 1
     assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())  # merged again, same bits
+    opened: list[str] = []
+    real_open = tvlang.api.Checkpoint.open.__func__  # type: ignore[attr-defined]
+
+    def counted_open(cls: type, path: str) -> object:
+        opened.append(str(path))
+        return real_open(cls, path)
+
+    monkeypatch.setattr(tvlang.api.Checkpoint, "open", classmethod(counted_open))
     prog.run(into=model, params={"lam": 0.4})
     assert len(calls) == 2
+    assert opened == []  # a new plan, the same headers: not read again
     prog.run(into=model, params={"lam": 0.4}, options=tvlang.Options(chunk=7))  # other options
     assert len(calls) == 3
     prog.run(into=model, params={"lam": 0.4}, options=tvlang.Options(chunk=7))
@@ -229,6 +237,7 @@ def test_repeated_runs_reuse_the_plan(
     save_file(state, str(paths["a"]))
     prog.run(into=model, params={"lam": 0.4}, options=tvlang.Options(chunk=7))
     assert len(calls) == 4
+    assert opened == [str(paths["a"])]  # only the edited checkpoint's header is read again
     expected = prog.run(params={"lam": 0.4}, options=tvlang.Options(chunk=7))  # a new state dict
     assert len(calls) == 5
     assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
@@ -255,3 +264,33 @@ def test_plan_reuse_sees_in_memory_inputs_change(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(TvError) as e:
         prog.run(params={"lam": 2.0})
     assert e.value.code == "E307"
+
+
+def test_a_reused_plan_keeps_its_compiled_kernels(
+    ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan run again finds its kernels kept with it; a plan pickled (for other processes) leaves them out."""
+    import pickle
+
+    from tvlang.backends import compiled
+
+    prog = tvlang.compile(f"param lam = 0.5\n{PROGRAMS['ties']}", bindings=_bindings(ckpts))
+    if prog.plan(params={"lam": 0.3}).kernels != "compiled":
+        pytest.skip("no C compiler here: the eager kernels have nothing to look up")
+    prepared: list[int] = []
+    real = compiled.Kernels.prepare
+
+    def counted(self: compiled.Kernels) -> int:
+        prepared.append(1)
+        return real(self)
+
+    monkeypatch.setattr(compiled.Kernels, "prepare", counted)
+    model = Tiny().to(torch.bfloat16)
+    prog.run(into=model, params={"lam": 0.3})
+    prog.run(into=model, params={"lam": 0.3})
+    assert len(prepared) == 1
+    prog.run(into=model, params={"lam": 0.6})
+    assert len(prepared) == 2
+    plan = prog.plan(params={"lam": 0.3})
+    compiled.prepare_kernels(plan)
+    assert "kernels" not in pickle.loads(pickle.dumps(plan)).memo

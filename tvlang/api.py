@@ -458,11 +458,20 @@ class Program:
             tuple(sorted(tensor_dtypes.items())) if tensor_dtypes is not None else None,
             _memory_layout(written),
         )
-        last = self._last_plan
-        if last is not None and last.key == key and _input_files(last.opened) == last.files:
-            return last.plan, last.opened
-        self._last_plan = None
-        plan, opened = _plan(written, options, graph, None, tensor_dtypes)
+        last, self._last_plan = self._last_plan, None
+        known: dict[str, Checkpoint] = {}
+        if last is not None:
+            if last.key == key and _input_files(last.opened) == last.files:
+                self._last_plan = last
+                return last.plan, last.opened
+            # a new plan (new coefficients): the headers of unchanged files are not read again
+            before = dict(last.files)
+            for name, handle in last.opened.items():
+                if isinstance(handle, Checkpoint) and all(
+                    before.get(p) == ident for p, ident in _checkpoint_files(handle)
+                ):
+                    known[name] = handle
+        plan, opened = _plan(written, options, graph, None, tensor_dtypes, known)
         files = _input_files(opened)
         if files is not None:
             self._last_plan = _CachedPlan(key, files, plan, opened)
@@ -701,6 +710,13 @@ def _file_identity(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _checkpoint_files(ckpt: Checkpoint) -> list[tuple[str, tuple[int, int, int, int] | None]]:
+    """The files a checkpoint's headers came from (a directory, its index, its shards), each with
+    its identity now."""
+    index = [os.path.join(ckpt.path, INDEX_NAME)] if ckpt.is_dir else []
+    return [(p, _file_identity(p)) for p in dict.fromkeys([ckpt.path, *index, *ckpt.files])]
+
+
 def _input_files(
     opened: Mapping[str, Any],
 ) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...] | None:
@@ -709,8 +725,7 @@ def _input_files(
     found: list[tuple[str, tuple[int, int, int, int] | None]] = []
     for _, handle in sorted(opened.items(), key=lambda kv: kv[0]):
         if isinstance(handle, Checkpoint):
-            index = [os.path.join(handle.path, INDEX_NAME)] if handle.is_dir else []
-            found.extend((p, _file_identity(p)) for p in dict.fromkeys([handle.path, *index, *handle.files]))
+            found.extend(_checkpoint_files(handle))
         elif not isinstance(handle, Mapping):
             return None
     return tuple(found)
@@ -743,10 +758,12 @@ def _plan(
     graph: Graph,
     vocab: VocabPlan | None,
     tensor_dtypes: Mapping[str, str] | None = None,
+    known: Mapping[str, Checkpoint] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """Plan ``graph``, the program ``written`` after the passes; ``opened`` holds every input's
     handle, the ones whose weights folded to zero included (opened and checked, never read).
-    ``tensor_dtypes``: each named tensor's output dtype (a model merged into keeps its own)."""
+    ``tensor_dtypes``: each named tensor's output dtype (a model merged into keeps its own).
+    ``known``: checkpoints already opened, by key, whose files have not changed since."""
     opened: dict[str, Any] = {}
     on_cuda = resolve_device(options.device) == "cuda"
 
@@ -764,7 +781,7 @@ def _plan(
             adapter = LoraAdapter.open(ref.key[len(LORA_KEY) :])
             opened[ref.key] = adapter
             return adapter.path, adapter.metas(), True
-        ckpt = Checkpoint.open(ref.key)
+        ckpt = (known or {}).get(ref.key) or Checkpoint.open(ref.key)
         if options.roots is not None:
             _check_inside_roots(ckpt, options.roots, ref)
         opened[ref.key] = ckpt

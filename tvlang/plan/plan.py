@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
@@ -186,6 +188,15 @@ class Plan:
     # inputs the program names whose weights the passes folded to zero: their headers were checked
     # against the others, their data is never read
     checked: tuple[PlannedInput, ...] = ()
+
+    @cached_property
+    def memo(self) -> dict[str, Any]:
+        """What a backend derives from this plan and keeps with it (its compiled kernels), so that
+        a plan run again (a Program reuses its last plan) looks nothing up again.  Not pickled."""
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "memo"}
 
     @property
     def bytes_read(self) -> int:
