@@ -9,11 +9,13 @@ Inputs: a Llama-shaped base and two fine-tunes from ``tvlang.synth.write_family`
 ``base + ties(a - base, b - base, weights=[lam, 0.4], density=0.5)``, merged into a state dict of
 preallocated bf16 tensors.  Per case, after one warm-up run, ``--runs`` runs:
 
-- ``same λ``: the same parameters each run: the plan is reused (no header reads, no kernel look-ups);
-- ``new λ``: a new λ each run (as a search does): planned each time.
+- ``no reuse``: a new λ each run, the program's kept plan dropped before each (as every run was
+  before plans were kept): headers read, plan built, kernels looked up each time;
+- ``new λ``: a new λ each run (as a search does): planned again, from the headers already read;
+- ``same λ``: the same parameters each run: the plan and its kernels are reused.
 
-It reports the time spent in ``build_plan`` per run (the planning a hit skips), the time of the
-check that decides a hit (the key and a ``stat`` per input file), and the median wall time per run.
+Per run: the time of the plan step (``Program._planned``: the key, a ``stat`` per input file and,
+on a miss, ``build_plan``), of ``prepare_kernels`` (the kernel look-ups), and the median wall time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 
 import tvlang  # noqa: E402
 import tvlang.api  # noqa: E402
+import tvlang.runtime  # noqa: E402
 from tvlang.api import parse_size  # noqa: E402
 from tvlang.synth import spec_for_bytes, write_family  # noqa: E402
 
@@ -75,14 +78,33 @@ def main() -> None:
             lookups.append(time.perf_counter() - t)
 
     tvlang.api.Program._planned = timed_planned  # type: ignore[method-assign]
+    kernel_times: list[float] = []
+    real_prepare = tvlang.runtime.prepare_kernels
+
+    def timed_prepare(plan: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return real_prepare(plan)
+        finally:
+            kernel_times.append(time.perf_counter() - t)
+
+    tvlang.runtime.prepare_kernels = timed_prepare  # type: ignore[assignment]
     prog.run(into=model, params={"lam": 0.5})  # warm-up: kernels built, pages cached
     results = {}
-    for case in ("same λ", "new λ"):
+    for case in ("no reuse", "new λ", "same λ"):
         planning.clear()
         lookups.clear()
+        kernel_times.clear()
         walls = []
+        if case == "same λ":
+            prog.run(into=model, params={"lam": 0.5})  # the plan every timed run then reuses
+            planning.clear()
+            lookups.clear()
+            kernel_times.clear()
         for i in range(args.runs):
             lam = 0.5 if case == "same λ" else 0.1 + 0.8 * i / args.runs
+            if case == "no reuse":
+                prog._last_plan = None
             t = time.perf_counter()
             prog.run(into=model, params={"lam": lam})
             walls.append(time.perf_counter() - t)
@@ -90,13 +112,15 @@ def main() -> None:
             "plans built": len(planning),
             "build_plan ms/run": 1e3 * sum(planning) / args.runs,
             "plan step ms/run": 1e3 * sum(lookups) / args.runs,
+            "kernels ms/run": 1e3 * sum(kernel_times) / args.runs,
             "median wall s": statistics.median(walls),
         }
     print(f"{len(ckpt.tensors)} tensors, {spec.nbytes() / 1e9:.2f} GB per model, {args.runs} runs per case")
     for case, r in results.items():
         print(
-            f"{case}: plans built {r['plans built']}, build_plan {r['build_plan ms/run']:.1f} ms/run, "
-            f"whole plan step {r['plan step ms/run']:.1f} ms/run, median run {r['median wall s']:.3f} s"
+            f"{case}: plans built {r['plans built']}, plan step {r['plan step ms/run']:.1f} ms/run "
+            f"(build_plan {r['build_plan ms/run']:.1f}), prepare_kernels {r['kernels ms/run']:.1f} ms/run, "
+            f"median run {r['median wall s']:.3f} s"
         )
 
 
