@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tvlang
+import tvlang.api
 from tvlang.errors import TvError
 
 
@@ -183,3 +184,113 @@ def test_a_module_whose_state_dict_copies_is_refused(ckpts: dict[str, Path]) -> 
     with pytest.raises(TvError, match=r"state_dict\(\) gives a copy of") as err:
         tvlang.evaluate("base + 0.5*(a - base)", _bindings(ckpts), into=model)
     assert err.value.code == "E510"
+
+
+def _counting_build_plan(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = tvlang.api.build_plan
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tvlang.api, "build_plan", counted)
+    return calls
+
+
+def test_repeated_runs_reuse_the_plan(
+    ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same params again: no planning; a new value, or an input file touched: planned again."""
+    calls = _counting_build_plan(monkeypatch)
+    paths = {k: tmp_path / v.name for k, v in ckpts.items()}
+    for k, v in ckpts.items():
+        paths[k].write_bytes(v.read_bytes())
+    prog = tvlang.compile(f"param lam = 0.5\n{PROGRAMS['ties']}", bindings=_bindings(paths))
+    model = Tiny().to(torch.bfloat16)
+    prog.run(into=model, params={"lam": 0.3})
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    prog.run(into=model, params={"lam": 0.3})
+    assert len(calls) == 1
+    assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())  # merged again, same bits
+    opened: list[str] = []
+    real_open = tvlang.api.Checkpoint.open.__func__  # type: ignore[attr-defined]
+
+    def counted_open(cls: type, path: str) -> object:
+        opened.append(str(path))
+        return real_open(cls, path)
+
+    monkeypatch.setattr(tvlang.api.Checkpoint, "open", classmethod(counted_open))
+    prog.run(into=model, params={"lam": 0.4})
+    assert len(calls) == 2
+    assert opened == []  # a new plan, the same headers: not read again
+    prog.run(into=model, params={"lam": 0.4}, options=tvlang.Options(chunk=7))  # other options
+    assert len(calls) == 3
+    prog.run(into=model, params={"lam": 0.4}, options=tvlang.Options(chunk=7))
+    assert len(calls) == 3
+    # an edited checkpoint (same size, new contents and mtime) is planned again
+    state = load_file(str(paths["a"]))
+    state["proj.weight"] = state["proj.weight"].flip(0).contiguous()
+    save_file(state, str(paths["a"]))
+    prog.run(into=model, params={"lam": 0.4}, options=tvlang.Options(chunk=7))
+    assert len(calls) == 4
+    assert opened == [str(paths["a"])]  # only the edited checkpoint's header is read again
+    expected = prog.run(params={"lam": 0.4}, options=tvlang.Options(chunk=7))  # a new state dict
+    assert len(calls) == 5
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    prog.run(params={"lam": 0.4}, options=tvlang.Options(chunk=7))
+    assert len(calls) == 5
+    prog.run(into=Tiny(), params={"lam": 0.4}, options=tvlang.Options(chunk=7))  # float32 targets
+    assert len(calls) == 6
+
+
+def test_plan_reuse_sees_in_memory_inputs_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An in-memory input whose tensors changed shape or dtype is planned again (and checked again)."""
+    calls = _counting_build_plan(monkeypatch)
+    state = {"w": torch.ones(4), "b": torch.zeros(2)}
+    zero = {"w": torch.zeros(4), "b": torch.zeros(2)}
+    prog = tvlang.compile("param lam = 0.5\nz + lam * (m - z)", bindings={"m": state, "z": zero})
+    assert prog.run(params={"lam": 2.0})["w"].tolist() == [2.0] * 4
+    state["w"].fill_(3.0)  # new values, same layout: the plan still holds
+    assert prog.run(params={"lam": 2.0})["w"].tolist() == [6.0] * 4
+    assert len(calls) == 1
+    state["w"], zero["w"] = torch.ones(5), torch.zeros(5)
+    assert prog.run(params={"lam": 2.0})["w"].tolist() == [2.0] * 5
+    assert len(calls) == 2
+    state["b"] = "not a tensor"  # type: ignore[assignment]
+    with pytest.raises(TvError) as e:
+        prog.run(params={"lam": 2.0})
+    assert e.value.code == "E307"
+
+
+def test_a_reused_plan_keeps_its_compiled_kernels(
+    ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan run again finds its kernels kept with it; a plan pickled (for other processes) leaves them out."""
+    import pickle
+
+    from tvlang.backends import compiled
+
+    prog = tvlang.compile(f"param lam = 0.5\n{PROGRAMS['ties']}", bindings=_bindings(ckpts))
+    if prog.plan(params={"lam": 0.3}).kernels != "compiled":
+        pytest.skip("no C compiler here: the eager kernels have nothing to look up")
+    prepared: list[int] = []
+    real = compiled.Kernels.prepare
+
+    def counted(self: compiled.Kernels) -> int:
+        prepared.append(1)
+        return real(self)
+
+    monkeypatch.setattr(compiled.Kernels, "prepare", counted)
+    model = Tiny().to(torch.bfloat16)
+    prog.run(into=model, params={"lam": 0.3})
+    prog.run(into=model, params={"lam": 0.3})
+    assert len(prepared) == 1
+    prog.run(into=model, params={"lam": 0.6})
+    assert len(prepared) == 2
+    plan = prog.plan(params={"lam": 0.3})
+    compiled.prepare_kernels(plan)
+    assert "kernels" not in pickle.loads(pickle.dumps(plan)).memo

@@ -525,6 +525,64 @@ def into_a_model_on_the_device() -> dict[str, Any]:
     }
 
 
+@check
+def into_stays_on_the_device() -> dict[str, Any]:
+    """Chunks merged into tensors on the device are copied there device→device: the host staging
+    path (write_chunk) and the sink's own write are not used, unless a chunk is not finite; then the
+    CPU path redoes it and the error, the warnings and the bits are the CPU backend's."""
+    import tvlang
+    from tvlang.backends import gpu
+    from tvlang.io import endpoints
+
+    calls = {"write_chunk": 0, "IntoSink.write": 0}
+
+    def counted(cls: Any, name: str, key: str) -> None:
+        original = getattr(cls, name)
+
+        def wrapper(*a: Any, **k: Any) -> Any:
+            calls[key] += 1
+            return original(*a, **k)
+
+        setattr(cls, name, wrapper)
+
+    counted(gpu._Executor, "write_chunk", "write_chunk")
+    counted(endpoints.IntoSink, "write", "IntoSink.write")
+    out: dict[str, Any] = {}
+    s = states(42, 3, SHAPES)
+    for expr in (
+        "base + 0.3*(m1 - base) - 0.2*(m2 - base)",
+        "base + ties(m1 - base, m2 - base, density=0.4)",
+        "base + dare(m1 - base, 0.3, seed=5) + 0.5*(m2 - base)",
+    ):
+        cpu = tvlang.evaluate(expr, bindings=bind(s), device="cpu", chunk=1000)
+        target = {k: torch.zeros_like(v, device=dev()) for k, v in cpu.items()}
+        tvlang.evaluate(expr, bindings=bind(s), device="cuda", into=target, chunk=1000)  # ragged chunks
+        assert calls == {"write_chunk": 0, "IntoSink.write": 0}, calls
+        out[f"into: {expr[:32]}"] = compare(cpu, {k: v.cpu() for k, v in target.items()}, on_gpu(True))
+    tvlang.evaluate(expr, bindings=bind(s), device="cuda")  # a new state dict: through the host
+    assert calls["write_chunk"] > 0, calls
+    out["host path when not into="] = dict(calls)
+    bad = states(43, 3, SHAPES[:2])
+    bad[1]["t0"][3, 4] = float("nan")
+    expr = "base + 0.5*(m1 - base) + 0.5*(m2 - base)"
+    errors = []
+    for device in ("cpu", "cuda"):
+        target = {k: torch.zeros_like(v, device=dev()) for k, v in bad[0].items()}
+        try:
+            tvlang.evaluate(expr, bindings=bind(bad), device=device, into=target)
+            errors.append("no error")
+        except tvlang.TvError as e:
+            errors.append(e.render())
+    assert errors[0] == errors[1] and errors[0] != "no error", errors
+    before = calls["IntoSink.write"]
+    cpu = tvlang.evaluate(expr, bindings=bind(bad), device="cpu", nonfinite="warn")
+    target = {k: torch.zeros_like(v, device=dev()) for k, v in bad[0].items()}
+    tvlang.evaluate(expr, bindings=bind(bad), device="cuda", nonfinite="warn", into=target)
+    assert calls["IntoSink.write"] == before + 1, calls  # the one chunk with the NaN, by the CPU path
+    out["NaN, warn"] = compare(cpu, {k: v.cpu() for k, v in target.items()})
+    return out
+
+
 def main(argv: list[str]) -> int:
     global DEVICE
     args = list(argv)

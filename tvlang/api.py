@@ -187,6 +187,7 @@ class Program:
         self.syntax, self.adapters = strip_adapters(syntax)  # as_lora(...) outputs: written as adapters
         self.bindings = {k: _as_bound(v) for k, v in (bindings or {}).items()}
         self.mergekit_config: str | None = None  # the mergekit YAML it was translated from, for the card
+        self._last_plan: _CachedPlan | None = None  # see _planned
 
     @property
     def source(self) -> str:
@@ -329,7 +330,10 @@ class Program:
             targets = into_tensors(into)
         vocab = _vocab_plan(lowered, graph, options)
         tensor_dtypes = into_dtypes(targets) if targets is not None else None
-        plan, opened = _plan(written, plan_options, graph, vocab, tensor_dtypes)
+        if vocab is None and not adapters:
+            plan, opened = self._planned(written, plan_options, graph, tensor_dtypes)
+        else:
+            plan, opened = _plan(written, plan_options, graph, vocab, tensor_dtypes)
         if targets is not None:
             output = plan.outputs[0]
             check_into(targets, output.tensors, output.name, lowered.output_spans.get(output.name))
@@ -451,6 +455,47 @@ class Program:
         else:
             results = {o.name: d for o, d in zip(plan.outputs, dests, strict=True)}
         return next(iter(results.values())) if len(results) == 1 else results
+
+    def _planned(
+        self,
+        written: Graph,
+        options: Options,
+        graph: Graph,
+        tensor_dtypes: Mapping[str, str] | None,
+    ) -> tuple[Plan, dict[str, Any]]:
+        """:func:`_plan`, or the previous run's plan when nothing it was built from has changed: the
+        graphs (parameter values and bindings are in them), the options, the targets' dtypes, the
+        layout of in-memory inputs and the identity (device, inode, size, mtime) of every input file,
+        so that an edited checkpoint is planned again.  A repeated run then skips reading the headers
+        and looking the kernels up.  One plan is kept (a search with new values each trial misses)."""
+        key = (
+            written,
+            graph,
+            options,
+            resolve_device(options.device),
+            options.resolved_threads(),
+            options.resolved_kernels(),
+            tuple(sorted(tensor_dtypes.items())) if tensor_dtypes is not None else None,
+            _memory_layout(written),
+        )
+        last, self._last_plan = self._last_plan, None
+        known: dict[str, Checkpoint] = {}
+        if last is not None:
+            if last.key == key and _input_files(last.opened) == last.files:
+                self._last_plan = last
+                return last.plan, last.opened
+            # a new plan (new coefficients): the headers of unchanged files are not read again
+            before = dict(last.files)
+            for name, handle in last.opened.items():
+                if isinstance(handle, Checkpoint) and all(
+                    before.get(p) == ident for p, ident in _checkpoint_files(handle)
+                ):
+                    known[name] = handle
+        plan, opened = _plan(written, options, graph, None, tensor_dtypes, known)
+        files = _input_files(opened)
+        if files is not None:
+            self._last_plan = _CachedPlan(key, files, plan, opened)
+        return plan, opened
 
     def _adapter_specs(self, graph: Graph, options: Options) -> dict[str, AdapterSpec]:
         """Which outputs are written as adapters (``as_lora(...)`` in the program, else every one
@@ -667,16 +712,78 @@ def _vocab_plan(lowered: Lowered, graph: Graph, options: Options) -> VocabPlan |
     return VocabPlan(lowered.vocab, graph.inputs(), check)
 
 
+@dataclass(frozen=True)
+class _CachedPlan:
+    """A plan with what it was built from (:meth:`Program._planned`)."""
+
+    key: tuple[Any, ...]
+    files: tuple[tuple[str, tuple[int, int, int, int] | None], ...]
+    plan: Plan
+    opened: dict[str, Any]
+
+
+def _file_identity(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _checkpoint_files(ckpt: Checkpoint) -> list[tuple[str, tuple[int, int, int, int] | None]]:
+    """The files a checkpoint's headers came from (a directory, its index, its shards), each with
+    its identity now."""
+    index = [os.path.join(ckpt.path, INDEX_NAME)] if ckpt.is_dir else []
+    return [(p, _file_identity(p)) for p in dict.fromkeys([ckpt.path, *index, *ckpt.files])]
+
+
+def _input_files(
+    opened: Mapping[str, Any],
+) -> tuple[tuple[str, tuple[int, int, int, int] | None], ...] | None:
+    """Each input file (a directory, its index and shards too) with its identity now; None when an
+    input is neither a checkpoint nor in memory (an adapter: not cached)."""
+    found: list[tuple[str, tuple[int, int, int, int] | None]] = []
+    for _, handle in sorted(opened.items(), key=lambda kv: kv[0]):
+        if isinstance(handle, Checkpoint):
+            found.extend(_checkpoint_files(handle))
+        elif not isinstance(handle, Mapping):
+            return None
+    return tuple(found)
+
+
+def _memory_layout(graph: Graph) -> tuple[Any, ...]:
+    """Names, dtypes, shapes and devices of the in-memory inputs' tensors: what planning reads of them."""
+    return tuple(
+        (
+            ref.key,
+            tuple(
+                (
+                    str(k),
+                    type(v).__name__,
+                    getattr(v, "dtype", None),
+                    tuple(getattr(v, "shape", ())),
+                    str(getattr(v, "device", "")),
+                )
+                for k, v in ref.handle.items()
+            ),
+        )
+        for ref in graph.inputs()
+        if isinstance(ref.handle, Mapping)
+    )
+
+
 def _plan(
     written: Graph,
     options: Options,
     graph: Graph,
     vocab: VocabPlan | None,
     tensor_dtypes: Mapping[str, str] | None = None,
+    known: Mapping[str, Checkpoint] | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """Plan ``graph``, the program ``written`` after the passes; ``opened`` holds every input's
     handle, the ones whose weights folded to zero included (opened and checked, never read).
-    ``tensor_dtypes``: each named tensor's output dtype (a model merged into keeps its own)."""
+    ``tensor_dtypes``: each named tensor's output dtype (a model merged into keeps its own).
+    ``known``: checkpoints already opened, by key, whose files have not changed since."""
     opened: dict[str, Any] = {}
     device = resolve_device(options.device)
     on_cuda = device == "cuda"
@@ -695,7 +802,7 @@ def _plan(
             adapter = LoraAdapter.open(ref.key[len(LORA_KEY) :])
             opened[ref.key] = adapter
             return adapter.path, adapter.metas(), True
-        ckpt = Checkpoint.open(ref.key)
+        ckpt = (known or {}).get(ref.key) or Checkpoint.open(ref.key)
         if options.roots is not None:
             _check_inside_roots(ckpt, options.roots, ref)
         opened[ref.key] = ckpt

@@ -205,9 +205,13 @@ def call(
 
 
 def prepare_kernels(plan: Plan) -> Kernels:
-    """The plan's kernels, all built (compiled or loaded from the disk cache)."""
-    kernels = Kernels(plan)
-    kernels.prepare()
+    """The plan's kernels, all built (compiled or loaded from the disk cache); kept with the plan,
+    so a plan that runs again finds them without looking each task's kernel up."""
+    kernels = plan.memo.get("kernels")
+    if not isinstance(kernels, Kernels):
+        kernels = Kernels(plan)
+        kernels.prepare()
+        plan.memo["kernels"] = kernels
     return kernels
 
 

@@ -28,6 +28,11 @@ without a GPU.
 Non-finite values: each output chunk back on the host gets the CPU backend's
 cheap check; a chunk that fails it is recomputed by the CPU path, which raises
 or reports exactly as :func:`tvlang.runtime.execute` does.
+
+Outputs merged into tensors on the device (``into=`` a model there) never come
+back to the host: each chunk is copied device→device into its target on the
+compute stream, and its check (min and max) stays on the device until the task
+ends; then the chunks that failed it are redone by the CPU path as above.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,7 +52,7 @@ from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
 from tvlang.errors import TvParamError
-from tvlang.io.endpoints import Sink, Source
+from tvlang.io.endpoints import IntoSink, Sink, Source
 from tvlang.io.safetensors import DTYPES
 from tvlang.plan.plan import (
     ITEMSIZE,
@@ -72,6 +77,7 @@ from tvlang.runtime import (
     write_to_sink,
 )
 
+DIRECT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
 DEVICES = ("cpu", "cuda", "auto")
 INSTALL_HELP = (
     'install the GPU extra: pip install "tvlang[gpu]" (Triton; a CUDA build of torch is needed too)'
@@ -487,10 +493,53 @@ class _Executor:
         keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
         moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
 
+        targets = self.device_targets(task, writes)
+        if targets is not None:
+            self.stream_into(_Pass(task, bound, params, keys, None, None, moved), targets, state)
+            return
+
         def finish(start: int, stop: int, outs: list[torch.Tensor]) -> None:
             self.write_chunk(task, writes, state, start, stop, outs)
 
         self.stream(_Pass(task, bound, params, keys, None, finish, moved))
+
+    def device_targets(self, task: TensorTask, writes: Sequence[TensorWrite]) -> list[torch.Tensor] | None:
+        """The flat target of each write when every one is a float tensor on this device that the
+        output is merged into (so its chunks can stay there), else None."""
+        found = []
+        for w in writes:
+            sink = self.sinks[w.output]
+            if not isinstance(sink, IntoSink):
+                return None
+            flat = sink.target(task.name)
+            if flat.device != self.device or flat.dtype != DTYPES[w.dtype] or flat.dtype not in DIRECT_DTYPES:
+                return None
+            found.append(flat)
+        return found
+
+    def stream_into(self, p: _Pass, targets: list[torch.Tensor], state: ProgramState | None) -> None:
+        """The element-wise pass of a task merged into tensors on the device: each chunk's outputs
+        copied into their targets on the compute stream, with a finiteness flag per chunk that the
+        host reads once, after the last chunk; chunks that fail are redone on the CPU path, which
+        raises, reports or writes exactly as the CPU backend does."""
+        check = self.nonfinite != "propagate"
+        flags: list[tuple[int, int, torch.Tensor]] = []
+
+        def on_device(start: int, outs: list[torch.Tensor]) -> None:
+            stop = start + (outs[0].numel() if outs else 0)
+            for target, out in zip(targets, outs, strict=True):
+                target[start:stop].copy_(out)
+            if check and stop > start:
+                flags.append((start, stop, torch.stack([_device_finite(o) for o in outs]).all()))
+
+        self.stream(replace(p, on_device=on_device))
+        self.sync()
+        if not flags:
+            return
+        finite = torch.stack([f for _, _, f in flags]).cpu().tolist()
+        for (start, stop, _), ok in zip(flags, finite, strict=True):
+            if not ok:
+                run_chunk(self.cpu, p.task, start, stop, self.scratch(), state)
 
     def write_chunk(
         self,
@@ -644,6 +693,13 @@ def _pass_targets(program: TensorProgram, q: int) -> tuple[int, ...]:
     return tuple(
         dict.fromkeys(a for i, _ in work for a in program.instrs[i].args[:2] if program.instrs[a].tensor)
     )
+
+
+def _device_finite(x: torch.Tensor) -> torch.Tensor:
+    """Whether a float chunk is free of NaN and ±inf, as a bool on its device (no synchronisation):
+    NaN propagates to the min and the max, and an infinity is one of them."""
+    lo, hi = torch.aminmax(x)
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def _cuda_stream(device: torch.device) -> Any:

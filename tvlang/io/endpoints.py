@@ -244,6 +244,11 @@ class IntoSink:
     def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
         self._flat[name][start : start + chunk.numel()].copy_(chunk)
 
+    def target(self, name: str) -> torch.Tensor:
+        """The flat tensor that ``name`` is written into: a backend that computes on the target's
+        device copies its chunks there itself, without a trip through the host."""
+        return self._flat[name]
+
     def commit(self) -> None:
         pass
 

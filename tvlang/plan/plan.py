@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
@@ -193,6 +195,15 @@ class Plan:
     checked: tuple[PlannedInput, ...] = ()
     # where the kernels run: "cpu", or the GPU backend ("cuda", or "interpret": Triton's interpreter)
     device: str = "cpu"
+
+    @cached_property
+    def memo(self) -> dict[str, Any]:
+        """What a backend derives from this plan and keeps with it (its compiled kernels), so that
+        a plan run again (a Program reuses its last plan) looks nothing up again.  Not pickled."""
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "memo"}
 
     @property
     def bytes_read(self) -> int:
