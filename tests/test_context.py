@@ -40,8 +40,9 @@ def test_gradient_follows_mergekits_interpolation() -> None:
     n = count_layers(["model.layers.0.x", "model.layers.9.y"])
     assert n == 10
     assert TensorContext("model.embed_tokens.weight", n).t == 0.0  # before the layers
-    assert TensorContext("lm_head.weight", n).t == 1.0  # after them
+    assert TensorContext("lm_head.weight", n).t == 0.0  # after them too (mergekit 0.1.5's plan.py)
     assert TensorContext("model.layers.9.y", n).t == 1.0
+    assert TensorContext("model.layers.0.y", 1).t == 1.0  # one layer: mergekit's t = 1
 
 
 def _weights(prog: tvlang.Program, output: int, tensor: str) -> dict[str, float]:

@@ -71,11 +71,12 @@ def close(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
 
 
 def position(name: str) -> float:
-    """mergekit's t: layer / (layers - 1); 0 for the embeddings (pre-weights), 1 after the layers."""
+    """mergekit 0.1.5's t (plan.py): layer / (layers - 1); 0 for every tensor outside the layers,
+    the pre-weights (embeddings) and the post-weights (final norm, head) alike."""
     parts = name.split(".")
     if "layers" in parts:
         return int(parts[parts.index("layers") + 1]) / (LAYERS - 1)
-    return 0.0 if "embed" in name else 1.0
+    return 0.0
 
 
 def evaluate(setting: Any, name: str, t: float) -> float | None:

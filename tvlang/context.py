@@ -55,11 +55,12 @@ class TensorContext:
 
     @property
     def t(self) -> float:
-        """Position along the model for gradients, as mergekit computes it: layer / (layers - 1);
-        0 for embeddings and other tensors before the layers; 1 for the final norm and head."""
+        """Position along the model for gradients, as mergekit 0.1.5 computes it (its ``plan.py``):
+        layer / (layers - 1), 1 in a model or slice of one layer, and 0 for every tensor outside the
+        layers (embeddings, final norm and head alike: mergekit plans them with t = 0)."""
         if self.layer >= 0:
-            return self.layer / max(1, self.num_layers - 1)
-        return 0.0 if EMBEDDING.search(self.name) else 1.0
+            return self.layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
+        return 0.0
 
     def value(self, what: tuple[Any, ...]) -> float:
         kind = what[0]
