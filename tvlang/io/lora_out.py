@@ -302,11 +302,14 @@ class LoraWriter(Transaction):
         self._metadata = {"format": "pt", **metadata}
         placeholder = {e.tensor: _format_error(0.0) for e in layout.lora()}
         self._tmpdir = temp_sibling(self.path)
+        # armed before the directory exists, as for checkpoints: a signal right after the mkdir
+        # must not leave it behind
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self._tmpdir, ignore_errors=True)
         try:
             os.mkdir(self._tmpdir)
         except OSError as e:
+            self._finalizer.detach()
             raise TvOutputError(f"{self.path}: cannot create: {e.strerror}", code="E500") from None
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self._tmpdir, ignore_errors=True)
         try:
             self._writer = SafetensorsWriter(
                 os.path.join(self._tmpdir, WEIGHTS),

@@ -156,7 +156,9 @@ class Node:
         return toposort([self])
 
 
-def toposort(roots: list[Node]) -> list[Node]:
+def toposort(roots: list[Node], *, stop_at: Op | None = None) -> list[Node]:
+    """Every node below ``roots``, each once, operands before users; nodes of op ``stop_at`` are
+    listed but not descended into."""
     order: list[Node] = []
     seen: set[int] = set()
     stack: list[tuple[Node, bool]] = [(r, False) for r in reversed(roots)]
@@ -169,7 +171,7 @@ def toposort(roots: list[Node]) -> list[Node]:
             continue
         seen.add(id(node))
         stack.append((node, True))
-        args = node.args
+        args = () if node.op is stop_at else node.args
         if node.op is Op.WSUM and args and args[-1].kind.is_model:
             args = (args[-1], *args[:-1])  # an anchored sum's anchor first: listings start from the base
         stack.extend((a, False) for a in reversed(args) if id(a) not in seen)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from tvlang.context import TensorContext
-from tvlang.ir.node import Graph, Node, Op, const
+from tvlang.ir.node import Graph, Node, Op, const, toposort
 from tvlang.layermap import is_pre
 from tvlang.passes.fold_constants import fold_constants
 from tvlang.passes.linearize import linearize
@@ -75,18 +75,4 @@ def _resolve(node: Node, ctx: TensorContext, replace: Mapping[int, Node]) -> Nod
 
 def _below(root: Node) -> list[Node]:
     """``root`` and its operands, operands first, not descending into stacks."""
-    order: list[Node] = []
-    seen: set[int] = set()
-    stack: list[tuple[Node, bool]] = [(root, False)]
-    while stack:
-        n, expanded = stack.pop()
-        if expanded:
-            order.append(n)
-            continue
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        stack.append((n, True))
-        if n.op is not Op.STACK:
-            stack.extend((a, False) for a in reversed(n.args) if id(a) not in seen)
-    return order
+    return toposort([root], stop_at=Op.STACK)
