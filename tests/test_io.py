@@ -20,11 +20,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tvlang.io.safetensors as st_mod
+from tvlang.dtypes import DTYPES, FLOATS, ITEMSIZE
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io import (
     DTYPE_CODES,
-    DTYPES,
-    FLOAT_CODES,
+    TORCH_DTYPES,
     Checkpoint,
     CheckpointWriter,
     ChunkReader,
@@ -44,7 +44,7 @@ Plan = list[tuple[str, str, tuple[int, ...]]]
 
 def random_tensor(code: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random bit patterns (NaNs, infinities, subnormals included) of the given dtype."""
-    dtype = DTYPES[code]
+    dtype = TORCH_DTYPES[code]
     n = math.prod(shape)
     if code == "BOOL":
         return torch.randint(0, 2, shape, generator=gen).bool()
@@ -120,11 +120,28 @@ def siblings(path: Path) -> list[str]:
 
 
 def test_dtype_tables() -> None:
-    assert len(DTYPES) == 12
-    assert {DTYPE_CODES[d]: d for d in DTYPE_CODES} == DTYPES
-    assert DTYPES["F8_E4M3"] is torch.float8_e4m3fn and DTYPES["F8_E5M2"] is torch.float8_e5m2
-    assert all(DTYPES[c].is_floating_point for c in FLOAT_CODES)
-    assert not any(DTYPES[c].is_floating_point for c in set(DTYPES) - FLOAT_CODES)
+    assert len(TORCH_DTYPES) == 12
+    assert {DTYPE_CODES[d]: d for d in DTYPE_CODES} == TORCH_DTYPES
+    assert TORCH_DTYPES["F8_E4M3"] is torch.float8_e4m3fn and TORCH_DTYPES["F8_E5M2"] is torch.float8_e5m2
+    assert all(TORCH_DTYPES[c].is_floating_point for c in FLOATS)
+    assert not any(TORCH_DTYPES[c].is_floating_point for c in set(TORCH_DTYPES) - FLOATS)
+
+
+def test_the_dtype_table_agrees_with_torch_and_numpy() -> None:
+    """tvlang.dtypes is the one table: its sizes and storage types match what torch and numpy hold."""
+    import numpy as np
+
+    from tvlang.dtypes import KERNEL_DTYPES, OUTPUT_NAMES, code_of, torch_dtype
+
+    for code, d in DTYPES.items():
+        assert torch_dtype(code).itemsize == np.dtype(d.numpy).itemsize == d.itemsize == ITEMSIZE[code]
+        assert code_of(torch_dtype(code)) == code
+        assert (d.c is None) == (d.triton is None)  # both backends take the same dtypes
+    assert {"F64", "F32", "F16", "BF16"} == KERNEL_DTYPES
+    assert {
+        OUTPUT_NAMES[n] for n in ("bf16", "bfloat16", "fp16", "half", "fp32", "float", "fp64")
+    } == KERNEL_DTYPES
+    assert code_of(torch.complex64) is None
 
 
 def test_is_pickle_path() -> None:
@@ -142,7 +159,7 @@ def test_is_pickle_path() -> None:
 def test_round_trip_all_dtypes_two_threads(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     tensors: dict[str, torch.Tensor] = {}
-    for i, code in enumerate(DTYPES):
+    for i, code in enumerate(TORCH_DTYPES):
         tensors[f"w.{code}"] = random_tensor(code, (17, 3 + i % 3), gen)
         tensors[f"scalar.{code}"] = random_tensor(code, (), gen)
         tensors[f"empty.{code}"] = random_tensor(code, (0, 5), gen)
@@ -879,7 +896,7 @@ def test_checkpoint_reader_dispatch(tmp_path: Path) -> None:
 
 def _write_ones(w: CheckpointWriter, plan: Plan) -> None:
     for name, code, shape in plan:
-        w.write(name, 0, torch.ones(math.prod(shape), dtype=DTYPES[code]))
+        w.write(name, 0, torch.ones(math.prod(shape), dtype=TORCH_DTYPES[code]))
 
 
 PLAN: Plan = [("a", "F32", (4,)), ("b", "F32", (4,))]

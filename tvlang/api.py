@@ -25,6 +25,7 @@ from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import KERNEL_MODES, c_kernel_sources, resolve_mode
 from tvlang.backends.gpu import kernel_sources, resolve_device
 from tvlang.codegen.c import compiler
+from tvlang.dtypes import FLOATS
 from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
 from tvlang.executors import check_executor, executor_for
 from tvlang.io.card import CARD_NAME, CardInput, hub_id, model_card
@@ -60,7 +61,7 @@ from tvlang.ir.node import LORA_KEY
 from tvlang.layermap import restacked_sidecars
 from tvlang.lower import Bound, Lowered, ParamValue, lower
 from tvlang.passes import STAGES, optimize, stages
-from tvlang.plan import DEFAULT_MEMORY, FLOATS, Plan, TensorMeta, build_plan, parse_dtype
+from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan, parse_dtype
 from tvlang.runtime import Progress, check_nonfinite_mode
 from tvlang.source import Source as TextSource
 from tvlang.source import Span

@@ -32,11 +32,11 @@ from tvlang.backends.compiled import Kernels, TaskKernel, call, prepare_kernels
 from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
 from tvlang.backends.program import ProgramState
 from tvlang.backends.reductions import KthLargest
+from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.endpoints import Sink, Source
-from tvlang.io.safetensors import DTYPES
+from tvlang.io.safetensors import TORCH_DTYPES
 from tvlang.plan.plan import (
-    ITEMSIZE,
     ModelReduction,
     Plan,
     ProgramOutput,
@@ -322,7 +322,7 @@ def run_chunk(
     # inputs widened and differences formed once per chunk
     widened: dict[tuple[int, int | None, torch.dtype], torch.Tensor] = {}
     for write in task.writes:
-        out = scratch.get("out", DTYPES[write.dtype], n)
+        out = scratch.get("out", TORCH_DTYPES[write.dtype], n)
         if isinstance(write.kernel, ProgramOutput):
             out.copy_(program_outputs[write.kernel.index])  # the one rounding
             if nonfinite != "propagate" and not all_finite(out, scratch):
@@ -360,7 +360,9 @@ def _run_compiled(
     False (nothing written) when the chunk is the kernel's to refuse (another dtype) or holds
     NaN/±inf that the policy must look at: the eager path then redoes it and says why."""
     n = stop - start
-    outs = [scratch.get(("out", k), DTYPES[task.writes[w].dtype], n) for k, w in enumerate(compiled.writes)]
+    outs = [
+        scratch.get(("out", k), TORCH_DTYPES[task.writes[w].dtype], n) for k, w in enumerate(compiled.writes)
+    ]
     scalars = state.scalars if state is not None else {}
     assert run.kernels is not None
     bad = call(compiled, views, outs, scalars, run.kernels.random_keys(compiled.bound, task.name), start)
@@ -370,7 +372,7 @@ def _run_compiled(
     for k, write in enumerate(task.writes):
         out = filled.get(k)
         if out is None:  # a non-float tensor, copied from its template
-            out = scratch.get("out", DTYPES[write.dtype], n)
+            out = scratch.get("out", TORCH_DTYPES[write.dtype], n)
             run_kernel(write.kernel, views, out, scratch)
         write_to_sink(run.sinks[write.output], task.name, start, out)
     return True
@@ -497,7 +499,7 @@ def _nonfinite_error(
     for lo in range(0, task.numel, plan.chunk):
         hi = min(task.numel, lo + plan.chunk)
         views = {i: sources[i].read(task.name, lo, hi) for i in slots}
-        out = scratch.get("census", DTYPES[write.dtype], hi - lo)
+        out = scratch.get("census", TORCH_DTYPES[write.dtype], hi - lo)
         run_kernel(kernel, views, out, scratch)
         if not output_finite(kernel, out, scratch):
             total.add(task.name, write.output, census(kernel, views, out, scratch))

@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors.torch import save_file
 
+from tvlang.dtypes import OUTPUT_NAMES, code_of, torch_dtype
+
 
 def llama_shapes(
     hidden: int = 64, layers: int = 2, vocab: int = 256, intermediate: int | None = None
@@ -98,7 +100,7 @@ def gpt2_config(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.b
         "tie_word_embeddings": True,
         "bos_token_id": 0,
         "eos_token_id": 0,
-        "torch_dtype": _HF_DTYPE[dtype],
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -269,29 +271,23 @@ def make_lora_adapter(
 # Streaming generator: Llama specs of any size, written a block of rows at a time
 # ------------------------------------------------------------------------------------------
 
-DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_HF_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+SYNTH_DTYPES = ("F32", "BF16", "F16")  # what the generator writes
+
+
 _BLOCK = 1 << 22  # elements per generated block; fixed, so the bytes never depend on memory settings
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """``"bf16"``, ``"bfloat16"`` or ``torch.bfloat16`` → ``torch.bfloat16`` (likewise fp16, fp32)."""
     if isinstance(dtype, torch.dtype):
-        if dtype not in _ST_DTYPE:
+        if code_of(dtype) not in SYNTH_DTYPES:
             raise ValueError(f"unsupported dtype {dtype}: use float32, bfloat16 or float16")
         return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}") from None
+    code = OUTPUT_NAMES.get(dtype.lower())
+    if code not in SYNTH_DTYPES:
+        names = [n for n, c in OUTPUT_NAMES.items() if c in SYNTH_DTYPES]
+        raise ValueError(f"unsupported dtype {dtype!r}: use one of {', '.join(names)}")
+    return torch_dtype(code)
 
 
 @dataclass(frozen=True)
@@ -350,7 +346,7 @@ class LlamaSpec:
 
     def config(self, dtype: torch.dtype | str = torch.bfloat16) -> dict[str, Any]:
         """A complete ``config.json`` for ``LlamaForCausalLM`` with these dimensions."""
-        name = _HF_DTYPE[as_dtype(dtype)]
+        name = str(as_dtype(dtype)).removeprefix("torch.")
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -489,7 +485,7 @@ def _header(entries: Sequence[tuple[str, tuple[int, ...]]], dtype: torch.dtype) 
     for name, shape in entries:
         size = math.prod(shape) * dtype.itemsize
         meta[name] = {
-            "dtype": _ST_DTYPE[dtype],
+            "dtype": code_of(dtype),
             "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }

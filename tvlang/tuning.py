@@ -542,9 +542,9 @@ def load_template(path: str, dtype: str | None = None) -> Any:
         else:
             torch_dtype: Any = "auto"
             if dtype is not None:
-                from tvlang.io.safetensors import DTYPES
+                from tvlang.io.safetensors import TORCH_DTYPES
 
-                torch_dtype = DTYPES[parse_dtype(dtype) or "F32"]
+                torch_dtype = TORCH_DTYPES[parse_dtype(dtype) or "F32"]
             model: Any
             try:
                 try:

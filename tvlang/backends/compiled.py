@@ -23,6 +23,7 @@ from tvlang.backends.program import random_key
 from tvlang.backends.reductions import BLOCK
 from tvlang.codegen import c
 from tvlang.codegen.spec import SUM, Bound, Unsupported, program_spec, reduction_spec, task_spec
+from tvlang.dtypes import KERNEL_DTYPES, code_of, torch_dtype
 from tvlang.plan.plan import Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.program import TensorProgram
 
@@ -101,7 +102,7 @@ class Kernels:
         chunk is redone eagerly)."""
         key = (id(program), targets, tuple(inputs[i].dtype for i in sorted(inputs)))
         if key not in self._programs:
-            dtypes = {i: _CODES[x.dtype] for i, x in inputs.items() if x.dtype in _CODES}
+            dtypes = _kernel_codes(inputs)
             self._programs[key] = self._build(lambda: program_spec(program, targets, dtypes))
         return self._programs[key]
 
@@ -137,7 +138,7 @@ class Kernels:
         largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it."""
         key = (id(program), tuple(work), tuple(views[i].dtype for i in sorted(views)))
         if key not in self._reductions:
-            dtypes = {i: _CODES[x.dtype] for i, x in views.items() if x.dtype in _CODES}
+            dtypes = _kernel_codes(views)
             self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes))
         compiled = self._reductions[key]
         if compiled is None:
@@ -180,7 +181,10 @@ class Kernels:
             self.failures.append(str(e))
 
 
-_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+def _kernel_codes(chunks: Mapping[int, torch.Tensor]) -> dict[int, str]:
+    """The dtype code of each chunk a generated kernel can take."""
+    codes = {i: code_of(x.dtype) for i, x in chunks.items()}
+    return {i: code for i, code in codes.items() if code in KERNEL_DTYPES}
 
 
 def call(
@@ -197,7 +201,7 @@ def call(
     bound = compiled.bound
     inputs = [views[i] for i in bound.inputs]
     if any(
-        x.dtype != c.torch_dtype(d, "F32") or not x.is_contiguous()
+        x.dtype != torch_dtype(d) or not x.is_contiguous()
         for x, d in zip(inputs, bound.spec.inputs, strict=True)
     ):
         return -1

@@ -51,11 +51,11 @@ from tvlang.backends.program import ProgramState, random_key
 from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block_sums
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
+from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvParamError
 from tvlang.io.endpoints import IntoSink, Sink, Source
-from tvlang.io.safetensors import DTYPES
+from tvlang.io.safetensors import TORCH_DTYPES
 from tvlang.plan.plan import (
-    ITEMSIZE,
     SLOTS,
     Copy,
     Plan,
@@ -340,8 +340,8 @@ class _Executor:
         """Run a pass over every chunk of its task, overlapping copies and compute on CUDA."""
         task, spec = p.task, p.bound.spec if p.bound is not None else None
         assert spec is not None and p.bound is not None
-        dtypes = [DTYPES[d] for d in spec.inputs]
-        out_dtypes = [DTYPES[spec.acc if d == ACC else d] for _, d in spec.outputs]
+        dtypes = [TORCH_DTYPES[d] for d in spec.inputs]
+        out_dtypes = [TORCH_DTYPES[spec.acc if d == ACC else d] for _, d in spec.outputs]
         chunk = max(1, task.chunk or self.plan.chunk)  # the plan's (tvlang.plan.planner.gpu_chunk)
         sizes = [(min(chunk, task.numel), d) for d in dtypes + out_dtypes]
         slots = self.slots_for(_arena_bytes(sizes))
@@ -512,7 +512,11 @@ class _Executor:
             if not isinstance(sink, IntoSink):
                 return None
             flat = sink.target(task.name)
-            if flat.device != self.device or flat.dtype != DTYPES[w.dtype] or flat.dtype not in DIRECT_DTYPES:
+            if (
+                flat.device != self.device
+                or flat.dtype != TORCH_DTYPES[w.dtype]
+                or flat.dtype not in DIRECT_DTYPES
+            ):
                 return None
             found.append(flat)
         return found

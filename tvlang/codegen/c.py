@@ -39,6 +39,7 @@ import torch
 
 from tvlang.backends.reductions import BLOCK
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
+from tvlang.dtypes import DTYPES
 
 FLAGS = (
     "-O3",
@@ -50,8 +51,6 @@ FLAGS = (
     "-fno-trapping-math",  # lets selects vectorise; results unchanged
 )
 
-_CTYPE = {"F64": "double", "F32": "float", "F16": "_Float16", "BF16": "uint16_t"}
-_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 PRELUDE = r"""#include <math.h>
 #include <stdint.h>
@@ -117,6 +116,13 @@ static inline uint64_t tv_mix(uint64_t key, uint64_t i) {
     return x;
 }
 """
+
+
+def _ctype(code: str) -> str:
+    """The C element type of a kernel pointer (tvlang.dtypes)."""
+    ctype = DTYPES[code].c
+    assert ctype is not None, code
+    return ctype
 
 
 def _literal(x: float, t: str) -> str:
@@ -219,10 +225,10 @@ def c_source(spec: KernelSpec) -> str:
     # parameters; on locals cast from an array it still checks aliasing at run time, and gives
     # up on vectorising past ten pointers), and per-call numbers are locals before the loop.
     hoisted.extend(f"    const uint64_t key{k} = (uint64_t)keys[{k}];" for k in range(spec.keys))
-    params = [f"const {_CTYPE[d]} *restrict in{k}" for k, d in enumerate(spec.inputs)]
-    args = [f"(const {_CTYPE[d]} *)in[{k}]" for k, d in enumerate(spec.inputs)]
+    params = [f"const {_ctype(d)} *restrict in{k}" for k, d in enumerate(spec.inputs)]
+    args = [f"(const {_ctype(d)} *)in[{k}]" for k, d in enumerate(spec.inputs)]
     for k, (_, dtype) in enumerate(spec.outputs):
-        ctype = "double" if dtype == SUM else t if dtype == ACC else _CTYPE[dtype]
+        ctype = "double" if dtype == SUM else t if dtype == ACC else _ctype(dtype)
         params.append(f"{ctype} *restrict out{k}")
         args.append(f"({ctype} *)out[{k}]")
     return "\n".join(
@@ -475,11 +481,6 @@ def radix_histogram() -> RadixHistogram:
     return _radix[0]
 
 
-def torch_dtype(code: str, acc: str) -> torch.dtype:
-    """The torch dtype of an output pointer (``ACC``: the accumulation dtype)."""
-    return _TORCH[acc if code == ACC else code]
-
-
 __all__ = [
     "CKernel",
     "CompileError",
@@ -488,5 +489,4 @@ __all__ = [
     "compiler",
     "load",
     "radix_histogram",
-    "torch_dtype",
 ]

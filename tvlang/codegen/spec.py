@@ -32,11 +32,10 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from tvlang.dtypes import KERNEL_DTYPES
 from tvlang.plan.plan import ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.program import TensorProgram
 
-# Input/output element types a generated kernel handles; others (float8) run eagerly.
-KERNEL_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 ACC = "ACC"  # an output kept in the accumulation dtype (a reduction's operand)
 SUM = "SUM"  # an output of float64 block sums (tvlang.backends.reductions.block_sums), one per block
 

@@ -48,9 +48,8 @@ import torch
 
 from tvlang.codegen import c
 from tvlang.codegen.spec import ACC, Bound, KernelSpec, Stmt, Unsupported
+from tvlang.dtypes import DTYPES, torch_dtype
 
-TL_TYPES = {"F64": "tl.float64", "F32": "tl.float32", "F16": "tl.float16", "BF16": "tl.bfloat16"}
-TORCH_TYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 GPU_BLOCK = 1024  # elements per program instance on a GPU (4 warps, 8 elements per thread)
 INTERPRETER_BLOCK = 4096  # the interpreter costs ~3.5 ms per program instance: few, large ones
 
@@ -84,12 +83,19 @@ def _literal(value: float, dtype: str) -> str:
     return repr(value)
 
 
+def _tl_type(code: str) -> str:
+    """The Triton element type of a kernel pointer (tvlang.dtypes)."""
+    tl_type = DTYPES[code].triton
+    assert tl_type is not None, code
+    return tl_type
+
+
 class _Emitter:
     """Writes the body of one kernel; every value is a name of a block or a 0-d scalar."""
 
     def __init__(self, spec: KernelSpec) -> None:
         self.spec = spec
-        self.T = TL_TYPES[spec.acc]
+        self.T = _tl_type(spec.acc)
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.scalar: set[int] = set()  # statements that are one number per tensor
@@ -102,7 +108,7 @@ class _Emitter:
 
     def const(self, value: float, dtype: str | None = None) -> str:
         dtype = dtype or self.spec.acc
-        return f"tl.full([], {_literal(value, dtype)}, {TL_TYPES[dtype]})"
+        return f"tl.full([], {_literal(value, dtype)}, {_tl_type(dtype)})"
 
     def body(self) -> None:
         spec = self.spec
@@ -134,7 +140,7 @@ class _Emitter:
         if dtype == "BF16":
             self.helpers.add("round_bf16")
             return f"_round_bf16({value})"
-        return f"{value}.to({TL_TYPES[dtype]})"
+        return f"{value}.to({_tl_type(dtype)})"
 
     def statement(self, i: int, stmt: Stmt) -> None:
         T, spec = self.T, self.spec
@@ -400,9 +406,9 @@ def run_spec(
     if n >= 2**31 - 2 * block_size():
         raise ValueError(f"a chunk of {n} elements is too large for one launch")
     for t, dtype in zip(inputs, spec.inputs, strict=True):
-        assert t.dtype == TORCH_TYPES[dtype] and t.is_contiguous() and t.numel() >= n, (t.dtype, dtype)
+        assert t.dtype == torch_dtype(dtype) and t.is_contiguous() and t.numel() >= n, (t.dtype, dtype)
     for t, (_, dtype) in zip(outputs, spec.outputs, strict=True):
-        want = TORCH_TYPES[spec.acc if dtype == ACC else dtype]
+        want = torch_dtype(spec.acc if dtype == ACC else dtype)
         assert t.dtype == want and t.is_contiguous() and t.numel() == n, (t.dtype, want)
     kernel = load_kernel(spec)
     block = block_size()

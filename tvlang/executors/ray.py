@@ -42,12 +42,13 @@ import torch
 from tvlang.backends.compiled import prepare_kernels
 from tvlang.backends.cpu import Scratch
 from tvlang.backends.reductions import KthLargest
+from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import CheckpointSource, Sink, Source
 from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.io.safetensors import SafetensorsWriter, TensorInfo, read_header
-from tvlang.plan.plan import ITEMSIZE, Plan, TensorTask
+from tvlang.plan.plan import Plan, TensorTask
 from tvlang.runtime import NonFiniteReport, Progress, execute, model_reduction_round
 
 _T = TypeVar("_T")

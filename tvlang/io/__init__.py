@@ -8,8 +8,7 @@ the model is.
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader, CheckpointWriter
 from tvlang.io.safetensors import (
     DTYPE_CODES,
-    DTYPES,
-    FLOAT_CODES,
+    TORCH_DTYPES,
     ChunkReader,
     SafetensorsWriter,
     TensorInfo,
@@ -18,9 +17,8 @@ from tvlang.io.safetensors import (
 )
 
 __all__ = [
-    "DTYPES",
     "DTYPE_CODES",
-    "FLOAT_CODES",
+    "TORCH_DTYPES",
     "Checkpoint",
     "CheckpointReader",
     "CheckpointWriter",

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
+from tvlang.dtypes import DTYPES
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.safetensors import (
-    DTYPES,
     MAX_HEADER_BYTES,
     ChunkReader,
     SafetensorsWriter,
@@ -188,7 +188,7 @@ def _copy_config(src: str, dst: str, dtype: str) -> None:
     if not isinstance(config, dict) or not keys:
         shutil.copy2(src, dst)
         return
-    name = str(DTYPES[dtype]).removeprefix("torch.")
+    name = DTYPES[dtype].torch
     for key in keys:
         config[key] = name
     with open(dst, "w", encoding="utf-8") as f:

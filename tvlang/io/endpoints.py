@@ -13,10 +13,11 @@ from typing import Any, Protocol
 
 import torch
 
+from tvlang.dtypes import FLOATS
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
-from tvlang.io.safetensors import DTYPE_CODES, DTYPES, TensorInfo
-from tvlang.plan.plan import FLOATS, TensorMeta
+from tvlang.io.safetensors import DTYPE_CODES, TORCH_DTYPES, TensorInfo
+from tvlang.plan.plan import TensorMeta
 from tvlang.source import Span
 
 
@@ -127,7 +128,7 @@ class MemorySink:
 
     def __init__(self, tensors: Sequence[tuple[str, str, tuple[int, ...]]]) -> None:
         self.result: dict[str, torch.Tensor] = {
-            name: torch.empty(shape, dtype=DTYPES[dtype]) for name, dtype, shape in tensors
+            name: torch.empty(shape, dtype=TORCH_DTYPES[dtype]) for name, dtype, shape in tensors
         }
         self._flat = {name: t.view(-1) for name, t in self.result.items()}
 

@@ -38,13 +38,13 @@ from typing import Any
 
 import torch
 
+from tvlang.dtypes import FLOATS
 from tvlang.errors import TvError, TvOutputError
 from tvlang.io.card import CARD_NAME
 from tvlang.io.endpoints import Source
 from tvlang.io.lora import CONFIG, PREFIX, WEIGHTS
 from tvlang.io.safetensors import (
-    DTYPES,
-    FLOAT_CODES,
+    TORCH_DTYPES,
     SafetensorsWriter,
     Transaction,
     fsync_dir,
@@ -141,7 +141,7 @@ class AdapterLayout:
         lora_modules = {
             name[: -len(".weight")]
             for name, dt, shape in tensors
-            if dt in FLOAT_CODES
+            if dt in FLOATS
             and name.endswith(".weight")
             and len(shape) == 2
             and "." in name
@@ -150,7 +150,7 @@ class AdapterLayout:
         entries = []
         for name, dt, shape in tensors:
             module, _, leaf = name.rpartition(".")
-            if dt not in FLOAT_CODES:
+            if dt not in FLOATS:
                 entries.append(AdapterEntry(name, "skip", shape, note="not a float tensor"))
             elif math.prod(shape) == 0:
                 entries.append(AdapterEntry(name, "skip", shape, note="empty"))
@@ -356,12 +356,12 @@ class LoraWriter(Transaction):
             chunk = chunk.cpu()
         stop = start + chunk.numel()
         if entry.role == "bias":
-            self._writer.write(entry.planned()[0][0], start, chunk.to(DTYPES[entry.dtype]).contiguous())
+            self._writer.write(entry.planned()[0][0], start, chunk.to(TORCH_DTYPES[entry.dtype]).contiguous())
         elif entry.role == "full":  # the module as the adapted model has it: base + D, rounded once
             base = self._base.read(name, start, stop)
             for lo in range(0, stop - start, _BLOCK):  # float64 temporaries of a block, not of the chunk
                 hi = min(stop - start, lo + _BLOCK)
-                whole = (base[lo:hi].to(torch.float64) + chunk[lo:hi]).to(DTYPES[entry.dtype])
+                whole = (base[lo:hi].to(torch.float64) + chunk[lo:hi]).to(TORCH_DTYPES[entry.dtype])
                 for key, _, _ in entry.planned():
                     self._writer.write(key, start + lo, whole)
             self._base.release(name, start, stop)
@@ -411,7 +411,7 @@ class LoraWriter(Transaction):
             )
         d = stored.T if entry.transposed else stored  # out × in
         a, b = factorize(d, entry.rank, method=self.svd, seed=_seed(entry.tensor))
-        dtype = DTYPES[entry.dtype]
+        dtype = TORCH_DTYPES[entry.dtype]
         a_out, b_out = a.to(dtype), b.to(dtype)
         a64, b64 = a_out.to(torch.float64), b_out.to(torch.float64)
         if entry.transposed:  # stored = Dᵀ: subtract Aᵀ Bᵀ, in place

@@ -40,15 +40,15 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 
+from tvlang.dtypes import DTYPES, ITEMSIZE, torch_dtype
 from tvlang.errors import TvInputError, TvOutputError
 
 _T = TypeVar("_T", bound="Transaction")
 
 __all__ = [
-    "DTYPES",
     "DTYPE_CODES",
-    "FLOAT_CODES",
     "MAX_HEADER_BYTES",
+    "TORCH_DTYPES",
     "ChunkReader",
     "SafetensorsWriter",
     "TensorInfo",
@@ -58,23 +58,9 @@ __all__ = [
     "remove_stale_temporaries",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
-FLOAT_CODES: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-_ITEMSIZE: dict[str, int] = {code: dtype.itemsize for code, dtype in DTYPES.items()}
+# torch's dtype for each code of the table (tvlang.dtypes), for the readers and writers of torch tensors
+TORCH_DTYPES: dict[str, torch.dtype] = {code: torch_dtype(code) for code in DTYPES}
+DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in TORCH_DTYPES.items()}
 
 #: The same limit as the reference implementation: a larger header is an attack or an accident.
 MAX_HEADER_BYTES = 100_000_000
@@ -108,7 +94,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,7 +278,7 @@ def _validate_header(
                 path, f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end", name
             )
         begin, end = offsets
-        expected = math.prod(shape) * _ITEMSIZE[dtype]
+        expected = math.prod(shape) * ITEMSIZE[dtype]
         if end - begin != expected:
             raise _malformed(
                 path, f"holds {end - begin} bytes but {dtype} of shape {shape} needs {expected}", name
@@ -477,7 +463,7 @@ def plan_tensors(tensors: Sequence[tuple[str, str, Sequence[int]]]) -> list[Plan
         dims = tuple(shape)
         if not all(_is_int(d) and d >= 0 for d in dims):
             raise ValueError(f"tensor {name!r}: shape {dims!r} is not non-negative integers")
-        planned.append(PlannedTensor(name, dtype, dims, math.prod(dims) * _ITEMSIZE[dtype]))
+        planned.append(PlannedTensor(name, dtype, dims, math.prod(dims) * ITEMSIZE[dtype]))
     return planned
 
 
@@ -669,7 +655,7 @@ class SafetensorsWriter(Transaction):
         self._slots: dict[str, _Slot] = {}
         offset = len(header)
         for t in planned:
-            self._slots[t.name] = _Slot(offset, math.prod(t.shape), DTYPES[t.dtype])
+            self._slots[t.name] = _Slot(offset, math.prod(t.shape), TORCH_DTYPES[t.dtype])
             offset += t.nbytes
         self.size = offset
         self._written = dict.fromkeys(self._slots, 0)

@@ -38,7 +38,7 @@ import torch
 from tvlang.errors import TvInputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.endpoints import Source
-from tvlang.io.safetensors import DTYPES, TensorInfo
+from tvlang.io.safetensors import TORCH_DTYPES, TensorInfo
 from tvlang.ir.node import InputRef
 from tvlang.ops import work_buffer
 from tvlang.plan.plan import TensorMeta
@@ -434,7 +434,7 @@ class VocabPlan:
 
     def _pread_rows(self, k: int, name: str, a: int, b: int, out: torch.Tensor) -> None:
         info = self._info(k, name)
-        dtype = DTYPES[info.dtype]
+        dtype = TORCH_DTYPES[info.dtype]
         row_bytes = info.shape[1] * dtype.itemsize
         target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
         buf = target.view(torch.uint8).numpy().data
@@ -471,7 +471,7 @@ class VocabPlan:
         """Drop the pages rows ``a:b`` touched, those shared with other rows too: rows are gathered
         out of order, so a page kept "for a neighbour" would stay mapped (a later read refaults it)."""
         cols = info.shape[1]
-        size = DTYPES[info.dtype].itemsize
+        size = TORCH_DTYPES[info.dtype].itemsize
         lo = (info.offset + a * cols * size) // mmap.PAGESIZE * mmap.PAGESIZE
         hi = -(-(info.offset + b * cols * size) // mmap.PAGESIZE) * mmap.PAGESIZE
         reader.release(
@@ -572,7 +572,9 @@ class VocabSource:
         info = self.tensors[name]
         cols = info.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
-        block = work_buffer(f"vocab-{id(self)}", DTYPES[info.dtype], (r1 - r0) * cols).view(r1 - r0, cols)
+        block = work_buffer(f"vocab-{id(self)}", TORCH_DTYPES[info.dtype], (r1 - r0) * cols).view(
+            r1 - r0, cols
+        )
         self.plan.gather(self.k, name, r0, r1, block)
         return block.view(-1)[start - r0 * cols : stop - r0 * cols]
 

@@ -1,7 +1,6 @@
 """Planning: the per-tensor passes, chunking and memory, as a printable value."""
 
 from tvlang.plan.plan import (
-    FLOATS,
     Copy,
     Plan,
     PlannedInput,
@@ -15,7 +14,6 @@ from tvlang.plan.planner import DEFAULT_MEMORY, build_plan, parse_dtype
 
 __all__ = [
     "DEFAULT_MEMORY",
-    "FLOATS",
     "Copy",
     "Plan",
     "PlannedInput",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from tvlang.dtypes import ITEMSIZE
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
 from tvlang.layermap import LayerSources, layer_ranges
@@ -23,24 +24,6 @@ SLOTS = 3  # staging slots on the GPU: copy in, compute, copy back, each on its 
 GPU_DEVICES = ("cuda", "interpret")  # devices whose chunks stream through SLOTS staging slots
 
 _WHERE = {"cuda": "on the GPU", "interpret": "in Triton's interpreter (on the CPU)"}
-
-# Bytes per element for each safetensors dtype code.
-ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-WIDE = frozenset({"F64", "F32"})  # inputs/outputs this wide accumulate in float64
 
 
 @dataclass(frozen=True)
@@ -358,9 +341,7 @@ def human_bytes(n: float) -> str:
 
 
 __all__: Sequence[str] = [
-    "FLOATS",
     "GPU_DEVICES",
-    "ITEMSIZE",
     "SLOTS",
     "Copy",
     "Kernel",

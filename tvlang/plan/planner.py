@@ -11,16 +11,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from tvlang.context import TensorContext, count_layers, layer_of
+from tvlang.dtypes import FLOATS, OUTPUT_NAMES, WIDE
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
 from tvlang.layermap import output_order
 from tvlang.passes.linearize import anchor_of, is_difference
 from tvlang.passes.specialize import has_context, has_stack, specialize
 from tvlang.plan.plan import (
-    FLOATS,
     GPU_DEVICES,
     SLOTS,
-    WIDE,
     Copy,
     Kernel,
     ModelReduction,
@@ -49,29 +48,12 @@ MIN_CHUNK = 1 << 12
 PROGRAM_CHUNK = 1 << 18
 DEFAULT_MEMORY = 256 << 20
 
-DTYPE_ALIASES = {
-    "bf16": "BF16",
-    "bfloat16": "BF16",
-    "fp16": "F16",
-    "f16": "F16",
-    "float16": "F16",
-    "half": "F16",
-    "fp32": "F32",
-    "f32": "F32",
-    "float32": "F32",
-    "float": "F32",
-    "fp64": "F64",
-    "f64": "F64",
-    "float64": "F64",
-    "double": "F64",
-}
-
 
 def parse_dtype(name: str | None) -> str | None:
     """``"bf16"`` → ``"BF16"``; None stays None (keep each tensor's template dtype)."""
     if name is None:
         return None
-    code = DTYPE_ALIASES.get(str(name).lower().removeprefix("torch."))
+    code = OUTPUT_NAMES.get(str(name).lower().removeprefix("torch."))
     if code is None:
         raise TvParamError(
             f"unknown output dtype {name!r}",
