@@ -57,7 +57,7 @@ from tvlang.io.safetensors import (
 from tvlang.io.vocab import VocabPlan
 from tvlang.ir import Graph, InputRef, Node, Op, format_graph
 from tvlang.ir.build import sub
-from tvlang.ir.node import LORA_KEY
+from tvlang.ir.node import Origin
 from tvlang.layermap import restacked_sidecars
 from tvlang.lower import Bound, Lowered, ParamValue, lower
 from tvlang.passes import STAGES, optimize, stages
@@ -566,7 +566,7 @@ class Program:
         inputs = [
             CardInput(
                 i.ref.label,
-                "lora" if i.ref.key.startswith(LORA_KEY) else str(i.ref.kind),
+                "lora" if i.ref.origin is Origin.ADAPTER else str(i.ref.kind),
                 i.location,
             )
             for i in plan.inputs
@@ -625,10 +625,10 @@ def _open_base(base: Node, opened: dict[str, Any], options: Options) -> Checkpoi
     ref: InputRef = base.arg
     handle = opened.get(ref.key)
     if handle is None:
-        if ref.handle is not None:
+        if ref.origin is Origin.MEMORY:
             handle = ref.handle
         else:
-            handle = Checkpoint.open(ref.key)
+            handle = Checkpoint.open(ref.path)
             if options.roots is not None:
                 _check_inside_roots(handle, options.roots, ref)
         opened[ref.key] = handle
@@ -794,16 +794,16 @@ def _plan(
         return location, metas if vocab is None else vocab.metas(ref, metas), sparse
 
     def _open(ref: InputRef) -> tuple[str, Mapping[str, TensorMeta], bool]:
-        if ref.handle is not None:
+        if ref.origin is Origin.MEMORY:
             opened[ref.key] = ref.handle
             if on_cuda:  # tensors already on the GPU are read in place
                 return "memory", memory_metas(ref.handle, ref.label, "cuda"), False
             return "memory", memory_metas(ref.handle, ref.label), False
-        if ref.key.startswith(LORA_KEY):
-            adapter = LoraAdapter.open(ref.key[len(LORA_KEY) :])
+        if ref.origin is Origin.ADAPTER:
+            adapter = LoraAdapter.open(ref.path)
             opened[ref.key] = adapter
             return adapter.path, adapter.metas(), True
-        ckpt = (known or {}).get(ref.key) or Checkpoint.open(ref.key)
+        ckpt = (known or {}).get(ref.key) or Checkpoint.open(ref.path)
         if options.roots is not None:
             _check_inside_roots(ckpt, options.roots, ref)
         opened[ref.key] = ckpt

@@ -15,7 +15,7 @@ from tvlang import methods
 from tvlang.check import KindError
 from tvlang.errors import TvTypeError
 from tvlang.ir.build import call, context, div, mul, numel, rand, reduce, sub
-from tvlang.ir.node import DELTA, LORA_KEY, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
+from tvlang.ir.node import DELTA, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
 from tvlang.layermap import LayerView
 from tvlang.ops import ELEMENTWISE
 from tvlang.passes.rewrite import rewrite
@@ -69,7 +69,7 @@ def _load(kind: Kind) -> Lower:
 
 def _lower_lora(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
     path = ctx.resolve_checkpoint(args["path"], spans["path"])
-    ref = InputRef(LORA_KEY + path, args["path"], DELTA, span)
+    ref = InputRef.adapter(path, args["path"], span)
     return Node(Op.INPUT, (), ref, DELTA)
 
 

@@ -748,7 +748,7 @@ def _bind_external(ctx: Lowering, bindings: Mapping[str, Bound]) -> None:
             continue
         kind: Kind = DELTA if bound.role == "delta" else MODEL
         if isinstance(bound.value, Mapping):
-            ref = InputRef(f"memory:{name}:{id(bound.value)}", name, kind, span, handle=bound.value)
+            ref = InputRef.memory(name, bound.value, kind, span)
         else:
             path = ctx.resolve_checkpoint(os.fspath(bound.value), span)
             ref = InputRef(path, name, kind, span)

@@ -39,7 +39,7 @@ from tvlang.errors import TvInputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.endpoints import Source
 from tvlang.io.safetensors import TORCH_DTYPES, TensorInfo
-from tvlang.ir.node import InputRef
+from tvlang.ir.node import InputRef, Origin
 from tvlang.ops import work_buffer
 from tvlang.plan.plan import TensorMeta
 from tvlang.source import Span
@@ -140,7 +140,7 @@ def _read_json(path: str, what: str, ref: InputRef) -> dict[str, Any]:
         raise TvInputError(
             f"`{ref.label}` has no {os.path.basename(path)}: its rows cannot be matched by token",
             ref.span,
-            label=f"{ref.key}",
+            label=ref.path,
             help=f"a `vocab` program needs each model's {what}",
             code="E310",
         ) from None
@@ -226,7 +226,7 @@ class VocabPlan:
         self.models: list[_Model] = []
         self.index: dict[str, int] = {}
         for key, ref in order.items():
-            if ref.handle is not None or not ref.kind.is_model:
+            if ref.origin is not Origin.CHECKPOINT or not ref.kind.is_model:
                 raise TvInputError(
                     f"`{ref.label}` is not a checkpoint directory with a tokenizer: rows cannot be matched by token",
                     ref.span,

@@ -84,19 +84,43 @@ MODEL = Kind(True, 1.0)
 DELTA = Kind(True, 0.0)
 
 
-LORA_KEY = "lora:"  # input keys of PEFT LoRA adapters (tvlang.io.lora): sparse, low-rank task vectors
+class Origin(enum.Enum):
+    """What an input is, which decides how it is opened (never read off its key)."""
+
+    CHECKPOINT = "checkpoint"  # a safetensors file or Hugging Face directory (tvlang.io.checkpoint)
+    ADAPTER = "adapter"  # a PEFT LoRA adapter directory (tvlang.io.lora): a sparse, low-rank task vector
+    MEMORY = "memory"  # a state dict or module the caller bound; ``handle`` holds it
 
 
 @dataclass(frozen=True)
 class InputRef:
-    """A checkpoint the program reads: identity is ``key``; the rest is for people."""
+    """A checkpoint the program reads: identity is ``key``; the rest is for people.
 
-    key: str  # absolute path, or "memory:<name>:<id>" for an in-memory state dict
+    Make adapters and in-memory inputs with :meth:`adapter` and :meth:`memory`; the plain
+    constructor is a checkpoint whose key is its absolute path."""
+
+    key: str  # identity: the absolute path of a checkpoint; unique per adapter and in-memory mapping
     label: str  # binding name or path, for printing
     kind: Kind  # MODEL, or DELTA for a stored task vector
     span: Span | None = field(default=None, compare=False, hash=False)
     handle: Any = field(default=None, compare=False, hash=False, repr=False)  # the in-memory mapping
     view: LayerView | None = None  # a range of the checkpoint's layers, renumbered (tvlang.layermap)
+    origin: Origin = Origin.CHECKPOINT
+    path: str = field(default="", compare=False)  # where it lives on disk ("" in memory)
+
+    def __post_init__(self) -> None:
+        if self.origin is Origin.CHECKPOINT and not self.path:
+            object.__setattr__(self, "path", self.base_key)
+
+    @classmethod
+    def adapter(cls, path: str, label: str, span: Span | None = None) -> InputRef:
+        """A PEFT LoRA adapter directory at the absolute ``path`` (read as a task vector)."""
+        return cls(f"adapter:{path}", label, DELTA, span, origin=Origin.ADAPTER, path=path)
+
+    @classmethod
+    def memory(cls, label: str, mapping: Any, kind: Kind, span: Span | None = None) -> InputRef:
+        """A state dict (or module) the caller bound to ``label``: one input per object."""
+        return cls(f"memory:{label}:{id(mapping)}", label, kind, span, mapping, origin=Origin.MEMORY)
 
     @property
     def base_key(self) -> str:
@@ -112,6 +136,8 @@ class InputRef:
             self.span,
             self.handle,
             view,
+            self.origin,
+            self.path,
         )
 
 

@@ -105,7 +105,7 @@ def build_plan(
     inputs = []
     opened: dict[str, tuple[str, Mapping[str, TensorMeta], bool]] = {}  # a checkpoint read through views
     for ref in refs:
-        base = ref if ref.view is None else InputRef(ref.base_key, ref.label, ref.kind, ref.span, ref.handle)
+        base = ref if ref.view is None else replace(ref, key=ref.base_key, view=None)
         try:
             if base.key not in opened:
                 opened[base.key] = open_input(base)
