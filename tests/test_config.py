@@ -325,3 +325,46 @@ def test_job_kernels_field_and_override(tmp_path: Path) -> None:
     compiled = run_job(job, output=str(tmp_path / "compiled.safetensors"), kernels="auto")
     a, b = load_file(eager), load_file(compiled)
     assert torch.equal(a["w"].view(torch.int16), b["w"].view(torch.int16))
+
+
+def test_every_option_is_declared_once_and_documented_with_its_default() -> None:
+    """tvlang.options is the one place an option is declared: the job schema, the command line and
+    docs/config.md's table all follow it (a default stated in the docs is the real one)."""
+    import re
+    from pathlib import Path
+
+    from tvlang.cli import build_parser
+    from tvlang.config import FIELDS
+    from tvlang.options import SETTINGS, default
+
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| [^|]+ \| (.*) \|$", doc, re.M))
+    job_options = [name for name in FIELDS if name in SETTINGS]
+    assert set(SETTINGS) - set(job_options) == {"progress", "chunk"}  # set by callers, not job files
+    for name in job_options:
+        assert name in rows, f"docs/config.md has no row for `{name}`"
+        stated = re.search(r"default `([^`]+)`", rows[name])
+        if stated:
+            assert stated.group(1) == str(default(name)), name
+    helps = {
+        a.dest: a.help or "" for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+    }  # type: ignore[union-attr]
+    assert "default 256M" in helps["memory"] and "default 5G" in helps["shard_size"]
+    assert {name for name, s in SETTINGS.items() if s.flag} <= set(helps)
+
+
+def test_options_check_themselves_with_one_message() -> None:
+    """A bad value is refused where the Options is made, with the same E402 message from every front-end."""
+    from tvlang.options import Options
+
+    for field, value, message in (
+        ("kernels", "fast", "unknown kernel mode 'fast'"),
+        ("threads", 0, "threads must be at least 1, not 0"),
+        ("memory", "1G", "memory must be an integer"),
+        ("dtype", "int8", "unknown output dtype 'int8'"),
+        ("executor", "spark", "unknown executor 'spark'"),
+    ):
+        with pytest.raises(TvParamError, match=message) as err:
+            Options(**{field: value})
+        assert err.value.code == "E402"
+    assert Options.from_text({"memory": "1G"}).memory == 1 << 30

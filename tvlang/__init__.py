@@ -21,14 +21,14 @@ from tvlang.errors import (
 from tvlang.version import __version__
 
 if TYPE_CHECKING:
-    from tvlang.api import Options, Program, compile, compile_file, delta, evaluate, task_vector
+    from tvlang.api import Program, compile, compile_file, delta, evaluate, task_vector
+    from tvlang.options import Options
     from tvlang.tuning import Range, Trial, TuneResult, log_range, tune
 
 # name -> the module that defines it, imported on first use
 _LAZY = {
-    **dict.fromkeys(
-        ("Options", "Program", "compile", "compile_file", "delta", "evaluate", "task_vector"), "api"
-    ),
+    **dict.fromkeys(("Program", "compile", "compile_file", "delta", "evaluate", "task_vector"), "api"),
+    "Options": "options",
     **dict.fromkeys(("Range", "Trial", "TuneResult", "log_range", "tune"), "tuning"),
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tvlang.errors import TvParamError
-from tvlang.io.lora_out import SVD_METHODS
+from tvlang.options import SVD_METHODS
 from tvlang.source import Span
 from tvlang.syntax import ast
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -22,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
-from tvlang.backends.compiled import KERNEL_MODES, c_kernel_sources, resolve_mode
+from tvlang.backends.compiled import c_kernel_sources, resolve_mode
 from tvlang.backends.gpu import kernel_sources, resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.dtypes import FLOATS
 from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
-from tvlang.executors import check_executor, executor_for
+from tvlang.executors import executor_for
 from tvlang.io.card import CARD_NAME, CardInput, hub_id, model_card
 from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
@@ -59,100 +58,37 @@ from tvlang.ir import Graph, InputRef, Node, Op, format_graph
 from tvlang.ir.build import sub
 from tvlang.ir.node import Origin
 from tvlang.layermap import restacked_sidecars
-from tvlang.lower import Bound, Lowered, ParamValue, lower
+from tvlang.lower import Binding, Lowered, ParamValue, lower
+from tvlang.options import Options
 from tvlang.passes import STAGES, optimize, stages
-from tvlang.plan import DEFAULT_MEMORY, Plan, TensorMeta, build_plan, parse_dtype
-from tvlang.runtime import Progress, check_nonfinite_mode
-from tvlang.source import Source as TextSource
-from tvlang.source import Span
+from tvlang.plan import Plan, TensorMeta, build_plan, parse_dtype
+from tvlang.runtime import Progress
+from tvlang.source import SourceText, Span
 from tvlang.syntax import ast
 from tvlang.syntax.parser import parse
 from tvlang.version import __version__
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
-
-def parse_size(text: str, what: str = "--memory") -> int:
-    """``512M``, ``2G``, ``1.5GiB`` or plain bytes → bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
+def _kernel_mode(options: Options) -> str:
+    """The CPU kernels a run uses: ``auto`` is ``compiled`` where a C compiler is found."""
+    mode = resolve_mode(options.kernels)
+    if mode == "compiled" and compiler() is None:
         raise TvParamError(
-            f"{what} {text!r} is not a size", help="write e.g. 512M, 2G or 1073741824", code="E402"
+            "compiled kernels need a C compiler, and none was found",
+            help="install gcc or clang (or set CC), or use kernels=eager (--kernels eager)",
+            code="E402",
         )
-    scale = 1024 ** " kmgt".index((m.group(2) or " ").lower())
-    return int(float(m.group(1)) * scale)
+    return mode
 
 
-@dataclass(frozen=True)
-class Options:
-    """How to run a program; shared by the CLI and the Python API."""
-
-    dtype: str | None = (
-        None  # output dtype for float tensors (default: each tensor's dtype in the template input)
-    )
-    memory: int = DEFAULT_MEMORY  # working-memory budget in bytes; sets the chunk size
-    threads: int | None = None  # worker threads (default: the CPUs this process may use)
-    chunk: int | None = None  # elements per chunk (default: from the memory budget)
-    shard_size: int = 5 * 2**30  # largest output shard of a Hugging Face directory, bytes
-    overwrite: bool = False  # replace an existing output (only once the new one is complete)
-    progress: bool = False  # a progress line with throughput on stderr
-    roots: tuple[str, ...] | None = None  # if set, load() may only read below these directories
-    keys: str = "exact"  # tensor names across an output's inputs: exact (else E303), intersection or union
-    rows: str = "exact"  # shapes differing only in rows (resized vocabularies): exact (else E304) or common
-    # NaN/±inf in inputs (E308) and overflow to ±inf in the output dtype (E309): "error" stops the
-    # run and writes nothing, "warn" writes and prints one line per tensor on stderr, "propagate" writes
-    nonfinite: str = "error"
-    # Where the kernels run: "cpu", "cuda" (generated Triton kernels, streamed through the GPU; see
-    # docs/gpu.md) or "auto" (cuda when a CUDA device and Triton are there, else cpu)
-    device: str = "cpu"
-    # CPU kernels: "auto" (fused loops compiled by the system C compiler when there is one, else
-    # "eager"), "compiled" (error without a compiler) or "eager" (torch, op by op); same results
-    kernels: str = "auto"
-    # Where the tasks run: "local" (this process's threads or GPU) or "ray" (units of whole output
-    # shards as tasks on a Ray cluster, the same bits; docs/distributed.md); ``address``: the cluster
-    # to join ("auto": the one running here; None: the one this process joined, else $RAY_ADDRESS,
-    # else a local one for the run)
-    executor: str = "local"
-    address: str | None = None
-    # Write each output as a PEFT LoRA adapter of this rank (a directory; docs/language.md, "LoRA
-    # adapters out"): its task vector (a model output minus `lora_base`) factored per 2-D weight
-    as_lora: int | None = None
-    lora_base: str = "base"  # the name (in the program or its bindings) of the adapter's base model
-    lora_svd: str = "auto"  # auto (randomized for large matrices), exact or randomized
-
-    def resolved_kernels(self) -> str:
-        if self.kernels not in KERNEL_MODES:
-            raise TvParamError(
-                f"unknown kernel mode {self.kernels!r}", help="choose auto, compiled or eager", code="E402"
-            )
-        mode = resolve_mode(self.kernels)
-        if mode == "compiled" and compiler() is None:
-            raise TvParamError(
-                "compiled kernels need a C compiler, and none was found",
-                help="install gcc or clang (or set CC), or use kernels=eager (--kernels eager)",
-                code="E402",
-            )
-        return mode
-
-    def resolved_threads(self) -> int:
-        if self.threads is not None:
-            if self.threads < 1:
-                raise TvParamError(f"threads must be at least 1, not {self.threads}", code="E402")
-            return self.threads
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except AttributeError:  # pragma: no cover - not Linux
-            return max(1, os.cpu_count() or 1)
-
-
-def task_vector(finetuned: Any, base: str = "base") -> Bound:
+def task_vector(finetuned: Any, base: str = "base") -> Binding:
     """Bind a fine-tuned checkpoint as its task vector: ``finetuned - <base>``, where ``base`` names another binding."""
-    return Bound(_as_value(finetuned), "task", base)
+    return Binding(_as_value(finetuned), "task", base)
 
 
-def delta(stored: Any) -> Bound:
+def delta(stored: Any) -> Binding:
     """Bind a stored task vector (a checkpoint that already holds fine-tuned minus base)."""
-    return Bound(_as_value(stored), "delta")
+    return Binding(_as_value(stored), "delta")
 
 
 def _as_value(value: Any) -> Any:
@@ -161,16 +97,16 @@ def _as_value(value: Any) -> Any:
     return value
 
 
-def _as_bound(value: Any) -> Bound:
-    if isinstance(value, Bound):
+def _as_bound(value: Any) -> Binding:
+    if isinstance(value, Binding):
         return value
     if isinstance(value, bool):
         raise TvParamError("a binding cannot be a bool", code="E403")
     if isinstance(value, (int, float)):
-        return Bound(float(value), "scalar")
+        return Binding(float(value), "scalar")
     value = _as_value(value)
     if isinstance(value, (str, os.PathLike, Mapping)):
-        return Bound(value, "model")
+        return Binding(value, "model")
     raise TvParamError(
         f"cannot bind a {type(value).__name__}: use a path, a state dict, an nn.Module or a number",
         code="E403",
@@ -301,8 +237,6 @@ class Program:
         before anything is written.
         """
         options = options or Options()
-        check_nonfinite_mode(options.nonfinite)
-        check_executor(options.executor)
         lowered = self.lower(params, bindings, options)
         adapters = self._adapter_specs(lowered.graph, options)
         bases = {a.base: self._lora_base(a, params, bindings, options) for a in adapters.values()}
@@ -475,7 +409,7 @@ class Program:
             options,
             resolve_device(options.device),
             options.resolved_threads(),
-            options.resolved_kernels(),
+            _kernel_mode(options),
             tuple(sorted(tensor_dtypes.items())) if tensor_dtypes is not None else None,
             _memory_layout(written),
         )
@@ -533,7 +467,7 @@ class Program:
         name = spec.base
         if not (isinstance(name, str) and name.isidentifier()):
             raise TvParamError(f"the LoRA base must be a name, not {name!r}", code="E408")
-        span = Span(TextSource(name, "--lora-base"), 0, len(name))
+        span = Span(SourceText(name, "--lora-base"), 0, len(name))
         kept = [s for s in self.syntax.statements if isinstance(s, (ast.Binding, ast.Param, ast.Define))]
         probe = ast.Output(ast.Name("lora_base", span), ast.Name(name, span), span)
         program = Program(replace(self.syntax, statements=(*kept, probe)), self.bindings)
@@ -818,7 +752,7 @@ def _plan(
         chunk=options.chunk,
         keys=options.keys,
         rows=options.rows,
-        kernels=options.resolved_kernels(),
+        kernels=_kernel_mode(options),
         # with a vocabulary, rows are re-indexed for the models merged; one whose weight folded to
         # zero has no row map to compare its embeddings through, so only merged models are checked
         written=written if vocab is None else None,

@@ -20,16 +20,17 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tvlang.errors import TvError, TvOutputError, TvParamError
+from tvlang.options import SETTINGS, Options, help_text, parse_text
 from tvlang.passes import STAGES
-from tvlang.source import Source, Span
+from tvlang.source import SourceText, Span
 
 # The API (and torch behind it) is imported when a command needs it, not when the command
 # starts: `tvlang --help` answers at once, and Ctrl-C or SIGTERM during the imports is a
 # clean exit instead of a traceback.
 if TYPE_CHECKING:
-    from tvlang.api import Options, Program
+    from tvlang.api import Program
     from tvlang.config import PreparedJob
-    from tvlang.lower import Bound
+    from tvlang.lower import Binding
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -48,7 +49,7 @@ def _params(args: argparse.Namespace) -> dict[str, float | list[float]]:
 
     params: dict[str, float | list[float]] = {}
     for name, value in _pairs(args.set, "--set"):
-        src = Source(f"{name}={value}", "--set")
+        src = SourceText(f"{name}={value}", "--set")
         where = Span(src, len(name) + 1, len(src.text))
 
         def bad(
@@ -80,11 +81,11 @@ def _params(args: argparse.Namespace) -> dict[str, float | list[float]]:
     return params
 
 
-def _bindings(args: argparse.Namespace) -> dict[str, Bound]:
+def _bindings(args: argparse.Namespace) -> dict[str, Binding]:
     from tvlang.api import delta, task_vector
-    from tvlang.lower import Bound
+    from tvlang.lower import Binding
 
-    bindings: dict[str, Bound] = {}
+    bindings: dict[str, Binding] = {}
     base = getattr(args, "base", "base")
     for flag, role in (("bind", "model"), ("task", "task"), ("delta", "delta")):
         for name, value in _pairs(getattr(args, flag, None), f"--{flag}"):
@@ -95,40 +96,20 @@ def _bindings(args: argparse.Namespace) -> dict[str, Bound]:
             elif role == "delta":
                 bindings[name] = delta(value)
             else:
-                bindings[name] = Bound(value, "model")
+                bindings[name] = Binding(value, "model")
     return bindings
 
 
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~tvlang.options.Options` fields whose flags were given (sizes parsed), and
+    ``progress`` unless ``-q``."""
+    given = {name: getattr(args, name, None) for name in SETTINGS if name != "progress"}
+    options = {k: parse_text(k, v) for k, v in given.items() if v is not None and v is not False}
+    return {**options, "progress": not getattr(args, "quiet", False)}
+
+
 def _options(args: argparse.Namespace) -> Options:
-    from tvlang.api import Options, parse_size
-
-    return Options(
-        dtype=args.dtype,
-        memory=parse_size(args.memory) if args.memory else Options.memory,
-        threads=args.threads,
-        chunk=args.chunk,
-        shard_size=parse_size(args.shard_size, "--shard-size") if args.shard_size else Options.shard_size,
-        overwrite=getattr(args, "force", False),
-        progress=not getattr(args, "quiet", False),
-        nonfinite=getattr(args, "nonfinite", None) or Options.nonfinite,
-        keys=args.keys or Options.keys,
-        rows=args.rows or Options.rows,
-        device=getattr(args, "device", None) or Options.device,
-        kernels=args.kernels or Options.kernels,
-        executor=getattr(args, "executor", None) or Options.executor,
-        address=getattr(args, "address", None),
-        **_lora_options(args),
-    )
-
-
-def _lora_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--as-lora R``, ``--lora-base NAME``, ``--lora-svd M``: the Options fields they set."""
-    given = {
-        "as_lora": getattr(args, "as_lora", None),
-        "lora_base": getattr(args, "lora_base", None),
-        "lora_svd": getattr(args, "lora_svd", None),
-    }
-    return {k: v for k, v in given.items() if v is not None}
+    return Options(**_given_options(args))
 
 
 def _program(args: argparse.Namespace) -> Program:
@@ -145,7 +126,7 @@ def _target(args: argparse.Namespace) -> PreparedJob:
     """What every command that takes a program acts on, whichever form it came in: a ``.tv``
     file, an expression, a job file or a mergekit config (YAML/JSON).  A job's fields are
     overridden by the flags given."""
-    from tvlang.api import declare_params, parse_size
+    from tvlang.api import declare_params
     from tvlang.config import JOB_SUFFIXES, PreparedJob, load_job, prepare_job
 
     file = getattr(args, "file", None)
@@ -155,38 +136,12 @@ def _target(args: argparse.Namespace) -> PreparedJob:
         if getattr(args, "expr", None) is not None:  # an expression declares what --set gives
             program = declare_params(program, params, "--set")
         return PreparedJob(None, program, params, {}, _options(args), getattr(args, "output", None))
-    flags = {
-        **{
-            k: getattr(args, k, None)
-            for k in (
-                "dtype",
-                "threads",
-                "chunk",
-                "nonfinite",
-                "keys",
-                "rows",
-                "kernels",
-                "device",
-                "executor",
-                "address",
-            )
-        },
-        **_lora_options(args),
-    }
-    options = {k: v for k, v in flags.items() if v is not None}
-    if args.memory:
-        options["memory"] = parse_size(args.memory)
-    if args.shard_size:
-        options["shard_size"] = parse_size(args.shard_size, "--shard-size")
-    if getattr(args, "force", False):
-        options["overwrite"] = True
     return prepare_job(
         load_job(file),
         output=getattr(args, "output", None),
         params=_params(args),
         bindings=_bindings(args),
-        progress=not getattr(args, "quiet", False),
-        **options,
+        **_given_options(args),
     )
 
 
@@ -264,7 +219,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     options = _options(args)
     stem = args.output.rstrip("/\\").removesuffix(".safetensors")
     beside = [stem + ".trials.json", stem + ".trials.csv", stem + ".png"]
-    if not args.force:
+    if not args.overwrite:
         for path in [args.output, *([] if args.resume else beside)]:
             if os.path.exists(path):
                 raise TvOutputError(f"{path} exists", help="use --force to replace it", code="E500")
@@ -335,81 +290,37 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
         p.add_argument(
             "--base", default="base", help="the binding --task vectors are relative to (default: base)"
         )
-    p.add_argument(
-        "--dtype", help="output dtype of float tensors: bf16, fp16, fp32, fp64 (default: as the inputs)"
-    )
-    p.add_argument("--memory", help="working-memory budget, e.g. 512M (default 512M)")
-    p.add_argument("--threads", type=int, help="worker threads (default: all CPUs available)")
-    p.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--kernels",
-        choices=("auto", "compiled", "eager"),
-        help="CPU kernels: fused loops built by the system C compiler (compiled; auto uses them when a "
-        "compiler is found, the default) or torch op by op (eager); the results are the same",
-    )
-    p.add_argument(
-        "--rows",
-        choices=("exact", "common"),
-        help="tensors whose shapes differ only in their rows (a resized vocabulary): an error (exact, the "
-        "default) or merge the rows every input has (common)",
-    )
-    p.add_argument(
-        "--keys",
-        choices=("exact", "intersection", "union"),
-        help="when inputs hold different tensor names: an error (exact, the default), only the shared ones "
-        "(intersection), or all of them, a model lacking one counting as the first input that has it (union)",
-    )
-    p.add_argument("--shard-size", help="largest output shard of a directory output, e.g. 5G (default 5G)")
-    p.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "auto"),
-        help="where kernels run: cpu (the default), cuda (generated Triton kernels on the GPU; "
-        'pip install "tvlang[gpu]") or auto (cuda when available, else cpu); the plan\'s chunks follow '
-        "it; see docs/gpu.md",
-    )
+    for name in _OPTION_FLAGS:
+        _add_option(p, name)
     if running:
-        p.add_argument(
-            "--executor",
-            choices=("local", "ray"),
-            help="where the tasks run: this machine (local, the default) or a Ray cluster (ray: units of "
-            'whole output shards, the same bits; pip install "tvlang[ray]"; see docs/distributed.md)',
-        )
-        p.add_argument(
-            "--address",
-            help="with --executor ray: the cluster to join, HOST:PORT or auto (the one running here); default: "
-            "$RAY_ADDRESS, else a local cluster for the run",
-        )
         p.add_argument(
             "-o", "--output", help="output .safetensors file or directory (a job file may give it as output:)"
         )
-        p.add_argument(
-            "--force", action="store_true", help="replace an existing output once the new one is complete"
-        )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress line")
-        p.add_argument(
-            "--nonfinite",
-            choices=("error", "warn", "propagate"),
-            help="NaN/inf in an input, or overflow to inf in the output dtype: stop without writing (error, "
-            "the default), write and print a warning per tensor (warn), or write silently (propagate)",
-        )
-        p.add_argument(
-            "--as-lora",
-            type=int,
-            metavar="RANK",
-            help="write each output as a PEFT LoRA adapter directory of this rank: its task vector (a model "
-            "output minus the base) factored per 2-D weight by a truncated SVD; see docs/language.md",
-        )
-        p.add_argument(
-            "--lora-base",
-            metavar="NAME",
-            help="the adapter's base model, a name in the program (default: base)",
-        )
-        p.add_argument(
-            "--lora-svd",
-            choices=("auto", "exact", "randomized"),
-            help="the adapter's SVD: exact (LAPACK), randomized (a sketch with power iterations), or auto "
-            "(the default: randomized where the rank is small against the matrix)",
-        )
+        for name in _RUN_OPTION_FLAGS:
+            _add_option(p, name)
+
+
+# The Options fields every command that takes a program sets by flag, and those only a run sets.
+_OPTION_FLAGS = ("dtype", "memory", "threads", "chunk", "kernels", "rows", "keys", "shard_size", "device")
+_RUN_OPTION_FLAGS = ("executor", "address", "overwrite", "nonfinite", "as_lora", "lora_base", "lora_svd")
+_METAVARS = {"as_lora": "RANK", "lora_base": "NAME", "threads": "N", "memory": "SIZE", "shard_size": "SIZE"}
+
+
+def _add_option(p: argparse.ArgumentParser, name: str) -> None:
+    """The flag of an Options field, its help, choices and type taken from the field's setting."""
+    setting = SETTINGS[name]
+    assert setting.flag is not None, name
+    kwargs: dict[str, Any] = {"dest": name, "help": argparse.SUPPRESS if name == "chunk" else help_text(name)}
+    if setting.kind == "flag":
+        kwargs["action"] = "store_true"
+    elif setting.kind == "count":
+        kwargs["type"] = int
+    elif setting.kind == "choice":
+        kwargs["choices"] = setting.choices
+    if name in _METAVARS:
+        kwargs["metavar"] = _METAVARS[name]
+    p.add_argument(setting.flag, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

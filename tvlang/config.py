@@ -47,27 +47,22 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from tvlang import mergekit
-from tvlang.api import Options, OutSpec, Program
-from tvlang.backends.compiled import KERNEL_MODES
+from tvlang.api import OutSpec, Program
 from tvlang.errors import TvError, TvInputError, TvParamError
-from tvlang.executors import EXECUTORS
 from tvlang.fields import FieldPath, Fields, describe, did_you_mean, dotted, read_json, read_yaml
-from tvlang.io.lora_out import SVD_METHODS
 from tvlang.job import Job
-from tvlang.lower import Bound, ParamValue
+from tvlang.lower import Binding, ParamValue
+from tvlang.options import SETTINGS, Options
 from tvlang.plan import Plan, parse_dtype
-from tvlang.plan.planner import KEY_POLICIES
-from tvlang.source import Source
+from tvlang.source import SourceText
 
 JOB_SUFFIXES = (".yaml", ".yml", ".json")
-DEVICES = ("cpu", "cuda", "auto")  # "auto": the GPU when CUDA and Triton are there, else the CPU
 ROLES = ("model", "task", "delta")
-NONFINITE = ("error", "warn", "propagate")
 MAX_JOB_CHARS = 1 << 20  # a job is a few lines; refuse anything that could not be one
 
 MARK_DEPTH = 3  # bindings.NAME.FIELD is the deepest field in the schema
@@ -76,12 +71,12 @@ MARK_DEPTH = 3  # bindings.NAME.FIELD is the deepest field in the schema
 # -- the fields ---------------------------------------------------------------------------------
 
 
-def _bindings(f: Fields, value: Any) -> dict[str, Bound]:
-    bindings: dict[str, Bound] = {}
+def _bindings(f: Fields, value: Any) -> dict[str, Binding]:
+    bindings: dict[str, Binding] = {}
     for name, spec in f.mapping(("bindings",), value).items():
         at: FieldPath = ("bindings", f.name_key(("bindings", name), name))
         if isinstance(spec, str):
-            bindings[name] = Bound(f.path(at, spec), "model")
+            bindings[name] = Binding(f.path(at, spec), "model")
             continue
         if not isinstance(spec, Mapping):
             hint = "a number goes under `params:`" if isinstance(spec, (int, float)) else None
@@ -94,7 +89,7 @@ def _bindings(f: Fields, value: Any) -> dict[str, Bound]:
             f.fail((*at, "base"), f"only a task has a base, and `{name}` is a {role}", key=True)
         base = spec.get("base", "base")
         f.expect((*at, "base"), base, isinstance(base, str) and base.isidentifier(), "the name of a binding")
-        bindings[name] = Bound(f.path((*at, "path"), spec["path"]), role, base)
+        bindings[name] = Binding(f.path((*at, "path"), spec["path"]), role, base)
     return bindings
 
 
@@ -112,61 +107,47 @@ def _output(f: Fields, value: Any) -> str | dict[str, str] | None:
     return f.path(("output",), value)
 
 
-def _dtype(f: Fields, value: Any) -> str | None:
-    if value is None:
+def _option(f: Fields, name: str, value: Any) -> Any:
+    """A job's (or an override's) value of the :class:`Options` field ``name``, checked as the
+    field's setting says (tvlang.options), with the error at the field."""
+    setting = SETTINGS[name]
+    at: FieldPath = (name,)
+    if value is None and name in ("dtype", "roots", "threads", "chunk", "address", "as_lora"):
         return None
-    f.expect(("dtype",), value, isinstance(value, str), "one of bf16, fp16, fp32, fp64")
-    try:
-        parse_dtype(value)
-    except TvParamError as e:
-        f.fail(("dtype",), f"`dtype` {value!r} is not a dtype", help=e.help)
-    return str(value)
+    if setting.kind == "size":
+        return f.size(at, value)
+    if setting.kind == "count":
+        return f.integer(at, value)
+    if setting.kind == "flag":
+        return f.boolean(at, value)
+    if setting.kind == "text":
+        return f.string(at, value)
+    if setting.kind == "paths":
+        f.expect(at, value, isinstance(value, (list, tuple)), "a list of directories")
+        return tuple(f.path((name, i), r) for i, r in enumerate(value))
+    if setting.kind == "dtype":
+        f.expect(at, value, isinstance(value, str), "one of bf16, fp16, fp32, fp64")
+        try:
+            parse_dtype(value)
+        except TvParamError as e:
+            f.fail(at, f"`dtype` {value!r} is not a dtype", help=e.help)
+        return str(value)
+    if name == "device":  # (case-insensitive, with its own help)
+        f.expect(at, value, isinstance(value, str), "one of " + ", ".join(setting.choices))
+        if value.lower() not in setting.choices:
+            f.fail(
+                at,
+                f"`device` {value!r} is not one of " + ", ".join(setting.choices),
+                help='use `device: cpu`, `cuda` (pip install "tvlang[gpu]"; see docs/gpu.md) or `auto`',
+            )
+        return str(value.lower())
+    return f.choice(at, value, setting.choices)
 
 
-def _device(f: Fields, value: Any) -> str:
-    if value is None:
-        return "cpu"
-    f.expect(("device",), value, isinstance(value, str), "one of " + ", ".join(DEVICES))
-    if value.lower() not in DEVICES:
-        f.fail(
-            ("device",),
-            f"`device` {value!r} is not one of " + ", ".join(DEVICES),
-            help='use `device: cpu`, `cuda` (pip install "tvlang[gpu]"; see docs/gpu.md) or `auto`',
-        )
-    return str(value.lower())
-
-
-def _roots(f: Fields, value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    f.expect(("roots",), value, isinstance(value, (list, tuple)), "a list of directories")
-    return tuple(f.path(("roots", i), r) for i, r in enumerate(value))
-
-
-# Each option field: how it is checked and which Options field it sets.  Overrides given to
-# run_job() or on the command line go through the same checks.
-_OPTIONS: dict[str, Callable[[Fields, Any], Any]] = {
-    "dtype": _dtype,
-    "memory": lambda f, v: f.size(("memory",), v),
-    "threads": lambda f, v: None if v is None else f.integer(("threads",), v),
-    "shard_size": lambda f, v: f.size(("shard_size",), v),
-    "overwrite": lambda f, v: f.boolean(("overwrite",), v),
-    "nonfinite": lambda f, v: f.choice(("nonfinite",), v, NONFINITE),
-    "roots": _roots,
-    "keys": lambda f, v: f.choice(("keys",), v, KEY_POLICIES),
-    "rows": lambda f, v: f.choice(("rows",), v, ("exact", "common")),
-    "kernels": lambda f, v: f.choice(("kernels",), v, KERNEL_MODES),
-    "executor": lambda f, v: f.choice(("executor",), v, EXECUTORS),
-    "address": lambda f, v: f.string(("address",), v),
-    "as_lora": lambda f, v: f.integer(("as_lora",), v),
-    "lora_base": lambda f, v: f.string(("lora_base",), v),
-    "lora_svd": lambda f, v: f.choice(("lora_svd",), v, SVD_METHODS),
-}
-_OVERRIDES_ONLY: dict[str, Callable[[Fields, Any], Any]] = {
-    "progress": lambda f, v: f.boolean(("progress",), v),
-    "chunk": lambda f, v: None if v is None else f.integer(("chunk",), v),
-}
-FIELDS = ("program", "expression", "bindings", "params", "output", "device", *_OPTIONS)
+# Option fields a job file may hold (every Options field but the caller-only ones, which only
+# run_job() overrides and the command line set).
+_JOB_OPTIONS = tuple(name for name in SETTINGS if name not in ("progress", "chunk"))
+FIELDS = ("program", "expression", "bindings", "params", "output", *_JOB_OPTIONS)
 
 
 def _job(f: Fields, data: Any) -> Job:
@@ -182,15 +163,15 @@ def _job(f: Fields, data: Any) -> Job:
     program = f.path(("program",), data["program"]) if "program" in data else None
     if program is not None and not os.path.isfile(program):
         raise TvInputError(f"no such program file: {program}", f.span(("program",)), code="E300")
-    options = {k: check(f, data[k]) for k, check in _OPTIONS.items() if k in data and data[k] is not None}
-    device = _device(f, data.get("device"))
+    options = {k: _option(f, k, data[k]) for k in _JOB_OPTIONS if k in data and data[k] is not None}
+    device = options.get("device", "cpu")
     return Job(
         program=program,
         expression=f.string(("expression",), data["expression"]) if program is None else None,
         bindings=_bindings(f, data.get("bindings")),
         params=_params(f, data.get("params")),
         output=_output(f, data.get("output")),
-        options=replace(Options(), **options, device=device),
+        options=replace(Options(), **options),
         device=device,
         name=f.name,
         base_dir=f.base_dir,
@@ -225,7 +206,7 @@ def load_job(path: str | os.PathLike[str]) -> Job:
         raise TvInputError(f"no such job file: {path}", code="E300") from None
     except (OSError, UnicodeDecodeError) as e:
         raise TvInputError(f"cannot read {path}: {e}", code="E300") from None
-    source = Source(text, path)
+    source = SourceText(text, path)
     if len(text) > MAX_JOB_CHARS:
         raise TvParamError(f"{path} is over {MAX_JOB_CHARS} characters: not a job file", code="E406")
     reader = read_json if path.lower().endswith(".json") else read_yaml
@@ -319,14 +300,13 @@ def prepare_job(
     option fields, ``device``, ``progress``, ``chunk``) are checked like the job's fields.  Paths
     given here are relative to the current directory, as on a command line."""
     job = as_job(spec, base_dir=base_dir)
-    checks = {**_OPTIONS, **_OVERRIDES_ONLY, "device": _device}
     f = Fields("the options given to run the job", os.getcwd())
     for k in options:
-        if k not in checks:
+        if k not in SETTINGS:
             raise TvParamError(
-                f"unknown option `{k}`", help=did_you_mean(k, tuple(checks), "options"), code="E402"
+                f"unknown option `{k}`", help=did_you_mean(k, tuple(SETTINGS), "options"), code="E402"
             )
-    checked = {k: checks[k](f, v) for k, v in options.items()}
+    checked = {k: _option(f, k, v) for k, v in options.items()}
     opts = replace(job.options, **{k: v for k, v in checked.items() if v is not None})
     extra = {k: _absolute(v) for k, v in (bindings or {}).items()}
     for name, bound in job.bindings.items():
@@ -370,7 +350,7 @@ def run_job(
 
 
 def _absolute(value: Any) -> Any:
-    if isinstance(value, Bound) and isinstance(value.value, (str, os.PathLike)):
+    if isinstance(value, Binding) and isinstance(value.value, (str, os.PathLike)):
         return replace(value, value=os.path.abspath(value.value))
     return os.path.abspath(value) if isinstance(value, (str, os.PathLike)) else value
 
@@ -420,7 +400,6 @@ def sum_of_names(names: Any) -> str:
 
 
 __all__ = [
-    "DEVICES",
     "FIELDS",
     "JOB_SUFFIXES",
     "Job",

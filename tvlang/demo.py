@@ -13,8 +13,9 @@ import tempfile
 
 import torch
 
-from tvlang.api import Options, compile_file
+from tvlang.api import compile_file
 from tvlang.numerics import ulp, ulp_error
+from tvlang.options import Options
 from tvlang.synth import llama_shapes, make_family, make_lora_adapter
 
 PROGRAM = """\

@@ -15,10 +15,10 @@ import re
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from tvlang.api import parse_size
 from tvlang.errors import TvParamError
 from tvlang.lower import ParamValue
-from tvlang.source import Source, Span
+from tvlang.options import parse_size
+from tvlang.source import SourceText, Span
 
 FieldPath = tuple[str | int, ...]
 Marks = dict[FieldPath, tuple[int, int, int, int]]  # key start, key end, value start, value end
@@ -56,7 +56,7 @@ class Fields:
     """Validates fields and raises errors that name them and, where the text is known, point at them."""
 
     def __init__(
-        self, name: str, base_dir: str, source: Source | None = None, marks: Marks | None = None
+        self, name: str, base_dir: str, source: SourceText | None = None, marks: Marks | None = None
     ) -> None:
         self.name = name
         self.base_dir = base_dir
@@ -163,13 +163,13 @@ class Fields:
 # -- reading files, with the position of every field ----------------------------------------------
 
 
-def syntax_error(source: Source, pos: int, message: str, end: int | None = None) -> TvParamError:
+def syntax_error(source: SourceText, pos: int, message: str, end: int | None = None) -> TvParamError:
     pos = min(max(pos, 0), len(source.text))
     span = Span(source, pos, max(pos + 1, end or 0))
     return TvParamError(f"{source.name} is not valid: {message}", span, code="E406")
 
 
-def read_yaml(source: Source, depth: int) -> tuple[Any, Marks]:
+def read_yaml(source: SourceText, depth: int) -> tuple[Any, Marks]:
     try:
         import yaml
     except ImportError:
@@ -215,7 +215,7 @@ def read_yaml(source: Source, depth: int) -> tuple[Any, Marks]:
     return data, marks
 
 
-def read_json(source: Source, depth: int) -> tuple[Any, Marks]:
+def read_json(source: SourceText, depth: int) -> tuple[Any, Marks]:
     text = source.text
     try:
         data = json.loads(text) if text.strip() else None

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tvlang.api import Options, Program, compile_file, declare_params
-from tvlang.lower import Bound, ParamValue
+from tvlang.api import Program, compile_file, declare_params
+from tvlang.lower import Binding, ParamValue
+from tvlang.options import Options
 from tvlang.source import Span
 from tvlang.syntax.parser import parse
 
@@ -22,7 +23,7 @@ class Job:
 
     program: str | None
     expression: str | None
-    bindings: Mapping[str, Bound]
+    bindings: Mapping[str, Binding]
     params: Mapping[str, ParamValue]
     output: str | Mapping[str, str] | None
     options: Options

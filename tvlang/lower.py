@@ -24,7 +24,7 @@ from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op
 from tvlang.ir.printer import format_weight
 from tvlang.ops import COMPARISONS
 from tvlang.passes.linearize import linear_form
-from tvlang.source import Source, Span
+from tvlang.source import SourceText, Span
 from tvlang.syntax import ast
 from tvlang.syntax.parser import too_deep
 
@@ -36,7 +36,7 @@ DEFAULT_OUTPUT = "out"
 
 
 @dataclass(frozen=True)
-class Bound:
+class Binding:
     """A name bound by the caller (CLI ``--bind``, Python ``bindings=``).
 
     ``role`` is ``model`` (a checkpoint), ``delta`` (a stored task vector),
@@ -61,8 +61,15 @@ class Lowered:
 class Lowering:
     """One lowering of one program; holds the environment while walking it."""
 
-    def __init__(self, program: ast.Program, roots: Sequence[str | os.PathLike[str]] | None) -> None:
+    def __init__(
+        self,
+        program: ast.Program,
+        roots: Sequence[str | os.PathLike[str]] | None,
+        resolved: dict[tuple[str, str], str] | None = None,
+    ) -> None:
         self.program = program
+        # load() paths already resolved (shared by a sweep's lowerings: each path is looked up once)
+        self.resolved = resolved if resolved is not None else {}
         self.source = program.source
         self.roots = None if roots is None else [Path(r).resolve() for r in roots]
         self.env: dict[str, tuple[Node, Span | None]] = {}
@@ -80,6 +87,15 @@ class Lowering:
         """An absolute path for ``load()``'s argument: relative to the program's directory, or the cached
         snapshot of a Hugging Face reference (``hf://org/name[@rev]``; see :mod:`tvlang.io.hub`)."""
         base = Path(self.source.base_dir) if self.source.base_dir else Path.cwd()
+        key = (path, str(base))
+        if key not in self.resolved:
+            self.resolved[key] = self._resolve(path, base, span)
+        self.n_inputs += 1
+        if self.n_inputs > MAX_INPUTS:
+            raise TvInputError(f"more than {MAX_INPUTS} inputs", span, code="E306")
+        return self.resolved[key]
+
+    def _resolve(self, path: str, base: Path, span: Span) -> str:
         local = resolve_reference(path, base, span)  # a Hugging Face reference → its cached snapshot
         candidates = [base / local]
         if not local.endswith(".safetensors"):
@@ -100,9 +116,6 @@ class Lowering:
                 help="allowed: " + ", ".join(str(r) for r in self.roots),
                 code="E305",
             )
-        self.n_inputs += 1
-        if self.n_inputs > MAX_INPUTS:
-            raise TvInputError(f"more than {MAX_INPUTS} inputs", span, code="E306")
         return str(resolved)
 
     # -- expressions ---------------------------------------------------------
@@ -432,7 +445,7 @@ def lower(
     program: ast.Program,
     *,
     params: Mapping[str, ParamValue] | None = None,
-    bindings: Mapping[str, Bound] | None = None,
+    bindings: Mapping[str, Binding] | None = None,
     roots: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Lowered:
     """Lower a parsed program to an IR graph with the given parameter values and bindings.
@@ -482,7 +495,7 @@ def _lower_sweep(
     program: ast.Program,
     params: dict[str, ParamValue],
     sweeps: dict[str, tuple[float, ...]],
-    bindings: Mapping[str, Bound] | None,
+    bindings: Mapping[str, Binding] | None,
     roots: Sequence[str | os.PathLike[str]] | None,
 ) -> Lowered:
     combos = [dict(zip(sweeps, values, strict=True)) for values in itertools.product(*sweeps.values())]
@@ -490,7 +503,11 @@ def _lower_sweep(
         raise TvParamError(
             f"the sweep has {len(combos)} combinations; the limit is {MAX_OUTPUTS}", code="E402"
         )
-    runs = [_lower(program, params={**params, **combo}, bindings=bindings, roots=roots) for combo in combos]
+    resolved: dict[tuple[str, str], str] = {}  # each load() path is looked up once for the whole sweep
+    runs = [
+        _lower(program, params={**params, **combo}, bindings=bindings, roots=roots, resolved=resolved)
+        for combo in combos
+    ]
     outputs: list[tuple[str, Node]] = []
     expressions: list[str] = []
     output_params: list[dict[str, float]] = []
@@ -529,10 +546,11 @@ def _lower(
     program: ast.Program,
     *,
     params: Mapping[str, ParamValue] | None,
-    bindings: Mapping[str, Bound] | None,
+    bindings: Mapping[str, Binding] | None,
     roots: Sequence[str | os.PathLike[str]] | None,
+    resolved: dict[tuple[str, str], str] | None = None,
 ) -> Lowered:
-    ctx = Lowering(program, roots)
+    ctx = Lowering(program, roots, resolved)
     overrides = dict(params or {})
     _bind_external(ctx, bindings or {})
 
@@ -617,7 +635,7 @@ def _lower(
     if overrides:
         unknown = next(iter(overrides))
         close = difflib.get_close_matches(unknown, list(declared), n=1)
-        src = Source(f"{unknown}={overrides[unknown]:g}", "--set")
+        src = SourceText(f"{unknown}={overrides[unknown]:g}", "--set")
         raise TvParamError(
             f"no parameter named `{unknown}`",
             Span(src, 0, len(unknown)),
@@ -733,12 +751,12 @@ def _token_rule(ctx: Lowering, stmt: ast.TokenRow) -> TokenRule:
     return TokenRule(stmt.token.value, ref, index, force, stmt.span)
 
 
-def _bind_external(ctx: Lowering, bindings: Mapping[str, Bound]) -> None:
+def _bind_external(ctx: Lowering, bindings: Mapping[str, Binding]) -> None:
     """Caller bindings become names in scope before the program's first line."""
     order = sorted(bindings, key=lambda n: bindings[n].role == "task")  # tasks refer to their base
     for name in order:
         bound = bindings[name]
-        src = Source(f"{name}={_describe(bound.value)}", f"--bind {name}")
+        src = SourceText(f"{name}={_describe(bound.value)}", f"--bind {name}")
         span = Span(src, 0, len(src.text))
         if not name.isidentifier():
             raise TvParamError(f"`{name}` is not a valid name", span, code="E403")
@@ -776,4 +794,4 @@ def _describe(value: Any) -> str:
     return os.fspath(value) if isinstance(value, (str, os.PathLike)) else repr(value)
 
 
-__all__ = ["SCALAR", "Bound", "Lowered", "lower"]
+__all__ = ["SCALAR", "Binding", "Lowered", "lower"]

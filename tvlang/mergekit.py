@@ -32,13 +32,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
-from tvlang.api import Options, Program
+from tvlang.api import Program
 from tvlang.builtins import BUILTINS
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.fields import FieldPath, Fields, describe, dotted, read_json, read_yaml
 from tvlang.job import Job
-from tvlang.lower import Bound
-from tvlang.source import Source, Span
+from tvlang.lower import Binding
+from tvlang.options import Options
+from tvlang.source import SourceText, Span
 
 # modules.M.slices[i].sources[j].parameters.NAME[k].value[l] is the deepest field a mergekit config has
 MARK_DEPTH = 12
@@ -177,7 +178,7 @@ class Translation:
         return Job(
             program=None,
             expression=self.body,
-            bindings={n: Bound(p, "model") for n, p in self.models.items()},
+            bindings={n: Binding(p, "model") for n, p in self.models.items()},
             params={},
             output=None,
             options=replace(Options(), dtype=self.dtype),
@@ -247,7 +248,7 @@ def translate(
     ``.tv`` file will be in, or absolute when it is None.  ``seed`` seeds DARE and DELLA masks."""
     base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
     if isinstance(spec, str):
-        source = Source(spec, source_name)
+        source = SourceText(spec, source_name)
         data, marks = _read(source)
         f = _MkFields(source_name, base, source, marks)
     else:
@@ -283,7 +284,7 @@ def mergekit_job(f: Fields, data: Mapping[str, Any]) -> Job:
     return replace(translation.job(), mergekit_config=mergekit_text(f.source, data))
 
 
-def mergekit_text(source: Source | None, data: Mapping[str, Any]) -> str:
+def mergekit_text(source: SourceText | None, data: Mapping[str, Any]) -> str:
     """The config as the model card shows it: the file's text, or the mapping written as JSON
     (which YAML reads too)."""
     if source is not None:
@@ -291,7 +292,7 @@ def mergekit_text(source: Source | None, data: Mapping[str, Any]) -> str:
     return json.dumps(data, indent=2, default=str)
 
 
-def _read(source: Source) -> tuple[Any, dict[FieldPath, tuple[int, int, int, int]]]:
+def _read(source: SourceText) -> tuple[Any, dict[FieldPath, tuple[int, int, int, int]]]:
     reader = read_json if source.name.lower().endswith(".json") else read_yaml
     try:
         data, marks = reader(source, depth=MARK_DEPTH)

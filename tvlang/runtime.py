@@ -36,6 +36,7 @@ from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.endpoints import Sink, Source
 from tvlang.io.safetensors import TORCH_DTYPES
+from tvlang.options import NONFINITE_MODES
 from tvlang.plan.plan import (
     ModelReduction,
     Plan,
@@ -47,7 +48,6 @@ from tvlang.plan.plan import (
     row_length,
 )
 
-NONFINITE_MODES = ("error", "warn", "propagate")
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 

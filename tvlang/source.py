@@ -1,10 +1,10 @@
 """Source text and spans: where every error points.
 
-A :class:`Span` is a half-open character range into one :class:`Source`;
+A :class:`Span` is a half-open character range into one :class:`SourceText`;
 line and column are computed on demand, so spans stay cheap to carry on
 every AST and IR node.
 
->>> src = Source("a = b +\\n  c", "demo.tv")
+>>> src = SourceText("a = b +\\n  c", "demo.tv")
 >>> Span(src, 10, 11).line_col()
 (2, 3)
 """
@@ -17,7 +17,7 @@ from functools import cached_property
 
 
 @dataclass(frozen=True, eq=False)
-class Source:
+class SourceText:
     """A piece of source text with a display name (a file path, ``<expr>``, ``--bind x``)."""
 
     text: str
@@ -47,7 +47,7 @@ class Source:
 class Span:
     """A half-open range ``[start, end)`` of characters in a source."""
 
-    source: Source
+    source: SourceText
     start: int
     end: int
 

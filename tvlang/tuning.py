@@ -33,8 +33,9 @@ from typing import Any, TextIO
 
 import torch
 
-from tvlang.api import Options, Program, compile, compile_file
+from tvlang.api import Program, compile, compile_file
 from tvlang.errors import TvInputError, TvOutputError, TvParamError
+from tvlang.options import Options
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes")
 GRID_POINTS = 11  # values per range in a grid search without a trial budget: 0, 0.1, ..., 1 over [0, 1]
@@ -276,7 +277,7 @@ def _program(program: Program | str | os.PathLike[str], bindings: Mapping[str, A
 def _storages(value: Any) -> set[int]:
     if hasattr(value, "state_dict") and callable(value.state_dict):
         value = value.state_dict()
-    value = getattr(value, "value", value)  # a Bound
+    value = getattr(value, "value", value)  # a Binding
     if isinstance(value, Mapping):
         return {t.untyped_storage().data_ptr() for t in value.values() if isinstance(t, torch.Tensor)}
     return set()

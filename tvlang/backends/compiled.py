@@ -27,8 +27,6 @@ from tvlang.dtypes import KERNEL_DTYPES, code_of, torch_dtype
 from tvlang.plan.plan import Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.program import TensorProgram
 
-KERNEL_MODES = ("auto", "compiled", "eager")
-
 
 def resolve_mode(mode: str) -> str:
     """``auto`` is ``compiled`` where a C compiler is found, else ``eager``."""

@@ -55,6 +55,7 @@ from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvParamError
 from tvlang.io.endpoints import IntoSink, Sink, Source
 from tvlang.io.safetensors import TORCH_DTYPES
+from tvlang.options import DEVICES
 from tvlang.plan.plan import (
     SLOTS,
     Copy,
@@ -78,7 +79,6 @@ from tvlang.runtime import (
 )
 
 DIRECT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
-DEVICES = ("cpu", "cuda", "auto")
 INSTALL_HELP = (
     'install the GPU extra: pip install "tvlang[gpu]" (Triton; a CUDA build of torch is needed too)'
 )

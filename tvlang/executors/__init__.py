@@ -17,10 +17,9 @@ from typing import Protocol
 from tvlang.backends.gpu import execute_gpu
 from tvlang.errors import TvParamError
 from tvlang.io.endpoints import Sink, Source
+from tvlang.options import EXECUTORS
 from tvlang.plan import Plan
 from tvlang.runtime import NonFiniteReport, Progress, execute
-
-EXECUTORS = ("local", "ray")
 
 
 class Executor(Protocol):
@@ -90,4 +89,4 @@ def executor_for(name: str, *, device: str = "cpu", address: str | None = None) 
     return RayExecutor(address)
 
 
-__all__ = ["EXECUTORS", "Executor", "LocalExecutor", "check_executor", "executor_for"]
+__all__ = ["Executor", "LocalExecutor", "check_executor", "executor_for"]

@@ -55,7 +55,6 @@ from tvlang.io.safetensors import (
 
 OVERSAMPLE = 10  # extra sketch columns of the randomized SVD
 POWER_ITERATIONS = 2
-SVD_METHODS = ("auto", "exact", "randomized")
 ERRORS_KEY = "tvlang.lora.errors"
 FACTOR_DTYPE = "F32"  # A and B, unless --dtype says otherwise (PEFT computes LoRA in float32 anyway)
 # Model types whose linear layers are GPT-2's Conv1D: weights stored (in × out), PEFT's fan_in_fan_out
@@ -511,7 +510,6 @@ class LoraWriter(Transaction):
 
 __all__ = [
     "ERRORS_KEY",
-    "SVD_METHODS",
     "AdapterEntry",
     "AdapterLayout",
     "LoraWriter",

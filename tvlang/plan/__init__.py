@@ -10,10 +10,9 @@ from tvlang.plan.plan import (
     WeightedSum,
     human_bytes,
 )
-from tvlang.plan.planner import DEFAULT_MEMORY, build_plan, parse_dtype
+from tvlang.plan.planner import build_plan, parse_dtype
 
 __all__ = [
-    "DEFAULT_MEMORY",
     "Copy",
     "Plan",
     "PlannedInput",

@@ -15,6 +15,7 @@ from tvlang.dtypes import FLOATS, OUTPUT_NAMES, WIDE
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
 from tvlang.layermap import output_order
+from tvlang.options import DEFAULT_MEMORY, KEY_POLICIES
 from tvlang.passes.linearize import anchor_of, is_difference
 from tvlang.passes.specialize import has_context, has_stack, specialize
 from tvlang.plan.plan import (
@@ -46,7 +47,6 @@ OpenInput = Callable[[InputRef], tuple[str, Mapping[str, TensorMeta], bool]]
 MAX_CHUNK = 1 << 20  # elements; eager chunked kernels were fastest at 256K–1M (measured)
 MIN_CHUNK = 1 << 12
 PROGRAM_CHUNK = 1 << 18
-DEFAULT_MEMORY = 256 << 20
 
 
 def parse_dtype(name: str | None) -> str | None:
@@ -361,9 +361,6 @@ def _term(weight: float, node: Node, index: Mapping[str, int]) -> tuple[float, i
     if is_difference(node) and all(a.op is Op.INPUT for a in node.args):
         return (weight, index[node.args[0].arg.key], index[node.args[1].arg.key])
     return None
-
-
-KEY_POLICIES = ("exact", "intersection", "union")
 
 
 def _tensor_names(inputs: list[PlannedInput], used: list[int], keys: str) -> list[str]:

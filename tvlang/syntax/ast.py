@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvlang.source import Source, Span
+from tvlang.source import SourceText, Span
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,4 +150,4 @@ Stmt = Binding | Param | Output | ExprStmt | Define | Vocab | TokenRow
 @dataclass(frozen=True, slots=True)
 class Program:
     statements: tuple[Stmt, ...]
-    source: Source
+    source: SourceText

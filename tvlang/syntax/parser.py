@@ -21,7 +21,7 @@ from lark import Lark, Token, Transformer, v_args
 from lark.lark import PostLex
 
 from tvlang.errors import TvSyntaxError
-from tvlang.source import Source, Span
+from tvlang.source import SourceText, Span
 from tvlang.syntax import ast
 
 # Limits against hostile input: deep nesting would otherwise overflow the
@@ -133,7 +133,7 @@ def _expected(names: set[str]) -> str:
 
 def parse(text: str, name: str = "<expr>", base_dir: str | os.PathLike[str] | None = None) -> ast.Program:
     """Parse tvlang text (a ``.tv`` program or a bare expression) into an AST."""
-    source = Source(text, name, None if base_dir is None else os.fspath(base_dir))
+    source = SourceText(text, name, None if base_dir is None else os.fspath(base_dir))
     if len(text) > MAX_SOURCE_CHARS:
         raise TvSyntaxError(
             f"source is {len(text)} characters; the limit is {MAX_SOURCE_CHARS}",
@@ -189,7 +189,7 @@ def parse(text: str, name: str = "<expr>", base_dir: str | os.PathLike[str] | No
         raise too_deep(source) from None
 
 
-def too_deep(source: Source) -> TvSyntaxError:
+def too_deep(source: SourceText) -> TvSyntaxError:
     """Chains of thousands of operators overflow the recursive passes: a clear error instead."""
     return TvSyntaxError(
         "expression is nested or chained too deeply",
@@ -202,7 +202,7 @@ def too_deep(source: Source) -> TvSyntaxError:
 class _ToAst(Transformer[Token, Any]):
     """Lark parse tree → :mod:`tvlang.syntax.ast` nodes with spans."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: SourceText) -> None:
         super().__init__()
         self.source = source
 
