@@ -24,7 +24,7 @@ from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import c_kernel_sources, resolve_mode
 from tvlang.backends.gpu import kernel_sources, resolve_device
 from tvlang.codegen.c import compiler
-from tvlang.dtypes import FLOATS
+from tvlang.dtypes import FLOATS, TensorMeta
 from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
 from tvlang.executors import executor_for
 from tvlang.io.card import CARD_NAME, CardInput, hub_id, model_card
@@ -61,7 +61,7 @@ from tvlang.layermap import restacked_sidecars
 from tvlang.lower import Binding, Lowered, ParamValue, lower
 from tvlang.options import Options
 from tvlang.passes import STAGES, optimize, stages
-from tvlang.plan import Plan, TensorMeta, build_plan, parse_dtype
+from tvlang.plan import Plan, build_plan, parse_dtype
 from tvlang.runtime import Progress
 from tvlang.source import SourceText, Span
 from tvlang.syntax import ast

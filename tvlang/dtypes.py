@@ -81,6 +81,27 @@ def code_of(dtype: Any) -> str | None:
 
 _BY_TORCH_NAME = {d.torch: code for code, d in DTYPES.items()}
 
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a header says of a tensor: its dtype code and shape (no data).  The readers produce
+    it, the planner plans from it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * ITEMSIZE[self.dtype]
+
+
 __all__ = [
     "DTYPES",
     "FLOATS",
@@ -89,6 +110,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "WIDE",
     "DType",
+    "TensorMeta",
     "code_of",
     "torch_dtype",
 ]

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 
 from tvlang.ops import work_buffer
+from tvlang.plan.plan import BLOCK
 
-BLOCK = 4096
 DIGIT = 1 << 16
 
 

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from tvlang.backends.reductions import BLOCK
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
 from tvlang.dtypes import DTYPES
+from tvlang.plan.plan import BLOCK
 
 FLAGS = (
     "-O3",

@@ -13,11 +13,10 @@ from typing import Any, Protocol
 
 import torch
 
-from tvlang.dtypes import FLOATS
+from tvlang.dtypes import FLOATS, TensorMeta
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.safetensors import DTYPE_CODES, TORCH_DTYPES, TensorInfo
-from tvlang.plan.plan import TensorMeta
 from tvlang.source import Span
 
 

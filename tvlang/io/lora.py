@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tvlang.dtypes import TensorMeta
 from tvlang.errors import TvInputError
 from tvlang.io.safetensors import ChunkReader, read_header
 from tvlang.ops import work_buffer
-from tvlang.plan.plan import TensorMeta
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

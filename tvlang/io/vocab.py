@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from tvlang.dtypes import TensorMeta
 from tvlang.errors import TvInputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.endpoints import Source
 from tvlang.io.safetensors import TORCH_DTYPES, TensorInfo
 from tvlang.ir.node import InputRef, Origin
 from tvlang.ops import work_buffer
-from tvlang.plan.plan import TensorMeta
 from tvlang.source import Span
 
 # Tensors whose rows are indexed by token id: input embeddings and output heads, by name suffix.

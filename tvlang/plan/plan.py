@@ -14,33 +14,17 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from tvlang.dtypes import ITEMSIZE
+from tvlang.dtypes import ITEMSIZE, TensorMeta
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
 from tvlang.layermap import LayerSources, layer_ranges
 from tvlang.plan.program import TensorProgram
 
+BLOCK = 4096  # reductions add fixed blocks of this many elements, so no chunking changes a sum
 SLOTS = 3  # staging slots on the GPU: copy in, compute, copy back, each on its own chunk
 GPU_DEVICES = ("cuda", "interpret")  # devices whose chunks stream through SLOTS staging slots
 
 _WHERE = {"cuda": "on the GPU", "interpret": "in Triton's interpreter (on the CPU)"}
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -350,7 +334,6 @@ __all__: Sequence[str] = [
     "PlannedInput",
     "PlannedOutput",
     "ProgramOutput",
-    "TensorMeta",
     "TensorTask",
     "TensorWrite",
     "WeightedSum",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from tvlang.context import TensorContext, count_layers, layer_of
-from tvlang.dtypes import FLOATS, OUTPUT_NAMES, WIDE
+from tvlang.dtypes import FLOATS, OUTPUT_NAMES, WIDE, TensorMeta
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.ir.node import Graph, InputRef, Node, Op, scalar_value, toposort
 from tvlang.layermap import output_order
@@ -19,6 +19,7 @@ from tvlang.options import DEFAULT_MEMORY, KEY_POLICIES
 from tvlang.passes.linearize import anchor_of, is_difference
 from tvlang.passes.specialize import has_context, has_stack, specialize
 from tvlang.plan.plan import (
+    BLOCK,
     GPU_DEVICES,
     SLOTS,
     Copy,
@@ -28,7 +29,6 @@ from tvlang.plan.plan import (
     PlannedInput,
     PlannedOutput,
     ProgramOutput,
-    TensorMeta,
     TensorTask,
     TensorWrite,
     WeightedSum,
@@ -38,8 +38,6 @@ from tvlang.plan.plan import (
 )
 from tvlang.plan.program import TensorProgram, compile_program
 from tvlang.source import Span
-
-BLOCK = 4096  # tvlang.backends.reductions.BLOCK: reductions sum fixed blocks of this many elements
 
 # ref -> (location, tensors, sparse): a sparse input is a task vector that is zero where it has no tensor
 OpenInput = Callable[[InputRef], tuple[str, Mapping[str, TensorMeta], bool]]
