@@ -91,3 +91,71 @@ def test_the_checks_see_imports() -> None:
     api = {m for m, _, _ in _imports("tvlang.api", modules["tvlang.api"], modules)}
     cli = {m for m, _, _ in _imports("tvlang.cli", modules["tvlang.cli"], modules)}
     assert "tvlang.plan" in api and "tvlang.api" in cli
+
+
+# The package's layers, bottom first.  A module may import its own layer (without a cycle) or
+# any layer below it, never one above.  ``ops`` is the table of the language's operations, read
+# by the IR, the lowering, the planner and the kernels alike; the GPU backend streams its own
+# chunks through the runtime, so it sits with the execution layer.
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("foundation", ("tvlang.version", "tvlang.errors", "tvlang.source", "tvlang.dtypes", "tvlang.options")),
+    (
+        "language",
+        (
+            "tvlang.syntax",
+            "tvlang.ir",
+            "tvlang.ops",
+            "tvlang.layermap",
+            "tvlang.context",
+            "tvlang.check",
+            "tvlang.passes",
+            "tvlang.hub",
+        ),
+    ),
+    ("lowering", ("tvlang.builtins", "tvlang.methods", "tvlang.lower", "tvlang.adapters")),
+    ("planning", ("tvlang.plan",)),
+    ("kernels", ("tvlang.numerics", "tvlang.codegen", "tvlang.backends")),
+    ("io", ("tvlang.io",)),
+    ("execution", ("tvlang.backends.gpu", "tvlang.runtime", "tvlang.executors")),
+    ("api", ("tvlang.api", "tvlang.synth", "tvlang.demo")),
+    (
+        "front-ends",
+        (
+            "tvlang",
+            "tvlang.cli",
+            "tvlang.config",
+            "tvlang.mergekit",
+            "tvlang.fields",
+            "tvlang.job",
+            "tvlang.tuning",
+            "tvlang.harness",
+            "tvlang.__main__",
+        ),
+    ),
+)
+
+
+def _layer(module: str) -> int | None:
+    """The layer of ``module``: the one whose most specific prefix names it."""
+    best: tuple[int, int] | None = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                best is None or len(prefix) > best[1]
+            ):
+                best = (i, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_every_module_has_a_layer_and_imports_downward() -> None:
+    modules = _modules()
+    assert [m for m in modules if _layer(m) is None] == []
+    upward = sorted(
+        {
+            f"{name} ({LAYERS[_layer(name) or 0][0]}) imports {imported} ({LAYERS[_layer(imported) or 0][0]})"
+            for name, path in modules.items()
+            for imported, _, _ in _imports(name, path, modules)
+            if imported in modules and (_layer(imported) or 0) > (_layer(name) or 0)
+        }
+    )
+    assert upward == []

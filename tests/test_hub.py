@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import tvlang
 from tvlang import cli
 from tvlang.errors import TvInputError
-from tvlang.io.hub import HubRef, download_command, parse_reference
+from tvlang.hub import HubRef, download_command, parse_reference
 from tvlang.synth import llama_shapes, make_family
 
 needs_hub = pytest.mark.skipif(

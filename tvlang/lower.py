@@ -17,11 +17,11 @@ from typing import Any
 from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec, layer_length
 from tvlang.check import KindError
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
-from tvlang.io.hub import resolve_reference
-from tvlang.io.vocab import TokenRule, VocabSpec
+from tvlang.hub import resolve_reference
 from tvlang.ir import build
 from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
 from tvlang.ir.printer import format_weight
+from tvlang.ir.vocab import TokenRule, VocabSpec
 from tvlang.ops import COMPARISONS
 from tvlang.passes.linearize import linear_form
 from tvlang.source import SourceText, Span
@@ -85,7 +85,7 @@ class Lowering:
     # -- paths ---------------------------------------------------------------
     def resolve_checkpoint(self, path: str, span: Span) -> str:
         """An absolute path for ``load()``'s argument: relative to the program's directory, or the cached
-        snapshot of a Hugging Face reference (``hf://org/name[@rev]``; see :mod:`tvlang.io.hub`)."""
+        snapshot of a Hugging Face reference (``hf://org/name[@rev]``; see :mod:`tvlang.hub`)."""
         base = Path(self.source.base_dir) if self.source.base_dir else Path.cwd()
         key = (path, str(base))
         if key not in self.resolved:

@@ -41,8 +41,8 @@ from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.endpoints import Source
 from tvlang.io.safetensors import TORCH_DTYPES, TensorInfo
 from tvlang.ir.node import InputRef, Origin
+from tvlang.ir.vocab import TokenRule, VocabSpec
 from tvlang.ops import work_buffer
-from tvlang.source import Span
 
 # Tensors whose rows are indexed by token id: input embeddings and output heads, by name suffix.
 VOCAB_SUFFIXES = (
@@ -77,33 +77,6 @@ FEW_RUNS = 8  # a chunk's rows from one model in fewer runs than this are copied
 def is_vocab_tensor(name: str, shape: Sequence[int]) -> bool:
     """A tensor indexed by token id (2-D, named like an embedding or an output head)."""
     return len(shape) == 2 and (name == "output.weight" or name.endswith(VOCAB_SUFFIXES))
-
-
-@dataclass(frozen=True)
-class TokenRule:
-    """``token "t" = model[index], force``: where token ``t``'s rows come from."""
-
-    token: str
-    model: InputRef | None  # None: zero rows
-    index: str | int | None  # another token of `model` (its string or its row id); None: `token` itself
-    force: bool  # also for models that have the token
-    span: Span | None = None
-
-
-@dataclass(frozen=True)
-class VocabSpec:
-    """What a ``vocab`` statement (and its ``token`` statements) asks for."""
-
-    source: InputRef | None  # the model whose tokenizer the output takes; None: the union
-    base: InputRef | None  # the model whose row a token missing from another model takes first
-    pad_to: int | None
-    tokens: tuple[TokenRule, ...] = ()
-    span: Span | None = None
-
-    @property
-    def describe(self) -> str:
-        what = "union" if self.source is None else f"the vocabulary of `{self.source.label}`"
-        return what + (f", base `{self.base.label}`" if self.base is not None else "")
 
 
 @dataclass
