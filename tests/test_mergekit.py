@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import tvlang
 from tvlang import cli
-from tvlang.backends.program import random_key, uniform
+from tvlang.backends.interpreter import random_key, uniform
 from tvlang.config import load_job, run_job
 from tvlang.errors import TvError, TvParamError
 from tvlang.mergekit import load_config, translate

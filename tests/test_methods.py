@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tvlang
-from tvlang.backends.program import random_key, uniform
+from tvlang.backends.interpreter import random_key, uniform
 
 
 def _close(result: torch.Tensor, ref: torch.Tensor) -> None:

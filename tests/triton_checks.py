@@ -466,8 +466,8 @@ def exact_fma_matches_fractions() -> dict[str, Any]:
 
 @check
 def uniform_matches_cpu_generator() -> dict[str, Any]:
-    """rand in a kernel equals tvlang.backends.program.uniform, in float32 and float64, at offsets."""
-    from tvlang.backends.program import random_key, uniform
+    """rand in a kernel equals tvlang.backends.interpreter.uniform, in float32 and float64, at offsets."""
+    from tvlang.backends.interpreter import random_key, uniform
     from tvlang.codegen import triton as tcg
     from tvlang.codegen.spec import KernelSpec, Stmt
 

@@ -70,8 +70,8 @@ def _sign(x: float) -> float:
 
 
 def _whole_rows(out: torch.Tensor, x: Any) -> None:
-    """A placeholder: row and column functions need the tensor's rows (tvlang.backends.program runs them)."""
-    raise NotImplementedError("a function of whole rows or columns runs in tvlang.backends.program")
+    """A placeholder: row and column functions need the tensor's rows (tvlang.backends.interpreter runs them)."""
+    raise NotImplementedError("a function of whole rows or columns runs in tvlang.backends.interpreter")
 
 
 def _clamp(out: torch.Tensor, x: Any, lo: Any, hi: Any) -> None:
@@ -113,7 +113,9 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
             "rowrank",
             1,
             lambda x: 0.5,
-            lambda out, x: out.fill_(0.5),  # needs the row length: run by tvlang.backends.program.row_rank
+            lambda out, x: out.fill_(
+                0.5
+            ),  # needs the row length: run by tvlang.backends.interpreter.row_rank
             "rank within its row, scaled to [0, 1] (ties by position); chunks hold whole rows",
         ),
         ElementwiseOp(

@@ -30,7 +30,7 @@ import torch
 
 from tvlang.backends.compiled import Kernels, TaskKernel, call, prepare_kernels
 from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
-from tvlang.backends.program import ProgramState
+from tvlang.backends.interpreter import ProgramState
 from tvlang.backends.reductions import KthLargest
 from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError

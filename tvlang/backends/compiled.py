@@ -19,12 +19,12 @@ from functools import partial
 import torch
 
 from tvlang.backends.cpu import Scratch
-from tvlang.backends.program import random_key
+from tvlang.backends.interpreter import random_key
 from tvlang.codegen import c
 from tvlang.codegen.spec import SUM, Bound, Unsupported, program_spec, reduction_spec, task_spec
 from tvlang.dtypes import KERNEL_DTYPES, code_of, torch_dtype
 from tvlang.plan.plan import BLOCK, Plan, ProgramOutput, TensorTask, WeightedSum
-from tvlang.plan.program import TensorProgram
+from tvlang.plan.tensor_program import TensorProgram
 
 
 def resolve_mode(mode: str) -> str:

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from tvlang.backends.cpu import Scratch, all_finite
-from tvlang.backends.program import ProgramState, random_key
+from tvlang.backends.interpreter import ProgramState, random_key
 from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block_sums
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
@@ -66,7 +66,7 @@ from tvlang.plan.plan import (
     WeightedSum,
     row_length,
 )
-from tvlang.plan.program import TensorProgram
+from tvlang.plan.tensor_program import TensorProgram
 from tvlang.runtime import (
     NonFiniteReport,
     Progress,

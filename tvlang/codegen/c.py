@@ -105,7 +105,7 @@ TV_MINMAX(tv_min, double, copysign, <, 1)
 TV_MINMAX(tv_max, double, copysign, >, 0)
 #define TV_SIGN(x) ((x) > 0 ? 1 : (x) < 0 ? -1 : 0)
 
-/* The counter-based generator of tvlang.backends.program: fmix64(key ^ (i * golden)). */
+/* The counter-based generator of tvlang.backends.interpreter: fmix64(key ^ (i * golden)). */
 static inline uint64_t tv_mix(uint64_t key, uint64_t i) {
     uint64_t x = key ^ (i * 0x9E3779B97F4A7C15ull);
     x ^= x >> 33;

@@ -5,7 +5,7 @@ straight-line list of statements in the accumulation dtype, from typed input
 pointers to typed output pointers.  The C emitter (:mod:`tvlang.codegen.c`) and
 the Triton emitter (:mod:`tvlang.codegen.triton`) both start from it, so both
 backends compute the same thing as the eager CPU path
-(:mod:`tvlang.backends.cpu`, :mod:`tvlang.backends.program`) — operation for
+(:mod:`tvlang.backends.cpu`, :mod:`tvlang.backends.interpreter`) — operation for
 operation, with the same roundings:
 
 - every value is in the accumulation type ``T`` (float32, or float64), and a
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from tvlang.dtypes import KERNEL_DTYPES
 from tvlang.plan.plan import ProgramOutput, TensorTask, WeightedSum
-from tvlang.plan.program import TensorProgram
+from tvlang.plan.tensor_program import TensorProgram
 
 ACC = "ACC"  # an output kept in the accumulation dtype (a reduction's operand)
 SUM = "SUM"  # an output of float64 block sums (tvlang.backends.reductions.block_sums), one per block

@@ -17,7 +17,7 @@ spec's docstring), so that both give the same bits:
   becoming 0xFFFF as torch's vectorised conversion does (the interpreter's ``.to(tl.bfloat16)``
   truncates);
 - ``rand`` is the counter-based fmix64 generator of
-  :func:`tvlang.backends.program.uniform`, in uint64 arithmetic.
+  :func:`tvlang.backends.interpreter.uniform`, in uint64 arithmetic.
 
 Under ``TRITON_INTERPRET=1`` (the tests, on the CPU) libdevice cannot be
 called: :func:`_install_interpreter_support` gives the interpreter numpy
@@ -200,7 +200,7 @@ class _Emitter:
         self.names[i] = name
 
     def binary(self, op: str, ids: tuple[int, ...], args: list[str]) -> str:
-        """As :func:`tvlang.backends.program._binary`: a number on the left is handled the way torch
+        """As :func:`tvlang.backends.interpreter._binary`: a number on the left is handled the way torch
         is called there (``(b - a).neg()``)."""
         a, b = args
         left_number = ids[0] in self.scalar and ids[1] not in self.scalar
@@ -259,7 +259,7 @@ def _widen_bf16(x):
     "uniform": '''
 @triton.jit
 def _uniform(key, index, BITS: tl.constexpr):
-    """The top BITS bits of fmix64(key ^ (index · golden)), as tvlang.backends.program.uniform."""
+    """The top BITS bits of fmix64(key ^ (index · golden)), as tvlang.backends.interpreter.uniform."""
     x = (index.to(tl.uint64) * 0x9E3779B97F4A7C15) ^ key
     x = x ^ (x >> 33)
     x = x * 0xFF51AFD7ED558CCD

@@ -18,7 +18,7 @@ from tvlang.dtypes import ITEMSIZE, TensorMeta
 from tvlang.ir.node import InputRef
 from tvlang.ir.printer import format_weight
 from tvlang.layermap import LayerSources, layer_ranges
-from tvlang.plan.program import TensorProgram
+from tvlang.plan.tensor_program import TensorProgram
 
 BLOCK = 4096  # reductions add fixed blocks of this many elements, so no chunking changes a sum
 SLOTS = 3  # staging slots on the GPU: copy in, compute, copy back, each on its own chunk
@@ -78,7 +78,7 @@ class Copy:
 
 @dataclass(frozen=True)
 class ProgramOutput:
-    """Output ``index`` of the task's :class:`~tvlang.plan.program.TensorProgram` (element-wise
+    """Output ``index`` of the task's :class:`~tvlang.plan.tensor_program.TensorProgram` (element-wise
     functions, reductions, random masks), rounded once to the output dtype."""
 
     index: int

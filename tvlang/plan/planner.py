@@ -36,7 +36,7 @@ from tvlang.plan.plan import (
     gpu_bytes_per_element,
     row_length,
 )
-from tvlang.plan.program import TensorProgram, compile_program
+from tvlang.plan.tensor_program import TensorProgram, compile_program
 from tvlang.source import Span
 
 # ref -> (location, tensors, sparse): a sparse input is a task vector that is zero where it has no tensor

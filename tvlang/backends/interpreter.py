@@ -1,6 +1,6 @@
 """General tensor programs on the CPU: element-wise functions, reductions, random masks.
 
-A :class:`ProgramState` runs one tensor's :class:`~tvlang.plan.program.TensorProgram`:
+A :class:`ProgramState` runs one tensor's :class:`~tvlang.plan.tensor_program.TensorProgram`:
 the runtime feeds it each chunk once per data pass; after the reduction passes
 its per-tensor scalars are known and it computes the outputs chunk by chunk.
 Every instruction writes into a per-thread scratch buffer, evaluated in the
@@ -24,7 +24,7 @@ import torch
 from tvlang.backends.cpu import ACC_DTYPES, Scratch
 from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest
 from tvlang.ops import ELEMENTWISE, work_buffer
-from tvlang.plan.program import Instr, TensorProgram
+from tvlang.plan.tensor_program import Instr, TensorProgram
 
 if TYPE_CHECKING:
     from tvlang.codegen.c import RadixHistogram
