@@ -117,7 +117,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernels", ("tvlang.numerics", "tvlang.codegen", "tvlang.backends")),
     ("io", ("tvlang.io",)),
     ("execution", ("tvlang.backends.gpu", "tvlang.runtime", "tvlang.executors")),
-    ("api", ("tvlang.api", "tvlang.synth", "tvlang.demo")),
+    ("api", ("tvlang.driver", "tvlang.api", "tvlang.synth", "tvlang.demo")),
     (
         "front-ends",
         (

@@ -12,6 +12,7 @@ from torch import nn
 
 import tvlang
 import tvlang.api
+import tvlang.driver
 from tvlang.errors import TvError
 
 
@@ -188,13 +189,13 @@ def test_a_module_whose_state_dict_copies_is_refused(ckpts: dict[str, Path]) -> 
 
 def _counting_build_plan(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
-    real = tvlang.api.build_plan
+    real = tvlang.driver.build_plan
 
     def counted(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(tvlang.api, "build_plan", counted)
+    monkeypatch.setattr(tvlang.driver, "build_plan", counted)
     return calls
 
 
@@ -217,13 +218,13 @@ def test_repeated_runs_reuse_the_plan(
     assert len(calls) == 1
     assert all(torch.equal(first[k], v) for k, v in model.state_dict().items())  # merged again, same bits
     opened: list[str] = []
-    real_open = tvlang.api.Checkpoint.open.__func__  # type: ignore[attr-defined]
+    real_open = tvlang.driver.Checkpoint.open.__func__  # type: ignore[attr-defined]
 
     def counted_open(cls: type, path: str) -> object:
         opened.append(str(path))
         return real_open(cls, path)
 
-    monkeypatch.setattr(tvlang.api.Checkpoint, "open", classmethod(counted_open))
+    monkeypatch.setattr(tvlang.driver.Checkpoint, "open", classmethod(counted_open))
     prog.run(into=model, params={"lam": 0.4})
     assert len(calls) == 2
     assert opened == []  # a new plan, the same headers: not read again

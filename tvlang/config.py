@@ -52,7 +52,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tvlang import mergekit
-from tvlang.api import OutSpec, Program
+from tvlang.api import Program
+from tvlang.driver import OutSpec
 from tvlang.errors import TvError, TvInputError, TvParamError
 from tvlang.fields import FieldPath, Fields, describe, did_you_mean, dotted, read_json, read_yaml
 from tvlang.job import Job
