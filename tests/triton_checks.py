@@ -234,7 +234,8 @@ def integer_tensors_pass_through() -> dict[str, Any]:
 
 @check
 def float8_inputs_fall_back() -> dict[str, Any]:
-    """float8 tensors have no kernel: their tasks (and a model-wide trim's operand) take the CPU path."""
+    """float8 tensors have no Triton kernel (C kernels decode them by a table; Triton would need its own
+    decoding): their tasks (and a model-wide trim's operand) take the CPU path."""
     s = states(6, 3, SHAPES[:2], torch.float32)
     s[1] = {k: v.to(torch.float8_e4m3fn) for k, v in s[1].items()}
     return {
@@ -384,6 +385,18 @@ def special_values_propagate() -> dict[str, Any]:
         s = _special(dtype)
         for i, e in enumerate(exprs):
             out[f"{str(dtype)[6:]} #{i}"] = both(e, bind(s), nonfinite="propagate")
+    return out
+
+
+@check
+def nan_to_num_function() -> dict[str, Any]:
+    """nan_to_num (added through the op table): NaN, ±inf replaced, everything else kept, in a kernel."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        expr = "nan_to_num((m1 - base) / (m2 - base), 0.5, 7, -3) + nan_to_num(m2 - base, 1, 1, 1)"
+        r = both(expr, bind(_special(dtype)), nonfinite="propagate")
+        assert r["launches"] > 0, "no Triton kernel ran"
+        out[str(dtype)[6:]] = r
     return out
 
 

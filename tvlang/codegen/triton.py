@@ -49,6 +49,7 @@ import torch
 from tvlang.codegen import c
 from tvlang.codegen.spec import ACC, Bound, KernelSpec, Stmt, Unsupported
 from tvlang.dtypes import DTYPES, torch_dtype
+from tvlang.ops import ELEMENTWISE
 
 GPU_BLOCK = 1024  # elements per program instance on a GPU (4 warps, 8 elements per thread)
 INTERPRETER_BLOCK = 4096  # the interpreter costs ~3.5 ms per program instance: few, large ones
@@ -215,29 +216,12 @@ class _Emitter:
         raise Unsupported(f"binary {op}")
 
     def call(self, fn: str, ids: tuple[int, ...], args: list[str]) -> str:
-        T = self.T
-        if fn == "abs":
-            return f"tl.abs({args[0]})"
-        if fn == "sign":  # (0 < x) - (x < 0): 0 for ±0 and NaN, like torch.sign
-            return f"({args[0]} > 0.0).to({T}) - ({args[0]} < 0.0).to({T})"
-        if fn == "sqrt":
-            return f"libdevice.sqrt_rn({args[0]})"
-        if fn in ("floor", "ceil"):
-            return f"tl.{fn}({args[0]})"
-        if fn in ("sin", "acos", "cos", "exp", "log"):
-            return f"libdevice.{fn}({args[0]})"
-        if fn in ("min", "max"):
-            self.helpers.add("minmax")
-            return f"_{fn}imum({args[0]}, {args[1]})"
-        if fn == "clamp":
-            self.helpers.add("minmax")
-            return f"_minimum(_maximum({args[0]}, {args[1]}), {args[2]})"
-        if fn == "where":
-            return f"tl.where({args[0]} != 0.0, {args[1]}, {args[2]})"
-        ops = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
-        if fn in ops:
-            return f"({args[0]} {ops[fn]} {args[1]}).to({T})"
-        raise Unsupported(f"function {fn}")
+        """The Triton spelling of the element-wise function ``fn`` (its tvlang.ops entry's template)."""
+        op = ELEMENTWISE.get(fn)
+        if op is None or op.triton is None:
+            raise Unsupported(f"function {fn}")
+        self.helpers.update(op.triton_helpers)
+        return op.triton.format(*args, T=self.T)
 
 
 _HELPERS = {
