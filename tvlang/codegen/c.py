@@ -425,12 +425,13 @@ def _row_loop(
         + ") + 64);"
     )
     lines.append("    if (!mem) return -1;")
-    offset = "0"
+    before: list[str] = []  # the arrays laid out before this one
     for name, ct in arrays:
+        offset = f"(size_t)row * ({' + '.join(f'sizeof({x})' for x in before)})" if before else "0"
         lines.append(f"    {ct} *restrict {name} = ({ct} *)(mem + {offset});")
-        offset = f"{offset} + (size_t)row * sizeof({ct})"
+        before.append(ct)
     lines += [f"    double s{k} = 0;" for k, (_, d) in enumerate(spec.outputs) if d == SUM]
-    lines.append("    for (int64_t r0 = 0; r0 < n; r0 += row) {")
+    lines.append("    for (int64_t row0 = 0; row0 < n; row0 += row) {")
     for k in range(last + 1):
         if k > 0:  # the row functions of stage k
             for i, s in enumerate(body):
@@ -476,26 +477,26 @@ def _row_loop(
                 if s.op != "param":
                     statement(i, stage_body)
             elif s.op == "row":
-                src = f"k{i}[i - r0]" if s.attr == "rowrank" else f"rs{i}"
+                src = f"k{i}[i - row0]" if s.attr == "rowrank" else f"rs{i}"
                 stage_body.append(f"        const {t} v{i} = {src};")
             elif stage[i] < k:
-                stage_body.append(f"        const {t} v{i} = b{i}[i - r0];")
+                stage_body.append(f"        const {t} v{i} = b{i}[i - row0];")
             else:
                 statement(i, stage_body)
         for i in sorted(kept):
             if stage[i] == k:
                 if body[i].op == "row":
-                    src = f"k{i}[i - r0]" if body[i].attr == "rowrank" else f"rs{i}"
-                    stage_body.append(f"        b{i}[i - r0] = {src};")
+                    src = f"k{i}[i - row0]" if body[i].attr == "rowrank" else f"rs{i}"
+                    stage_body.append(f"        b{i}[i - row0] = {src};")
                 else:
-                    stage_body.append(f"        b{i}[i - r0] = v{i};")
+                    stage_body.append(f"        b{i}[i - row0] = v{i};")
         finite.clear()
         for kk, (i, dtype) in enumerate(spec.outputs):
             if out_stage[kk] == k:
                 output(kk, i, dtype, stage_body, blocked=False)
         if finite:
             stage_body.append(f"        bad += !({' && '.join(finite)});")
-        lines.append("        for (int64_t i = r0; i < r0 + row; i++) {")
+        lines.append("        for (int64_t i = row0; i < row0 + row; i++) {")
         lines += ["    " + ln for ln in stage_body]
         lines.append("        }")
     lines.append("    }")
