@@ -188,6 +188,22 @@ def test_row_functions_compiled_equal_eager(
 
 
 @needs_cc
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_functions_of_special_values_compiled_equal_eager(dtype: torch.dtype) -> None:
+    """NaN (any sign or payload: rowmax gives torch.amax's canonical NaN), ±inf, ±0 and ties."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-3, 4, (20, 64), generator=g).float() * 0.5
+    x[0, :5] = torch.tensor([math.nan, -0.0, 0.0, math.nan, -math.inf])
+    x[1, 10], x[3, :], x[3, 5], x[4, 7] = math.nan, -0.0, 0.0, math.inf
+    x.view(torch.int32)[2, 63] = -0x3FFFFF  # 0xFFC00001: a negative NaN with a payload
+    assert math.isnan(x[2, 63])
+    bindings = {"d": tvlang.delta({"w": x.to(dtype)})}
+    for src in ["rowrank(d)", "rowmax(d)", "rowsum(d)", "rowmax(d) + rowrank(d) * rowsum(d)"]:
+        eager = tvlang.evaluate(src, bindings, kernels="eager", nonfinite="propagate")
+        _same_bits(eager, tvlang.evaluate(src, bindings, kernels="compiled", nonfinite="propagate"))
+
+
+@needs_cc
 def test_row_ranks_against_a_stable_float64_reference() -> None:
     """rowrank: each element's position in its row sorted stably (NaN last, -0 = +0), over n - 1."""
     g = torch.Generator().manual_seed(1)

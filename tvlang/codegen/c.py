@@ -449,9 +449,10 @@ def _row_loop(
                     lines += [
                         f"        {t} m{i} = {src}[0];",
                         "        for (int64_t j = 1; j < row; j++) {",
-                        f"            if ({src}[j] != {src}[j]) {{ m{i} = {src}[j]; break; }}",
-                        f"            if (m{i} != m{i}) break;",
                         f"            if ({src}[j] > m{i}) m{i} = {src}[j];",
+                        "        }",
+                        "        for (int64_t j = 0; j < row; j++) {  /* torch.amax: NaN, the canonical one */",
+                        f"            if ({src}[j] != {src}[j]) {{ m{i} = ({t})NAN; break; }}",
                         "        }",
                         f"        const {t} rs{i} = m{i};",
                     ]
