@@ -66,8 +66,8 @@ def rounds_to(target: str, dtype: str) -> bool:
 
 
 class Unsupported(Exception):
-    """The pass holds something the target's kernels do not compute (column sums; on Triton, functions of
-    whole rows and float8 inputs; float8 outputs): run it eagerly."""
+    """The pass holds something the target's kernels do not compute (column sums, float8 outputs; on
+    Triton, functions of whole rows): run it eagerly."""
 
 
 @dataclass(frozen=True)
