@@ -137,10 +137,13 @@ def test_the_dtype_table_agrees_with_torch_and_numpy() -> None:
         assert torch_dtype(code).itemsize == np.dtype(d.numpy).itemsize == d.itemsize == ITEMSIZE[code]
         assert code_of(torch_dtype(code)) == code
         assert (d.c is None) == (d.triton is None)  # both backends take the same dtypes
-    assert {"F64", "F32", "F16", "BF16"} == KERNEL_DTYPES
-    assert {
-        OUTPUT_NAMES[n] for n in ("bf16", "bfloat16", "fp16", "half", "fp32", "float", "fp64")
-    } == KERNEL_DTYPES
+    assert {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"} == KERNEL_DTYPES
+    assert {OUTPUT_NAMES[n] for n in ("bf16", "bfloat16", "fp16", "half", "fp32", "float", "fp64")} == {
+        "F64",
+        "F32",
+        "F16",
+        "BF16",
+    }
     assert code_of(torch.complex64) is None
 
 

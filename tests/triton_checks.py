@@ -233,14 +233,24 @@ def integer_tensors_pass_through() -> dict[str, Any]:
 
 
 @check
-def float8_inputs_fall_back() -> dict[str, Any]:
-    """float8 tensors have no kernel: their tasks (and a model-wide trim's operand) take the CPU path."""
-    s = states(6, 3, SHAPES[:2], torch.float32)
-    s[1] = {k: v.to(torch.float8_e4m3fn) for k, v in s[1].items()}
-    return {
-        "linear": both("base + 0.5*(m1 - base) + 0.5*(m2 - base)", bind(s)),
-        "model-wide trim": both('base + magnitude_prune(m1 - base, 0.3, scope="model")', bind(s)),
-    }
+def float8_inputs() -> dict[str, Any]:
+    """float8 inputs are bytes that the kernels decode exactly (every float8 value is a float32),
+    all 256 of each format included; a float8 output is rounded by torch, on the CPU path."""
+    out = {}
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        s = states(6, 3, SHAPES[:2], torch.float32)
+        s[1] = {k: v.to(fp8) for k, v in s[1].items()}
+        every = torch.arange(256, dtype=torch.uint8).view(fp8)
+        s[0]["all"], s[1]["all"], s[2]["all"] = torch.linspace(-1, 1, 256), every, torch.linspace(2, 3, 256)
+        name = str(fp8)[6:]
+        r = both("base + 0.5*(m1 - base) + 0.5*(m2 - base)", bind(s), nonfinite="propagate", dtype="fp32")
+        assert r["launches"] > 0, "no Triton kernel ran"
+        out[f"{name} linear"] = r
+        trim = 'base + magnitude_prune(m1 - base, 0.3, scope="model")'
+        out[f"{name} model-wide trim"] = both(trim, bind(s), nonfinite="propagate", dtype="bf16")
+        s8 = [{k: v.to(fp8) for k, v in sd.items()} for sd in s]
+        out[f"{name} output"] = both("base + 0.5*(m1 - base)", bind(s8), nonfinite="propagate")
+    return out
 
 
 @check
@@ -384,6 +394,18 @@ def special_values_propagate() -> dict[str, Any]:
         s = _special(dtype)
         for i, e in enumerate(exprs):
             out[f"{str(dtype)[6:]} #{i}"] = both(e, bind(s), nonfinite="propagate")
+    return out
+
+
+@check
+def nan_to_num_function() -> dict[str, Any]:
+    """nan_to_num (added through the op table): NaN, ±inf replaced, everything else kept, in a kernel."""
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        expr = "nan_to_num((m1 - base) / (m2 - base), 0.5, 7, -3) + nan_to_num(m2 - base, 1, 1, 1)"
+        r = both(expr, bind(_special(dtype)), nonfinite="propagate")
+        assert r["launches"] > 0, "no Triton kernel ran"
+        out[str(dtype)[6:]] = r
     return out
 
 

@@ -17,7 +17,7 @@ from tvlang.errors import TvTypeError
 from tvlang.ir.build import call, context, div, mul, numel, rand, reduce, sub
 from tvlang.ir.node import DELTA, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
 from tvlang.layermap import LayerView
-from tvlang.ops import ELEMENTWISE
+from tvlang.ops import ELEMENTWISE, ElementwiseOp
 from tvlang.passes.rewrite import rewrite
 from tvlang.source import Span
 
@@ -73,17 +73,18 @@ def _lower_lora(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], spa
     return Node(Op.INPUT, (), ref, DELTA)
 
 
-def _elementwise(name: str) -> Lower:
-    """On numbers: a number.  On tensors: kind-preserving for where/clamp/min/max when every tensor
-    operand is a model (or every one a delta); a vector (delta) otherwise."""
-    keeps_kind = name in ("where", "clamp", "min", "max")
+def _elementwise(op: ElementwiseOp) -> Lower:
+    """On numbers: a number.  On tensors: the entry's kind rule (tvlang.ops.KIND_RULES): ``keeps`` and
+    ``select`` give a model when every tensor operand they look at is a model; a vector (delta)
+    otherwise."""
+    name = op.name
 
     def lower(ctx: Lowering, args: dict[str, Any], spans: dict[str, Span], span: Span) -> Node:
         values = [args[p.name] for p in BUILTINS[name].params]
-        selected = values[1:] if name == "where" else values
+        selected = values[1:] if op.kind == "select" else values
         tensors = [v for v in selected if v.kind.tensor]
         kind = None
-        if keeps_kind and tensors and all(t.kind.is_model for t in tensors):
+        if op.kind != "vector" and tensors and all(t.kind.is_model for t in tensors):
             if len(tensors) != len(selected):
                 raise KindError(f"`{name}` cannot mix a model with numbers")
             kind = MODEL
@@ -310,14 +311,6 @@ _ELECT = _p("elect", "string", "sum", choices=("sum", "count"))
 _DIVIDE = _p("divide", "string", "weights", choices=("weights", "count", "none"))
 _SCOPE = _p("scope", "string", "tensor", choices=("tensor", "model"))
 
-_ELEMENTWISE_PARAMS = {
-    "where": (_p("cond", "value"), _p("a", "value"), _p("b", "value")),
-    "clamp": (_p("x", "value"), _p("lo", "value"), _p("hi", "value")),
-    "rowsum": (_p("x", "delta"),),
-    "rowmax": (_p("x", "delta"),),
-    "colsum": (_p("x", "delta"),),
-}
-
 BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
@@ -347,13 +340,13 @@ BUILTINS: dict[str, Builtin] = {
         *(
             Builtin(
                 op.name,
-                _ELEMENTWISE_PARAMS.get(op.name, tuple(_p(n, "value") for n in ("x", "y")[: op.arity])),
+                tuple(_p(n, kind) for n, kind in op.parameters),
                 op.summary,
-                _elementwise(op.name),
+                _elementwise(op),
                 group="element-wise",
             )
             for op in ELEMENTWISE.values()
-            if op.name not in ("lt", "le", "gt", "ge", "eq", "ne")
+            if op.operator is None  # comparisons are operators
         ),
         Builtin(
             "sum",

@@ -48,8 +48,8 @@ DTYPES: dict[str, DType] = {
             "F16", 2, True, "float16", "float16", "_Float16", "tl.float16", ("fp16", "f16", "float16", "half")
         ),
         DType("BF16", 2, True, "uint16", "bfloat16", "uint16_t", "tl.bfloat16", ("bf16", "bfloat16")),
-        DType("F8_E4M3", 1, True, "uint8", "float8_e4m3fn"),
-        DType("F8_E5M2", 1, True, "uint8", "float8_e5m2"),
+        DType("F8_E4M3", 1, True, "uint8", "float8_e4m3fn", "uint8_t", "tl.uint8"),  # bytes, decoded
+        DType("F8_E5M2", 1, True, "uint8", "float8_e5m2", "uint8_t", "tl.uint8"),  # by the kernels
         DType("I64", 8, False, "int64", "int64"),
         DType("I32", 4, False, "int32", "int32"),
         DType("I16", 2, False, "int16", "int16"),

@@ -258,10 +258,10 @@ def model_stock(base: Node, models: Sequence[Node], per: str = "tensor") -> Node
 
 def nearswap(base: Node, model: Node, t: Node | float) -> Node:
     """mergekit's ``nearswap``: move each element of ``base`` toward ``model`` by
-    ``clamp(t / |model - base|, 0, 1)`` (1 where they are equal)."""
+    ``clamp(nan_to_num(t / |model - base|, 1, 1, 1), 0, 1)``, mergekit's own lines (1 where they
+    are equal: t/0 is ±inf or NaN)."""
     d = sub(model, base)
-    gap = call("abs", d)
-    weight = call("where", call("gt", gap, 0.0), call("clamp", div(t, gap), 0.0, 1.0), 1.0)
+    weight = call("clamp", call("nan_to_num", div(t, call("abs", d)), 1.0, 1.0, 1.0), 0.0, 1.0)
     return add(base, mul(weight, d))
 
 

@@ -365,7 +365,8 @@ def _run_compiled(
     ]
     scalars = state.scalars if state is not None else {}
     assert run.kernels is not None
-    bad = call(compiled, views, outs, scalars, run.kernels.random_keys(compiled.bound, task.name), start)
+    keys = run.kernels.random_keys(compiled.bound, task.name)
+    bad = call(compiled, views, outs, scalars, keys, start, row=row_length(task.shape))
     if bad < 0 or (bad and run.nonfinite != "propagate"):
         return False
     filled = dict(zip(compiled.writes, outs, strict=True))

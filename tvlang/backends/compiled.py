@@ -4,7 +4,7 @@ A task's kernel reads every input chunk once and writes every float output of th
 (a sweep's ten outputs included) in the same loop; a program's reduction pass is one kernel
 too, which adds its sums block by block as it goes (:func:`tvlang.codegen.spec.reduction_spec`).  Kernels are built once per distinct spec (tensors of the same
 dtypes and structure share one) before the run starts, so compile errors and compile time
-never land in the middle of a merge.  What no kernel computes (row ranks, float8 tensors)
+never land in the middle of a merge.  What no kernel computes (column sums, float8 outputs)
 runs on the eager path, tensor by tensor.
 """
 
@@ -85,7 +85,7 @@ class Kernels:
         if writes:
             metas = (self.plan.inputs[i].tensors.get(task.name) for i in task.reads)
             dtypes = {i: m.dtype for i, m in zip(task.reads, metas, strict=True) if m is not None}
-            compiled = self._build(lambda: task_spec(task, dtypes))
+            compiled = self._build(lambda: task_spec(task, dtypes, "c"))
             if compiled is not None:
                 result = TaskKernel(compiled.kernel, compiled.bound, writes)
         self._tasks[key] = result
@@ -100,7 +100,7 @@ class Kernels:
         key = (id(program), targets, tuple(inputs[i].dtype for i in sorted(inputs)))
         if key not in self._programs:
             dtypes = _kernel_codes(inputs)
-            self._programs[key] = self._build(lambda: program_spec(program, targets, dtypes))
+            self._programs[key] = self._build(lambda: program_spec(program, targets, dtypes, "c"))
         return self._programs[key]
 
     def run_program(
@@ -112,13 +112,15 @@ class Kernels:
         scalars: Mapping[int, float],
         tensor: str,
         start: int,
+        row: int = 1,
     ) -> bool:
         """Compute ``targets`` of one chunk into ``outputs`` (accumulation dtype); False when no
-        kernel does (the caller then runs them eagerly)."""
+        kernel does (the caller then runs them eagerly).  ``row``: elements per row."""
         compiled = self.program(program, targets, views)
         if compiled is None:
             return False
-        return call(compiled, views, outputs, scalars, self.random_keys(compiled.bound, tensor), start) >= 0
+        keys = self.random_keys(compiled.bound, tensor)
+        return call(compiled, views, outputs, scalars, keys, start, row=row) >= 0
 
     def run_reductions(
         self,
@@ -130,13 +132,14 @@ class Kernels:
         tensor: str,
         start: int,
         stop: int,
+        row: int = 1,
     ) -> list[torch.Tensor] | None:
         """One chunk of a reduction pass: per (reduction, round) of ``work``, its operand (k-th
         largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it."""
         key = (id(program), tuple(work), tuple(views[i].dtype for i in sorted(views)))
         if key not in self._reductions:
             dtypes = _kernel_codes(views)
-            self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes))
+            self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes, "c"))
         compiled = self._reductions[key]
         if compiled is None:
             return None
@@ -149,7 +152,7 @@ class Kernels:
             for k, (_, dtype) in enumerate(compiled.bound.spec.outputs)
         ]
         keys = self.random_keys(compiled.bound, tensor)
-        return outs if call(compiled, views, outs, scalars, keys, start, n) >= 0 else None
+        return outs if call(compiled, views, outs, scalars, keys, start, n, row) >= 0 else None
 
     def random_keys(self, bound: Bound, tensor: str) -> list[int]:
         out = []
@@ -192,9 +195,11 @@ def call(
     keys: Sequence[int],
     start: int,
     n: int | None = None,
+    row: int = 1,
 ) -> int:
-    """Run ``compiled`` on one chunk; returns the count of elements with non-finite rounded outputs,
-    or -1 (nothing computed) when a chunk's dtype is not the one the kernel was built for."""
+    """Run ``compiled`` on one chunk (``row``: elements per row, for kernels of whole rows); returns
+    the count of elements with non-finite rounded outputs, or -1 (nothing computed) when a chunk's
+    dtype is not the one the kernel was built for."""
     bound = compiled.bound
     inputs = [views[i] for i in bound.inputs]
     if any(
@@ -202,7 +207,8 @@ def call(
         for x, d in zip(inputs, bound.spec.inputs, strict=True)
     ):
         return -1
-    return compiled.kernel(inputs, list(outputs), [scalars[i] for i in bound.params], list(keys), start, n)
+    params = [scalars[i] for i in bound.params]
+    return compiled.kernel(inputs, list(outputs), params, list(keys), start, n, row)
 
 
 def prepare_kernels(plan: Plan) -> Kernels:
@@ -238,7 +244,7 @@ def c_kernel_sources(plan: Plan) -> list[tuple[str, str]]:
             assert program is not None
             dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
             add(
-                partial(program_spec, program, (operand,), dtypes),
+                partial(program_spec, program, (operand,), dtypes, "c"),
                 f"model_kth#{red.key}: its operand",
                 task.name,
             )
@@ -250,11 +256,11 @@ def c_kernel_sources(plan: Plan) -> list[tuple[str, str]]:
         for q in range(1, task.passes):
             assert program is not None
             add(
-                partial(reduction_spec, program, program.reductions_in(q), dtypes),
+                partial(reduction_spec, program, program.reductions_in(q), dtypes, "c"),
                 f"pass {q}: reductions",
                 task.name,
             )
-        add(partial(task_spec, task, dtypes), "element-wise pass: the outputs", task.name)
+        add(partial(task_spec, task, dtypes, "c"), "element-wise pass: the outputs", task.name)
     out = []
     for source, (role, tensors) in found.items():
         names = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")

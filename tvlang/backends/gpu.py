@@ -5,7 +5,7 @@ outputs (see docs/gpu.md for where bits may differ).  Per task:
 
 - the task's float outputs come from one generated kernel
   (:func:`tvlang.codegen.spec.task_spec`, :mod:`tvlang.codegen.triton`); a task
-  no kernel computes (integer copies, float8, row ranks) runs on the CPU path
+  no kernel computes (integer copies, float8 outputs, row ranks) runs on the CPU path
   of :mod:`tvlang.runtime`;
 - reduction passes run a kernel computing their operands, then reduce on the
   device: block sums in float64 over the blocks of

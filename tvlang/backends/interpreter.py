@@ -46,6 +46,7 @@ class Kernels(Protocol):
         scalars: Mapping[int, float],
         tensor: str,
         start: int,
+        row: int = 1,
     ) -> bool: ...
 
     def run_reductions(
@@ -58,6 +59,7 @@ class Kernels(Protocol):
         tensor: str,
         start: int,
         stop: int,
+        row: int = 1,
     ) -> list[torch.Tensor] | None: ...
 
 
@@ -271,7 +273,7 @@ class ProgramState:
         work = self.program.reductions_in(q)
         if self.kernels is not None:
             outs = self.kernels.run_reductions(
-                self.program, work, views, scratch, self.scalars, self.tensor, start, stop
+                self.program, work, views, scratch, self.scalars, self.tensor, start, stop, self.row
             )
             if outs is not None:
                 for (i, round_), out in zip(work, outs, strict=True):
@@ -342,7 +344,9 @@ class ProgramState:
         values: dict[int, Any] = self.scalars
         if self.kernels is not None and all(self.program.instrs[t].tensor for t in targets):
             outs = [scratch.get(("slot", k), self.acc_dtype, stop - start) for k in range(len(targets))]
-            if self.kernels.run_program(self.program, targets, views, outs, self.scalars, self.tensor, start):
+            if self.kernels.run_program(
+                self.program, targets, views, outs, self.scalars, self.tensor, start, self.row
+            ):
                 return list(outs)
         chunk: dict[int, torch.Tensor] = {}
         for i, slot in self.program.schedule(targets, frozenset(self.scalars)):

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
 from tvlang.dtypes import DTYPES
+from tvlang.ops import ELEMENTWISE
 from tvlang.plan.plan import BLOCK
 
 FLAGS = (
@@ -118,6 +120,91 @@ static inline uint64_t tv_mix(uint64_t key, uint64_t i) {
 """
 
 
+# Functions of whole rows (tvlang.ops rowrank): a row's stable ranks, by an LSD radix sort of order
+# keys 8 bits a pass (stable, so equal values keep their order: ties by position).  NaN ranks above
+# everything and -0 equals +0, as torch's sort has it; a pass whose digit is the same for the whole
+# row is skipped.  Integer work: the ranks are exactly the eager path's.
+ROW_PRELUDE = r"""#include <stdlib.h>
+
+#define TV_RANK(NAME, T, UINT, BITS)                                                                 \
+static void NAME(const T *restrict x, int64_t n, UINT *ka, UINT *kb,               \
+                 uint32_t *pa, uint32_t *pb, T *restrict out) {                                    \
+    const UINT sign = (UINT)1 << (BITS - 1);                                                         \
+    if (n == 1) { out[0] = (T)0.5; return; }                                                         \
+    for (int64_t i = 0; i < n; i++) {                                                                \
+        const T v = x[i] == 0 ? (T)0 : x[i];                                                         \
+        UINT u;                                                                                      \
+        memcpy(&u, &v, sizeof u);                                                                    \
+        ka[i] = v != v ? ~(UINT)0 : (u & sign) ? ~u : (u | sign);                                    \
+        pa[i] = (uint32_t)i;                                                                         \
+    }                                                                                                \
+    for (int shift = 0; shift < BITS; shift += 8) {                                                  \
+        int64_t count[256] = {0};                                                                    \
+        for (int64_t i = 0; i < n; i++) count[(ka[i] >> shift) & 255]++;                             \
+        if (count[(ka[0] >> shift) & 255] == n) continue;                                            \
+        int64_t total = 0;                                                                           \
+        for (int d = 0; d < 256; d++) { const int64_t c = count[d]; count[d] = total; total += c; }  \
+        for (int64_t i = 0; i < n; i++) {                                                            \
+            const int64_t o = count[(ka[i] >> shift) & 255]++;                                       \
+            kb[o] = ka[i];                                                                           \
+            pb[o] = pa[i];                                                                           \
+        }                                                                                            \
+        UINT *kt = ka; ka = kb; kb = kt;                                                             \
+        uint32_t *pt = pa; pa = pb; pb = pt;                                                         \
+    }                                                                                                \
+    const T scale = (T)(n - 1);                                                                      \
+    for (int64_t r = 0; r < n; r++) out[pa[r]] = (T)r / scale;                                       \
+}
+
+TV_RANK(tv_rank32, float, uint32_t, 32)
+TV_RANK(tv_rank64, double, uint64_t, 64)
+"""
+
+
+def float8_bits(code: str, byte: int) -> int:
+    """The float32 bit pattern torch widens a float8 byte to (c10's conversions, NaN payloads too)."""
+    sign = (byte & 0x80) << 24
+    if code == "F8_E5M2":  # the top byte of a float16: IEEE's widening, NaN made quiet
+        exp, man = (byte >> 2) & 0x1F, byte & 0x3
+        if exp == 0x1F:
+            return sign | 0x7F800000 | (man << 21) | (0x400000 if man else 0)
+        value = math.ldexp(man / 4 + (1 if exp else 0), (exp if exp else 1) - 15)
+    else:  # e4m3fn: no infinities; S.1111.111 is NaN
+        exp, man = (byte >> 3) & 0xF, byte & 0x7
+        if exp == 0xF and man == 0x7:
+            return sign | 0x7FF00000
+        value = math.ldexp(man / 8 + (1 if exp else 0), (exp if exp else 1) - 7)
+    if value == 0:
+        return sign
+    m, e = math.frexp(value)  # value = m·2^e, 0.5 ≤ m < 1: a normal float32 here (exact)
+    return sign | ((e + 126) << 23) | (int(m * 2**24) & 0x7FFFFF)
+
+
+def _f8_table(code: str) -> str:
+    name = f"tv_{code.lower()}"
+    words = [f"0x{float8_bits(code, b):08X}u" for b in range(256)]
+    rows = ["    " + ", ".join(words[r : r + 8]) + "," for r in range(0, 256, 8)]
+    return "\n".join(
+        [
+            f"/* {code}: each of the 256 values as float32 bits (every float8 value is a float32). */",
+            f"static const uint32_t {name}_bits[256] = {{",
+            *rows,
+            "};",
+            f"static inline float {name}(uint8_t b) {{",
+            "    float f;",
+            f"    memcpy(&f, &{name}_bits[b], 4);",
+            "    return f;",
+            "}",
+            "",
+        ]
+    )
+
+
+# How a kernel widens an input that is not a C float type: a decoding function of the element.
+_DECODE = {"BF16": "bf16_to_f32", "F8_E4M3": "tv_f8_e4m3", "F8_E5M2": "tv_f8_e5m2"}
+_F8_TABLES = {code: _f8_table(code) for code in ("F8_E4M3", "F8_E5M2")}
+
+
 def _ctype(code: str) -> str:
     """The C element type of a kernel pointer (tvlang.dtypes)."""
     ctype = DTYPES[code].c
@@ -135,13 +222,19 @@ def _literal(x: float, t: str) -> str:
 
 def c_source(spec: KernelSpec) -> str:
     """The C source of ``spec``: ``int64_t tv_kernel(n, start, in, out, params, keys, weights)``
-    computes elements [0, n) of every output and returns how many rounded results are NaN or ±inf."""
+    computes elements [0, n) of every output and returns how many rounded results are NaN or ±inf.
+    A spec with functions of whole rows takes the row length too (``row``, after ``weights``), works
+    row by row, and returns -1 (nothing computed) when ``n`` is not whole rows or memory runs out."""
     t = "double" if spec.acc == "F64" else "float"
     f = "" if t == "double" else "f"  # libm suffix
-    body: list[str] = []
-    names: dict[int, str] = {}
+    names = {i: f"v{i}" for i in range(len(spec.body))}
     hoisted: list[str] = []  # per-call values, outside the loop
-    w = 0  # the next weight's index
+    first_weight = {}  # the index of each weighted sum's first weight
+    w = 0
+    for i, s in enumerate(spec.body):
+        if s.op == "wsum":
+            first_weight[i] = w
+            w += len(s.args)
 
     def val(i: int) -> str:
         """Statement ``i`` as a value of the accumulation type."""
@@ -149,31 +242,30 @@ def c_source(spec: KernelSpec) -> str:
             return f"{names[i]}_t"
         return names[i]
 
-    for i, s in enumerate(spec.body):
-        name = f"v{i}"
-        names[i] = name
+    def statement(i: int, body: list[str]) -> None:
+        """The lines computing statement ``i`` (per-call values go to ``hoisted``)."""
+        s = spec.body[i]
+        name = names[i]
         a = [val(j) for j in s.args]
         if s.op == "param":
             hoisted.append(f"    const double {name} = params[{s.attr}];")
             hoisted.append(f"    const {t} {name}_t = ({t}){name};")
-            continue
-        if s.op == "load":
+        elif s.op == "load":
             dtype = spec.inputs[int(s.attr)]  # type: ignore[call-overload]
             src = f"in{s.attr}[i]"
-            expr = f"bf16_to_f32({src})" if dtype == "BF16" else src
+            expr = f"{_DECODE[dtype]}({src})" if dtype in _DECODE else src
             body.append(f"        const {t} {name} = ({t}){expr};")
         elif s.op == "const":
             body.append(f"        const {t} {name} = {_literal(float(s.attr), t)};")  # type: ignore[arg-type]
         elif s.op == "wsum":
             body.append(f"        {t} {name} = 0;")
-            for j in s.args:
-                hoisted.append(f"    const double w{w} = weights[{w}];")
+            for k, j in enumerate(s.args, first_weight[i]):
+                hoisted.append(f"    const double w{k} = weights[{k}];")
                 if spec.is_param(j):  # a number: w·p in float64, rounded, added
-                    body.append(f"        {name} = {name} + ({t})(w{w} * {names[j]});")
+                    body.append(f"        {name} = {name} + ({t})(w{k} * {names[j]});")
                 else:
-                    hoisted.append(f"    const {t} w{w}_t = ({t})w{w};")  # as torch rounds alpha
-                    body.append(f"        {name} = fma{f}(w{w}_t, {val(j)}, {name});")
-                w += 1
+                    hoisted.append(f"    const {t} w{k}_t = ({t})w{k};")  # as torch rounds alpha
+                    body.append(f"        {name} = fma{f}(w{k}_t, {val(j)}, {name});")
         elif s.op == "neg":
             body.append(f"        const {t} {name} = -{a[0]};")
         elif s.op in ("add", "sub", "mul", "div"):
@@ -193,17 +285,26 @@ def c_source(spec: KernelSpec) -> str:
         else:
             raise ValueError(f"no C for {s}")
 
-    finite = []
-    sums = []
-    for k, (i, dtype) in enumerate(spec.outputs):
+    finite: list[str] = []
+    sums: list[int] = []
+
+    def output(k: int, i: int, dtype: str, body: list[str], blocked: bool = True) -> None:
+        """The lines writing output ``k`` (statement ``i``) at element ``i``."""
         v = val(i)
         if dtype == SUM:  # added in element order, one sum per block, as block_sums does
             sums.append(k)
-            body.append(f"        t{k}[i - b0] = (double){v};")
-            continue
+            if blocked:
+                body.append(f"        t{k}[i - b0] = (double){v};")
+            else:  # row by row: the running sum, stored at each block's end
+                body.append(f"        s{k} += (double){v};")
+                body.append(f"        if ((i + 1) % {BLOCK} == 0 || i + 1 == n) {{")
+                body.append(f"            out{k}[i / {BLOCK}] = s{k};")
+                body.append(f"            s{k} = 0;")
+                body.append("        }")
+            return
         if dtype == ACC:
             body.append(f"        out{k}[i] = {v};")
-            continue
+            return
         rounded = f"r{k}"
         if dtype == "BF16":
             body.append(f"        const uint16_t {rounded} = f32_to_bf16((float){v});")
@@ -218,8 +319,19 @@ def c_source(spec: KernelSpec) -> str:
             body.append(f"        const double {rounded} = (double){v};")
             finite.append(f"((bits64({rounded}) & 0x7FF0000000000000ull) != 0x7FF0000000000000ull)")
         body.append(f"        out{k}[i] = {rounded};")
-    if finite:
-        body.append(f"        bad += !({' && '.join(finite)});")
+
+    rows = has_rows(spec)
+    if rows:
+        loop = _row_loop(spec, t, statement, output, finite, sums)
+    else:
+        body: list[str] = []
+        for i in range(len(spec.body)):
+            statement(i, body)
+        for k, (i, dtype) in enumerate(spec.outputs):
+            output(k, i, dtype, body)
+        if finite:
+            body.append(f"        bad += !({' && '.join(finite)});")
+        loop = _blocked(body, sums) if sums else ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]
 
     # Every pointer is a restrict parameter of the loop's own function (GCC honours restrict on
     # parameters; on locals cast from an array it still checks aliasing at run time, and gives
@@ -231,29 +343,166 @@ def c_source(spec: KernelSpec) -> str:
         ctype = "double" if dtype == SUM else t if dtype == ACC else _ctype(dtype)
         params.append(f"{ctype} *restrict out{k}")
         args.append(f"({ctype} *)out[{k}]")
+    row_param = ", int64_t row" if rows else ""
     return "\n".join(
         [
             f"/* tvlang kernel: {len(spec.inputs)} inputs, {len(spec.outputs)} outputs,"
             f" accumulating in {t} */",
             PRELUDE,
+            *(_F8_TABLES[d] for d in sorted(set(spec.inputs)) if d in _F8_TABLES),
+            *([ROW_PRELUDE] if rows else []),
             "static __attribute__((noinline)) int64_t tv_loop(",
-            "    int64_t n, int64_t start, const double *restrict params, const int64_t *restrict keys,",
+            f"    int64_t n, int64_t start{row_param}, const double *restrict params,"
+            " const int64_t *restrict keys,",
             "    const double *restrict weights,",
             *(f"    {p}{',' if k < len(params) - 1 else ') {'}" for k, p in enumerate(params)),
             "    (void)start; (void)params; (void)keys; (void)weights;",
             *hoisted,
             "    int64_t bad = 0;",
-            *(_blocked(body, sums) if sums else ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]),
+            *loop,
             "    return bad;",
             "}",
             "",
             "int64_t tv_kernel(int64_t n, int64_t start, void *const *in, void *const *out,",
-            "                  const double *params, const int64_t *keys, const double *weights) {",
-            f"    return tv_loop(n, start, params, keys, weights{''.join(', ' + x for x in args)});",
+            "                  const double *params, const int64_t *keys, const double *weights"
+            + (", int64_t row) {" if rows else ") {"),
+            f"    return tv_loop(n, start{', row' if rows else ''}, params, keys, weights"
+            f"{''.join(', ' + x for x in args)});",
             "}",
             "",
         ]
     )
+
+
+def has_rows(spec: KernelSpec) -> bool:
+    """Whether ``spec`` holds functions of whole rows (its kernel then takes the row length)."""
+    return any(s.op == "row" for s in spec.body)
+
+
+def _row_loop(
+    spec: KernelSpec,
+    t: str,
+    statement: Callable[[int, list[str]], None],
+    output: Callable[..., None],
+    finite: list[str],
+    sums: list[int],
+) -> list[str]:
+    """The loop of a spec with functions of whole rows: row by row, in stages.  Stage 0 computes
+    what needs no row function; a row function of a stage-k value is known after stage k's loop
+    over the row (a per-row number for sums and maxima, a row of ranks), and the statements that
+    use it are in stage k + 1.  Values used in a later stage are kept in row-length buffers; loads,
+    parameters and constants are simply redone.  Sums are added in element order, as block_sums does."""
+    body = spec.body
+    cheap = {i for i, s in enumerate(body) if s.op in ("load", "param", "const")}
+    stage: dict[int, int] = {}
+    for i, s in enumerate(body):
+        base = max((stage[a] for a in s.args), default=0)
+        stage[i] = 0 if i in cheap else base + 1 if s.op == "row" else base
+    last = max(stage.values())
+    out_stage = {k: stage[i] for k, (i, _) in enumerate(spec.outputs)}
+    # values crossing stages: the operands of row functions, and values a later stage uses
+    kept = {s.args[0] for s in body if s.op == "row"}
+    kept |= {
+        a
+        for i, s in enumerate(body)
+        if s.op != "row"
+        for a in s.args
+        if a not in cheap and body[a].op != "row" and stage[a] < stage[i]
+    }
+    for i in sorted(cheap):
+        if body[i].op == "param":
+            statement(i, [])  # (hoisted: per-call numbers)
+    ranks = [i for i, s in enumerate(body) if s.op == "row" and s.attr == "rowrank"]
+    lines = ["    if (row <= 0 || n % row != 0) return -1;"]
+    arrays = [(f"b{i}", t) for i in sorted(kept)] + [(f"k{i}", t) for i in ranks]
+    key = "uint64_t" if t == "double" else "uint32_t"
+    if ranks:
+        arrays += [("ka", key), ("kb", key), ("pa", "uint32_t"), ("pb", "uint32_t")]
+    lines.append(f"    if (row > {2**32 - 1}) return -1;")
+    lines.append(
+        "    char *mem = malloc((size_t)row * ("
+        + " + ".join(f"sizeof({ct})" for _, ct in arrays)
+        + ") + 64);"
+    )
+    lines.append("    if (!mem) return -1;")
+    before: list[str] = []  # the arrays laid out before this one
+    for name, ct in arrays:
+        offset = f"(size_t)row * ({' + '.join(f'sizeof({x})' for x in before)})" if before else "0"
+        lines.append(f"    {ct} *restrict {name} = ({ct} *)(mem + {offset});")
+        before.append(ct)
+    lines += [f"    double s{k} = 0;" for k, (_, d) in enumerate(spec.outputs) if d == SUM]
+    lines.append("    for (int64_t row0 = 0; row0 < n; row0 += row) {")
+    for k in range(last + 1):
+        if k > 0:  # the row functions of stage k
+            for i, s in enumerate(body):
+                if s.op != "row" or stage[i] != k:
+                    continue
+                a = s.args[0]
+                src = f"b{a}"
+                if s.attr == "rowsum":
+                    lines += [
+                        f"        double acc{i} = 0;",
+                        f"        for (int64_t j = 0; j < row; j++) acc{i} += (double){src}[j];",
+                        f"        const {t} rs{i} = ({t})acc{i};",
+                    ]
+                elif s.attr == "rowmax":
+                    lines += [
+                        f"        {t} m{i} = {src}[0];",
+                        "        for (int64_t j = 1; j < row; j++) {",
+                        f"            if ({src}[j] > m{i}) m{i} = {src}[j];",
+                        "        }",
+                        "        for (int64_t j = 0; j < row; j++) {  /* torch.amax: NaN, the canonical one */",
+                        f"            if ({src}[j] != {src}[j]) {{ m{i} = ({t})NAN; break; }}",
+                        "        }",
+                        f"        const {t} rs{i} = m{i};",
+                    ]
+                else:
+                    rank = "tv_rank64" if t == "double" else "tv_rank32"
+                    lines.append(f"        {rank}({src}, row, ka, kb, pa, pb, k{i});")
+        stage_body: list[str] = []
+        # the statements computed in this stage, and the values it reads
+        needed: set[int] = set()
+        todo = [i for i in range(len(body)) if stage[i] == k and i not in cheap and body[i].op != "row"]
+        todo += [i for kk, (i, _) in enumerate(spec.outputs) if out_stage[kk] == k]
+        todo += [i for i in kept if stage[i] == k]
+        while todo:
+            i = todo.pop()
+            if i in needed:
+                continue
+            needed.add(i)
+            if stage[i] == k and i not in cheap and body[i].op != "row":
+                todo.extend(body[i].args)
+        for i in sorted(needed):
+            s = body[i]
+            if i in cheap:
+                if s.op != "param":
+                    statement(i, stage_body)
+            elif s.op == "row":
+                src = f"k{i}[i - row0]" if s.attr == "rowrank" else f"rs{i}"
+                stage_body.append(f"        const {t} v{i} = {src};")
+            elif stage[i] < k:
+                stage_body.append(f"        const {t} v{i} = b{i}[i - row0];")
+            else:
+                statement(i, stage_body)
+        for i in sorted(kept):
+            if stage[i] == k:
+                if body[i].op == "row":
+                    src = f"k{i}[i - row0]" if body[i].attr == "rowrank" else f"rs{i}"
+                    stage_body.append(f"        b{i}[i - row0] = {src};")
+                else:
+                    stage_body.append(f"        b{i}[i - row0] = v{i};")
+        finite.clear()
+        for kk, (i, dtype) in enumerate(spec.outputs):
+            if out_stage[kk] == k:
+                output(kk, i, dtype, stage_body, blocked=False)
+        if finite:
+            stage_body.append(f"        bad += !({' && '.join(finite)});")
+        lines.append("        for (int64_t i = row0; i < row0 + row; i++) {")
+        lines += ["    " + ln for ln in stage_body]
+        lines.append("        }")
+    lines.append("    }")
+    lines.append("    free(mem);")
+    return lines
 
 
 def _blocked(body: list[str], sums: list[int]) -> list[str]:
@@ -277,24 +526,10 @@ def _blocked(body: list[str], sums: list[int]) -> list[str]:
 
 
 def _call(fn: str, a: list[str], t: str, f: str) -> str:
-    one = f"({t})1"
-    zero = f"({t})0"
-    if fn in ("sqrt", "floor", "ceil", "sin", "acos", "cos", "exp", "log"):
-        return f"{fn}{f}({a[0]})"
-    if fn == "abs":
-        return f"fabs{f}({a[0]})"
-    if fn == "sign":
-        return f"({t})TV_SIGN({a[0]})"
-    if fn == "min":
-        return f"tv_min{f}({a[0]}, {a[1]})"
-    if fn == "max":
-        return f"tv_max{f}({a[0]}, {a[1]})"
-    if fn == "clamp":
-        return f"tv_min{f}(tv_max{f}({a[0]}, {a[1]}), {a[2]})"
-    if fn == "where":
-        return f"({a[0]} != 0 ? {a[1]} : {a[2]})"
-    sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[fn]
-    return f"({a[0]} {sym} {a[1]} ? {one} : {zero})"
+    """The C spelling of the element-wise function ``fn`` (its tvlang.ops entry's template)."""
+    template = ELEMENTWISE[fn].c
+    assert template is not None, fn
+    return template.format(*a, t=t, f=f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +583,12 @@ class CKernel:
         keys: list[int] | tuple[int, ...] = (),
         start: int = 0,
         n: int | None = None,
+        row: int = 1,
     ) -> int:
         """Compute elements [0, n) of ``outputs`` (contiguous, of the spec's dtypes; ``SUM`` outputs
         hold one number per block) from ``inputs`` (``n``: by default the first output's size);
-        returns the number of elements whose rounded results are not all finite."""
+        returns the number of elements whose rounded results are not all finite, or -1 (nothing
+        computed) where a kernel of whole rows gets a chunk that is not whole rows of ``row``."""
         if n is None:
             n = outputs[0].numel() if outputs else 0
         for x in inputs:
@@ -363,6 +600,8 @@ class CKernel:
         outs = (ctypes.c_void_p * max(1, len(outputs)))(*[x.data_ptr() for x in outputs])
         ps = (ctypes.c_double * max(1, len(params)))(*params)
         ks = (ctypes.c_int64 * max(1, len(keys)))(*keys)
+        if has_rows(self.spec):
+            return int(self._fn(n, start, ins, outs, ps, ks, self._weights, row))
         return int(self._fn(n, start, ins, outs, ps, ks, self._weights))
 
 
@@ -386,7 +625,7 @@ def load(spec: KernelSpec) -> CKernel:
 def _load(spec: KernelSpec) -> CKernel:
     fn = _library(c_source(spec)).tv_kernel
     fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * has_rows(spec)
     return CKernel(spec, fn)
 
 

@@ -32,7 +32,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from tvlang.dtypes import KERNEL_DTYPES
+from tvlang.dtypes import DTYPES
+from tvlang.ops import ELEMENTWISE, REDUCTIONS
 from tvlang.plan.plan import ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.tensor_program import TensorProgram
 
@@ -40,34 +41,33 @@ ACC = "ACC"  # an output kept in the accumulation dtype (a reduction's operand)
 SUM = "SUM"  # an output of float64 block sums (tvlang.backends.reductions.block_sums), one per block
 
 BINARY = ("add", "sub", "mul", "div")  # (`**` takes numbers only: never a chunk operation)
-CALLS = frozenset(
-    {
-        "abs",
-        "sign",
-        "sqrt",
-        "floor",
-        "ceil",
-        "sin",
-        "acos",
-        "cos",
-        "exp",
-        "log",
-        "min",
-        "max",
-        "clamp",
-        "where",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "eq",
-        "ne",
-    }
-)
+TARGETS = ("c", "triton")  # the back-ends; each reads its own spelling in tvlang.ops and tvlang.dtypes
+
+
+def computes(target: str, fn: str) -> bool:
+    """Whether ``target``'s kernels compute the function ``fn`` (tvlang.ops): C kernels also compute
+    the functions of whole rows (row by row, tvlang.codegen.c)."""
+    op = ELEMENTWISE.get(fn)
+    if op is None:
+        return False
+    return (op.c is not None or op.rows) if target == "c" else op.triton is not None
+
+
+def takes(target: str, dtype: str) -> bool:
+    """Whether ``target``'s kernels read inputs of ``dtype`` (tvlang.dtypes: its C or Triton type)."""
+    d = DTYPES.get(dtype)
+    return d is not None and getattr(d, target) is not None
+
+
+def rounds_to(target: str, dtype: str) -> bool:
+    """Whether ``target``'s kernels round outputs to ``dtype``: floats of 16 bits and more (a float8
+    output is rounded by torch's conversion, eagerly)."""
+    return takes(target, dtype) and DTYPES[dtype].is_float and DTYPES[dtype].itemsize >= 2
 
 
 class Unsupported(Exception):
-    """The pass holds something no generated kernel computes (row ranks, float8): run it eagerly."""
+    """The pass holds something the target's kernels do not compute (column sums, float8 outputs; on
+    Triton, functions of whole rows): run it eagerly."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ class Stmt:
 
     ops: ``load`` (attr: input position), ``param`` (attr: parameter position; a float64
     number), ``const`` (attr: the number), ``wsum`` (attr: weights), ``neg``, the binary
-    ``add sub mul div``, ``call`` (attr: function name), ``rand`` (attr: key position;
+    ``add sub mul div``, ``call`` (attr: function name), ``row`` (attr: the name of a function of
+    whole rows; C kernels only, which then take the row length), ``rand`` (attr: key position;
     uniform in [0, 1) from the element's index), ``mul64`` (the product of two values in
     float64, for the dot products of reduction passes).
     """
@@ -127,8 +128,10 @@ class Bound:
 
 
 class _Builder:
-    def __init__(self, input_dtypes: Mapping[int, str], acc: str) -> None:
+    def __init__(self, input_dtypes: Mapping[int, str], acc: str, target: str) -> None:
+        assert target in TARGETS, target
         self.input_dtypes = input_dtypes
+        self.target = target
         self.acc = acc
         self.body: list[Stmt] = []
         self.memo: dict[Stmt, int] = {}
@@ -145,7 +148,7 @@ class _Builder:
 
     def load(self, index: int) -> int:
         dtype = self.input_dtypes[index]
-        if dtype not in KERNEL_DTYPES:
+        if not takes(self.target, dtype):
             raise Unsupported(f"input dtype {dtype}")
         if index not in self.inputs:
             self.inputs.append(index)
@@ -174,8 +177,8 @@ class _Builder:
                 s = self.add(Stmt("wsum", args, tuple(float(w) for w in ins.attr)))
             elif ins.op in ("neg", *BINARY):
                 s = self.add(Stmt(ins.op, args))
-            elif ins.op == "call" and ins.attr in CALLS:
-                s = self.add(Stmt("call", args, ins.attr))
+            elif ins.op == "call" and computes(self.target, ins.attr):
+                s = self.add(Stmt("row" if ELEMENTWISE[ins.attr].rows else "call", args, ins.attr))
             elif ins.op == "rand":
                 key = (int(ins.attr[0]), str(ins.attr[1]))
                 if key not in self.keys:
@@ -189,8 +192,12 @@ class _Builder:
         return {t: visit(t) for t in targets}
 
     def spec(self, outputs: Sequence[tuple[int, str]]) -> Bound:
+        calls = {str(s.attr) for s in self.body if s.op == "call"}
+        if any(s.op == "row" for s in self.body) and not all(ELEMENTWISE[fn].exact for fn in calls):
+            # (programs of whole rows always ran eagerly: they keep its bits, libm's ulp aside)
+            raise Unsupported("a function of whole rows with a function libm rounds differently")
         for _, dtype in outputs:
-            if dtype not in (ACC, SUM) and dtype not in KERNEL_DTYPES:
+            if dtype not in (ACC, SUM) and not rounds_to(self.target, dtype):
                 raise Unsupported(f"output dtype {dtype}")
         spec = KernelSpec(
             tuple(self.input_dtypes[i] for i in self.inputs),
@@ -203,19 +210,18 @@ class _Builder:
         return Bound(spec, tuple(self.inputs), tuple(self.params), tuple(self.keys))
 
 
-def task_spec(task: TensorTask, input_dtypes: Mapping[int, str]) -> Bound:
+def task_spec(task: TensorTask, input_dtypes: Mapping[int, str], target: str = "triton") -> Bound:
     """The fused kernel that writes every float output of ``task`` from one read of its inputs
-    (``input_dtypes``: the dtype of this tensor in each input).  Its outputs follow the order of
-    the task's WeightedSum and ProgramOutput writes."""
+    (``input_dtypes``: the dtype of this tensor in each input) on ``target``'s kernels (``c`` or
+    ``triton``).  Its outputs follow the order of the task's WeightedSum and ProgramOutput writes."""
     writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
     accs = {w.kernel.acc for w in writes if isinstance(w.kernel, WeightedSum)}
     if task.program is not None:
         accs.add(task.program.acc)
-        if task.program.row_wise:
-            raise Unsupported("row ranks need whole rows")
+        _rows(task.program, target)
     if len(accs) != 1:
         raise Unsupported("outputs with different accumulation dtypes")
-    b = _Builder(input_dtypes, accs.pop())
+    b = _Builder(input_dtypes, accs.pop(), target)
     program_stmts = b.program(task.program, task.program.outputs) if task.program is not None else {}
     outputs = []
     for w in writes:
@@ -232,28 +238,31 @@ def task_spec(task: TensorTask, input_dtypes: Mapping[int, str]) -> Bound:
     return b.spec(outputs)
 
 
-def program_spec(program: TensorProgram, targets: Sequence[int], input_dtypes: Mapping[int, str]) -> Bound:
+def program_spec(
+    program: TensorProgram, targets: Sequence[int], input_dtypes: Mapping[int, str], target: str = "triton"
+) -> Bound:
     """A kernel computing the program instructions ``targets`` into accumulation-dtype buffers
     (the operands of a reduction pass)."""
-    if program.row_wise:
-        raise Unsupported("row ranks need whole rows")
-    b = _Builder(input_dtypes, program.acc)
+    _rows(program, target)
+    b = _Builder(input_dtypes, program.acc, target)
     stmts = b.program(program, targets)
     return b.spec([(stmts[t], ACC) for t in targets])
 
 
 def reduction_spec(
-    program: TensorProgram, work: Sequence[tuple[int, int]], input_dtypes: Mapping[int, str]
+    program: TensorProgram,
+    work: Sequence[tuple[int, int]],
+    input_dtypes: Mapping[int, str],
+    target: str = "triton",
 ) -> Bound:
     """A kernel for one reduction pass (``work``: its (reduction, round) pairs), one output each:
     the operand in the accumulation dtype for k-th largest values and counts, and the float64
     block sums of the operand (``sum``) or of the products (``dot``, ``sumsq``) otherwise, so that
     no operand of a sum is ever stored."""
-    if program.row_wise:
-        raise Unsupported("row ranks need whole rows")
-    b = _Builder(input_dtypes, program.acc)
+    _rows(program, target)
+    b = _Builder(input_dtypes, program.acc, target)
     operands = [
-        a for i, _ in work for a in program.instrs[i].args[: 2 if program.instrs[i].attr == "dot" else 1]
+        a for i, _ in work for a in program.instrs[i].args[: REDUCTIONS[program.instrs[i].attr].operands]
     ]
     if not all(program.instrs[a].tensor for a in operands):
         raise Unsupported("a reduction of a number")
@@ -261,14 +270,21 @@ def reduction_spec(
     outputs = []
     for i, _ in work:
         ins = program.instrs[i]
-        if ins.attr in ("kth", "count"):
+        fed = REDUCTIONS[ins.attr].kernel
+        if fed == "operand":
             outputs.append((stmts[ins.args[0]], ACC))
-        elif ins.attr in ("dot", "sumsq"):
+        elif fed == "products":
             a = stmts[ins.args[0]]
-            other = a if ins.attr == "sumsq" else stmts[ins.args[1]]
+            other = stmts[ins.args[1]] if REDUCTIONS[ins.attr].operands == 2 else a
             outputs.append((b.add(Stmt("mul64", (a, other))), SUM))
-        elif ins.attr == "sum":
+        elif fed == "sum":
             outputs.append((stmts[ins.args[0]], SUM))
         else:
             raise Unsupported(f"reduction {ins.attr}")
     return b.spec(outputs)
+
+
+def _rows(program: TensorProgram, target: str) -> None:
+    """Triton kernels compute no function of whole rows or columns: such programs run eagerly there."""
+    if program.row_wise and target != "c":
+        raise Unsupported("row ranks need whole rows")

@@ -16,6 +16,8 @@ spec's docstring), so that both give the same bits:
 - bfloat16 outputs are rounded to nearest even in integer arithmetic, NaN
   becoming 0xFFFF as torch's vectorised conversion does (the interpreter's ``.to(tl.bfloat16)``
   truncates);
+- float8 inputs are passed as bytes and decoded in integer arithmetic, exactly as torch widens
+  them (:func:`tvlang.codegen.c.float8_bits` is the table both follow);
 - ``rand`` is the counter-based fmix64 generator of
   :func:`tvlang.backends.interpreter.uniform`, in uint64 arithmetic.
 
@@ -49,6 +51,7 @@ import torch
 from tvlang.codegen import c
 from tvlang.codegen.spec import ACC, Bound, KernelSpec, Stmt, Unsupported
 from tvlang.dtypes import DTYPES, torch_dtype
+from tvlang.ops import ELEMENTWISE
 
 GPU_BLOCK = 1024  # elements per program instance on a GPU (4 warps, 8 elements per thread)
 INTERPRETER_BLOCK = 4096  # the interpreter costs ~3.5 ms per program instance: few, large ones
@@ -172,7 +175,10 @@ class _Emitter:
                 value = f"_widen_bf16({value})"
             elif dtype == "F16":
                 value += ".to(tl.float32)"
-            if dtype != spec.acc and not (dtype in ("BF16", "F16") and spec.acc == "F32"):
+            elif dtype in _FLOAT8:  # bytes (run_spec passes uint8 views), decoded exactly
+                self.helpers.add(_FLOAT8[dtype])
+                value = f"_{_FLOAT8[dtype]}({value})"
+            if dtype != spec.acc and not (dtype in ("BF16", "F16", *_FLOAT8) and spec.acc == "F32"):
                 value += f".to({T})"
             self.emit(f"{name} = {value}  # {dtype}")
         elif stmt.op == "wsum":
@@ -215,32 +221,48 @@ class _Emitter:
         raise Unsupported(f"binary {op}")
 
     def call(self, fn: str, ids: tuple[int, ...], args: list[str]) -> str:
-        T = self.T
-        if fn == "abs":
-            return f"tl.abs({args[0]})"
-        if fn == "sign":  # (0 < x) - (x < 0): 0 for ±0 and NaN, like torch.sign
-            return f"({args[0]} > 0.0).to({T}) - ({args[0]} < 0.0).to({T})"
-        if fn == "sqrt":
-            return f"libdevice.sqrt_rn({args[0]})"
-        if fn in ("floor", "ceil"):
-            return f"tl.{fn}({args[0]})"
-        if fn in ("sin", "acos", "cos", "exp", "log"):
-            return f"libdevice.{fn}({args[0]})"
-        if fn in ("min", "max"):
-            self.helpers.add("minmax")
-            return f"_{fn}imum({args[0]}, {args[1]})"
-        if fn == "clamp":
-            self.helpers.add("minmax")
-            return f"_minimum(_maximum({args[0]}, {args[1]}), {args[2]})"
-        if fn == "where":
-            return f"tl.where({args[0]} != 0.0, {args[1]}, {args[2]})"
-        ops = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
-        if fn in ops:
-            return f"({args[0]} {ops[fn]} {args[1]}).to({T})"
-        raise Unsupported(f"function {fn}")
+        """The Triton spelling of the element-wise function ``fn`` (its tvlang.ops entry's template)."""
+        op = ELEMENTWISE.get(fn)
+        if op is None or op.triton is None:
+            raise Unsupported(f"function {fn}")
+        self.helpers.update(op.triton_helpers)
+        return op.triton.format(*args, T=self.T)
 
+
+_FLOAT8 = {"F8_E4M3": "widen_f8e4m3", "F8_E5M2": "widen_f8e5m2"}  # the helper decoding each float8
 
 _HELPERS = {
+    "widen_f8e4m3": '''
+@triton.jit
+def _widen_f8e4m3(x):
+    """float8 e4m3fn bytes → float32, exactly, bit for bit as torch widens them (no infinities;
+    S.1111.111 is NaN, 0x7FF00000 with the sign)."""
+    u = x.to(tl.uint32)
+    sign = (u & 0x80) << 24
+    e = (u >> 3) & 0xF
+    m = u & 0x7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    tiny = m.to(tl.float32) * 0.001953125  # subnormal: m · 2^-9
+    tiny = tl.where(sign != 0, -tiny, tiny)
+    nan = (sign | 0x7FF00000).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, tiny, tl.where((e == 15) & (m == 7), nan, normal))
+''',
+    "widen_f8e5m2": '''
+@triton.jit
+def _widen_f8e5m2(x):
+    """float8 e5m2 bytes → float32, exactly, bit for bit as torch widens them (through float16:
+    infinities kept, NaN made quiet)."""
+    u = x.to(tl.uint32)
+    sign = (u & 0x80) << 24
+    e = (u >> 2) & 0x1F
+    m = u & 0x3
+    normal = (sign | ((e + 112) << 23) | (m << 21)).to(tl.float32, bitcast=True)
+    tiny = m.to(tl.float32) * 0.0000152587890625  # subnormal: m · 2^-16
+    tiny = tl.where(sign != 0, -tiny, tiny)
+    quiet = tl.where(m != 0, 0x400000, 0)
+    special = (sign | 0x7F800000 | (m << 21) | quiet).to(tl.float32, bitcast=True)
+    return tl.where(e == 0, tiny, tl.where(e == 31, special, normal))
+''',
     "round_bf16": '''
 @triton.jit
 def _round_bf16(x):
@@ -407,6 +429,7 @@ def run_spec(
         raise ValueError(f"a chunk of {n} elements is too large for one launch")
     for t, dtype in zip(inputs, spec.inputs, strict=True):
         assert t.dtype == torch_dtype(dtype) and t.is_contiguous() and t.numel() >= n, (t.dtype, dtype)
+    inputs = [t.view(torch.uint8) if d in _FLOAT8 else t for t, d in zip(inputs, spec.inputs, strict=True)]
     for t, (_, dtype) in zip(outputs, spec.outputs, strict=True):
         want = torch_dtype(spec.acc if dtype == ACC else dtype)
         assert t.dtype == want and t.is_contiguous() and t.numel() == n, (t.dtype, want)
