@@ -23,7 +23,7 @@ from typing import Any
 
 from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import KERNEL_MODES, c_kernel_sources, resolve_mode
-from tvlang.backends.gpu import kernel_sources, resolve_device
+from tvlang.backends.device import resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.dtypes import FLOATS
 from tvlang.errors import TvError, TvInputError, TvNameError, TvOutputError, TvParamError
@@ -831,7 +831,12 @@ def _plan(
 def _kernel_text(plan: Plan, language: str) -> str:
     """Each distinct generated kernel of ``plan``, C (the compiled CPU backend) or Triton (the GPU
     backend), under a comment saying what it computes and for which tensors."""
-    kernels = c_kernel_sources(plan) if language == "c" else kernel_sources(plan)
+    if language == "c":
+        kernels = c_kernel_sources(plan)
+    else:
+        from tvlang.backends.gpu import kernel_sources
+
+        kernels = kernel_sources(plan)
     if not kernels:
         where = "eagerly" if language == "c" else "on the CPU path"
         return f"# no {'C' if language == 'c' else 'Triton'} kernels: every task of this plan runs {where}"

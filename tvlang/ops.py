@@ -7,13 +7,24 @@ operands already in the accumulation dtype or Python floats).
 
 from __future__ import annotations
 
+import importlib
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+
+    class _Lazy:
+        """torch, imported at the first use of a chunk function (constant folding never needs it)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(importlib.import_module("torch"), name)
+
+    torch = _Lazy()
 
 
 @dataclass(frozen=True)
@@ -52,17 +63,17 @@ def _where(out: torch.Tensor, c: Any, a: Any, b: Any) -> None:
     torch.where(cond, _t(a, out), _t(b, out), out=out)
 
 
-def _compare(fn: Callable[..., torch.Tensor]) -> Callable[..., None]:
+def _compare(name: str) -> Callable[..., None]:
     def run(out: torch.Tensor, a: Any, b: Any) -> None:
         if not isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):  # number on the left: flip
-            _FLIP.get(fn, fn)(b, a, out=out)
+            getattr(torch, _FLIP.get(name, name))(b, a, out=out)
         else:
-            fn(_t(a, out), _t(b, out), out=out)
+            getattr(torch, name)(_t(a, out), _t(b, out), out=out)
 
     return run
 
 
-_FLIP: dict[Any, Any] = {torch.lt: torch.gt, torch.le: torch.ge, torch.gt: torch.lt, torch.ge: torch.le}
+_FLIP = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 
 
 def _sign(x: float) -> float:
@@ -137,12 +148,12 @@ ELEMENTWISE: dict[str, ElementwiseOp] = {
             _whole_rows,
             "the sum of its column (float64, in row order), at every element; one pass, chunks hold whole rows",
         ),
-        ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare(torch.lt), "a < b as 1 or 0"),
-        ElementwiseOp("le", 2, lambda a, b: float(a <= b), _compare(torch.le), "a <= b as 1 or 0"),
-        ElementwiseOp("gt", 2, lambda a, b: float(a > b), _compare(torch.gt), "a > b as 1 or 0"),
-        ElementwiseOp("ge", 2, lambda a, b: float(a >= b), _compare(torch.ge), "a >= b as 1 or 0"),
-        ElementwiseOp("eq", 2, lambda a, b: float(a == b), _compare(torch.eq), "a == b as 1 or 0"),
-        ElementwiseOp("ne", 2, lambda a, b: float(a != b), _compare(torch.ne), "a != b as 1 or 0"),
+        ElementwiseOp("lt", 2, lambda a, b: float(a < b), _compare("lt"), "a < b as 1 or 0"),
+        ElementwiseOp("le", 2, lambda a, b: float(a <= b), _compare("le"), "a <= b as 1 or 0"),
+        ElementwiseOp("gt", 2, lambda a, b: float(a > b), _compare("gt"), "a > b as 1 or 0"),
+        ElementwiseOp("ge", 2, lambda a, b: float(a >= b), _compare("ge"), "a >= b as 1 or 0"),
+        ElementwiseOp("eq", 2, lambda a, b: float(a == b), _compare("eq"), "a == b as 1 or 0"),
+        ElementwiseOp("ne", 2, lambda a, b: float(a != b), _compare("ne"), "a != b as 1 or 0"),
     )
 }
 

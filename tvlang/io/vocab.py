@@ -30,19 +30,23 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from tvlang.chunks import Chunk, to_torch
+from tvlang.dtypes import torch_dtype
 from tvlang.errors import TvInputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.endpoints import Source
-from tvlang.io.safetensors import TORCH_DTYPES, TensorInfo
+from tvlang.io.safetensors import TensorInfo
 from tvlang.ir.node import InputRef
 from tvlang.ops import work_buffer
 from tvlang.plan.plan import TensorMeta
 from tvlang.source import Span
+
+if TYPE_CHECKING:
+    import torch
 
 # Tensors whose rows are indexed by token id: input embeddings and output heads, by name suffix.
 VOCAB_SUFFIXES = (
@@ -404,6 +408,8 @@ class VocabPlan:
 
     def gather(self, k: int, name: str, r0: int, r1: int, out: torch.Tensor) -> None:
         """Rows ``r0:r1`` of model ``k``'s re-indexed ``name`` into ``out`` (rows × cols, its dtype)."""
+        import torch
+
         models, rows = self.src_model[k][r0:r1], self.src_row[k][r0:r1]
         for src in np.unique(models).tolist():
             pos = np.flatnonzero(models == src)
@@ -433,8 +439,10 @@ class VocabPlan:
             copy(k, name, s0, s0 + b - a, out[p0 : p0 + b - a])
 
     def _pread_rows(self, k: int, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        import torch
+
         info = self._info(k, name)
-        dtype = TORCH_DTYPES[info.dtype]
+        dtype = torch_dtype(info.dtype)
         row_bytes = info.shape[1] * dtype.itemsize
         target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
         buf = target.view(torch.uint8).numpy().data
@@ -455,6 +463,8 @@ class VocabPlan:
         return fd
 
     def _rows(self, k: int, name: str, a: int, b: int) -> torch.Tensor:
+        import torch
+
         out = torch.empty((b - a, self._info(k, name).shape[1]), dtype=torch.float64)
         self._copy_rows(k, name, a, b, out)
         return out
@@ -463,7 +473,7 @@ class VocabPlan:
         info = self._info(k, name)
         cols = info.shape[1]
         reader = self.reader(k)
-        out.copy_(reader.read(info, a * cols, b * cols).view(b - a, cols))
+        out.copy_(to_torch(reader.read(info, a * cols, b * cols), info.dtype).view(b - a, cols))
         self._release(reader, info, a, b)
 
     @staticmethod
@@ -471,7 +481,7 @@ class VocabPlan:
         """Drop the pages rows ``a:b`` touched, those shared with other rows too: rows are gathered
         out of order, so a page kept "for a neighbour" would stay mapped (a later read refaults it)."""
         cols = info.shape[1]
-        size = TORCH_DTYPES[info.dtype].itemsize
+        size = torch_dtype(info.dtype).itemsize
         lo = (info.offset + a * cols * size) // mmap.PAGESIZE * mmap.PAGESIZE
         hi = -(-(info.offset + b * cols * size) // mmap.PAGESIZE) * mmap.PAGESIZE
         reader.release(
@@ -491,6 +501,8 @@ class VocabPlan:
     def pad_mean(self, k: int, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The mean of model ``k``'s re-indexed token rows of ``name``: a reduction pass over them,
         in float64 and blocks of rows, rounded once to ``dtype``."""
+        import torch
+
         key = (k, name)
         mean = self._pad_means.get(key)
         if mean is None:
@@ -566,13 +578,13 @@ class VocabSource:
         info = self.tensors.get(name)
         return info is not None and is_vocab_tensor(name, info.shape)
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int) -> Chunk:
         if not self._vocab(name):
             return self.inner.read(name, start, stop)
         info = self.tensors[name]
         cols = info.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
-        block = work_buffer(f"vocab-{id(self)}", TORCH_DTYPES[info.dtype], (r1 - r0) * cols).view(
+        block = work_buffer(f"vocab-{id(self)}", torch_dtype(info.dtype), (r1 - r0) * cols).view(
             r1 - r0, cols
         )
         self.plan.gather(self.k, name, r0, r1, block)
