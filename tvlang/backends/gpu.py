@@ -483,7 +483,12 @@ class _Executor:
         state = None
         if task.program is not None:
             state = ProgramState(
-                task.program, task.name, task.numel, row_length(task.shape), self.model_values
+                task.program,
+                task.name,
+                task.numel,
+                row_length(task.shape),
+                self.model_values,
+                codes=self.input_dtypes(task),
             )
             for q in range(1, task.passes):
                 self.reduction_pass(task, state, q)
@@ -613,7 +618,13 @@ class _Executor:
                 for task_index, operand in red.users:
                     task = self.plan.tasks[task_index]
                     assert task.program is not None
-                    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+                    state = ProgramState(
+                        task.program,
+                        task.name,
+                        task.numel,
+                        row_length(task.shape),
+                        codes=self.input_dtypes(task),
+                    )
                     try:
                         bound: Bound | None = program_spec(task.program, (operand,), self.input_dtypes(task))
                     except Unsupported:
