@@ -64,8 +64,11 @@ print(t, time.time() - t, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(stat
 
 LINEAR = """\
 base = load("base.safetensors")
-output merged = base + 0.4*(load("amazon_sent.safetensors") - load("amazon_lm.safetensors") \
-+ load("yelp_lm.safetensors")) - (load("toxic.safetensors") - base)
+amazon_sent = load("amazon_sent.safetensors") - base
+amazon_lm = load("amazon_lm.safetensors") - base
+yelp_lm = load("yelp_lm.safetensors") - base
+toxic = load("toxic.safetensors") - base
+output merged = base + 0.4*(amazon_sent - amazon_lm + yelp_lm) - toxic
 """
 
 

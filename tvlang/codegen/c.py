@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from tvlang.backends.reductions import BLOCK
+from tvlang.cache import cache_root
 from tvlang.chunks import Chunk, address, numel
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
 from tvlang.dtypes import DTYPES
@@ -319,10 +320,7 @@ def _host_key() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TVLANG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tvlang"
-    )
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 class CompileError(Exception):
