@@ -238,6 +238,7 @@ def factorize(
     """``(A, B)`` with ``B @ A`` the rank-``rank`` truncated SVD of ``d`` (float64, out × in) and
     the singular values split evenly between them (``A = √S·Vᵀ``, ``B = U·√S``).
 
+    >>> import torch
     >>> d = torch.outer(torch.arange(1.0, 4.0, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
     >>> a, b = factorize(d, 2)
     >>> a.shape, b.shape, bool(torch.allclose(b @ a, d))
