@@ -59,7 +59,8 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print(t, time.time() - t, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status))
+cpu = usage.ru_utime + usage.ru_stime
+print(t, time.time() - t, usage.ru_maxrss / 1024, cpu, os.waitstatus_to_exitcode(status))
 """
 
 LINEAR = """\
@@ -73,28 +74,30 @@ output merged = base + 0.4*(amazon_sent - amazon_lm + yelp_lm) - toxic
 
 
 def launch(cmd: Sequence[str], path: str, cwd: str, env: dict[str, str] | None = None) -> tuple[float, ...]:
-    """(start time, wall seconds, peak RSS MiB) of one fresh process (see LAUNCH)."""
+    """(start time, wall seconds, peak RSS MiB, CPU seconds) of one fresh process (see LAUNCH)."""
     full = {**os.environ, **(env or {}), "PYTHONPATH": path}
     full.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its bytecode
     done = subprocess.run(
         [sys.executable, "-c", LAUNCH, *cmd], cwd=cwd, env=full, capture_output=True, text=True
     )
-    t, wall, rss, code = done.stdout.split()[-4:]
+    t, wall, rss, cpu, code = done.stdout.split()[-5:]
     if done.returncode != 0 or code != "0":
         raise RuntimeError(f"{cmd} failed ({code}): {done.stderr[-2000:]}")
-    return float(t), float(wall), float(rss)
+    return float(t), float(wall), float(rss), float(cpu)
 
 
-def run(cmd: Sequence[str], path: str, cwd: str) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one fresh process."""
-    _, wall, rss = launch(cmd, path, cwd)
-    return wall, rss
+def run(cmd: Sequence[str], path: str, cwd: str) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds: user + system) of one fresh process."""
+    _, wall, rss, cpu = launch(cmd, path, cwd)
+    return wall, rss, cpu
 
 
 def first_read(path: str, cwd: str, args: Sequence[str]) -> float:
     """Seconds from just before the process starts to the first chunk read."""
     with tempfile.NamedTemporaryFile("r", suffix=".t") as stamp:
-        t, _, _ = launch([sys.executable, "-c", FIRST_READ, *args], path, cwd, {"TV_FIRST_READ": stamp.name})
+        t, _, _, _ = launch(
+            [sys.executable, "-c", FIRST_READ, *args], path, cwd, {"TV_FIRST_READ": stamp.name}
+        )
         return float(Path(stamp.name).read_text()) - t
 
 
@@ -179,13 +182,15 @@ def main() -> None:
             )
         rows = []
         for label, cmd, cwd, n in cases:
-            got: dict[str, list[tuple[float, float]]] = {v: [] for v in versions}
+            got: dict[str, list[tuple[float, float, float]]] = {v: [] for v in versions}
             for path in versions.values():
                 run(cmd, path, cwd)  # warm-up: kernels compiled, pages cached
             for _ in range(n):
                 for v, path in versions.items():
                     got[v].append(run(cmd, path, cwd))
-            rows.append((label, n, {v: (med(x[0] for x in r), med(x[1] for x in r)) for v, r in got.items()}))
+            rows.append(
+                (label, n, {v: tuple(med(x[i] for x in r) for i in range(3)) for v, r in got.items()})
+            )
             print(label, rows[-1][2], file=sys.stderr, flush=True)
         args = ["run", "sentiment.tv", "-q", "--force", "-o", "o.safetensors"]
         starts = {
@@ -204,7 +209,7 @@ def med(xs: object) -> float:
 
 
 def report(
-    rows: list[tuple[str, int, dict[str, tuple[float, float]]]],
+    rows: list[tuple[str, int, dict[str, tuple[float, ...]]]],
     starts: dict[str, float],
     versions: dict[str, str],
     opts: argparse.Namespace,
@@ -218,15 +223,19 @@ def report(
         f" (this), each a fresh process, alternating; medians. Machine: {os.cpu_count()} CPUs, "
         f"{platform.python_version()}, shared with other jobs.",
         "",
-        f"| case | n | wall s, {old} | wall s, this | ratio | peak RSS MiB, {old} | peak RSS MiB, this |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| case | n | wall s, {old} | wall s, this | wall ratio | CPU s (user + sys), {old} | CPU s, this "
+        f"| peak RSS MiB, {old} | peak RSS MiB, this |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, n, r in rows:
-        (w0, m0), (w1, m1) = r[old], r[new]
-        lines.append(f"| {label} | {n} | {w0:.3f} | {w1:.3f} | {w0 / w1:.1f}x | {m0:.0f} | {m1:.0f} |")
+        (w0, m0, c0), (w1, m1, c1) = r[old], r[new]
+        lines.append(
+            f"| {label} | {n} | {w0:.3f} | {w1:.3f} | {w0 / w1:.1f}x | {c0:.2f} | {c1:.2f} | {m0:.0f} | {m1:.0f} |"
+        )
     s0, s1 = starts[old], starts[new]
     lines.append(
-        f"| start to first byte read (tiny merge) | {opts.repeat} | {s0:.3f} | {s1:.3f} | {s0 / s1:.1f}x | | |"
+        f"| start to first byte read (tiny merge) | {opts.repeat} | {s0:.3f} | {s1:.3f} | {s0 / s1:.1f}x "
+        "| | | | |"
     )
     return "\n".join(lines)
 
