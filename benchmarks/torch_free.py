@@ -3,7 +3,7 @@
 Every measurement is a fresh process, run alternately for the baseline (a checkout of ``--baseline``,
 by default the commit this branch started from) and the current tree, in the same run:
 
-* ``python -c pass``, and ``python -c "import tvlang.cli"``: wall time and peak RSS;
+* ``python -c pass``, and ``python -c "import tvlang.cli, tvlang.api"``: wall time and peak RSS;
 * start to first byte read: from just before the process starts to the first chunk a checkpoint
   reader hands out, in a tiny linear merge (the reader is timed from inside the process);
 * a tiny linear merge (the demo's, hidden size 64): wall time and peak RSS;
@@ -150,8 +150,8 @@ def main() -> None:
         cases: list[tuple[str, list[str], str, int]] = [
             ("`python -c pass`", [sys.executable, "-c", "pass"], play, opts.repeat),
             (
-                '`python -c "import tvlang.cli"`',
-                [sys.executable, "-c", "import tvlang.cli"],
+                '`python -c "import tvlang.cli, tvlang.api"` (what `tvlang run` imports)',
+                [sys.executable, "-c", "import tvlang.cli, tvlang.api"],
                 play,
                 opts.repeat,
             ),

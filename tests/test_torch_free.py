@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tvlang.backends.device import gpu_possible
 from tvlang.cli import main
 from tvlang.codegen.c import compiler
 from tvlang.demo import make_playground
@@ -130,7 +131,7 @@ def test_merge_without_torch_equals_the_torch_path(
     ids=["check", "plan", "plan --stage c", "run --device auto"],
 )
 def test_commands_without_torch(playground: Path, args: list[str]) -> None:
-    if "auto" in args and any(os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidia0", "/dev/kfd")):
+    if "auto" in args and gpu_possible():
         pytest.skip("a GPU driver is present: --device auto asks torch for the GPU")
     assert run_cli(playground, *args)["torch"] is False
 
@@ -144,3 +145,29 @@ def test_imports_without_torch() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_random_keys_in_python_integers_match_the_int64_tensor_formula() -> None:
+    import torch
+
+    from tvlang.backends.program import _hash_text, fmix64, random_key
+
+    for seed in (0, 1, 7, 2**63 - 1, 2**63, 2**64 - 1, -5):
+        for stream, tensor in (("a", "w"), ("dare_ties#1", "model.layers.0.mlp.up_proj.weight"), ("", "")):
+            k = torch.tensor([(seed & 0xFFFFFFFFFFFFFFFF) - (1 << 64) if seed >= 1 << 63 else seed])
+            k = fmix64(fmix64(k ^ _hash_text(stream)) ^ _hash_text(tensor))
+            assert random_key(seed, stream, tensor) == int(k.item()), (seed, stream, tensor)
+
+
+def test_order_keys_give_back_their_floats() -> None:
+    import numpy as np
+    import torch
+
+    from tvlang.backends.reductions import key_to_float, order_keys
+
+    values = np.array([0.0, -0.0, 1.5, -2.25, 3e-310, -1e300, np.inf, -np.inf, 1e-45, 7.0])
+    for dtype, bits in ((torch.float64, 64), (torch.float32, 32)):
+        t = torch.from_numpy(values).to(dtype)
+        keys = order_keys(t).tolist()
+        back = [key_to_float(k & ((1 << bits) - 1), bits) for k in keys]
+        assert back == t.tolist() and [np.signbit(b) for b in back] == [np.signbit(v) for v in t.tolist()]
