@@ -46,8 +46,10 @@ def numpy_dtype(code: str) -> np.dtype[Any]:
 
 def is_torch(x: object) -> TypeIs[torch.Tensor]:
     """Whether ``x`` is a torch tensor (never imports torch: without it, nothing is one)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(x, torch.Tensor)
+    # (getattr: another thread may be importing torch, its module still without Tensor: then no
+    # tensor exists yet either)
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    return tensor is not None and isinstance(x, tensor)
 
 
 def kernel_code(x: Chunk) -> str | None:

@@ -288,6 +288,8 @@ class LoraWriter(Transaction):
         svd: str = "auto",
         overwrite: bool = False,
     ) -> None:
+        import torch  # noqa: F401  (the SVDs need it: loaded before the run, which then gives it one thread)
+
         self.path = path.rstrip(os.sep) or os.sep
         self.layout = layout
         self.overwrite = overwrite

@@ -571,6 +571,8 @@ class VocabSource:
     at a time (into a reused per-thread buffer); every other tensor is read from ``inner``."""
 
     def __init__(self, plan: VocabPlan, k: int, inner: Source) -> None:
+        import torch  # noqa: F401  (rows are gathered with it: loaded before the run, which gives it one thread)
+
         self.plan, self.k, self.inner = plan, k, inner
         self.tensors = plan.models[k].ckpt.tensors
 
