@@ -171,3 +171,15 @@ def test_order_keys_give_back_their_floats() -> None:
         keys = order_keys(t).tolist()
         back = [key_to_float(k & ((1 << bits) - 1), bits) for k in keys]
         assert back == t.tolist() and [np.signbit(b) for b in back] == [np.signbit(v) for v in t.tolist()]
+
+
+def test_is_torch_while_another_thread_imports_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker can ask while another thread's ``import torch`` is half done (no ``Tensor`` yet)."""
+    import types
+
+    import numpy as np
+
+    from tvlang.chunks import is_torch
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    assert not is_torch(np.zeros(2)) and not is_torch(object())
