@@ -98,7 +98,18 @@ def test_the_checks_see_imports() -> None:
 # by the IR, the lowering, the planner and the kernels alike; the GPU backend streams its own
 # chunks through the runtime, so it sits with the execution layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("tvlang.version", "tvlang.errors", "tvlang.source", "tvlang.dtypes", "tvlang.options")),
+    (
+        "foundation",
+        (
+            "tvlang.version",
+            "tvlang.errors",
+            "tvlang.source",
+            "tvlang.dtypes",
+            "tvlang.options",
+            "tvlang.cache",
+            "tvlang.chunks",
+        ),
+    ),
     (
         "language",
         (
@@ -116,7 +127,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("planning", ("tvlang.plan",)),
     ("kernels", ("tvlang.numerics", "tvlang.codegen", "tvlang.backends")),
     ("io", ("tvlang.io",)),
-    ("execution", ("tvlang.backends.gpu", "tvlang.runtime", "tvlang.executors")),
+    ("execution", ("tvlang.backends.gpu", "tvlang.backends.device", "tvlang.runtime", "tvlang.executors")),
     ("api", ("tvlang.driver", "tvlang.api", "tvlang.synth", "tvlang.demo")),
     (
         "front-ends",

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tvlang.io.safetensors as st_mod
+from tvlang.chunks import to_torch
 from tvlang.dtypes import DTYPES, FLOATS, ITEMSIZE
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io import (
@@ -96,9 +97,14 @@ def load_with_library(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[s
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
 
 
+def read(reader: ChunkReader, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """A chunk as a tensor (readers give numpy arrays of the storage dtype)."""
+    return to_torch(reader.read(info, start, stop), info.dtype)
+
+
 def read_all(reader: ChunkReader, info: TensorInfo, step: int = 7) -> torch.Tensor:
-    parts = [reader.read(info, s, min(s + step, info.numel)) for s in range(0, info.numel, step)]
-    flat = torch.cat(parts) if parts else reader.read(info, 0, 0)
+    parts = [read(reader, info, s, min(s + step, info.numel)) for s in range(0, info.numel, step)]
+    flat = torch.cat(parts) if parts else read(reader, info, 0, 0)
     return flat.reshape(info.shape)
 
 
@@ -322,12 +328,12 @@ def test_read_library_file_at_odd_boundaries(tmp_path: Path) -> None:
     assert set(infos) == set(tensors)
     assert [i.offset for i in infos.values()] == sorted(i.offset for i in infos.values())
     with ChunkReader(path) as r:
-        base = r._bytes.data_ptr()
+        base = r._bytes.ctypes.data
         for name, info in infos.items():
             for step in (1, 3, 7, 64):
                 assert same_bits(read_all(r, info, step), tensors[name]), (name, step)
             if info.numel:
-                view = r.read(info, 1 if info.numel > 1 else 0, info.numel)
+                view = read(r, info, 1 if info.numel > 1 else 0, info.numel)
                 isz = info.torch_dtype.itemsize
                 assert view.data_ptr() == base + info.offset + (1 if info.numel > 1 else 0) * isz  # zero-copy
             r.release(info, 0, info.numel)
@@ -357,7 +363,7 @@ def test_misaligned_data_is_copied(tmp_path: Path, code: str, misalign: int) -> 
     infos, _ = read_header(path)
     assert infos["t"].offset % 8 == misalign
     with ChunkReader(path) as r:
-        got = r.read(infos["t"], 2, 9)
+        got = read(r, infos["t"], 2, 9)
         assert got.data_ptr() % t.itemsize == 0
         assert same_bits(got, t[2:9])
         assert same_bits(read_all(r, infos["t"], 4), t)
@@ -395,7 +401,7 @@ def test_reader_two_threads(tmp_path: Path) -> None:
 
         def work(first: int) -> None:
             for s in range(first * step, t.numel(), 2 * step):
-                out[s : s + step] = r.read(info, s, min(s + step, t.numel()))
+                out[s : s + step] = read(r, info, s, min(s + step, t.numel()))
                 r.release(info, s, min(s + step, t.numel()))
 
         with ThreadPoolExecutor(2) as pool:

@@ -84,7 +84,7 @@ def test_chunks_are_rows_of_the_product_never_the_whole(models) -> None:
     name = "model.layers.0.self_attn.q_proj.weight"
     full = models["dense"][name].reshape(-1)
     for start, stop in ((0, 7), (5, 100), (47, 49), (48 * 40, 48 * 48)):
-        chunk = source.read(name, start, stop)
+        chunk = torch.from_numpy(source.read(name, start, stop))
         assert chunk.numel() == stop - start
         torch.testing.assert_close(chunk.double(), full[start:stop], rtol=1e-6, atol=1e-7)
     same = [tvlang.evaluate(f'base + lora("{models["dir"]}/adapter")', {"base": models["base"]}, chunk=c)

@@ -317,6 +317,7 @@ def _signals_as_a_shell() -> None:
 )
 def test_ctrl_c_during_start_up_is_a_clean_exit(ckpt, tmp_path) -> None:
     args = ["eval", "base + 0.5*(ft - base)", "--bind", f"base={ckpt['base']}", "--bind", f"ft={ckpt['ft']}"]
+    args += ["--kernels", "eager"]  # the compiled path never loads torch: the eager one does, slowly
     proc = subprocess.Popen(
         [*_python(), *args, "-o", str(tmp_path / "o")],
         stderr=subprocess.PIPE,

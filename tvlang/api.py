@@ -17,7 +17,6 @@ from typing import Any
 
 from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import c_kernel_sources
-from tvlang.backends.gpu import kernel_sources
 from tvlang.driver import OutSpec, PlanCache, plan_program, vocab_plan, write_outputs
 from tvlang.errors import TvError, TvInputError, TvNameError, TvParamError
 from tvlang.io.card import CardInput, model_card
@@ -347,7 +346,12 @@ def _task_vectors(graph: Graph, bases: Mapping[str, Node]) -> Graph:
 def _kernel_text(plan: Plan, language: str) -> str:
     """Each distinct generated kernel of ``plan``, C (the compiled CPU backend) or Triton (the GPU
     backend), under a comment saying what it computes and for which tensors."""
-    kernels = c_kernel_sources(plan) if language == "c" else kernel_sources(plan)
+    if language == "c":
+        kernels = c_kernel_sources(plan)
+    else:
+        from tvlang.backends.gpu import kernel_sources
+
+        kernels = kernel_sources(plan)
     if not kernels:
         where = "eagerly" if language == "c" else "on the CPU path"
         return f"# no {'C' if language == 'c' else 'Triton'} kernels: every task of this plan runs {where}"

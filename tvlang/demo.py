@@ -94,12 +94,16 @@ def _demo(directory: str, quiet: bool) -> int:
 def _verify(paths: dict[str, str], out: str) -> tuple[float, float, int]:
     """The naive computation, whole state dicts in float64: the worst error in ulps, the share
     correctly rounded, and how many values miss the accuracy bound."""
+    from tvlang.chunks import to_torch
     from tvlang.io.checkpoint import Checkpoint
 
     def load(path: str) -> dict[str, torch.Tensor]:
         ckpt = Checkpoint.open(path)
         with ckpt.reader() as reader:
-            return {n: reader.read(i, 0, i.numel).clone().reshape(i.shape) for n, i in ckpt.tensors.items()}
+            return {
+                n: to_torch(reader.read(i, 0, i.numel), i.dtype).clone().reshape(i.shape)
+                for n, i in ckpt.tensors.items()
+            }
 
     s = {name: load(p) for name, p in paths.items()}
     merged = load(out)

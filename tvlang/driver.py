@@ -22,7 +22,7 @@ from typing import Any
 
 from tvlang.adapters import AdapterSpec
 from tvlang.backends.compiled import resolve_mode
-from tvlang.backends.gpu import resolve_device
+from tvlang.backends.device import resolve_device
 from tvlang.codegen.c import compiler
 from tvlang.dtypes import FLOATS, TensorMeta
 from tvlang.errors import TvInputError, TvOutputError, TvParamError

@@ -7,6 +7,13 @@ tensors, handed out in plan order; torch runs one intra-op thread per worker
 descheduled threads, and ran 3–20× slower than one thread), and parallelism
 comes from the workers.
 
+Chunks of files are numpy arrays, and a plan whose every task has a compiled
+kernel runs without importing torch: the kernels write numpy buffers, copies of
+integer tensors are numpy copies, the writers write bytes.  A task that runs
+eagerly (no compiler, ``--kernels eager``, float8, row functions, a chunk whose
+non-finite values must be explained) sees its chunks as torch tensors
+(:func:`tvlang.chunks.to_torch`, no copy).
+
 Non-finite values: every rounded float output chunk gets one cheap check
 (:func:`~tvlang.backends.cpu.output_finite`); only a chunk that fails it is
 examined to say which input holds how many NaN/±inf values, or whether the
@@ -19,25 +26,27 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
+import numpy as np
 
 from tvlang.backends.compiled import Kernels, TaskKernel, call, prepare_kernels
 from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
 from tvlang.backends.interpreter import ProgramState
 from tvlang.backends.reductions import KthLargest
-from tvlang.dtypes import ITEMSIZE
+from tvlang.chunks import Chunk, is_torch, numpy_dtype, to_torch
+from tvlang.dtypes import ITEMSIZE, torch_dtype
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.endpoints import Sink, Source
-from tvlang.io.safetensors import TORCH_DTYPES
 from tvlang.options import NONFINITE_MODES
 from tvlang.plan.plan import (
+    Copy,
     ModelReduction,
     Plan,
     ProgramOutput,
@@ -47,6 +56,9 @@ from tvlang.plan.plan import (
     human_bytes,
     row_length,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -206,8 +218,66 @@ class Run:
         """A fresh run of ``task``'s program (its per-tensor numbers, its reductions' accumulators)."""
         assert task.program is not None
         return ProgramState(
-            task.program, task.name, task.numel, row_length(task.shape), self.model_values, self.kernels
+            task.program,
+            task.name,
+            task.numel,
+            row_length(task.shape),
+            self.model_values,
+            self.kernels,
+            input_codes(self.plan, task),
         )
+
+
+def input_codes(plan: Plan, task: TensorTask) -> dict[int, str]:
+    """The dtype code of each input chunk ``task`` reads."""
+    return {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+
+
+def torch_views(plan: Plan, task: TensorTask, views: Mapping[int, Chunk]) -> dict[int, torch.Tensor]:
+    """A task's chunks as torch tensors (no copies), for the eager path."""
+    codes = input_codes(plan, task)
+    return {i: to_torch(x, codes[i]) for i, x in views.items()}
+
+
+def _eager_tasks(plan: Plan, kernels: Kernels | None) -> bool:
+    """Whether some task of ``plan`` runs on the eager (torch) path: every one without compiled
+    kernels, else those with float outputs that no kernel computes, or copies that change the
+    storage type (chunks that hold NaN/±inf under the ``error`` and ``warn`` policies, and the
+    rare program part no kernel takes, import torch when they come)."""
+    if kernels is None:
+        return True
+    for task in plan.tasks:
+        if kernels.task(task) is None and any(not _numpy_copy(plan, task, w) for w in task.writes):
+            return True
+    return False
+
+
+def _numpy_copy(plan: Plan, task: TensorTask, write: TensorWrite) -> bool:
+    """A write that copies an input of the same storage type: a numpy copy, no torch."""
+    kernel = write.kernel
+    if not isinstance(kernel, Copy):
+        return False
+    source = plan.inputs[kernel.source].tensors.get(task.name)
+    return source is not None and numpy_dtype(source.dtype) == numpy_dtype(write.dtype)
+
+
+class _TorchThreads:
+    """One intra-op torch thread while a run lasts, set only where torch is (or will be) used:
+    a run on compiled kernels alone never imports it."""
+
+    def __init__(self) -> None:
+        self.previous: int | None = None
+
+    def enter(self, needed: bool) -> None:
+        if needed or "torch" in sys.modules:
+            import torch
+
+            self.previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def exit(self) -> None:
+        if self.previous is not None:
+            sys.modules["torch"].set_num_threads(self.previous)
 
 
 def _work(plan: Plan) -> Iterator[tuple[TensorTask, int, int]]:
@@ -274,8 +344,8 @@ def execute(
             if progress is not None and start != WHOLE_TASK:
                 progress.advance((stop - start) * per_chunk_bytes[id(task)])
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = _TorchThreads()
+    threads.enter(plan.kernels != "compiled" or _eager_tasks(plan, kernels))
     try:
         if model_values is None:
             model_values = _model_reductions(plan, sources, progress, kernels)
@@ -294,7 +364,7 @@ def execute(
             if first is not None:
                 raise first
     finally:
-        torch.set_num_threads(previous_threads)
+        threads.exit()
     if progress is not None:
         progress.finish()
     return run.report
@@ -315,16 +385,25 @@ def run_chunk(
             sources[i].release(task.name, start, stop)
         return
     n = stop - start
+    if compiled is None and task.writes and all(_numpy_copy(plan, task, w) for w in task.writes):
+        for write in task.writes:  # integer tensors (and copies of floats): numpy copies
+            write_to_sink(run.sinks[write.output], task.name, start, _copy(write, views, scratch, n))
+        for i in task.reads:
+            sources[i].release(task.name, start, stop)
+        return
+    import torch
+
+    tviews = torch_views(plan, task, views)
     counted: set[int] = set()  # inputs already counted in this chunk (several outputs read them)
-    program_outputs: list[torch.Tensor] = []
+    program_outputs: list[Chunk] = []
     if state is not None:
-        program_outputs = state.outputs(views, start, stop, scratch)
+        program_outputs = state.outputs(tviews, start, stop, scratch)
     # inputs widened and differences formed once per chunk
     widened: dict[tuple[int, int | None, torch.dtype], torch.Tensor] = {}
     for write in task.writes:
-        out = scratch.get("out", TORCH_DTYPES[write.dtype], n)
+        out = scratch.get("out", torch_dtype(write.dtype), n)
         if isinstance(write.kernel, ProgramOutput):
-            out.copy_(program_outputs[write.kernel.index])  # the one rounding
+            out.copy_(to_torch(program_outputs[write.kernel.index]))  # the one rounding
             if nonfinite != "propagate" and not all_finite(out, scratch):
                 bad = int(out.numel() - torch.isfinite(out).sum())
                 if nonfinite == "error":
@@ -332,12 +411,12 @@ def run_chunk(
                 report.add_program(task.name, write.output, bad)
             write_to_sink(run.sinks[write.output], task.name, start, out)
             continue
-        run_kernel(write.kernel, views, out, scratch, widened)
+        run_kernel(write.kernel, tviews, out, scratch, widened)
         if nonfinite != "propagate" and not output_finite(write.kernel, out, scratch):
             assert isinstance(write.kernel, WeightedSum)
             if nonfinite == "error":
                 raise _nonfinite_error(plan, task, write, sources, scratch)
-            found = census(write.kernel, views, out, scratch)
+            found = census(write.kernel, tviews, out, scratch)
             found.inputs = {i: c for i, c in found.inputs.items() if i not in counted}
             counted.update(found.inputs)
             report.add(task.name, write.output, found)
@@ -352,7 +431,7 @@ def _run_compiled(
     task: TensorTask,
     start: int,
     stop: int,
-    views: Mapping[int, torch.Tensor],
+    views: Mapping[int, Chunk],
     scratch: Scratch,
     state: ProgramState | None,
 ) -> bool:
@@ -360,9 +439,7 @@ def _run_compiled(
     False (nothing written) when the chunk is the kernel's to refuse (another dtype) or holds
     NaN/±inf that the policy must look at: the eager path then redoes it and says why."""
     n = stop - start
-    outs = [
-        scratch.get(("out", k), TORCH_DTYPES[task.writes[w].dtype], n) for k, w in enumerate(compiled.writes)
-    ]
+    outs = [scratch.array(("out", k), task.writes[w].dtype, n) for k, w in enumerate(compiled.writes)]
     scalars = state.scalars if state is not None else {}
     assert run.kernels is not None
     keys = run.kernels.random_keys(compiled.bound, task.name)
@@ -371,12 +448,28 @@ def _run_compiled(
         return False
     filled = dict(zip(compiled.writes, outs, strict=True))
     for k, write in enumerate(task.writes):
-        out = filled.get(k)
+        out: Chunk | None = filled.get(k)
         if out is None:  # a non-float tensor, copied from its template
-            out = scratch.get("out", TORCH_DTYPES[write.dtype], n)
-            run_kernel(write.kernel, views, out, scratch)
+            if _numpy_copy(run.plan, task, write):
+                out = _copy(write, views, scratch, n)
+            else:
+                out = scratch.get("out", torch_dtype(write.dtype), n)
+                run_kernel(write.kernel, torch_views(run.plan, task, views), out, scratch)
         write_to_sink(run.sinks[write.output], task.name, start, out)
     return True
+
+
+def _copy(write: TensorWrite, views: Mapping[int, Chunk], scratch: Scratch, n: int) -> Chunk:
+    """A copy of the chunk a :class:`Copy` write takes (same storage type) in a scratch buffer."""
+    assert isinstance(write.kernel, Copy)
+    view = views[write.kernel.source]
+    if is_torch(view):
+        out = scratch.get("out", view.dtype, n)
+        out.copy_(view)
+        return out
+    buf = scratch.array("out", write.dtype, n)
+    np.copyto(buf, view)
+    return buf
 
 
 def run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
@@ -413,9 +506,7 @@ def _model_reductions(
     values: dict[int, float] = {}
     scratch = Scratch()
     for red in plan.model_reductions:
-        select = KthLargest(
-            red.k, red.numel, torch.float64, kernels.histogram if kernels is not None else None
-        )
+        select = KthLargest(red.k, red.numel, "F64", kernels.histogram if kernels is not None else None)
         for round_ in range(select.rounds):
             model_reduction_round(plan, sources, red, select, round_, scratch, progress, kernels)
             select.end_round()
@@ -438,15 +529,35 @@ def model_reduction_round(
     for task_index, operand in red.users:
         task = plan.tasks[task_index]
         assert task.program is not None
-        state = ProgramState(task.program, task.name, task.numel, row_length(task.shape), kernels=kernels)
+        state = ProgramState(
+            task.program,
+            task.name,
+            task.numel,
+            row_length(task.shape),
+            kernels=kernels,
+            codes=input_codes(plan, task),
+        )
         nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
         for _, start, stop in task_chunks(plan, task):
             views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
-            select.add(state.value(operand, views, start, stop, scratch).to(torch.float64), start, round_)
+            select.add(_float64(state.value(operand, views, start, stop, scratch), scratch), start, round_)
             for i in task.reads:
                 sources[i].release(task.name, start, stop)
             if progress is not None:
                 progress.advance((stop - start) * nbytes)
+
+
+def _float64(values: Any, scratch: Scratch) -> Chunk:
+    """A chunk's values in float64 (exact), in a reused buffer when they are numpy's."""
+    if is_torch(values):
+        wide: Chunk = values.to(sys.modules["torch"].float64)
+        return wide
+    if values.dtype == np.float64:
+        same: Chunk = values
+        return same
+    buf = scratch.array("float64", "F64", values.size)
+    np.copyto(buf, values)
+    return buf
 
 
 def _program_nonfinite_error(plan: Plan, task: TensorTask, write: TensorWrite, count: int) -> TvError:
@@ -459,7 +570,7 @@ def _program_nonfinite_error(plan: Plan, task: TensorTask, write: TensorWrite, c
     )
 
 
-def write_to_sink(sink: Sink, name: str, start: int, out: torch.Tensor) -> None:
+def write_to_sink(sink: Sink, name: str, start: int, out: Chunk) -> None:
     """``sink.write``, with any OSError turned into an error that names the output (never a temporary)."""
     try:
         sink.write(name, start, out)
@@ -499,8 +610,8 @@ def _nonfinite_error(
     slots = sorted(kernel.inputs)
     for lo in range(0, task.numel, plan.chunk):
         hi = min(task.numel, lo + plan.chunk)
-        views = {i: sources[i].read(task.name, lo, hi) for i in slots}
-        out = scratch.get("census", TORCH_DTYPES[write.dtype], hi - lo)
+        views = torch_views(plan, task, {i: sources[i].read(task.name, lo, hi) for i in slots})
+        out = scratch.get("census", torch_dtype(write.dtype), hi - lo)
         run_kernel(kernel, views, out, scratch)
         if not output_finite(kernel, out, scratch):
             total.add(task.name, write.output, census(kernel, views, out, scratch))

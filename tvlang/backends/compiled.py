@@ -15,14 +15,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-
-import torch
+from typing import Any
 
 from tvlang.backends.cpu import Scratch
 from tvlang.backends.interpreter import random_key
+from tvlang.chunks import Chunk, is_torch, kernel_code
 from tvlang.codegen import c
 from tvlang.codegen.spec import SUM, Bound, Unsupported, program_spec, reduction_spec, task_spec
-from tvlang.dtypes import KERNEL_DTYPES, code_of, torch_dtype
 from tvlang.plan.plan import BLOCK, Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.tensor_program import TensorProgram
 
@@ -51,9 +50,9 @@ class Kernels:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._tasks: dict[int, TaskKernel | None] = {}
-        self._programs: dict[tuple[int, tuple[int, ...], tuple[torch.dtype, ...]], Compiled | None] = {}
+        self._programs: dict[tuple[int, tuple[int, ...], tuple[str | None, ...]], Compiled | None] = {}
         self._reductions: dict[
-            tuple[int, tuple[tuple[int, int], ...], tuple[torch.dtype, ...]], Compiled | None
+            tuple[int, tuple[tuple[int, int], ...], tuple[str | None, ...]], Compiled | None
         ] = {}
         self._keys: dict[tuple[int, str, str], int] = {}
         self._lock = threading.Lock()
@@ -92,12 +91,12 @@ class Kernels:
         return result
 
     def program(
-        self, program: TensorProgram, targets: tuple[int, ...], inputs: Mapping[int, torch.Tensor]
+        self, program: TensorProgram, targets: tuple[int, ...], inputs: Mapping[int, Chunk]
     ) -> Compiled | None:
         """The kernel computing the program instructions ``targets`` into accumulation-dtype buffers
         from chunks like ``inputs`` (model-wide selections' operands; a program's outputs when a
         chunk is redone eagerly)."""
-        key = (id(program), targets, tuple(inputs[i].dtype for i in sorted(inputs)))
+        key = (id(program), targets, tuple(kernel_code(inputs[i]) for i in sorted(inputs)))
         if key not in self._programs:
             dtypes = _kernel_codes(inputs)
             self._programs[key] = self._build(lambda: program_spec(program, targets, dtypes, "c"))
@@ -107,8 +106,8 @@ class Kernels:
         self,
         program: TensorProgram,
         targets: tuple[int, ...],
-        views: Mapping[int, torch.Tensor],
-        outputs: Sequence[torch.Tensor],
+        views: Mapping[int, Chunk],
+        outputs: Sequence[Chunk],
         scalars: Mapping[int, float],
         tensor: str,
         start: int,
@@ -126,17 +125,17 @@ class Kernels:
         self,
         program: TensorProgram,
         work: Sequence[tuple[int, int]],
-        views: Mapping[int, torch.Tensor],
+        views: Mapping[int, Chunk],
         scratch: Scratch,
         scalars: Mapping[int, float],
         tensor: str,
         start: int,
         stop: int,
         row: int = 1,
-    ) -> list[torch.Tensor] | None:
+    ) -> list[Chunk] | None:
         """One chunk of a reduction pass: per (reduction, round) of ``work``, its operand (k-th
         largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it."""
-        key = (id(program), tuple(work), tuple(views[i].dtype for i in sorted(views)))
+        key = (id(program), tuple(work), tuple(kernel_code(views[i]) for i in sorted(views)))
         if key not in self._reductions:
             dtypes = _kernel_codes(views)
             self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes, "c"))
@@ -144,11 +143,10 @@ class Kernels:
         if compiled is None:
             return None
         n = stop - start
-        acc = torch.float64 if program.acc == "F64" else torch.float32
-        outs = [
-            scratch.get(("sums", k), torch.float64, -(-n // BLOCK))
+        outs: list[Chunk] = [
+            scratch.array(("sums", k), "F64", -(-n // BLOCK))
             if dtype == SUM
-            else scratch.get(("slot", k), acc, n)
+            else scratch.array(("slot", k), program.acc, n)
             for k, (_, dtype) in enumerate(compiled.bound.spec.outputs)
         ]
         keys = self.random_keys(compiled.bound, tensor)
@@ -181,16 +179,25 @@ class Kernels:
             self.failures.append(str(e))
 
 
-def _kernel_codes(chunks: Mapping[int, torch.Tensor]) -> dict[int, str]:
+def _kernel_codes(chunks: Mapping[int, Chunk]) -> dict[int, str]:
     """The dtype code of each chunk a generated kernel can take."""
-    codes = {i: code_of(x.dtype) for i, x in chunks.items()}
-    return {i: code for i, code in codes.items() if code in KERNEL_DTYPES}
+    codes = {i: kernel_code(x) for i, x in chunks.items()}
+    return {i: code for i, code in codes.items() if code is not None}
+
+
+def _takes(x: Any, code: str) -> bool:
+    """Whether a kernel built for ``code`` takes the chunk ``x`` (contiguous, on the CPU)."""
+    if kernel_code(x) != code:
+        return False
+    if is_torch(x):
+        return bool(x.is_contiguous() and x.device.type == "cpu")
+    return bool(x.flags.c_contiguous)
 
 
 def call(
     compiled: Compiled,
-    views: Mapping[int, torch.Tensor],
-    outputs: Sequence[torch.Tensor],
+    views: Mapping[int, Chunk],
+    outputs: Sequence[Chunk],
     scalars: Mapping[int, float],
     keys: Sequence[int],
     start: int,
@@ -202,10 +209,7 @@ def call(
     dtype is not the one the kernel was built for."""
     bound = compiled.bound
     inputs = [views[i] for i in bound.inputs]
-    if any(
-        x.dtype != torch_dtype(d) or not x.is_contiguous()
-        for x, d in zip(inputs, bound.spec.inputs, strict=True)
-    ):
+    if not all(_takes(x, d) for x, d in zip(inputs, bound.spec.inputs, strict=True)):
         return -1
     params = [scalars[i] for i in bound.params]
     return compiled.kernel(inputs, list(outputs), params, list(keys), start, n, row)

@@ -22,32 +22,58 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from tvlang.chunks import numpy_dtype
+from tvlang.dtypes import torch_dtype
 from tvlang.plan.plan import Copy, Kernel, WeightedSum
 
-ACC_DTYPES = {"F32": torch.float32, "F64": torch.float64}
+if TYPE_CHECKING:
+    import torch
+
+
+def acc_dtype(code: str) -> torch.dtype:
+    """The torch dtype of an accumulation code (``F32``, ``F64``)."""
+    return torch_dtype(code)
 
 
 class Scratch:
-    """Per-thread reusable buffers, one per (role, dtype), grown to the largest chunk seen."""
+    """Per-thread reusable buffers, one per (role, dtype), grown to the largest chunk seen: numpy
+    arrays of a storage dtype (:meth:`array`, the compiled path's) or torch tensors (:meth:`get`,
+    the eager path's; torch is imported only then)."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[object, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[object, Any], Any] = {}
 
     def get(self, role: object, dtype: torch.dtype, n: int) -> torch.Tensor:
         buf = self._buffers.get((role, dtype))
         if buf is None or buf.numel() < n:
+            import torch
+
             buf = torch.empty(n, dtype=dtype)
             self._buffers[(role, dtype)] = buf
-        return buf[:n]
+        result: torch.Tensor = buf[:n]
+        return result
+
+    def array(self, role: object, code: str, n: int) -> np.ndarray[Any, Any]:
+        """A numpy buffer of ``code``'s storage dtype (:func:`tvlang.chunks.numpy_dtype`)."""
+        dtype = numpy_dtype(code)
+        buf = self._buffers.get((role, dtype))
+        if buf is None or buf.size < n:
+            buf = np.empty(n, dtype=dtype)
+            self._buffers[(role, dtype)] = buf
+        result: np.ndarray[Any, Any] = buf[:n]
+        return result
 
     def bounds(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Two reused 0-dim tensors for a (min, max) reduction's results."""
         lo = self._buffers.get(("min", dtype))
         hi = self._buffers.get(("max", dtype))
         if lo is None or hi is None:
+            import torch
+
             lo = self._buffers[("min", dtype)] = torch.empty((), dtype=dtype)
             hi = self._buffers[("max", dtype)] = torch.empty((), dtype=dtype)
         return lo, hi
@@ -69,7 +95,7 @@ def run_kernel(
         out.copy_(views[kernel.source])
         return
     assert isinstance(kernel, WeightedSum)
-    acc = scratch.get("acc", ACC_DTYPES[kernel.acc], out.numel())
+    acc = scratch.get("acc", acc_dtype(kernel.acc), out.numel())
     acc.zero_()
     cache = {} if widened is None else widened
     for weight, slot, minus in kernel.terms:
@@ -89,6 +115,8 @@ def _term(
     reused buffer: a mixed-dtype add_ would allocate a converted copy of the chunk on every call
     (measured: +60–110 MiB peak RSS).  Widening is exact, and so is the difference of two 16-bit
     values in float32 (two 32-bit ones in float64) unless their magnitudes are 2¹⁵ (2²⁹) apart."""
+    import torch
+
     key = (slot, minus, acc.dtype)
     if key in cache:
         return cache[key]
@@ -109,12 +137,12 @@ def _term(
 
 
 # Dtypes with a CPU min/max reduction and isinf; float8 values are widened first (rare, not fast).
-_REDUCIBLE = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
+_REDUCIBLE = frozenset({"torch.bfloat16", "torch.float16", "torch.float32", "torch.float64"})
 
 
 def accumulator(kernel: WeightedSum, scratch: Scratch, n: int) -> torch.Tensor:
     """The accumulator :func:`run_kernel` last used for ``kernel`` (it holds that chunk's exact sums)."""
-    return scratch.get("acc", ACC_DTYPES[kernel.acc], n)
+    return scratch.get("acc", acc_dtype(kernel.acc), n)
 
 
 def all_finite(x: torch.Tensor, scratch: Scratch) -> bool:
@@ -124,9 +152,11 @@ def all_finite(x: torch.Tensor, scratch: Scratch) -> bool:
     results, and an infinity is the min or the max), about a tenth of a 5-input
     kernel's time; ``isfinite(x).all()`` allocates and costs as much as the kernel.
     """
+    import torch
+
     if x.numel() == 0:
         return True
-    if x.dtype not in _REDUCIBLE:
+    if str(x.dtype) not in _REDUCIBLE:
         wide = scratch.get("widen", torch.float32, x.numel())
         wide.copy_(x)
         x = wide
@@ -145,7 +175,7 @@ def output_finite(kernel: Kernel, out: torch.Tensor, scratch: Scratch) -> bool:
         return True
     if not all_finite(out, scratch):
         return False
-    if out.dtype in _REDUCIBLE:
+    if str(out.dtype) in _REDUCIBLE:
         return True
     return all_finite(accumulator(kernel, scratch, out.numel()), scratch)
 
@@ -163,7 +193,7 @@ class Census:
 
 
 def _widened(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype in _REDUCIBLE else x.float()
+    return x if str(x.dtype) in _REDUCIBLE else x.float()
 
 
 def census(
@@ -171,6 +201,8 @@ def census(
 ) -> Census:
     """Attribute the non-finite elements of ``out``, just computed by :func:`run_kernel` from
     ``views``: NaN and ±inf counts per input, and overflow in accumulating or in rounding."""
+    import torch
+
     result = Census()
     acc = accumulator(kernel, scratch, out.numel())
     inputs_bad = torch.zeros(out.numel(), dtype=torch.bool)

@@ -49,13 +49,12 @@ import torch
 from tvlang.backends.cpu import Scratch, all_finite
 from tvlang.backends.interpreter import ProgramState, random_key
 from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block_sums
+from tvlang.chunks import Chunk, is_torch, to_torch
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
-from tvlang.dtypes import ITEMSIZE
+from tvlang.dtypes import ITEMSIZE, code_of, torch_dtype
 from tvlang.errors import TvParamError
 from tvlang.io.endpoints import IntoSink, Sink, Source
-from tvlang.io.safetensors import TORCH_DTYPES
-from tvlang.options import DEVICES
 from tvlang.plan.plan import (
     SLOTS,
     Copy,
@@ -79,6 +78,7 @@ from tvlang.runtime import (
 )
 
 DIRECT_DTYPES = frozenset({torch.bfloat16, torch.float16, torch.float32, torch.float64})
+
 INSTALL_HELP = (
     'install the GPU extra: pip install "tvlang[gpu]" (Triton; a CUDA build of torch is needed too)'
 )
@@ -96,13 +96,10 @@ def cuda_missing() -> str | None:
     return tcg.triton_missing()
 
 
-def resolve_device(requested: str) -> str:
-    """``cpu`` (the CPU backend), ``cuda`` (this backend on the GPU) or ``interpret`` (this backend's
+def resolve_gpu(requested: str) -> str:
+    """For ``cuda`` or ``auto`` (:func:`tvlang.backends.device.resolve_device` decides the rest):
+    ``cpu`` (the CPU backend), ``cuda`` (this backend on the GPU) or ``interpret`` (this backend's
     kernels in Triton's interpreter on CPU tensors: ``cuda`` requested with ``TRITON_INTERPRET=1``)."""
-    if requested not in DEVICES:
-        raise TvParamError(f"unknown device {requested!r}", help="choose cpu, cuda or auto", code="E402")
-    if requested == "cpu":
-        return "cpu"
     if tcg.interpreting():
         if requested == "cuda" and tcg.triton_missing() is None:
             return "interpret"
@@ -126,9 +123,9 @@ class _HostSource:
     def __init__(self, source: Source) -> None:
         self.source = source
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int) -> Chunk:
         view = self.source.read(name, start, stop)
-        return view if view.device.type == "cpu" else view.cpu()
+        return view.cpu() if is_torch(view) and view.device.type != "cpu" else view
 
     def release(self, name: str, start: int, stop: int) -> None:
         self.source.release(name, start, stop)
@@ -159,8 +156,8 @@ class DeviceCount(Count):
         super().__init__()
         self.partial: list[torch.Tensor] = []
 
-    def add(self, values: torch.Tensor, start: int) -> None:
-        self.partial.append(torch.count_nonzero(values).reshape(1))
+    def add(self, values: Chunk, start: int) -> None:
+        self.partial.append(torch.count_nonzero(to_torch(values)).reshape(1))
 
     def result(self) -> float:
         return float(self.total + int(torch.cat(self.partial).sum())) if self.partial else float(self.total)
@@ -188,11 +185,11 @@ class DeviceKth(KthLargest):
         super().__init__(k, numel, dtype)
         self.device_hist = torch.zeros(DIGIT + 1, dtype=torch.int64, device=device)
 
-    def add(self, values: torch.Tensor, start: int, round_: int) -> None:
+    def add(self, values: Chunk, start: int, round_: int) -> None:
         if self.fixed is not None:
             return
         assert round_ == self.round, "rounds run in order"
-        keys = device_order_keys(values)
+        keys = device_order_keys(to_torch(values))
         shift = self.bits - 16 * (round_ + 1)
         digits = torch.bitwise_right_shift(keys, shift).bitwise_and_(0xFFFF)
         if round_:
@@ -202,7 +199,7 @@ class DeviceKth(KthLargest):
 
     def end_round(self) -> None:
         if self.fixed is None:
-            self.hist.copy_(self.device_hist.cpu())
+            self.hist[:] = self.device_hist.cpu().numpy()
             self.device_hist.zero_()
         super().end_round()
 
@@ -340,8 +337,8 @@ class _Executor:
         """Run a pass over every chunk of its task, overlapping copies and compute on CUDA."""
         task, spec = p.task, p.bound.spec if p.bound is not None else None
         assert spec is not None and p.bound is not None
-        dtypes = [TORCH_DTYPES[d] for d in spec.inputs]
-        out_dtypes = [TORCH_DTYPES[spec.acc if d == ACC else d] for _, d in spec.outputs]
+        dtypes = [torch_dtype(d) for d in spec.inputs]
+        out_dtypes = [torch_dtype(spec.acc if d == ACC else d) for _, d in spec.outputs]
         chunk = max(1, task.chunk or self.plan.chunk)  # the plan's (tvlang.plan.planner.gpu_chunk)
         sizes = [(min(chunk, task.numel), d) for d in dtypes + out_dtypes]
         slots = self.slots_for(_arena_bytes(sizes))
@@ -390,10 +387,10 @@ class _Executor:
         uploads = []
         for i, h, d in zip(order, host, dev, strict=True):
             view = self.sources[i].read(task.name, start, stop)
-            if self.cuda and view.device == self.device and view.is_contiguous():
+            if self.cuda and is_torch(view) and view.device == self.device and view.is_contiguous():
                 inputs.append(view)
             else:
-                h.copy_(view)
+                h.copy_(to_torch(view, code_of(h.dtype)))
                 inputs.append(d)
                 uploads.append((h, d))
             self.sources[i].release(task.name, start, stop)
@@ -485,7 +482,12 @@ class _Executor:
         state = None
         if task.program is not None:
             state = ProgramState(
-                task.program, task.name, task.numel, row_length(task.shape), self.model_values
+                task.program,
+                task.name,
+                task.numel,
+                row_length(task.shape),
+                self.model_values,
+                codes=self.input_dtypes(task),
             )
             for q in range(1, task.passes):
                 self.reduction_pass(task, state, q)
@@ -514,7 +516,7 @@ class _Executor:
             flat = sink.target(task.name)
             if (
                 flat.device != self.device
-                or flat.dtype != TORCH_DTYPES[w.dtype]
+                or flat.dtype != torch_dtype(w.dtype)
                 or flat.dtype not in DIRECT_DTYPES
             ):
                 return None
@@ -615,7 +617,13 @@ class _Executor:
                 for task_index, operand in red.users:
                     task = self.plan.tasks[task_index]
                     assert task.program is not None
-                    state = ProgramState(task.program, task.name, task.numel, row_length(task.shape))
+                    state = ProgramState(
+                        task.program,
+                        task.name,
+                        task.numel,
+                        row_length(task.shape),
+                        codes=self.input_dtypes(task),
+                    )
                     try:
                         bound: Bound | None = program_spec(task.program, (operand,), self.input_dtypes(task))
                     except Unsupported:

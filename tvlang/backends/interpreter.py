@@ -11,6 +11,11 @@ threads or device: ``u[i] = top bits of fmix64(key ^ (i · 0x9E3779B97F4A7C15))`
 with ``key = fmix64(fmix64(seed ^ fnv1a(stream)) ^ fnv1a(tensor name))``, where
 ``stream`` names the checkpoints the operand reads and fmix64 is MurmurHash3's
 64-bit finaliser.
+
+Chunks are numpy arrays (files) or torch tensors (memory, GPU): the compiled kernels take both
+and write numpy buffers; only the eager instructions import torch, and they see every chunk as a
+tensor (:func:`tvlang.chunks.to_torch`, no copy).  Per-tensor numbers are Python floats, their
+functions numpy's float64 ones (IEEE, NaN where the domain ends; ``sqrt`` correctly rounded).
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
-from tvlang.backends.cpu import ACC_DTYPES, Scratch
+from tvlang.backends.cpu import Scratch, acc_dtype
 from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest
+from tvlang.chunks import Chunk, is_torch, to_torch
 from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.tensor_program import Instr, TensorProgram
 
 if TYPE_CHECKING:
+    import torch
+
     from tvlang.codegen.c import RadixHistogram
 
 
@@ -41,8 +48,8 @@ class Kernels(Protocol):
         self,
         program: TensorProgram,
         targets: tuple[int, ...],
-        views: Mapping[int, torch.Tensor],
-        outputs: Sequence[torch.Tensor],
+        views: Mapping[int, Chunk],
+        outputs: Sequence[Chunk],
         scalars: Mapping[int, float],
         tensor: str,
         start: int,
@@ -53,19 +60,20 @@ class Kernels(Protocol):
         self,
         program: TensorProgram,
         work: Sequence[tuple[int, int]],
-        views: Mapping[int, torch.Tensor],
+        views: Mapping[int, Chunk],
         scratch: Scratch,
         scalars: Mapping[int, float],
         tensor: str,
         start: int,
         stop: int,
         row: int = 1,
-    ) -> list[torch.Tensor] | None: ...
+    ) -> list[Chunk] | None: ...
 
 
 _FMIX1 = 0xFF51AFD7ED558CCD - (1 << 64)  # the constants of MurmurHash3's 64-bit finaliser, as int64
 _FMIX2 = 0xC4CEB9FE1A85EC53 - (1 << 64)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MASK = (1 << 64) - 1
 
 
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -89,20 +97,29 @@ def _hash_text(text: str) -> int:
     return h - (1 << 64) if h >= 1 << 63 else h
 
 
+def _fmix64_int(x: int) -> int:
+    """:func:`fmix64` on one unsigned 64-bit Python int."""
+    x ^= x >> 33
+    x = (x * _FMIX1) & _MASK
+    x ^= x >> 33
+    x = (x * _FMIX2) & _MASK
+    return x ^ (x >> 33)
+
+
 def random_key(seed: int, stream: str, tensor: str) -> int:
-    """The per-(seed, operand, tensor) key of the counter-based generator."""
-    k = torch.tensor(
-        [(seed & 0xFFFFFFFFFFFFFFFF) - (1 << 64) if seed >= 1 << 63 else seed], dtype=torch.int64
-    )
-    k = fmix64(k ^ _hash_text(stream))
-    k = fmix64(k ^ _hash_text(tensor))
-    return int(k.item())
+    """The per-(seed, operand, tensor) key of the counter-based generator (an int64), in Python
+    integers: the same bits as :func:`fmix64` on int64 tensors."""
+    k = _fmix64_int((seed & _MASK) ^ (_hash_text(stream) & _MASK))
+    k = _fmix64_int(k ^ (_hash_text(tensor) & _MASK))
+    return k - (1 << 64) if k >= 1 << 63 else k
 
 
 def uniform(key: int, start: int, stop: int, out: torch.Tensor) -> None:
     """u[i] = top bits of fmix64(key ^ (i · golden)) for element indices i in [start, stop):
     24 bits in float32, 53 in float64, so u < 1 exactly and every chunking gives the same bits.
     Computed in place in two reused int64 buffers."""
+    import torch
+
     n = stop - start
     x = torch.arange(start, stop, dtype=torch.int64, out=work_buffer("rng-x", torch.int64, n))
     t = work_buffer("rng-t", torch.int64, n)
@@ -118,6 +135,8 @@ def uniform(key: int, start: int, stop: int, out: torch.Tensor) -> None:
 
 
 def _binary(op: str, a: Any, b: Any, out: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if isinstance(a, torch.Tensor):
         fn: Any = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow}[
             op
@@ -154,6 +173,8 @@ def _scalar_binary(op: str, a: float, b: float) -> float:
 
 def _product64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a * b`` in float64 (on the CPU in reused buffers: no temporaries on the hot path)."""
+    import torch
+
     if a.device.type != "cpu":
         return a.to(torch.float64) * b.to(torch.float64)
     n = a.numel()
@@ -164,6 +185,8 @@ def _product64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def row_rank(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
     """Each element's rank within its row, scaled to [0, 1] (ties broken by position; 0.5 for
     one-element rows).  The chunk holds whole rows (the planner aligns it)."""
+    import torch
+
     if row <= 1:
         out.fill_(0.5)
         return
@@ -178,6 +201,8 @@ def row_sum(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
     """The float64 sum of each element's row, added in element order (a cumulative sum is
     sequential, as in :func:`tvlang.backends.reductions.block_sums`), rounded once to ``out``'s dtype
     and written at every element of the row.  The chunk holds whole rows."""
+    import torch
+
     rows = x.reshape(-1, row)
     wide = work_buffer("row-sum", torch.float64, x.numel()).view(-1, row).copy_(rows)
     scan = torch.cumsum(wide, dim=1, out=work_buffer("row-scan", torch.float64, x.numel()).view(-1, row))
@@ -186,11 +211,42 @@ def row_sum(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
 
 def row_max(x: torch.Tensor, row: int, out: torch.Tensor) -> None:
     """The largest element of each element's row (NaN when the row holds one), at every element."""
+    import torch
+
     rows = x.reshape(-1, row)
     out.view(-1, row).copy_(torch.amax(rows, dim=1, keepdim=True).expand(-1, row))
 
 
 ROW_KERNELS = {"rowrank": row_rank, "rowsum": row_sum, "rowmax": row_max}
+
+# Per-tensor numbers' functions: numpy's float64 ufuncs (IEEE: NaN or ±inf where the domain ends,
+# as the chunk functions give, never an exception); the others by the table's scalar function.
+_SCALAR_UFUNCS: dict[str, Any] = {
+    "abs": np.abs,
+    "sign": np.sign,
+    "sqrt": np.sqrt,
+    "floor": np.floor,
+    "ceil": np.ceil,
+    "sin": np.sin,
+    "acos": np.arccos,
+    "cos": np.cos,
+    "exp": np.exp,
+    "log": np.log,
+    "min": np.minimum,
+    "max": np.maximum,
+    "clamp": lambda x, lo, hi: np.minimum(np.maximum(x, lo), hi),
+}
+
+
+def scalar_call(name: str, args: Sequence[float]) -> float:
+    """Function ``name`` of per-tensor numbers, in float64."""
+    fn = _SCALAR_UFUNCS.get(name)
+    with np.errstate(all="ignore"):
+        if fn is not None:
+            return float(fn(*(np.float64(a) for a in args)))
+        if name == "where":
+            return args[1] if args[0] != 0 else args[2]
+        return float(ELEMENTWISE[name].scalar(*args))
 
 
 class ProgramState:
@@ -204,19 +260,25 @@ class ProgramState:
         row: int = 1,
         model_values: Mapping[int, float] | None = None,
         kernels: Kernels | None = None,
+        codes: Mapping[int, str] | None = None,
     ) -> None:
+        """``codes``: the dtype code of each input's chunks (numpy chunks of float8 need it)."""
         self.program = program
+        self.codes = codes or {}
         self.kernels = kernels  # compiled kernels for the reduction passes and other chunk work (else eager)
         self.tensor = tensor
         self.numel = numel
         self.model_values = model_values or {}  # model-wide scalars, computed before the per-tensor work
         self.row = row  # elements per row, for row-wise operations (chunks then hold whole rows)
-        self.acc_dtype = ACC_DTYPES[program.acc]
         self.scalars: dict[int, float] = {}
         self.columns: dict[int, torch.Tensor] = {}  # column functions' results, one number per column
         self.reducers: dict[int, Any] = {}
-        self._cell = torch.empty((), dtype=torch.float64)  # a per-tensor number's element-wise function
         self._settle(0)
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """The accumulation dtype, as torch's (the eager instructions')."""
+        return acc_dtype(self.program.acc)
 
     def _settle(self, done: int) -> None:
         """Compute every scalar known once ``done`` data passes have finished."""
@@ -243,7 +305,7 @@ class ProgramState:
                     self.reducers[i] = KthLargest(
                         self.scalars[ins.args[1]],
                         self.numel,
-                        self.acc_dtype,
+                        self.program.acc,
                         self.kernels.histogram if self.kernels is not None else None,
                     )
                 elif ins.attr == "count":
@@ -262,13 +324,10 @@ class ProgramState:
         if ins.op == "neg":
             return -vals[0]
         if ins.op == "call":
-            ELEMENTWISE[ins.attr].chunk(self._cell, *vals)
-            return float(self._cell)
+            return scalar_call(ins.attr, vals)
         return _scalar_binary(ins.op, vals[0], vals[1])
 
-    def feed(
-        self, q: int, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
-    ) -> None:
+    def feed(self, q: int, views: Mapping[int, Chunk], start: int, stop: int, scratch: Scratch) -> None:
         """Data pass ``q`` over one chunk: advance the reductions that run in it."""
         work = self.program.reductions_in(q)
         if self.kernels is not None:
@@ -308,9 +367,7 @@ class ProgramState:
             else:
                 red.add(operand, start)
 
-    def value(
-        self, i: int, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
-    ) -> Any:
+    def value(self, i: int, views: Mapping[int, Chunk], start: int, stop: int, scratch: Scratch) -> Any:
         """Instruction ``i`` on one chunk (for the model-wide passes)."""
         return self._run((i,), views, start, stop, scratch)[0]
 
@@ -321,21 +378,27 @@ class ProgramState:
                 red.end_round()
         self._settle(q)
 
-    def outputs(
-        self, views: Mapping[int, torch.Tensor], start: int, stop: int, scratch: Scratch
-    ) -> list[torch.Tensor]:
+    def outputs(self, views: Mapping[int, Chunk], start: int, stop: int, scratch: Scratch) -> list[Chunk]:
+        """The program's outputs on one chunk, in the accumulation dtype (numpy when a kernel
+        computed them)."""
         values = self._run(self.program.outputs, views, start, stop, scratch)
         return [self._as_chunk(v, stop - start, scratch) for v in values]
 
-    def _as_chunk(self, value: Any, n: int, scratch: Scratch) -> torch.Tensor:
-        if isinstance(value, torch.Tensor):
+    def _as_chunk(self, value: Any, n: int, scratch: Scratch) -> Chunk:
+        if is_torch(value) or isinstance(value, np.ndarray):
             return value
-        return scratch.get("const", self.acc_dtype, n).fill_(value)
+        out = scratch.array("const", self.program.acc, n)
+        out.fill(value)
+        return out
+
+    def torch_views(self, views: Mapping[int, Chunk]) -> dict[int, torch.Tensor]:
+        """The chunks as torch tensors (no copies), for the eager instructions."""
+        return {i: to_torch(x, self.codes.get(i)) for i, x in views.items()}
 
     def _run(
         self,
         targets: tuple[int, ...],
-        views: Mapping[int, torch.Tensor],
+        views: Mapping[int, Chunk],
         start: int,
         stop: int,
         scratch: Scratch,
@@ -343,11 +406,13 @@ class ProgramState:
         """Evaluate ``targets`` on one chunk, in instruction order, in reused slot buffers."""
         values: dict[int, Any] = self.scalars
         if self.kernels is not None and all(self.program.instrs[t].tensor for t in targets):
-            outs = [scratch.get(("slot", k), self.acc_dtype, stop - start) for k in range(len(targets))]
+            n = stop - start
+            outs = [scratch.array(("slot", k), self.program.acc, n) for k in range(len(targets))]
             if self.kernels.run_program(
                 self.program, targets, views, outs, self.scalars, self.tensor, start, self.row
             ):
                 return list(outs)
+        views = self.torch_views(views)
         chunk: dict[int, torch.Tensor] = {}
         for i, slot in self.program.schedule(targets, frozenset(self.scalars)):
             ins = self.program.instrs[i]
@@ -370,6 +435,8 @@ class ProgramState:
         stop: int,
         out: torch.Tensor,
     ) -> None:
+        import torch
+
         if ins.op == "input":
             out.copy_(views[ins.attr])  # exact widening
         elif ins.op == "wsum":

@@ -2,21 +2,30 @@
 
 Sums are taken over fixed blocks of ``BLOCK`` elements in float64, each block
 in element order (the compiled kernels add the same way), and the block sums are
-added in block order at the end, so chunk size, thread count and kernel mode
-never change the bits.  The k-th largest value is an exact radix selection: each
+added in block order at the end, exactly (``math.fsum``: the correctly rounded sum of the block
+sums), so chunk size, thread count, kernel mode and device never change the bits.  Block sums and
+histograms live in numpy arrays: the compiled path fills them without torch; the eager path's
+torch operands are converted where they meet them.  The k-th largest value is an exact radix selection: each
 round histograms the next 16 bits of an order-preserving integer key, among
 the elements whose higher bits matched the rounds before.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from tvlang.chunks import Chunk, is_torch, storage, to_torch
 from tvlang.ops import work_buffer
 from tvlang.plan.plan import BLOCK
+
+if TYPE_CHECKING:
+    import torch
 
 DIGIT = 1 << 16
 
@@ -25,6 +34,8 @@ def block_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     """The float64 sum of each ``BLOCK``-element block of ``values`` (the last may be shorter), each
     added in element order, as the compiled kernels do: a cumulative sum is sequential, and its last
     column is the sum (measured: identical bits to a plain loop; ``Tensor.sum`` reassociates)."""
+    import torch
+
     v = values if values.dtype == torch.float64 else values.to(torch.float64)
     n = v.numel()
     full = n // BLOCK * BLOCK
@@ -41,22 +52,23 @@ def block_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
 
 
 class BlockSum:
-    """Σ of values (or of products of two operands) in float64, chunk-order independent."""
+    """Σ of values (or of products of two operands) in float64, chunk-order independent: the
+    block sums (in element order within each block), then their exact sum, rounded once
+    (:func:`math.fsum` over the blocks in block order, on every path)."""
 
     def __init__(self) -> None:
-        self._blocks: dict[int, torch.Tensor] = {}
+        self._blocks: dict[int, Any] = {}  # chunk start → its block sums (numpy, or a device tensor)
 
     def add(self, values: torch.Tensor, start: int) -> None:
-        self._blocks[start] = block_sums(values)
+        self._blocks[start] = storage(block_sums(values))
 
-    def add_sums(self, sums: torch.Tensor, start: int) -> None:
+    def add_sums(self, sums: Chunk, start: int) -> None:
         """The :func:`block_sums` of the chunk at ``start`` (a compiled kernel computed them)."""
-        self._blocks[start] = sums.clone()
+        self._blocks[start] = storage(sums).copy()
 
     def result(self) -> float:
-        if not self._blocks:
-            return 0.0
-        return float(torch.cat([self._blocks[s] for s in sorted(self._blocks)]).sum())
+        blocks = (self._blocks[s].tolist() for s in sorted(self._blocks))
+        return math.fsum(itertools.chain.from_iterable(blocks))
 
 
 class ColumnSum:
@@ -65,11 +77,16 @@ class ColumnSum:
     bits.  Memory: one row of float64 sums, and a chunk-sized scan buffer."""
 
     def __init__(self, columns: int) -> None:
+        import torch
+
         self.columns = columns
         self.total = torch.zeros(columns, dtype=torch.float64)
         self.next = 0
 
     def add(self, values: torch.Tensor, start: int) -> None:
+        import torch
+
+        values = to_torch(values)
         assert start == self.next, "column sums take the chunks in order"
         self.next = start + values.numel()
         rows = values.numel() // self.columns
@@ -90,8 +107,11 @@ class Count:
     def __init__(self) -> None:
         self.total = 0
 
-    def add(self, values: torch.Tensor, start: int) -> None:
-        self.total += int(torch.count_nonzero(values))
+    def add(self, values: Chunk, start: int) -> None:
+        if is_torch(values):
+            self.total += int(values.count_nonzero())
+        else:
+            self.total += int(np.count_nonzero(values))
 
     def result(self) -> float:
         return float(self.total)
@@ -100,6 +120,8 @@ class Count:
 def order_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Integer keys (int64 holding the unsigned bit pattern) that sort like the floats, computed in
     place in ``out``: negative floats get every bit flipped, the others just the sign bit."""
+    import torch
+
     n = values.numel()
     keys = work_buffer("keys", torch.int64, n) if out is None else out
     flip = work_buffer("keys-flip", torch.int64, n)
@@ -116,14 +138,18 @@ def order_keys(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     return keys.bitwise_xor_(flip.copy_(negative).mul_(rest))
 
 
-def key_to_float(key: int, dtype: torch.dtype) -> float:
-    if dtype == torch.float64:
-        signed = key - (1 << 64) if key >= 1 << 63 else key  # as int64
-        bits = (signed ^ (-(1 << 63))) if signed < 0 else ~signed
-        return float(torch.tensor([bits], dtype=torch.int64).view(torch.float64).item())
-    bits = key ^ 0x80000000 if key >= 0x80000000 else key ^ 0xFFFFFFFF
-    signed32 = bits - (1 << 32) if bits >= 1 << 31 else bits
-    return float(torch.tensor([signed32], dtype=torch.int32).view(torch.float32).item())
+def key_to_float(key: int, bits: int) -> float:
+    """The float (``bits`` wide: 32 or 64) whose order key is ``key``."""
+    sign = 1 << (bits - 1)
+    pattern = key ^ sign if key >= sign else key ^ ((1 << bits) - 1)
+    if bits == 64:
+        return float(struct.unpack("<d", pattern.to_bytes(8, "little"))[0])
+    return float(struct.unpack("<f", pattern.to_bytes(4, "little"))[0])
+
+
+def _is_f64(dtype: object) -> bool:
+    """A float64 accumulation: the code ``F64`` or ``torch.float64``."""
+    return str(dtype).removeprefix("torch.") in ("F64", "float64")
 
 
 class KthLargest:
@@ -133,14 +159,14 @@ class KthLargest:
         self,
         k: float,
         numel: int,
-        dtype: torch.dtype,
-        histogram: Callable[[torch.Tensor, int, int, torch.Tensor], None] | None = None,
+        dtype: object,
+        histogram: Callable[[Chunk, int, int, np.ndarray[Any, Any]], None] | None = None,
     ) -> None:
-        """``histogram(values, round, prefix, hist)``: a compiled :meth:`add` (same counts)."""
+        """``dtype``: the values' (``F64``/``F32``, or the torch dtype); ``histogram(values, round,
+        prefix, hist)``: a compiled :meth:`add` (same counts)."""
         self.histogram = histogram
-        self.bits = 64 if dtype == torch.float64 else 32
+        self.bits = 64 if _is_f64(dtype) else 32
         self.rounds = self.bits // 16
-        self.dtype = dtype
         k_int = math.floor(k) if math.isfinite(k) else (0 if k < 0 else numel + 1)
         self.fixed: float | None = None
         if k_int < 1:
@@ -150,16 +176,28 @@ class KthLargest:
         self.remaining = k_int
         self.prefix = 0  # the digits found so far
         self.round = 0
-        self.hist = torch.zeros(DIGIT + 1, dtype=torch.int64)  # the last bin: not under the prefix
+        self.hist = np.zeros(DIGIT + 1, dtype=np.int64)  # the last bin: not under the prefix
 
-    def add(self, values: torch.Tensor, start: int, round_: int) -> None:
+    def add(self, values: Chunk, start: int, round_: int) -> None:
         if self.fixed is not None:
             return
         assert round_ == self.round, "rounds run in order"
-        wide = torch.float64 if self.bits == 64 else torch.float32
-        if self.histogram is not None and values.dtype == wide and values.is_contiguous():
-            self.histogram(values, round_, self.prefix, self.hist)
-            return
+        wide = "float64" if self.bits == 64 else "float32"
+        if self.histogram is not None:
+            if not is_torch(values) and values.dtype == wide and values.flags.c_contiguous:
+                self.histogram(values, round_, self.prefix, self.hist)
+                return
+            if (
+                is_torch(values)
+                and str(values.dtype) == "torch." + wide
+                and values.is_contiguous()
+                and values.device.type == "cpu"
+            ):
+                self.histogram(values, round_, self.prefix, self.hist)
+                return
+        import torch
+
+        values = to_torch(values)
         n = values.numel()
         keys = order_keys(values)
         shift = self.bits - 16 * (round_ + 1)
@@ -171,21 +209,21 @@ class KthLargest:
             )
             other = torch.ne(higher, self.prefix, out=work_buffer("digits-other", torch.bool, n))
             digits.masked_fill_(other, DIGIT)
-        self.hist.index_add_(0, digits, work_buffer("ones", torch.int64, n).fill_(1))
+        torch.from_numpy(self.hist).index_add_(0, digits, work_buffer("ones", torch.int64, n).fill_(1))
 
     def end_round(self) -> None:
         if self.fixed is not None:
             return
-        above = torch.flip(torch.cumsum(torch.flip(self.hist[:DIGIT], [0]), 0), [0])  # count with digit >= d
+        above = np.cumsum(self.hist[:DIGIT][::-1])[::-1]  # count with digit >= d
         # the largest digit d whose count of elements with digit >= d reaches the remaining k
-        d = int(torch.nonzero(above >= self.remaining).max())
+        d = int(np.nonzero(above >= self.remaining)[0].max())
         greater = int(above[d + 1]) if d + 1 < DIGIT else 0
         self.remaining -= greater
         self.prefix = (self.prefix << 16) | d
         self.round += 1
-        self.hist.zero_()
+        self.hist[:] = 0
 
     def result(self) -> float:
         if self.fixed is not None:
             return self.fixed
-        return key_to_float(self.prefix, self.dtype)
+        return key_to_float(self.prefix, self.bits)

@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
+from tvlang.cache import cache_root
+from tvlang.chunks import Chunk, address, numel
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
 from tvlang.dtypes import DTYPES
 from tvlang.ops import ELEMENTWISE
@@ -553,10 +555,7 @@ def _host_key() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("TVLANG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tvlang"
-    )
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 class CompileError(Exception):
@@ -577,27 +576,28 @@ class CKernel:
 
     def __call__(
         self,
-        inputs: list[torch.Tensor],
-        outputs: list[torch.Tensor],
+        inputs: list[Chunk],
+        outputs: list[Chunk],
         params: list[float] | tuple[float, ...] = (),
         keys: list[int] | tuple[int, ...] = (),
         start: int = 0,
         n: int | None = None,
         row: int = 1,
     ) -> int:
-        """Compute elements [0, n) of ``outputs`` (contiguous, of the spec's dtypes; ``SUM`` outputs
-        hold one number per block) from ``inputs`` (``n``: by default the first output's size);
-        returns the number of elements whose rounded results are not all finite, or -1 (nothing
-        computed) where a kernel of whole rows gets a chunk that is not whole rows of ``row``."""
+        """Compute elements [0, n) of ``outputs`` (contiguous CPU chunks, numpy arrays or torch
+        tensors, of the spec's dtypes; ``SUM`` outputs hold one number per block) from ``inputs``
+        (``n``: by default the first output's size); returns the number of elements whose rounded
+        results are not all finite, or -1 (nothing computed) where a kernel of whole rows gets a
+        chunk that is not whole rows of ``row``."""
         if n is None:
-            n = outputs[0].numel() if outputs else 0
+            n = numel(outputs[0]) if outputs else 0
         for x in inputs:
-            assert x.is_contiguous() and x.numel() == n and x.device.type == "cpu"
+            assert numel(x) == n
         for x, (_, dtype) in zip(outputs, self.spec.outputs, strict=True):
-            size = -(-n // BLOCK) if dtype == SUM else n
-            assert x.is_contiguous() and x.numel() == size and x.device.type == "cpu"
-        ins = (ctypes.c_void_p * max(1, len(inputs)))(*[x.data_ptr() for x in inputs])
-        outs = (ctypes.c_void_p * max(1, len(outputs)))(*[x.data_ptr() for x in outputs])
+            assert numel(x) == (-(-n // BLOCK) if dtype == SUM else n)
+        # (address() checks that each chunk is contiguous and on the CPU)
+        ins = (ctypes.c_void_p * max(1, len(inputs)))(*[address(x) for x in inputs])
+        outs = (ctypes.c_void_p * max(1, len(outputs)))(*[address(x) for x in outputs])
         ps = (ctypes.c_double * max(1, len(params)))(*params)
         ks = (ctypes.c_int64 * max(1, len(keys)))(*keys)
         if has_rows(self.spec):
@@ -698,14 +698,17 @@ class RadixHistogram:
 
     def __init__(self) -> None:
         lib = _library(RADIX_SOURCE)
-        self._fns = {torch.float32: lib.tv_hist32, torch.float64: lib.tv_hist64}
+        self._fns = {4: lib.tv_hist32, 8: lib.tv_hist64}  # by the float's size
         for fn in self._fns.values():
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_void_p]
 
-    def __call__(self, values: torch.Tensor, round_: int, prefix: int, hist: torch.Tensor) -> None:
-        assert values.is_contiguous() and hist.dtype == torch.int64 and hist.numel() >= 1 << 16
-        self._fns[values.dtype](values.data_ptr(), values.numel(), round_, prefix, hist.data_ptr())
+    def __call__(self, values: Chunk, round_: int, prefix: int, hist: np.ndarray[Any, Any]) -> None:
+        """``values``: a contiguous float32 or float64 CPU chunk (numpy or torch)."""
+        assert hist.dtype == np.int64 and hist.size >= 1 << 16 and hist.flags.c_contiguous
+        size = values.itemsize
+        assert str(values.dtype).removeprefix("torch.") in ("float32", "float64")
+        self._fns[size](address(values), numel(values), round_, prefix, address(hist))
 
 
 _radix: list[RadixHistogram] = []

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tvlang.backends.gpu import execute_gpu
 from tvlang.errors import TvParamError
 from tvlang.io.endpoints import Sink, Source
 from tvlang.options import EXECUTORS
@@ -37,7 +36,7 @@ class Executor(Protocol):
 @dataclass(frozen=True)
 class LocalExecutor:
     """This process: the CPU thread pool, or the GPU backend (``device`` as resolved by
-    :func:`~tvlang.backends.gpu.resolve_device`: ``cpu``, ``cuda`` or ``interpret``)."""
+    :func:`~tvlang.backends.device.resolve_device`: ``cpu``, ``cuda`` or ``interpret``)."""
 
     device: str = "cpu"
 
@@ -53,6 +52,8 @@ class LocalExecutor:
         if self.device == "cpu":
             return execute(plan, sources, sinks, progress=progress, nonfinite=nonfinite)
         # "interpret": the same kernels in Triton's interpreter, on CPU tensors (TRITON_INTERPRET=1)
+        from tvlang.backends.gpu import execute_gpu
+
         return execute_gpu(
             plan,
             sources,

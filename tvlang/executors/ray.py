@@ -42,6 +42,7 @@ import torch
 from tvlang.backends.compiled import prepare_kernels
 from tvlang.backends.cpu import Scratch
 from tvlang.backends.reductions import KthLargest
+from tvlang.chunks import Chunk, numpy_dtype, storage
 from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
@@ -78,7 +79,7 @@ class ShardTarget:
     path: str  # the temporary file
     final: str  # where it will be once committed (for messages)
     size: int  # bytes
-    slots: Mapping[str, tuple[int, int, torch.dtype]]  # tensor -> (byte offset, elements, dtype)
+    slots: Mapping[str, tuple[int, int, str]]  # tensor -> (byte offset, elements, dtype code)
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ class RayExecutor:
         if not units or not units[0].plan.model_reductions:
             return {}
         reductions = units[0].plan.model_reductions  # the same keys, k and sizes in every unit
-        selects = {r.key: KthLargest(r.k, r.numel, torch.float64) for r in reductions}
+        selects = {r.key: KthLargest(r.k, r.numel, "F64") for r in reductions}
         for round_ in range(max(s.rounds for s in selects.values())):
             states = {k: (s.prefix, s.remaining) for k, s in selects.items() if s.fixed is None}
             if not states:
@@ -275,7 +276,7 @@ class RayExecutor:
                 if progress is not None:
                     progress.advance(u.reduction_bytes)
                 for key, hist in hists[u.index].items():
-                    selects[key].hist += torch.from_numpy(np.array(hist))
+                    selects[key].hist += np.array(hist)
             for key in states:
                 selects[key].end_round()
         return {k: s.result() for k, s in selects.items()}
@@ -468,13 +469,11 @@ def unit_histograms(
         for red in unit.plan.model_reductions:
             if red.key not in states or not red.users:
                 continue
-            select = KthLargest(
-                red.k, red.numel, torch.float64, kernels.histogram if kernels is not None else None
-            )
+            select = KthLargest(red.k, red.numel, "F64", kernels.histogram if kernels is not None else None)
             select.prefix, select.remaining = states[red.key]
             select.round = round_
             model_reduction_round(unit.plan, sources, red, select, round_, scratch, None, kernels)
-            hists[red.key] = select.hist.numpy()
+            hists[red.key] = select.hist
     finally:
         for source in sources:
             source.close()
@@ -584,7 +583,7 @@ class _UnitSink:
         self.path = shards[0].final if shards else "the output"  # for the runtime's error messages
         self.written: dict[str, int] = {}
         self._fds: list[int] = []
-        self._route: dict[str, tuple[int, int, int, torch.dtype]] = {}
+        self._route: dict[str, tuple[int, int, int, str]] = {}
         self._fault = fault
         try:
             for shard in shards:
@@ -611,13 +610,14 @@ class _UnitSink:
             code="E504",
         )
 
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
+    def write(self, name: str, start: int, chunk: Chunk) -> None:
         fd, offset, numel, dtype = self._route[name]
-        n = chunk.numel()
-        if chunk.dtype != dtype or not 0 <= start <= start + n <= numel:
+        data = storage(chunk)
+        n = data.size
+        if data.dtype != numpy_dtype(dtype) or not 0 <= start <= start + n <= numel:
             raise ValueError(f"{self.path}: chunk [{start}, {start + n}) of {name!r} does not fit its slot")
-        buf = memoryview(chunk.detach().contiguous().view(torch.uint8).numpy().data)
-        pos = offset + start * dtype.itemsize
+        buf = memoryview(np.ascontiguousarray(data).data).cast("B")
+        pos = offset + start * ITEMSIZE[dtype]
         while buf:  # pwrite may write less than asked
             k = os.pwrite(fd, buf, pos)
             buf, pos = buf[k:], pos + k

@@ -5,10 +5,11 @@ and written as chunks at precomputed file offsets, so memory stays flat however 
 the model is.
 """
 
+from typing import Any
+
+from tvlang.io import safetensors
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader, CheckpointWriter
 from tvlang.io.safetensors import (
-    DTYPE_CODES,
-    TORCH_DTYPES,
     ChunkReader,
     SafetensorsWriter,
     TensorInfo,
@@ -16,9 +17,15 @@ from tvlang.io.safetensors import (
     read_header,
 )
 
+
+def __getattr__(name: str) -> Any:
+    """``TORCH_DTYPES`` and ``DTYPE_CODES`` import torch: made when first asked for."""
+    if name in ("TORCH_DTYPES", "DTYPE_CODES"):
+        return getattr(safetensors, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "DTYPE_CODES",
-    "TORCH_DTYPES",
     "Checkpoint",
     "CheckpointReader",
     "CheckpointWriter",

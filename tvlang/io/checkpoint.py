@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import torch
+import numpy as np
 
+from tvlang.chunks import Chunk
 from tvlang.dtypes import DTYPES
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.safetensors import (
@@ -239,7 +240,7 @@ class CheckpointReader:
                 reader = self._readers[path] = ChunkReader(path)
             return reader
 
-    def read(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    def read(self, info: TensorInfo, start: int, stop: int) -> np.ndarray[Any, Any]:
         """See :meth:`ChunkReader.read`."""
         return self._reader(info.path).read(info, start, stop)
 
@@ -457,7 +458,7 @@ class CheckpointWriter(Transaction):
             except OSError as e:
                 raise TvOutputError(f"{self.path}: cannot write {name}: {e.strerror}", code="E500") from None
 
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
+    def write(self, name: str, start: int, chunk: Chunk) -> None:
         """See :meth:`SafetensorsWriter.write`; thread-safe."""
         writer = self._route.get(name)
         if writer is None:

@@ -9,25 +9,29 @@ only these two shapes.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from tvlang.dtypes import FLOATS, TensorMeta
+from tvlang.chunks import Chunk, is_torch, numel, to_torch
+from tvlang.dtypes import FLOATS, TensorMeta, code_of, torch_dtype
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
-from tvlang.io.safetensors import DTYPE_CODES, TORCH_DTYPES, TensorInfo
+from tvlang.io.safetensors import TensorInfo
 from tvlang.source import Span
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Source(Protocol):
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor: ...
+    """Files give numpy chunks of the storage dtype, memory gives torch tensors (:mod:`tvlang.chunks`)."""
+
+    def read(self, name: str, start: int, stop: int) -> Chunk: ...
     def release(self, name: str, start: int, stop: int) -> None: ...
     def close(self) -> None: ...
 
 
 class Sink(Protocol):
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None: ...
+    def write(self, name: str, start: int, chunk: Chunk) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -43,7 +47,7 @@ class CheckpointSource:
         self.tensors: Mapping[str, TensorInfo] = ckpt.tensors
         self._reader: CheckpointReader = ckpt.reader()
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int) -> Chunk:
         return self._reader.read(self.tensors[name], start, stop)
 
     def release(self, name: str, start: int, stop: int) -> None:
@@ -61,7 +65,7 @@ class RenamedSource:
         self._source = source
         self._names = names
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int) -> Chunk:
         return self._source.read(self._names[name], start, stop)
 
     def release(self, name: str, start: int, stop: int) -> None:
@@ -76,11 +80,12 @@ def memory_metas(state: Mapping[str, Any], label: str, device: str = "cpu") -> d
     must be on the CPU, or on ``device`` (a run on the GPU reads those in place)."""
     metas = {}
     for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor):
+        if not is_torch(tensor):
             raise TvInputError(
                 f"`{label}`: entry `{name}` is a {type(tensor).__name__}, not a tensor", code="E307"
             )
-        if tensor.dtype not in DTYPE_CODES:
+        code = code_of(tensor.dtype)
+        if code is None:
             raise TvInputError(
                 f"`{label}`: tensor `{name}` has unsupported dtype {tensor.dtype}", code="E307"
             )
@@ -95,7 +100,7 @@ def memory_metas(state: Mapping[str, Any], label: str, device: str = "cpu") -> d
                 help="move the state dict to the CPU first (`{k: v.cpu() for k, v in sd.items()}`)",
                 code="E307",
             )
-        metas[str(name)] = TensorMeta(DTYPE_CODES[tensor.dtype], tuple(tensor.shape))
+        metas[str(name)] = TensorMeta(code, tuple(tensor.shape))
     return metas
 
 
@@ -126,13 +131,16 @@ class MemorySink:
     """Collects an output as a state dict of new tensors."""
 
     def __init__(self, tensors: Sequence[tuple[str, str, tuple[int, ...]]]) -> None:
+        import torch
+
         self.result: dict[str, torch.Tensor] = {
-            name: torch.empty(shape, dtype=TORCH_DTYPES[dtype]) for name, dtype, shape in tensors
+            name: torch.empty(shape, dtype=torch_dtype(dtype)) for name, dtype, shape in tensors
         }
         self._flat = {name: t.view(-1) for name, t in self.result.items()}
+        self._codes = {name: dtype for name, dtype, _ in tensors}
 
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
-        self._flat[name][start : start + chunk.numel()].copy_(chunk)
+    def write(self, name: str, start: int, chunk: Chunk) -> None:
+        self._flat[name][start : start + numel(chunk)].copy_(to_torch(chunk, self._codes[name]))
 
     def commit(self) -> None:
         pass
@@ -155,7 +163,7 @@ def into_tensors(into: Any) -> dict[str, torch.Tensor]:
         )
     found = {}
     for name, tensor in into.items():
-        if not isinstance(tensor, torch.Tensor):
+        if not is_torch(tensor):
             raise TvOutputError(f"entry `{name}` to merge into is a {type(tensor).__name__}", code="E510")
         found[str(name)] = tensor.detach()
     if module is not None and hasattr(module, "parameters") and hasattr(module, "buffers"):
@@ -173,7 +181,7 @@ def into_tensors(into: Any) -> dict[str, torch.Tensor]:
 
 def into_dtypes(targets: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """The output dtype of each float tensor: the target's own (a run rounds once, to it)."""
-    codes = {name: DTYPE_CODES.get(t.dtype) for name, t in targets.items()}
+    codes = {name: code_of(t.dtype) for name, t in targets.items()}
     return {name: code for name, code in codes.items() if code in FLOATS}
 
 
@@ -210,7 +218,7 @@ def check_into(
             raise fail(
                 f"tensor `{name}` is {list(shape)} in the output but {list(target.shape)} in the model"
             )
-        code = DTYPE_CODES.get(target.dtype)
+        code = code_of(target.dtype)
         if (code in FLOATS) != (dtype in FLOATS) or (dtype not in FLOATS and code != dtype):
             raise fail(f"tensor `{name}` is {dtype} in the output but {target.dtype} in the model")
         if target.device.type == "meta":
@@ -240,9 +248,10 @@ class IntoSink:
 
     def __init__(self, targets: Mapping[str, torch.Tensor], names: Sequence[str]) -> None:
         self._flat = {name: targets[name].view(-1) for name in names}
+        self._codes = {name: code_of(t.dtype) or "" for name, t in self._flat.items()}
 
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
-        self._flat[name][start : start + chunk.numel()].copy_(chunk)
+    def write(self, name: str, start: int, chunk: Chunk) -> None:
+        self._flat[name][start : start + numel(chunk)].copy_(to_torch(chunk, self._codes[name]))
 
     def target(self, name: str) -> torch.Tensor:
         """The flat tensor that ``name`` is written into: a backend that computes on the target's

@@ -13,13 +13,14 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 
+from tvlang.chunks import widen, work_array
 from tvlang.dtypes import TensorMeta
 from tvlang.errors import TvInputError
 from tvlang.io.safetensors import ChunkReader, read_header
-from tvlang.ops import work_buffer
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -28,8 +29,8 @@ PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class LoraPair:
-    a: torch.Tensor  # r × in, float64
-    b_scaled: torch.Tensor  # out × r, float64, times the scale
+    a: np.ndarray[Any, Any]  # r × in, float64
+    b_scaled: np.ndarray[Any, Any]  # out × r, float64, times the scale
     fan_in_fan_out: bool  # GPT-2 style Conv1D: the weight is stored transposed (in × out)
 
     @property
@@ -82,9 +83,9 @@ class LoraAdapter:
                 if b_name not in tensors:
                     raise TvInputError(f"{weights}: `{name}` has no matching `{b_name}`", code="E301")
                 a_info, b_info = tensors[name], tensors[b_name]
-                a = reader.read(a_info, 0, a_info.numel).clone().reshape(a_info.shape).to(torch.float64)
-                b = reader.read(b_info, 0, b_info.numel).clone().reshape(b_info.shape).to(torch.float64)
-                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+                a = widen(reader.read(a_info, 0, a_info.numel), a_info.dtype).reshape(a_info.shape)
+                b = widen(reader.read(b_info, 0, b_info.numel), b_info.dtype).reshape(b_info.shape)
+                if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                     raise TvInputError(
                         f"{weights}: `{module}` has A {list(a.shape)} and B {list(b.shape)}, which do not multiply",
                         code="E301",
@@ -96,7 +97,9 @@ class LoraAdapter:
                     alpha,
                 )
                 scale = layer_alpha / (math.sqrt(rank) if rslora else rank)
-                pairs[target] = LoraPair(a.contiguous(), (b * scale).contiguous(), fan_in_fan_out)
+                pairs[target] = LoraPair(
+                    np.ascontiguousarray(a), np.ascontiguousarray(b * scale), fan_in_fan_out
+                )
         finally:
             reader.close()
         if not pairs:
@@ -109,21 +112,22 @@ class LoraAdapter:
 
 
 class LoraSource:
-    """Chunks of ``scale · B @ A``: the rows a chunk covers, computed when it is read."""
+    """Chunks of ``scale · B @ A``: the rows a chunk covers, computed when it is read (float64,
+    numpy's matrix product: the same chunk whichever kernels consume it)."""
 
     def __init__(self, adapter: LoraAdapter) -> None:
         self.adapter = adapter
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int) -> np.ndarray[Any, Any]:
         pair = self.adapter.pairs[name]
         _, cols = pair.shape
         r0, r1 = start // cols, -(-stop // cols)
-        block = work_buffer(f"lora-{id(self)}", torch.float64, (r1 - r0) * cols).view(r1 - r0, cols)
+        block = work_array(f"lora-{id(self)}", "float64", (r1 - r0) * cols).reshape(r1 - r0, cols)
         if pair.fan_in_fan_out:  # stored (in × out): rows of (B A)ᵀ = Aᵀ Bᵀ
-            torch.matmul(pair.a[:, r0:r1].T, pair.b_scaled.T, out=block)
+            np.matmul(pair.a[:, r0:r1].T, pair.b_scaled.T, out=block)
         else:
-            torch.matmul(pair.b_scaled[r0:r1], pair.a, out=block)
-        return block.view(-1)[start - r0 * cols : stop - r0 * cols]
+            np.matmul(pair.b_scaled[r0:r1], pair.a, out=block)
+        return block.reshape(-1)[start - r0 * cols : stop - r0 * cols]
 
     def release(self, name: str, start: int, stop: int) -> None:
         pass

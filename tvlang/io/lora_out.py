@@ -34,17 +34,15 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from tvlang.dtypes import FLOATS
+from tvlang.chunks import Chunk, to_torch
+from tvlang.dtypes import FLOATS, torch_dtype
 from tvlang.errors import TvError, TvOutputError
 from tvlang.io.card import CARD_NAME
 from tvlang.io.endpoints import Source
 from tvlang.io.lora import CONFIG, PREFIX, WEIGHTS
 from tvlang.io.safetensors import (
-    TORCH_DTYPES,
     SafetensorsWriter,
     Transaction,
     fsync_dir,
@@ -52,6 +50,9 @@ from tvlang.io.safetensors import (
     swap_into_place,
     temp_sibling,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 OVERSAMPLE = 10  # extra sketch columns of the randomized SVD
 POWER_ITERATIONS = 2
@@ -236,11 +237,14 @@ def factorize(
     """``(A, B)`` with ``B @ A`` the rank-``rank`` truncated SVD of ``d`` (float64, out × in) and
     the singular values split evenly between them (``A = √S·Vᵀ``, ``B = U·√S``).
 
+    >>> import torch
     >>> d = torch.outer(torch.arange(1.0, 4.0, dtype=torch.float64), torch.ones(5, dtype=torch.float64))
     >>> a, b = factorize(d, 2)
     >>> a.shape, b.shape, bool(torch.allclose(b @ a, d))
     (torch.Size([2, 5]), torch.Size([3, 2]), True)
     """
+    import torch
+
     m, n = d.shape
     rank = min(rank, m, n)
     k = min(rank + OVERSAMPLE, m, n)
@@ -283,6 +287,8 @@ class LoraWriter(Transaction):
         svd: str = "auto",
         overwrite: bool = False,
     ) -> None:
+        import torch  # noqa: F401  (the SVDs need it: loaded before the run, which then gives it one thread)
+
         self.path = path.rstrip(os.sep) or os.sep
         self.layout = layout
         self.overwrite = overwrite
@@ -347,20 +353,23 @@ class LoraWriter(Transaction):
             )
 
     # -- the sink --------------------------------------------------------------------------------
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
+    def write(self, name: str, start: int, chunk: Chunk) -> None:
+        import torch
+
         entry = self._entries.get(name)
         if entry is None or entry.role == "skip":
             return
+        chunk = to_torch(chunk)
         if chunk.device.type != "cpu":  # from the GPU executor: the SVDs and the writes are on the CPU
             chunk = chunk.cpu()
         stop = start + chunk.numel()
         if entry.role == "bias":
-            self._writer.write(entry.planned()[0][0], start, chunk.to(TORCH_DTYPES[entry.dtype]).contiguous())
+            self._writer.write(entry.planned()[0][0], start, chunk.to(torch_dtype(entry.dtype)).contiguous())
         elif entry.role == "full":  # the module as the adapted model has it: base + D, rounded once
-            base = self._base.read(name, start, stop)
+            base = to_torch(self._base.read(name, start, stop))
             for lo in range(0, stop - start, _BLOCK):  # float64 temporaries of a block, not of the chunk
                 hi = min(stop - start, lo + _BLOCK)
-                whole = (base[lo:hi].to(torch.float64) + chunk[lo:hi]).to(TORCH_DTYPES[entry.dtype])
+                whole = (base[lo:hi].to(torch.float64) + chunk[lo:hi]).to(torch_dtype(entry.dtype))
                 for key, _, _ in entry.planned():
                     self._writer.write(key, start + lo, whole)
             self._base.release(name, start, stop)
@@ -390,6 +399,8 @@ class LoraWriter(Transaction):
     def _take(self, numel: int) -> torch.Tensor:
         """A float64 buffer of at least ``numel`` elements from the pool (one per tensor in flight, at
         most about one per worker), so buffers are reused rather than reallocated for every tensor."""
+        import torch
+
         sizes = [b.numel() for b in self._pool]
         fits = [i for i, n in enumerate(sizes) if n >= numel]
         if fits:
@@ -400,6 +411,8 @@ class LoraWriter(Transaction):
 
     def _factor(self, entry: AdapterEntry, stored: torch.Tensor) -> None:
         """Factor one tensor, write A and B, and measure the error of the factors as stored."""
+        import torch
+
         norm = float(torch.linalg.vector_norm(stored))
         if not math.isfinite(norm):  # a NaN or ±inf anywhere makes the norm one (cheaper than isfinite)
             # a plain TvError: the runtime reads an OSError (TvInputError is one) from a sink as a write failure
@@ -410,7 +423,7 @@ class LoraWriter(Transaction):
             )
         d = stored.T if entry.transposed else stored  # out × in
         a, b = factorize(d, entry.rank, method=self.svd, seed=_seed(entry.tensor))
-        dtype = TORCH_DTYPES[entry.dtype]
+        dtype = torch_dtype(entry.dtype)
         a_out, b_out = a.to(dtype), b.to(dtype)
         a64, b64 = a_out.to(torch.float64), b_out.to(torch.float64)
         if entry.transposed:  # stored = Dᵀ: subtract Aᵀ Bᵀ, in place

@@ -31,24 +31,25 @@ import secrets
 import shutil
 import stat
 import threading
-import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-import torch
+import numpy as np
 
-from tvlang.dtypes import DTYPES, ITEMSIZE, torch_dtype
+from tvlang.chunks import Chunk, is_torch, numpy_dtype, storage
+from tvlang.dtypes import DTYPES, ITEMSIZE, code_of, torch_dtype
 from tvlang.errors import TvInputError, TvOutputError
+
+if TYPE_CHECKING:
+    import torch
 
 _T = TypeVar("_T", bound="Transaction")
 
 __all__ = [
-    "DTYPE_CODES",
     "MAX_HEADER_BYTES",
-    "TORCH_DTYPES",
     "ChunkReader",
     "SafetensorsWriter",
     "TensorInfo",
@@ -58,9 +59,16 @@ __all__ = [
     "remove_stale_temporaries",
 ]
 
-# torch's dtype for each code of the table (tvlang.dtypes), for the readers and writers of torch tensors
-TORCH_DTYPES: dict[str, torch.dtype] = {code: torch_dtype(code) for code in DTYPES}
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in TORCH_DTYPES.items()}
+
+def __getattr__(name: str) -> Any:
+    """``TORCH_DTYPES`` (code → torch dtype) and ``DTYPE_CODES`` (its inverse), made when first asked
+    for: they import torch, which reading and writing files never needs."""
+    if name == "TORCH_DTYPES":
+        return {code: torch_dtype(code) for code in DTYPES}
+    if name == "DTYPE_CODES":
+        return {torch_dtype(code): code for code in DTYPES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: The same limit as the reference implementation: a larger header is an attack or an accident.
 MAX_HEADER_BYTES = 100_000_000
@@ -94,7 +102,7 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,23 +339,20 @@ def _map_noreserve_flag() -> int:
 _MAP_NORESERVE = _map_noreserve_flag()
 
 
-def _map_file(fd: int) -> tuple[mmap.mmap, torch.Tensor]:
-    """Map a whole file and wrap it as one uint8 tensor without copying.
+def _map_file(fd: int) -> tuple[mmap.mmap, np.ndarray[Any, Any]]:
+    """Map a whole file and wrap it as one uint8 array without copying.
 
-    A private writable mapping (what ``ACCESS_COPY`` gives) lets ``torch.frombuffer`` work
-    without its "not writable" warning, but the kernel charges its full size against the
+    A private writable mapping (what ``ACCESS_COPY`` gives) makes writable views (a torch view
+    of a read-only one warns), but the kernel charges its full size against the
     commit limit: a file larger than RAM + swap fails with ENOMEM (measured: 60 GiB on a
     24 GiB machine). ``MAP_NORESERVE`` drops that charge; we never write, so no page is
     ever copied. Under strict overcommit (mode 2) we fall back to a read-only shared map.
     """
     try:
         mm = mmap.mmap(fd, 0, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return mm, torch.frombuffer(mm, dtype=torch.uint8)
     except OSError:
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # non-writable buffer: we never write
-            return mm, torch.frombuffer(mm, dtype=torch.uint8)
+    return mm, np.frombuffer(mm, dtype=np.uint8)
 
 
 class ChunkReader:
@@ -383,8 +388,9 @@ class ChunkReader:
         if info.offset + info.nbytes > self._size:
             raise ValueError(f"tensor {info.name!r} lies beyond the end of {self.path} (file changed?)")
 
-    def read(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor as a 1-D tensor.
+    def read(self, info: TensorInfo, start: int, stop: int) -> np.ndarray[Any, Any]:
+        """Elements ``[start, stop)`` of the flattened tensor as a 1-D numpy array of the storage
+        dtype (:func:`tvlang.chunks.numpy_dtype`; :func:`tvlang.chunks.to_torch` makes it a tensor).
 
         A view of the mapping when the data is aligned to the item size (always, for files
         whose data area starts at a multiple of 8); otherwise an aligned copy.
@@ -393,14 +399,14 @@ class ChunkReader:
         if self._mm is None:
             raise ValueError(f"reader of {self.path} is closed")
         self._check(info, start, stop)
-        dtype = info.torch_dtype
+        dtype = numpy_dtype(info.dtype)
         size = dtype.itemsize
         begin = info.offset + start * size
         raw = data[begin : begin + (stop - start) * size]
         if begin % size == 0:  # the mapping is page-aligned, so the address is too
             return raw.view(dtype)
-        out = torch.empty(stop - start, dtype=dtype)
-        out.view(torch.uint8).copy_(raw)
+        out = np.empty(stop - start, dtype=dtype)
+        out.view(np.uint8)[:] = raw
         return out
 
     def release(self, info: TensorInfo, start: int, stop: int) -> None:
@@ -414,18 +420,17 @@ class ChunkReader:
         if mm is None:
             return
         self._check(info, start, stop)
-        size = info.torch_dtype.itemsize
+        size = ITEMSIZE[info.dtype]
         lo = -(-(info.offset + start * size) // _PAGE) * _PAGE
         hi = (info.offset + stop * size) // _PAGE * _PAGE
         if hi > lo:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
-        # Not mm.close(): torch.frombuffer holds no buffer export, so unmapping here would
-        # leave live views pointing at unmapped memory. Dropping our references unmaps as
-        # soon as no view remains.
+        # Not mm.close(): live views (numpy's, and torch's made from them) would point at
+        # unmapped memory. Dropping our references unmaps as soon as no view remains.
         self._mm = None
-        self._bytes = torch.empty(0, dtype=torch.uint8)
+        self._bytes = np.empty(0, dtype=np.uint8)
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -605,7 +610,7 @@ def _discard(fd: int, tmp: str) -> None:
 class _Slot(NamedTuple):
     offset: int  # absolute byte offset in the file
     numel: int
-    dtype: torch.dtype
+    dtype: str  # the dtype code
 
 
 class Transaction:
@@ -633,6 +638,11 @@ class Transaction:
             self.abort()
 
 
+def _named(code: str) -> str:
+    """A dtype code as users read it (``F32`` → ``float32``)."""
+    return DTYPES[code].torch
+
+
 class SafetensorsWriter(Transaction):
     """Streams one ``.safetensors`` file whose layout is fixed before any data exists.
 
@@ -655,7 +665,7 @@ class SafetensorsWriter(Transaction):
         self._slots: dict[str, _Slot] = {}
         offset = len(header)
         for t in planned:
-            self._slots[t.name] = _Slot(offset, math.prod(t.shape), TORCH_DTYPES[t.dtype])
+            self._slots[t.name] = _Slot(offset, math.prod(t.shape), t.dtype)
             offset += t.nbytes
         self.size = offset
         self._written = dict.fromkeys(self._slots, 0)
@@ -691,32 +701,38 @@ class SafetensorsWriter(Transaction):
             n = os.pwrite(self._fd, buf, offset)
             buf, offset = buf[n:], offset + n
 
-    def write(self, name: str, start: int, chunk: torch.Tensor) -> None:
-        """Write elements ``[start, start + chunk.numel())`` of tensor `name`; thread-safe.
+    def write(self, name: str, start: int, chunk: Chunk) -> None:
+        """Write elements ``[start, start + len(chunk))`` of tensor `name`; thread-safe.
 
-        `chunk` must be 1-D, contiguous and of the planned dtype (a chunk on another
-        device is copied to the CPU first).
+        `chunk` must be 1-D, contiguous and of the planned dtype: a numpy array of its storage
+        dtype, or a torch tensor (one on another device is copied to the CPU first).
         """
         slot = self._slots.get(name)
         if slot is None:
             raise ValueError(f"{self.path}: tensor {name!r} is not in the plan")
-        if chunk.dtype != slot.dtype:
-            raise ValueError(f"{self.path}: tensor {name!r} is {slot.dtype}, chunk is {chunk.dtype}")
-        if chunk.dim() != 1 or not chunk.is_contiguous():
+        if is_torch(chunk):
+            if code_of(chunk.dtype) != slot.dtype:
+                raise ValueError(
+                    f"{self.path}: tensor {name!r} is {_named(slot.dtype)}, chunk is {chunk.dtype}"
+                )
+            if chunk.dim() != 1 or not chunk.is_contiguous():
+                raise ValueError(f"{self.path}: chunk of {name!r} must be 1-D and contiguous")
+            chunk = storage(chunk)
+        elif chunk.dtype != numpy_dtype(slot.dtype):
+            raise ValueError(f"{self.path}: tensor {name!r} is {_named(slot.dtype)}, chunk is {chunk.dtype}")
+        elif chunk.ndim != 1 or not chunk.flags.c_contiguous:
             raise ValueError(f"{self.path}: chunk of {name!r} must be 1-D and contiguous")
-        n = chunk.numel()
+        n = chunk.size
         if not 0 <= start <= start + n <= slot.numel:
             raise ValueError(f"{self.path}: [{start}, {start + n}) outside {name!r} of {slot.numel} elements")
-        if chunk.device.type != "cpu":
-            chunk = chunk.cpu()
-        data = memoryview(chunk.detach().view(torch.uint8).numpy().data)  # zero-copy bytes
+        data = memoryview(chunk.data).cast("B")  # zero-copy bytes
         with self._cond:
             if self._state != "open":
                 raise ValueError(f"{self.path}: writer is {self._state}")
             self._inflight += 1
         done = False
         try:
-            self._pwrite(data, slot.offset + start * slot.dtype.itemsize)
+            self._pwrite(data, slot.offset + start * ITEMSIZE[slot.dtype])
             done = True
         except OSError as e:
             raise TvOutputError(f"{self.path}: cannot write: {e.strerror}", code=_E_OUTPUT) from None
@@ -727,8 +743,8 @@ class SafetensorsWriter(Transaction):
                     self._written[name] += n
                 self._cond.notify_all()
 
-    def layout(self) -> dict[str, tuple[int, int, torch.dtype]]:
-        """Each tensor's (byte offset in the file, elements, dtype): what another process needs to
+    def layout(self) -> dict[str, tuple[int, int, str]]:
+        """Each tensor's (byte offset in the file, elements, dtype code): what another process needs to
         ``pwrite`` it into :attr:`temp_path` (a distributed run's worker)."""
         return {name: (slot.offset, slot.numel, slot.dtype) for name, slot in self._slots.items()}
 

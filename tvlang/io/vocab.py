@@ -30,19 +30,22 @@ import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from tvlang.dtypes import TensorMeta
+from tvlang.chunks import Chunk, to_torch
+from tvlang.dtypes import TensorMeta, torch_dtype
 from tvlang.errors import TvInputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.endpoints import Source
-from tvlang.io.safetensors import TORCH_DTYPES, TensorInfo
+from tvlang.io.safetensors import TensorInfo
 from tvlang.ir.node import InputRef, Origin
 from tvlang.ir.vocab import TokenRule, VocabSpec
 from tvlang.ops import work_buffer
+
+if TYPE_CHECKING:
+    import torch
 
 # Tensors whose rows are indexed by token id: input embeddings and output heads, by name suffix.
 VOCAB_SUFFIXES = (
@@ -377,6 +380,8 @@ class VocabPlan:
 
     def gather(self, k: int, name: str, r0: int, r1: int, out: torch.Tensor) -> None:
         """Rows ``r0:r1`` of model ``k``'s re-indexed ``name`` into ``out`` (rows × cols, its dtype)."""
+        import torch
+
         models, rows = self.src_model[k][r0:r1], self.src_row[k][r0:r1]
         for src in np.unique(models).tolist():
             pos = np.flatnonzero(models == src)
@@ -406,8 +411,10 @@ class VocabPlan:
             copy(k, name, s0, s0 + b - a, out[p0 : p0 + b - a])
 
     def _pread_rows(self, k: int, name: str, a: int, b: int, out: torch.Tensor) -> None:
+        import torch
+
         info = self._info(k, name)
-        dtype = TORCH_DTYPES[info.dtype]
+        dtype = torch_dtype(info.dtype)
         row_bytes = info.shape[1] * dtype.itemsize
         target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
         buf = target.view(torch.uint8).numpy().data
@@ -428,6 +435,8 @@ class VocabPlan:
         return fd
 
     def _rows(self, k: int, name: str, a: int, b: int) -> torch.Tensor:
+        import torch
+
         out = torch.empty((b - a, self._info(k, name).shape[1]), dtype=torch.float64)
         self._copy_rows(k, name, a, b, out)
         return out
@@ -436,7 +445,7 @@ class VocabPlan:
         info = self._info(k, name)
         cols = info.shape[1]
         reader = self.reader(k)
-        out.copy_(reader.read(info, a * cols, b * cols).view(b - a, cols))
+        out.copy_(to_torch(reader.read(info, a * cols, b * cols), info.dtype).view(b - a, cols))
         self._release(reader, info, a, b)
 
     @staticmethod
@@ -444,7 +453,7 @@ class VocabPlan:
         """Drop the pages rows ``a:b`` touched, those shared with other rows too: rows are gathered
         out of order, so a page kept "for a neighbour" would stay mapped (a later read refaults it)."""
         cols = info.shape[1]
-        size = TORCH_DTYPES[info.dtype].itemsize
+        size = torch_dtype(info.dtype).itemsize
         lo = (info.offset + a * cols * size) // mmap.PAGESIZE * mmap.PAGESIZE
         hi = -(-(info.offset + b * cols * size) // mmap.PAGESIZE) * mmap.PAGESIZE
         reader.release(
@@ -464,6 +473,8 @@ class VocabPlan:
     def pad_mean(self, k: int, name: str, dtype: torch.dtype) -> torch.Tensor:
         """The mean of model ``k``'s re-indexed token rows of ``name``: a reduction pass over them,
         in float64 and blocks of rows, rounded once to ``dtype``."""
+        import torch
+
         key = (k, name)
         mean = self._pad_means.get(key)
         if mean is None:
@@ -532,6 +543,8 @@ class VocabSource:
     at a time (into a reused per-thread buffer); every other tensor is read from ``inner``."""
 
     def __init__(self, plan: VocabPlan, k: int, inner: Source) -> None:
+        import torch  # noqa: F401  (rows are gathered with it: loaded before the run, which gives it one thread)
+
         self.plan, self.k, self.inner = plan, k, inner
         self.tensors = plan.models[k].ckpt.tensors
 
@@ -539,13 +552,13 @@ class VocabSource:
         info = self.tensors.get(name)
         return info is not None and is_vocab_tensor(name, info.shape)
 
-    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+    def read(self, name: str, start: int, stop: int) -> Chunk:
         if not self._vocab(name):
             return self.inner.read(name, start, stop)
         info = self.tensors[name]
         cols = info.shape[1]
         r0, r1 = start // cols, -(-stop // cols)
-        block = work_buffer(f"vocab-{id(self)}", TORCH_DTYPES[info.dtype], (r1 - r0) * cols).view(
+        block = work_buffer(f"vocab-{id(self)}", torch_dtype(info.dtype), (r1 - r0) * cols).view(
             r1 - r0, cols
         )
         self.plan.gather(self.k, name, r0, r1, block)

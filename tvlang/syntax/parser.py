@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from functools import cache
 from importlib import resources
@@ -18,8 +21,11 @@ from typing import Any
 
 import lark
 from lark import Lark, Token, Transformer, v_args
+from lark.grammar import Rule
 from lark.lark import PostLex
+from lark.lexer import TerminalDef
 
+from tvlang.cache import cache_root
 from tvlang.errors import TvSyntaxError
 from tvlang.source import SourceText, Span
 from tvlang.syntax import ast
@@ -66,15 +72,60 @@ class _TooDeep(Exception):
         self.tok = tok
 
 
+_OPTIONS: dict[str, Any] = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": False}
+
+
 @cache
 def _lark() -> Lark:
-    return Lark(
-        grammar_text(),
-        parser="lalr",
-        propagate_positions=True,
-        postlex=_NewlinesInParens(),
-        maybe_placeholders=False,
-    )
+    """The parser.  Building the LALR tables takes about 70 ms, half of a merge's start-up, so they
+    are kept in the cache directory (:mod:`tvlang.cache`) as JSON, named by a hash of the grammar,
+    the options and Lark's version, and loaded in about 3 ms; nothing there is ever executed."""
+    text = grammar_text()
+    key = hashlib.sha256(f"{text}{sorted(_OPTIONS.items())}{lark.__version__}".encode()).hexdigest()[:32]
+    path = cache_root() / "grammar" / f"{key}.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            tables = json.load(f, object_hook=_untag)
+        load = Lark._load_from_dict  # (untyped in Lark)
+        loaded: Lark = load(tables["data"], tables["memo"], postlex=_NewlinesInParens())  # type: ignore[no-untyped-call]
+        return loaded
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        pass  # not built yet (or unreadable): build it
+    parser = Lark(text, postlex=_NewlinesInParens(), **_OPTIONS)
+    data, memo = parser.memo_serialize([TerminalDef, Rule])
+    data["options"] = {k: v for k, v in data["options"].items() if k != "postlex"}
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_tag({"data": data, "memo": memo}), f)
+        os.replace(tmp, path)  # atomic: concurrent processes see a whole file or none
+    except OSError:  # no writable cache: build it each time
+        pass
+    return parser
+
+
+def _tag(x: Any) -> Any:
+    """Lark's serialised tables as JSON: dicts with other than string keys and tuples tagged."""
+    if isinstance(x, dict):
+        if all(isinstance(k, str) and not k.startswith("~") for k in x):
+            return {k: _tag(v) for k, v in x.items()}
+        return {"~d": [[_tag(k), _tag(v)] for k, v in x.items()]}
+    if isinstance(x, tuple):
+        return {"~t": [_tag(v) for v in x]}
+    if isinstance(x, list):
+        return [_tag(v) for v in x]
+    if x is None or isinstance(x, str | int | float | bool):
+        return x
+    raise TypeError(f"cannot keep {type(x).__name__} in the grammar cache")
+
+
+def _untag(d: dict[str, Any]) -> Any:
+    if len(d) == 1 and "~d" in d:
+        return {k: v for k, v in d["~d"]}
+    if len(d) == 1 and "~t" in d:
+        return tuple(d["~t"])
+    return d
 
 
 _FRIENDLY = {
