@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from tvlang.errors import TvInputError, TvOutputError
+from tvlang.io import streaming
 
 _T = TypeVar("_T", bound="Transaction")
 
@@ -381,9 +382,12 @@ class ChunkReader:
                 raise _malformed(self.path, "file is empty")
             self._mm: mmap.mmap | None
             self._mm, self._bytes = _map_file(fd)
-        finally:
-            os.close(fd)  # the map keeps its own descriptor
+        except BaseException:
+            os.close(fd)
+            raise
         self._size = len(self._mm)
+        self._ahead = streaming.Readahead(fd, self._size)  # the map has its own descriptor; this one hints
+        self._close_fd = weakref.finalize(self, os.close, fd)
         self._real: str | None = None
 
     def _check(self, info: TensorInfo, start: int, stop: int) -> None:
@@ -410,6 +414,7 @@ class ChunkReader:
         dtype = info.torch_dtype
         size = dtype.itemsize
         begin = info.offset + start * size
+        self._ahead.reached(begin)
         raw = data[begin : begin + (stop - start) * size]
         if begin % size == 0:  # the mapping is page-aligned, so the address is too
             return raw.view(dtype)
@@ -440,6 +445,7 @@ class ChunkReader:
         # soon as no view remains.
         self._mm = None
         self._bytes = torch.empty(0, dtype=torch.uint8)
+        self._close_fd()
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -685,6 +691,8 @@ class SafetensorsWriter(Transaction):
         except OSError as e:
             raise TvOutputError(f"{self.path}: cannot create: {e.strerror}", code=_E_OUTPUT) from None
         self._finalizer = weakref.finalize(self, _discard, self._fd, self._tmp)
+        self._behind = streaming.WriteBehind(self._fd, self.size)
+        weakref.finalize(self, self._behind.close)
         try:
             self._pwrite(memoryview(header), 0)
             os.ftruncate(self._fd, self.size)
@@ -731,6 +739,7 @@ class SafetensorsWriter(Transaction):
         done = False
         try:
             self._pwrite(data, slot.offset + start * slot.dtype.itemsize)
+            self._behind.wrote(slot.offset + start * slot.dtype.itemsize, len(data))
             done = True
         except OSError as e:
             raise TvOutputError(f"{self.path}: cannot write: {e.strerror}", code=_E_OUTPUT) from None
@@ -797,6 +806,7 @@ class SafetensorsWriter(Transaction):
         """
         if not self._close_to_writes("committed"):
             raise ValueError(f"{self.path}: writer is already {self._state}")
+        self._behind.close()
         missing = self.incomplete()
         if missing:
             self._state = "aborted"
@@ -823,6 +833,7 @@ class SafetensorsWriter(Transaction):
     def abort(self) -> None:
         """Close and delete the temporary file; idempotent, and a no-op after commit."""
         if self._close_to_writes("aborted", timeout=5.0):
+            self._behind.close()
             self._finalizer()
 
 
