@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -215,3 +217,40 @@ def test_cli_merge_identical_with_write_behind(tmp_path: Path, monkeypatch: pyte
         assert rc == 0
         out[mode] = {p.name: p.read_bytes() for p in sorted(target.rglob("*.safetensors"))}
     assert len(out["1"]) == 2 and out["0"] == out["1"]
+
+
+def _suite() -> object:
+    """benchmarks/suite.py, loaded by path (it is a script, not a package)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        spec = importlib.util.spec_from_file_location("_suite_under_test", root / "suite.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root))
+    return module
+
+
+@pytest.mark.skipif(not LINUX or shutil.which("dd") is None, reason="the floors use Linux's /proc and dd")
+def test_suite_floor_helpers_at_tiny_sizes(tmp_path: Path) -> None:
+    suite: Any = _suite()
+    files = []
+    for i in range(2):
+        p = tmp_path / f"in{i}.bin"
+        p.write_bytes(os.urandom(100_000))
+        files.append(str(p))
+    assert suite.dd_read_s(files, block=4096) >= 0
+    assert suite.dd_write_s(str(tmp_path / "w"), 10_000, block=4096, files=3) >= 0
+    assert sorted(os.listdir(tmp_path)) == ["in0.bin", "in1.bin"]  # the floor's files are removed
+    dirty = suite.dirty_limit()
+    assert 0 < dirty["background"] <= dirty["limit"] < dirty["mem_total"]
+    why = suite.can_drop_caches()
+    assert why is None or "root" in why or "writable" in why
+    tiny = tmp_path / "tiny.safetensors"
+    suite.tiny_checkpoint(str(tiny))
+    assert read_header(tiny)[0]["w"].shape == (4, 4)
