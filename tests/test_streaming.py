@@ -245,6 +245,7 @@ def test_suite_floor_helpers_at_tiny_sizes(tmp_path: Path) -> None:
         p.write_bytes(os.urandom(100_000))
         files.append(str(p))
     assert suite.dd_read_s(files, block=4096) >= 0
+    assert suite.dd_read_parallel_s(files, block=4096) >= 0
     assert suite.dd_write_s(str(tmp_path / "w"), 10_000, block=4096, files=3) >= 0
     assert sorted(os.listdir(tmp_path)) == ["in0.bin", "in1.bin"]  # the floor's files are removed
     dirty = suite.dirty_limit()
