@@ -119,10 +119,9 @@ def test_write_behind_engages_past_the_threshold(monkeypatch: pytest.MonkeyPatch
     assert not streaming.WriteBehind(-1, 10**12).engaged
 
 
-def test_readahead_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readahead_steps() -> None:
     asked: list[tuple[int, int]] = []
-    monkeypatch.setattr(streaming, "prefetch", lambda fd, off, n: asked.append((off, n)) or True)
-    ahead = streaming.Readahead(-1, size=1000, ahead=100)
+    ahead = streaming.Readahead(1000, lambda off, n: asked.append((off, n)) or True, ahead=100)
     for pos in range(0, 1000, 10):
         ahead.reached(pos)
     ahead.reached(0)  # a second pass over data already asked for asks nothing
@@ -131,6 +130,24 @@ def test_readahead_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(asked))
     assert asked[-1][0] + asked[-1][1] == 1000
     assert all(n >= 50 for _, n in asked[:-1])
+    ahead.close()
+    ahead._requested = 0
+    ahead.reached(0)  # closed: asks nothing
+    assert asked[-1][0] + asked[-1][1] == 1000
+
+
+@pytest.mark.skipif(not LINUX, reason="madvise(MADV_WILLNEED) is checked on Linux")
+def test_prefetch_mapped(tmp_path: Path) -> None:
+    import mmap
+
+    path = tmp_path / "m.bin"
+    path.write_bytes(os.urandom(3 * mmap.PAGESIZE + 100))
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    assert streaming.prefetch_mapped(mm, 100, 10**9)  # unaligned start, clipped end
+    assert not streaming.prefetch_mapped(mm, 0, 0)
+    mm.close()
+    assert not streaming.prefetch_mapped(mm, 0, 10)  # a closed map: refused, not raised
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -172,9 +189,9 @@ def test_aborted_writer_releases_its_bytes(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_reader_readahead_and_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reader hints each chunk's successor and closes its descriptor with the reader."""
+    """The reader hints each chunk's successor through its map and holds no extra descriptor."""
     asked: list[tuple[int, int]] = []
-    monkeypatch.setattr(streaming, "prefetch", lambda fd, off, n: asked.append((off, n)) or True)
+    monkeypatch.setattr(streaming, "prefetch_mapped", lambda mm, off, n: asked.append((off, n)) or True)
     monkeypatch.setattr(streaming, "AHEAD", 4096)
     path = tmp_path / "in.safetensors"
     x = torch.arange(10_000, dtype=torch.float32)
@@ -183,6 +200,8 @@ def test_reader_readahead_and_close(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     info = read_header(path)[0]["x"]
     fds = len(os.listdir("/proc/self/fd")) if LINUX else 0
     reader = ChunkReader(path)
+    if LINUX:  # the map's own descriptor (Python's mmap keeps a duplicate), nothing for the hints
+        assert len(os.listdir("/proc/self/fd")) <= fds + 1
     got = torch.cat([reader.read(info, s, min(10_000, s + 1000)).clone() for s in range(0, 10_000, 1000)])
     assert torch.equal(got, x)
     assert asked and asked[0][0] == info.offset
@@ -247,6 +266,7 @@ def test_suite_floor_helpers_at_tiny_sizes(tmp_path: Path) -> None:
     assert suite.dd_read_s(files, block=4096) >= 0
     assert suite.dd_read_parallel_s(files, block=4096) >= 0
     assert suite.dd_write_s(str(tmp_path / "w"), 10_000, block=4096, files=3) >= 0
+    assert suite.dd_write_s(str(tmp_path / "w"), 8192, block=4096, flag="oflag=direct") >= 0
     assert sorted(os.listdir(tmp_path)) == ["in0.bin", "in1.bin"]  # the floor's files are removed
     dirty = suite.dirty_limit()
     assert 0 < dirty["background"] <= dirty["limit"] < dirty["mem_total"]

@@ -21,6 +21,7 @@ then the data area, which the tensors tile exactly; offsets are relative to it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import mmap
@@ -382,12 +383,10 @@ class ChunkReader:
                 raise _malformed(self.path, "file is empty")
             self._mm: mmap.mmap | None
             self._mm, self._bytes = _map_file(fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        finally:
+            os.close(fd)  # the map keeps its own descriptor
         self._size = len(self._mm)
-        self._ahead = streaming.Readahead(fd, self._size)  # the map has its own descriptor; this one hints
-        self._close_fd = weakref.finalize(self, os.close, fd)
+        self._ahead = streaming.Readahead(self._size, functools.partial(streaming.prefetch_mapped, self._mm))
         self._real: str | None = None
 
     def _check(self, info: TensorInfo, start: int, stop: int) -> None:
@@ -445,7 +444,7 @@ class ChunkReader:
         # soon as no view remains.
         self._mm = None
         self._bytes = torch.empty(0, dtype=torch.uint8)
-        self._close_fd()
+        self._ahead.close()
 
     def __enter__(self) -> ChunkReader:
         return self

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import mmap
 import os
 import sys
 import threading
@@ -36,6 +37,7 @@ __all__ = [
     "dirty_thresholds",
     "drop_cached",
     "prefetch",
+    "prefetch_mapped",
     "start_writeback",
     "wait_writeback",
 ]
@@ -106,6 +108,20 @@ def drop_cached(fd: int, offset: int, nbytes: int) -> bool:
 def prefetch(fd: int, offset: int, nbytes: int) -> bool:
     """Start reading a region into the page cache in the background."""
     return _fadvise(fd, offset, nbytes, "POSIX_FADV_WILLNEED")
+
+
+def prefetch_mapped(mm: mmap.mmap, offset: int, nbytes: int) -> bool:
+    """:func:`prefetch` for a file through its memory map (``MADV_WILLNEED``): no descriptor to
+    keep open, so a checkpoint of hundreds of shards stays far from the process's file limit."""
+    advice = getattr(mmap, "MADV_WILLNEED", None)
+    if advice is None or nbytes <= 0:
+        return False
+    begin = offset - offset % mmap.PAGESIZE
+    try:
+        mm.madvise(advice, begin, min(len(mm), offset + nbytes) - begin)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _read_int(path: str) -> int | None:
@@ -221,11 +237,14 @@ class WriteBehind:
 
 class Readahead:
     """Ask for the ``ahead`` bytes of an input past each position the reader reaches, in steps of
-    half of it, so a sequential scan never waits for a read it could have started earlier."""
+    half of it, so a sequential scan never waits for a read it could have started earlier.
 
-    def __init__(self, fd: int, size: int, ahead: int | None = None) -> None:
-        self.fd = fd
+    ``hint(offset, nbytes)`` starts the read: ``functools.partial(prefetch, fd)`` for a descriptor,
+    ``functools.partial(prefetch_mapped, mm)`` for a memory map."""
+
+    def __init__(self, size: int, hint: Callable[[int, int], bool], ahead: int | None = None) -> None:
         self.size = size
+        self.hint: Callable[[int, int], bool] | None = hint
         self.ahead = AHEAD if ahead is None else ahead
         self._requested = 0  # the file is requested up to here
 
@@ -236,6 +255,10 @@ class Readahead:
         have = self._requested
         if want - max(have, offset) < self.ahead // 2 and have >= offset:
             return
-        begin = max(have, offset)
-        if want > begin and prefetch(self.fd, begin, want - begin):
+        begin, hint = max(have, offset), self.hint
+        if want > begin and hint is not None and hint(begin, want - begin):
             self._requested = want
+
+    def close(self) -> None:
+        """Drop the hint (and what it holds: a map, a descriptor); later positions ask nothing."""
+        self.hint = None
