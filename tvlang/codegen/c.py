@@ -429,37 +429,22 @@ def _compile(source: str, directory: Path, path: Path) -> Path:
 RADIX_SOURCE = r"""#include <stdint.h>
 #include <string.h>
 
-/* The key is branch-free (u ^ (sign-extended sign bit | SIGN)) so that it vectorises.  Round 0
-   counts every value: one table (measured: four interleaved tables were slower, 2.1 against
-   1.1 ns a value).  Later rounds count only the values under the prefix, usually a few percent:
-   a vectorised test skips each block of 64 values that holds none, and the rest branch. */
-#define TV_HIST(NAME, FLOAT, UINT, SINT, BITS, SIGN)                                                  \
-static inline UINT NAME##_key(const FLOAT *x, int64_t i) {                                            \
-    UINT u;                                                                                            \
-    memcpy(&u, &x[i], sizeof u);                                                                       \
-    return u ^ ((UINT)((SINT)u >> (BITS - 1)) | SIGN);                                                 \
-}                                                                                                      \
+/* (Measured: one table beats four interleaved ones, 1.1 against 2.1 ns a value.) */
+#define TV_HIST(NAME, FLOAT, UINT, BITS, SIGN)                                                        \
 void NAME(const FLOAT *restrict x, int64_t n, int round, uint64_t prefix, int64_t *restrict hist) {    \
     const int shift = BITS - 16 * (round + 1);                                                         \
-    if (!round) {                                                                                      \
-        for (int64_t i = 0; i < n; i++) hist[(NAME##_key(x, i) >> shift) & 0xFFFFu]++;                 \
-        return;                                                                                        \
-    }                                                                                                  \
-    const UINT higher = (UINT)((1ull << (16 * round)) - 1);                                            \
-    for (int64_t b = 0; b < n; b += 64) {                                                              \
-        const int64_t e = n - b < 64 ? n : b + 64;                                                     \
-        int hit = 0;                                                                                   \
-        for (int64_t i = b; i < e; i++) hit |= ((NAME##_key(x, i) >> (shift + 16)) & higher) == (UINT)prefix; \
-        if (!hit) continue;                                                                            \
-        for (int64_t i = b; i < e; i++) {                                                              \
-            const UINT key = NAME##_key(x, i);                                                         \
-            if (((key >> (shift + 16)) & higher) == (UINT)prefix) hist[(key >> shift) & 0xFFFFu]++;    \
-        }                                                                                              \
+    const UINT higher = round ? (UINT)((1ull << (16 * round)) - 1) : 0;                                \
+    for (int64_t i = 0; i < n; i++) {                                                                  \
+        UINT u;                                                                                        \
+        memcpy(&u, &x[i], sizeof u);                                                                   \
+        const UINT key = (u & SIGN) ? ~u : (u ^ SIGN);                                                 \
+        if (round && ((key >> (shift + 16)) & higher) != (UINT)prefix) continue;                       \
+        hist[(key >> shift) & 0xFFFFu]++;                                                              \
     }                                                                                                  \
 }
 
-TV_HIST(tv_hist32, float, uint32_t, int32_t, 32, 0x80000000u)
-TV_HIST(tv_hist64, double, uint64_t, int64_t, 64, 0x8000000000000000ull)
+TV_HIST(tv_hist32, float, uint32_t, 32, 0x80000000u)
+TV_HIST(tv_hist64, double, uint64_t, 64, 0x8000000000000000ull)
 """
 
 
