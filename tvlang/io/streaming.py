@@ -12,8 +12,9 @@ the kernel's own lazy write-back is faster (a run can end before its output reac
 so write-behind engages only when the outputs being written together exceed the background
 write-back threshold (``TVLANG_WRITE_BEHIND=1``/``0`` forces it on or off).
 
-:class:`Readahead` asks for the next window of an input file (``POSIX_FADV_WILLNEED``, or ``MADV_WILLNEED`` through a map) as the
-reader moves through it, so a cold read keeps the device busy while the kernels compute.
+:class:`Readahead` asks for the next window of an input file (``POSIX_FADV_WILLNEED``, or
+``MADV_WILLNEED`` through a map) as the reader moves through it, so a cold read keeps the device
+busy while the kernels compute.
 
 Only file descriptors, offsets and byte counts: every call is a hint whose failure (another
 operating system, an old kernel, a filesystem that refuses it) changes speed, never bytes.
