@@ -16,7 +16,14 @@ cache and ``sync``-ing:
   (``python -m tvlang run CONFIG`` and ``mergekit-yaml CONFIG``), so the two compute the same formula;
   the naive approach (whole state dicts in torch) on task arithmetic;
 - **scaling** (``--sizes``): task arithmetic with tvlang and the naive approach at each size;
-- **compile and plan overhead** for a 300-tensor model, in process, after a warm-up run.
+- **compile and plan overhead** for a 300-tensor model, in process, after a warm-up run;
+- **I/O against the device** (``--io``; ``--io-only`` runs just these): start-up (``python -c pass``,
+  tvlang on a one-tensor merge with the time to its first input ``open`` by ``strace``, mergekit's
+  ``--help``); task arithmetic from a cold page cache against ``dd`` floors for reading the inputs
+  and writing the output (``conv=fdatasync``) with the same block size; a sweep whose outputs
+  exceed the kernel's dirty-page limit, write-behind on and off, against the floor of reading the
+  inputs once and writing the outputs' bytes; TIES against task arithmetic on the same inputs.
+  Dropping the page cache needs root: without it the cold case is skipped and says why.
 
 Per case: median wall time (process start to exit, imports included), work time (after the
 imports), throughput ((bytes read + bytes written) / time, counting each input and output file
@@ -77,6 +84,8 @@ OVERHEAD_LAYERS = 33  # 33 layers x 9 + 3 = 300 tensors
 SRC = h.ROOT  # the tree whose tvlang the children import (--src)
 OUT = h.OUT
 BEGIN, END = "<!-- suite:begin -->", "<!-- suite:end -->"
+IO_BEGIN, IO_END = "<!-- suite-io:begin -->", "<!-- suite-io:end -->"
+DD_BLOCK = 16 * 2**20  # dd's block size: the reader's readahead step and the writer's chunks are 8-32 MiB
 
 
 # ------------------------------------------------------------------------------------------
@@ -641,6 +650,435 @@ def bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
+# I/O against the device (issue 16): start-up, cold cache, a sweep past the dirty-page limit
+# ------------------------------------------------------------------------------------------
+
+
+def can_drop_caches() -> str | None:
+    """None when this process may drop the page cache, else why not."""
+    if not sys.platform.startswith("linux"):
+        return "not Linux: no /proc/sys/vm/drop_caches"
+    if os.geteuid() != 0:
+        return "dropping the page cache needs root (echo 3 > /proc/sys/vm/drop_caches)"
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        return "/proc/sys/vm/drop_caches is not writable here (a container without the privilege?)"
+    return None
+
+
+def drop_caches() -> None:
+    """Write back every dirty page, then drop the clean ones: the next read comes from the device."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def dirty_limit() -> dict[str, int]:
+    """The kernel's dirty-page limit in bytes (``vm.dirty_bytes``, else ``vm.dirty_ratio`` of MemTotal:
+    an upper bound, the kernel counts only dirtyable memory) and the background threshold."""
+
+    def read(name: str) -> int:
+        try:
+            with open(f"/proc/sys/vm/{name}") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            return 0
+
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    limit = read("dirty_bytes") or total * (read("dirty_ratio") or 20) // 100
+    background = read("dirty_background_bytes") or total * (read("dirty_background_ratio") or 10) // 100
+    return {"limit": limit, "background": background, "mem_total": total}
+
+
+def dd_read_s(files: list[str], block: int = DD_BLOCK) -> float:
+    """Seconds for ``dd`` to read every file to /dev/null, one after another."""
+    t = time.perf_counter()
+    for p in files:
+        subprocess.run(["dd", f"if={p}", "of=/dev/null", f"bs={block}", "status=none"], check=True)
+    return time.perf_counter() - t
+
+
+def dd_read_parallel_s(files: list[str], block: int = DD_BLOCK) -> float:
+    """Seconds for one ``dd`` per file, all at once, to read every file: the device's throughput
+    with as many streams as a merge reads (a single stream keeps one request in flight)."""
+    t = time.perf_counter()
+    procs = [subprocess.Popen(["dd", f"if={p}", "of=/dev/null", f"bs={block}", "status=none"]) for p in files]
+    if any(proc.wait() != 0 for proc in procs):
+        raise SystemExit("dd failed")
+    return time.perf_counter() - t
+
+
+def dd_write_s(
+    path: str, nbytes: int, block: int = DD_BLOCK, files: int = 1, flag: str = "conv=fdatasync"
+) -> float:
+    """Seconds for ``dd`` to write ``files`` files of ``nbytes`` each (deleted after), either through
+    the page cache and synced (``conv=fdatasync``) or around it (``oflag=direct``: no
+    dirty-page throttling, one request in flight)."""
+    count = max(1, -(-nbytes // block))
+    t = time.perf_counter()
+    try:
+        for i in range(files):
+            subprocess.run(
+                [
+                    "dd",
+                    "if=/dev/zero",
+                    f"of={path}.{i}",
+                    f"bs={block}",
+                    f"count={count}",
+                    flag,
+                    "status=none",
+                ],
+                check=True,
+            )
+        return time.perf_counter() - t
+    finally:
+        for i in range(files):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{path}.{i}")
+
+
+def sync_s() -> float:
+    t = time.perf_counter()
+    os.sync()
+    return time.perf_counter() - t
+
+
+def tiny_checkpoint(path: str) -> None:
+    """A one-tensor bf16 safetensors file written by hand (the parent imports no torch)."""
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [4, 4], "data_offsets": [0, 32]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + bytes(32))
+
+
+def _median_wall(cmd: list[str], repeat: int, env: dict[str, str] | None = None) -> float:
+    walls = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})}, cwd=h.ROOT)
+        walls.append(time.perf_counter() - t)
+    return statistics.median(walls)
+
+
+def first_open_ms(cmd: list[str], needle: str) -> float | None:
+    """Milliseconds from the process's ``execve`` to its first ``open`` of a path containing
+    ``needle`` (the first input's header read), by ``strace``; None without strace."""
+    if shutil.which("strace") is None:
+        return None
+    log_path = os.path.join(OUT, ".strace.log")
+    r = subprocess.run(
+        ["strace", "-f", "--seccomp-bpf", "-ttt", "-e", "trace=execve,openat", "-o", log_path, *cmd],
+        capture_output=True,
+        cwd=h.ROOT,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
+    if r.returncode != 0:
+        return None
+    start = first = None
+    with open(log_path) as f:
+        for line in f:
+            parts = line.split(None, 2)
+            if len(parts) < 3:
+                continue
+            stamp = float(parts[1])
+            if start is None and parts[2].startswith("execve("):
+                start = stamp
+            elif start is not None and parts[2].startswith("openat(") and needle in parts[2]:
+                first = stamp
+                break
+    os.remove(log_path)
+    return None if start is None or first is None else 1e3 * (first - start)
+
+
+def bench_startup(mk: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Process start to exit: the interpreter alone, tvlang on a one-tensor merge, mergekit's --help."""
+    work = os.path.join(OUT, "suite-work", "startup")
+    os.makedirs(work, exist_ok=True)
+    tiny = os.path.join(work, "tiny-input.safetensors")
+    tiny_checkpoint(tiny)
+    out = os.path.join(work, "tiny-out.safetensors")
+    tv = [
+        sys.executable,
+        "-m",
+        "tvlang",
+        "eval",
+        "0.5*a + 0.5*a",
+        "--bind",
+        f"a={tiny}",
+        "-o",
+        out,
+        "--force",
+        "-q",
+    ]
+    env = {"PYTHONPATH": SRC}
+    res: dict[str, Any] = {"repeat": args.repeat_startup}
+    res["python_pass_s"] = _median_wall([sys.executable, "-c", "pass"], args.repeat_startup)
+    res["tvlang_tiny_s"] = _median_wall(tv, args.repeat_startup, env)
+    res["tvlang_import_s"] = _median_wall(
+        [sys.executable, "-c", "import tvlang.cli"], args.repeat_startup, env
+    )
+    opens = [first_open_ms(tv, "tiny-input") for _ in range(args.repeat_startup)]
+    res["tvlang_first_open_ms"] = statistics.median(o for o in opens if o is not None) if any(opens) else None
+    if "python" in mk:
+        yaml = os.path.join(os.path.dirname(mk["python"]), "mergekit-yaml")
+        res["mergekit_help_s"] = _median_wall([yaml, "--help"], args.repeat_startup)
+    _remove(out)
+    log(f"[startup] {res}")
+    return res
+
+
+def bench_cold(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Task arithmetic with the page cache dropped before each run, against ``dd`` floors measured
+    the same way in the same run.  tvlang's time is its work after the imports (the interpreter's
+    own files are re-cached first by an import-only process) plus the ``sync`` that puts its output
+    on the device, as ``conv=fdatasync`` does for the floor."""
+    why = can_drop_caches()
+    if why is not None:
+        log(f"[cold] skipped: {why}")
+        return {"skipped": why}
+    work = os.path.join(OUT, "suite-work", "cold")
+    os.makedirs(work, exist_ok=True)
+    config = os.path.join(work, "task_arithmetic.yml")
+    with open(config, "w") as f:
+        f.write(mergekit_config("task_arithmetic", fam["dirs"], args.dtype))
+    out = os.path.join(work, "merged")
+    inputs = case_inputs("task_arithmetic", fam)
+    out_bytes = fam["bytes"][fam["dirs"][0]]
+    floors_read, floors_parallel, floors_write, runs = [], [], [], []
+    for r in range(args.repeat):
+        drop_caches()
+        floors_read.append(dd_read_s(inputs))
+        drop_caches()
+        floors_parallel.append(dd_read_parallel_s(inputs))
+        drop_caches()
+        floors_write.append(
+            min(
+                dd_write_s(os.path.join(work, ".dd"), out_bytes, flag=f)
+                for f in ("conv=fdatasync", "oflag=direct")
+            )
+        )
+        _remove(out)
+        drop_caches()
+        run_child("baseline", [])  # the interpreter and torch back in the cache, not the inputs
+        one = run_child("tvlang", tool_cmd("tvlang", "task_arithmetic", config, fam, out, args))
+        one["sync_s"] = sync_s()
+        runs.append(one)
+        log(
+            f"[cold] run {r + 1}: floor read {floors_read[-1]:.2f} s (parallel {floors_parallel[-1]:.2f} s) "
+            f"+ write {floors_write[-1]:.2f} s; "
+            f"tvlang work {one['work_s']:.2f} s + sync {one['sync_s']:.2f} s (wall {one['wall_s']:.2f} s)"
+        )
+    _remove(out)
+    read = min(statistics.median(floors_read), statistics.median(floors_parallel))
+    floor = read + statistics.median(floors_write)
+    tv = statistics.median(float(x["work_s"]) + x["sync_s"] for x in runs)
+    return {
+        "size": fam["label"],
+        "bytes_read": sum(os.path.getsize(p) for p in inputs),
+        "bytes_written": out_bytes,
+        "block": DD_BLOCK,
+        "floor_read_s": statistics.median(floors_read),
+        "floor_read_parallel_s": statistics.median(floors_parallel),
+        "floor_write_s": statistics.median(floors_write),
+        "floor_s": floor,
+        "tvlang_work_sync_s": tv,
+        "tvlang_wall_s": statistics.median(float(x["wall_s"]) for x in runs),
+        "tvlang_share_of_floor": floor / tv,
+        "peak_rss_mib": max(int(x["hwm_kib"]) for x in runs) / 1024,
+        "runs": runs,
+    }
+
+
+SWEEP_PROGRAM = """\
+base = load("{0}")
+amazon_sent = load("{1}") - base
+amazon_lm = load("{2}") - base
+yelp_lm = load("{3}") - base
+toxic = load("{4}") - base
+param lam = 0.4
+output merged = base + lam*(amazon_sent - amazon_lm + yelp_lm) - toxic
+"""
+
+
+def bench_sweep(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A λ sweep of K outputs from one pass over warm inputs, K sized so that the outputs exceed the
+    dirty-page limit (unless --sweep-k), write-behind forced off and on (``TVLANG_WRITE_BEHIND``),
+    against the floor of reading the inputs once (from the page cache) and writing K outputs' bytes
+    with ``dd conv=fdatasync``.  tvlang's time is its wall time plus the ``sync`` after it."""
+    work = os.path.join(OUT, "suite-work", "sweep")
+    os.makedirs(work, exist_ok=True)
+    program = os.path.join(work, "sweep.tv")
+    with open(program, "w") as f:
+        f.write(SWEEP_PROGRAM.format(*fam["dirs"]))
+    out_bytes = fam["bytes"][fam["dirs"][0]]
+    dirty = dirty_limit()
+    k = args.sweep_k or max(2, math.ceil(1.25 * dirty["limit"] / out_bytes))
+    need = k * out_bytes * 1.05
+    free = shutil.disk_usage(work).free
+    if need > free:
+        return {"skipped": f"{k} outputs need {need / 1e9:.1f} GB, {free / 1e9:.1f} GB free"}
+    values = ",".join(f"{0.1 * (i + 1):.2f}" for i in range(k))
+    out = os.path.join(work, "outs")
+    inputs = [p for d in fam["dirs"] for p in fam["files"][d]]
+    floors, runs = [], {"off": [], "on": []}
+    for r in range(args.repeat):
+        h.warm(inputs)
+        os.sync()
+        write = min(
+            dd_write_s(os.path.join(work, ".dd"), k * out_bytes, flag=f)
+            for f in ("conv=fdatasync", "oflag=direct")
+        )
+        floors.append(dd_read_s(inputs) + write)
+        for mode, env in (("off", "0"), ("on", "1")):
+            _remove(out)
+            os.makedirs(out)
+            h.warm(inputs)
+            os.sync()
+            one = h.run_child(
+                __file__, SRC, "tvlang", ["run", program, "-o", out, "-q", "--set", f"lam={values}"],
+                env={"TVLANG_WRITE_BEHIND": env},
+            )  # fmt: skip
+            one["sync_s"] = sync_s()
+            runs[mode].append(one)
+            log(
+                f"[sweep] run {r + 1}, write-behind {mode}: {one['wall_s']:.2f} s + sync {one['sync_s']:.2f} s "
+                f"(floor {floors[-1]:.2f} s)"
+            )
+    _remove(out)
+    floor = statistics.median(floors)
+    res: dict[str, Any] = {
+        "size": fam["label"],
+        "outputs": k,
+        "bytes_written": k * out_bytes,
+        "dirty": dirty,
+        "floor_s": floor,
+    }
+    for mode, rs in runs.items():
+        t = statistics.median(float(x["wall_s"]) + x["sync_s"] for x in rs)
+        res[mode] = {
+            "wall_sync_s": t,
+            "wall_s": statistics.median(float(x["wall_s"]) for x in rs),
+            "over_floor": t / floor,
+            "peak_rss_mib": max(int(x["hwm_kib"]) for x in rs) / 1024,
+            "runs": rs,
+        }
+    res["off_over_on"] = res["off"]["wall_sync_s"] / res["on"]["wall_sync_s"]
+    return res
+
+
+def bench_ties_vs_linear(fam: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """TIES (density 0.5, 4 task vectors) against task arithmetic on the same warm inputs, alternating."""
+    work = os.path.join(OUT, "suite-work", "ties-linear")
+    os.makedirs(work, exist_ok=True)
+    out = os.path.join(work, "merged")
+    walls: dict[str, list[dict[str, Any]]] = {"task_arithmetic": [], "ties": []}
+    for _ in range(args.repeat):
+        for case in walls:
+            config = os.path.join(work, f"{case}.yml")
+            with open(config, "w") as f:
+                f.write(mergekit_config(case, fam["dirs"], args.dtype))
+            _remove(out)
+            h.warm(case_inputs(case, fam))
+            os.sync()
+            walls[case].append(run_child("tvlang", tool_cmd("tvlang", case, config, fam, out, args)))
+    _remove(out)
+    med = {c: statistics.median(float(x["wall_s"]) for x in rs) for c, rs in walls.items()}
+    work_s = {c: statistics.median(float(x["work_s"]) for x in rs) for c, rs in walls.items()}
+    log(f"[ties/linear] wall {med}, work {work_s}")
+    return {
+        "size": fam["label"],
+        "wall_s": med,
+        "work_s": work_s,
+        "ratio_wall": med["ties"] / med["task_arithmetic"],
+        "ratio_work": work_s["ties"] / work_s["task_arithmetic"],
+    }
+
+
+def bench_io(mk: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    fam = family(args.io_size, h.parse_size(args.io_size), args)
+    return {
+        "startup": bench_startup(mk, args),
+        "cold": bench_cold(fam, args),
+        "sweep": bench_sweep(fam, args),
+        "ties_vs_linear": bench_ties_vs_linear(fam, args),
+    }
+
+
+def io_markdown(doc: dict[str, Any]) -> str:
+    io, m = doc["io"], doc["machine"]
+    st, cold, sw, tl = io["startup"], io["cold"], io["sweep"], io["ties_vs_linear"]
+    lines = [
+        f"Generated by `{doc['command']}` on {doc['finished'][:16].replace('T', ' ')}, "
+        f"tvlang commit `{doc['tvlang_commit'][:12]}`; {m['nproc']} CPUs, {m['mem_total_gib']} GiB RAM. "
+        f"Inputs: the suite's {doc['settings']['dtype']} family at {doc['settings']['io_size']} per checkpoint.",
+        "",
+        f"### Start-up (median of {st['repeat']}, process start to exit)",
+        "",
+        "| what | s |",
+        "|---|---:|",
+        f"| `python -c pass` | {st['python_pass_s']:.3f} |",
+        f"| `python -c 'import tvlang.cli'` | {st['tvlang_import_s']:.3f} |",
+        f"| `tvlang eval` of a one-tensor merge | {st['tvlang_tiny_s']:.3f} |",
+        f"| tvlang: exec to the first `open` of the input (under `strace --seccomp-bpf`, which slows it) | "
+        f"{_f(None if st['tvlang_first_open_ms'] is None else st['tvlang_first_open_ms'] / 1e3, 3)} |",
+    ]
+    if "mergekit_help_s" in st:
+        lines.append(f"| `mergekit-yaml --help` | {st['mergekit_help_s']:.3f} |")
+    lines += ["", "### Cold page cache: task arithmetic against `dd` (page cache dropped before each)", ""]
+    if "skipped" in cold:
+        lines.append(f"Skipped: {cold['skipped']}.")
+    else:
+        lines += [
+            f"{cold['bytes_read'] / 1e9:.2f} GB read, {cold['bytes_written'] / 1e9:.2f} GB written; dd with "
+            f"bs={cold['block'] // 2**20}M; the read floor is the faster of one dd after another and one dd per "
+            "file at once, the write floor the faster of conv=fdatasync and oflag=direct; tvlang: work after "
+            "the imports + `sync`.",
+            "",
+            "| floor read s (one by one / at once) | floor write s | floor s | tvlang s | tvlang wall s | "
+            "floor ÷ tvlang | peak RSS MiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {cold['floor_read_s']:.2f} / {cold.get('floor_read_parallel_s', math.nan):.2f} | "
+            f"{cold['floor_write_s']:.2f} | {cold['floor_s']:.2f} | "
+            f"{cold['tvlang_work_sync_s']:.2f} | {cold['tvlang_wall_s']:.2f} | {cold['tvlang_share_of_floor']:.0%} | "
+            f"{cold['peak_rss_mib']:.0f} |",
+        ]
+    lines += ["", "### A sweep past the dirty-page limit", ""]
+    if "skipped" in sw:
+        lines.append(f"Skipped: {sw['skipped']}.")
+    else:
+        d = sw["dirty"]
+        lines += [
+            f"{sw['outputs']} outputs, {sw['bytes_written'] / 1e9:.1f} GB written (dirty limit "
+            f"{d['limit'] / 1e9:.1f} GB, background {d['background'] / 1e9:.1f} GB); inputs warm. Floor: dd "
+            "reads the inputs once and writes the outputs' bytes as one file (the faster of conv=fdatasync "
+            "and oflag=direct). "
+            "tvlang: wall + `sync`.",
+            "",
+            "| write-behind | tvlang s (wall + sync) | ÷ floor | after the imports + sync, s | ÷ floor | "
+            "wall s | peak RSS MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for mode in ("off", "on"):
+            r = sw[mode]
+            work = statistics.median(float(x["work_s"]) + x["sync_s"] for x in r["runs"])
+            lines.append(
+                f"| {mode} | {r['wall_sync_s']:.2f} | {r['over_floor']:.2f} | {work:.2f} | {work / sw['floor_s']:.2f} | "
+                f"{r['wall_s']:.2f} | {r['peak_rss_mib']:.0f} |"
+            )
+        lines += ["", f"Floor: {sw['floor_s']:.2f} s. Off ÷ on: {sw['off_over_on']:.2f}."]
+    lines += [
+        "",
+        "### TIES against task arithmetic (same inputs, warm, alternating)",
+        "",
+        "| | task arithmetic | TIES, density 0.5 | TIES ÷ linear |",
+        "|---|---:|---:|---:|",
+        f"| wall s | {tl['wall_s']['task_arithmetic']:.2f} | {tl['wall_s']['ties']:.2f} | {tl['ratio_wall']:.2f} |",
+        f"| work s | {tl['work_s']['task_arithmetic']:.2f} | {tl['work_s']['ties']:.2f} | {tl['ratio_work']:.2f} |",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
 # Report: Markdown section, plot
 # ------------------------------------------------------------------------------------------
 
@@ -806,18 +1244,20 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: str, body: str) -> None:
+def write_section(
+    path: str, body: str, begin: str = BEGIN, end: str = END, title: str = "Benchmark suite (issue 5)"
+) -> None:
     """Replace the text between the suite markers in ``path`` (append the section if they are missing)."""
     text = ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    section = f"{BEGIN}\n{body}\n{END}"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        a, b = text.index(begin), text.index(end) + len(end)
         text = text[:a] + section + text[b:]
     else:
-        text = text.rstrip("\n") + "\n\n## Benchmark suite (issue 5)\n\n" + section + "\n"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
     with open(path, "w") as f:
         f.write(text)
 
@@ -926,6 +1366,13 @@ def main() -> None:
     )
     p.add_argument("--tvlang-flags", default="", help="extra `tvlang run` flags, e.g. '--kernels eager'")
     p.add_argument("--no-overhead", action="store_true", help="skip the compile and plan overhead case")
+    p.add_argument("--io", action="store_true", help="add the I/O cases: start-up, cold cache, sweep, TIES")
+    p.add_argument("--io-only", action="store_true", help="run only the I/O cases (a section of its own)")
+    p.add_argument("--io-size", help="size per checkpoint of the I/O cases (default 1G; --quick 100M)")
+    p.add_argument(
+        "--sweep-k", type=int, help="outputs of the sweep (default: enough to exceed the dirty-page limit)"
+    )
+    p.add_argument("--repeat-startup", type=int, default=5, help="runs per start-up case (default 5)")
     p.add_argument("--overhead-repeat", type=int, default=5)
     p.add_argument(
         "--floor-buffer",
@@ -954,6 +1401,9 @@ def main() -> None:
     if args.eight and "8G" not in sizes:
         sizes.append("8G")
     args.repeat = args.repeat or (2 if q else 3)
+    args.io_size = args.io_size or ("100M" if q else "1G")
+    if q and args.sweep_k is None:
+        args.sweep_k = 4  # --quick: a few small outputs, below the dirty-page limit
     args.naive_repeat = args.naive_repeat or (1 if q else 2)
     json_path = args.json or os.path.join(OUT, "suite-quick.json" if q else "suite.json")
     md = args.results_md or (
@@ -971,6 +1421,9 @@ def main() -> None:
     started = datetime.datetime.now().isoformat(timespec="seconds")
     mk = find_mergekit(args)
     log(f"mergekit: {mk}")
+    if args.io_only:
+        io_main(args, mk, started, md)
+        return
     baseline = [run_child("baseline", []) for _ in range(2)]
     baselines = {"tvlang": statistics.median(int(b["hwm_kib"]) for b in baseline)}
     mkb: list[dict[str, Any]] = []
@@ -983,6 +1436,7 @@ def main() -> None:
         cases = CASES if label == args.size else ("task_arithmetic",) if label in sizes else ()
         results.append(bench_size(label, h.parse_size(label), cases, mk, baselines, args))
     ov = None if args.no_overhead else bench_overhead(args)
+    io = bench_io(mk, args) if args.io else None
     notes = []
     if h.source_digest(SRC) != digest:
         notes.append(f"the tvlang sources under {SRC} changed during the run")
@@ -1015,6 +1469,7 @@ def main() -> None:
             "mergekit_repeat": args.mergekit_repeat,
             "tvlang_flags": args.tvlang_flags,
             "quick": q,
+            "io_size": args.io_size,
         },
         "baseline_rss_mib": {k: v / 1024 for k, v in baselines.items()},
         "baseline_wall_s": {
@@ -1023,6 +1478,7 @@ def main() -> None:
         },
         "sizes": results,
         "overhead": ov,
+        "io": io,
         "notes": notes,
         "results_md": md,
         "plot": png,
@@ -1033,8 +1489,49 @@ def main() -> None:
     plot(doc, png)
     body = markdown(doc)
     write_section(md, body)
+    if io is not None:
+        write_section(md, io_markdown(doc), IO_BEGIN, IO_END, "I/O against the device (issue 16)")
+        body += "\n\n" + io_markdown(doc)
     print(body)
     log(f"wrote {json_path}, {md} (between {BEGIN} and {END}) and {png}")
+
+
+def _command() -> str:
+    return "python " + shlex.join(
+        [
+            os.path.relpath(sys.argv[0], h.ROOT) if sys.argv[0].startswith(h.ROOT) else sys.argv[0],
+            *sys.argv[1:],
+        ]
+    )
+
+
+def io_main(args: argparse.Namespace, mk: dict[str, Any], started: str, md: str) -> None:
+    """``--io-only``: the I/O cases alone, into their own section of the results."""
+    baseline = run_child("baseline", [])
+    io = bench_io(mk, args)
+    doc = {
+        "command": _command(),
+        "started": started,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "tvlang_src": SRC,
+        "tvlang_commit": h.source_commit(SRC),
+        "machine": h.machine_facts(str(baseline["torch"])),
+        "mergekit": mk,
+        "settings": {
+            "dtype": args.dtype,
+            "io_size": args.io_size,
+            "repeat": args.repeat,
+            "quick": args.quick,
+        },
+        "io": io,
+    }
+    json_path = args.json or os.path.join(OUT, "suite-io-quick.json" if args.quick else "suite-io.json")
+    with open(json_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    body = io_markdown(doc)
+    write_section(md, body, IO_BEGIN, IO_END, "I/O against the device (issue 16)")
+    print(body)
+    log(f"wrote {json_path} and {md} (between {IO_BEGIN} and {IO_END})")
 
 
 if __name__ == "__main__":

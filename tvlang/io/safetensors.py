@@ -21,6 +21,7 @@ then the data area, which the tensors tile exactly; offsets are relative to it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import mmap
@@ -42,6 +43,7 @@ import numpy as np
 from tvlang.chunks import Chunk, is_torch, numpy_dtype, storage
 from tvlang.dtypes import DTYPES, ITEMSIZE, code_of, torch_dtype
 from tvlang.errors import TvInputError, TvOutputError
+from tvlang.io import streaming
 
 if TYPE_CHECKING:
     import torch
@@ -375,6 +377,7 @@ class ChunkReader:
         finally:
             os.close(fd)  # the map keeps its own descriptor
         self._size = len(self._mm)
+        self._ahead = streaming.Readahead(self._size, functools.partial(streaming.prefetch_mapped, self._mm))
         self._real: str | None = None
 
     def _check(self, info: TensorInfo, start: int, stop: int) -> None:
@@ -402,6 +405,7 @@ class ChunkReader:
         dtype = numpy_dtype(info.dtype)
         size = dtype.itemsize
         begin = info.offset + start * size
+        self._ahead.reached(begin)
         raw = data[begin : begin + (stop - start) * size]
         if begin % size == 0:  # the mapping is page-aligned, so the address is too
             return raw.view(dtype)
@@ -431,6 +435,7 @@ class ChunkReader:
         # unmapped memory. Dropping our references unmaps as soon as no view remains.
         self._mm = None
         self._bytes = np.empty(0, dtype=np.uint8)
+        self._ahead.close()
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -681,6 +686,8 @@ class SafetensorsWriter(Transaction):
         except OSError as e:
             raise TvOutputError(f"{self.path}: cannot create: {e.strerror}", code=_E_OUTPUT) from None
         self._finalizer = weakref.finalize(self, _discard, self._fd, self._tmp)
+        self._behind = streaming.WriteBehind(self._fd, self.size)
+        weakref.finalize(self, self._behind.close)
         try:
             self._pwrite(memoryview(header), 0)
             os.ftruncate(self._fd, self.size)
@@ -732,7 +739,9 @@ class SafetensorsWriter(Transaction):
             self._inflight += 1
         done = False
         try:
-            self._pwrite(data, slot.offset + start * ITEMSIZE[slot.dtype])
+            offset = slot.offset + start * ITEMSIZE[slot.dtype]
+            self._pwrite(data, offset)
+            self._behind.wrote(offset, len(data))
             done = True
         except OSError as e:
             raise TvOutputError(f"{self.path}: cannot write: {e.strerror}", code=_E_OUTPUT) from None
@@ -799,6 +808,7 @@ class SafetensorsWriter(Transaction):
         """
         if not self._close_to_writes("committed"):
             raise ValueError(f"{self.path}: writer is already {self._state}")
+        self._behind.close()
         missing = self.incomplete()
         if missing:
             self._state = "aborted"
@@ -825,6 +835,7 @@ class SafetensorsWriter(Transaction):
     def abort(self) -> None:
         """Close and delete the temporary file; idempotent, and a no-op after commit."""
         if self._close_to_writes("aborted", timeout=5.0):
+            self._behind.close()
             self._finalizer()
 
 
