@@ -21,7 +21,7 @@ from tvlang.backends.cpu import Scratch
 from tvlang.backends.interpreter import random_key
 from tvlang.chunks import Chunk, is_torch, kernel_code
 from tvlang.codegen import c
-from tvlang.codegen.spec import SUM, Bound, Unsupported, program_spec, reduction_spec, task_spec
+from tvlang.codegen.spec import SUM, KernelCall, Unsupported, program_spec, reduction_spec, task_spec
 from tvlang.plan.plan import BLOCK, Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.tensor_program import TensorProgram
 
@@ -36,7 +36,7 @@ def resolve_mode(mode: str) -> str:
 @dataclass(frozen=True)
 class Compiled:
     kernel: c.CKernel
-    bound: Bound
+    bound: KernelCall
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ class Kernels:
         keys = self.random_keys(compiled.bound, tensor)
         return outs if call(compiled, views, outs, scalars, keys, start, n, row) >= 0 else None
 
-    def random_keys(self, bound: Bound, tensor: str) -> list[int]:
+    def random_keys(self, bound: KernelCall, tensor: str) -> list[int]:
         out = []
         for seed, stream in bound.keys:
             k = (seed, stream, tensor)
@@ -161,7 +161,7 @@ class Kernels:
             out.append(self._keys[k])
         return out
 
-    def _build(self, make: Callable[[], Bound]) -> Compiled | None:
+    def _build(self, make: Callable[[], KernelCall]) -> Compiled | None:
         try:
             bound = make()
         except (Unsupported, KeyError):  # KeyError: an input dtype without a kernel type
@@ -232,7 +232,7 @@ def c_kernel_sources(plan: Plan) -> list[tuple[str, str]]:
     reduction pass, the fused element-wise pass.  What no kernel computes is left out (eager)."""
     found: dict[str, tuple[str, list[str]]] = {}
 
-    def add(make: Callable[[], Bound], role: str, tensor: str) -> None:
+    def add(make: Callable[[], KernelCall], role: str, tensor: str) -> None:
         try:
             source = c.c_source(make().spec)
         except (Unsupported, KeyError):  # the eager path computes it

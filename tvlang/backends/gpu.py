@@ -51,7 +51,7 @@ from tvlang.backends.interpreter import ProgramState, random_key
 from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block_sums
 from tvlang.chunks import Chunk, is_torch, to_torch
 from tvlang.codegen import triton as tcg
-from tvlang.codegen.spec import ACC, Bound, Unsupported, program_spec, task_spec
+from tvlang.codegen.spec import ACC, KernelCall, Unsupported, program_spec, task_spec
 from tvlang.dtypes import ITEMSIZE, code_of, torch_dtype
 from tvlang.errors import TvParamError
 from tvlang.io.endpoints import IntoSink, Sink, Source
@@ -240,7 +240,7 @@ class _Pass:
     """One streamed pass over a task's chunks: which inputs, which kernel, what happens to its outputs."""
 
     task: TensorTask
-    bound: Bound | None
+    bound: KernelCall | None
     params: tuple[float, ...]
     keys: tuple[int, ...]
     on_device: Callable[[int, list[torch.Tensor]], None] | None  # (start, outputs) on the compute stream
@@ -470,7 +470,7 @@ class _Executor:
 
     def run_task(self, task: TensorTask) -> None:
         writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
-        bound: Bound | None = None
+        bound: KernelCall | None = None
         if writes and task.numel and not any(isinstance(w.kernel, Copy) for w in task.writes):
             try:
                 bound = task_spec(task, self.input_dtypes(task))
@@ -625,7 +625,9 @@ class _Executor:
                         codes=self.input_dtypes(task),
                     )
                     try:
-                        bound: Bound | None = program_spec(task.program, (operand,), self.input_dtypes(task))
+                        bound: KernelCall | None = program_spec(
+                            task.program, (operand,), self.input_dtypes(task)
+                        )
                     except Unsupported:
                         bound = None
 
@@ -662,9 +664,9 @@ class _Executor:
 def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
     """(what it computes and for which tensors, source) of each distinct generated kernel the GPU
     backend would run for ``plan`` (``tvlang plan --triton``)."""
-    found: dict[str, tuple[str, Bound, list[str]]] = {}
+    found: dict[str, tuple[str, KernelCall, list[str]]] = {}
 
-    def add(bound: Bound, role: str, tensor: str) -> None:
+    def add(bound: KernelCall, role: str, tensor: str) -> None:
         found.setdefault(bound.spec.structure_key, (role, bound, []))[2].append(tensor)
 
     for red in plan.model_reductions:

@@ -117,7 +117,7 @@ class KernelSpec:
 
 
 @dataclass(frozen=True)
-class Bound:
+class KernelCall:
     """A spec and how to call it for one task: which input index feeds each input pointer, which
     program instruction each parameter is, which rand instruction each key belongs to."""
 
@@ -191,7 +191,7 @@ class _Builder:
 
         return {t: visit(t) for t in targets}
 
-    def spec(self, outputs: Sequence[tuple[int, str]]) -> Bound:
+    def spec(self, outputs: Sequence[tuple[int, str]]) -> KernelCall:
         calls = {str(s.attr) for s in self.body if s.op == "call"}
         if any(s.op == "row" for s in self.body) and not all(ELEMENTWISE[fn].exact for fn in calls):
             # (programs of whole rows always ran eagerly: they keep its bits, libm's ulp aside)
@@ -207,10 +207,10 @@ class _Builder:
             len(self.params),
             len(self.keys),
         )
-        return Bound(spec, tuple(self.inputs), tuple(self.params), tuple(self.keys))
+        return KernelCall(spec, tuple(self.inputs), tuple(self.params), tuple(self.keys))
 
 
-def task_spec(task: TensorTask, input_dtypes: Mapping[int, str], target: str = "triton") -> Bound:
+def task_spec(task: TensorTask, input_dtypes: Mapping[int, str], target: str = "triton") -> KernelCall:
     """The fused kernel that writes every float output of ``task`` from one read of its inputs
     (``input_dtypes``: the dtype of this tensor in each input) on ``target``'s kernels (``c`` or
     ``triton``).  Its outputs follow the order of the task's WeightedSum and ProgramOutput writes."""
@@ -240,7 +240,7 @@ def task_spec(task: TensorTask, input_dtypes: Mapping[int, str], target: str = "
 
 def program_spec(
     program: TensorProgram, targets: Sequence[int], input_dtypes: Mapping[int, str], target: str = "triton"
-) -> Bound:
+) -> KernelCall:
     """A kernel computing the program instructions ``targets`` into accumulation-dtype buffers
     (the operands of a reduction pass)."""
     _rows(program, target)
@@ -254,7 +254,7 @@ def reduction_spec(
     work: Sequence[tuple[int, int]],
     input_dtypes: Mapping[int, str],
     target: str = "triton",
-) -> Bound:
+) -> KernelCall:
     """A kernel for one reduction pass (``work``: its (reduction, round) pairs), one output each:
     the operand in the accumulation dtype for k-th largest values and counts, and the float64
     block sums of the operand (``sum``) or of the products (``dot``, ``sumsq``) otherwise, so that

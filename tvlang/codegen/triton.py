@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from tvlang.codegen import c
-from tvlang.codegen.spec import ACC, Bound, KernelSpec, Stmt, Unsupported
+from tvlang.codegen.spec import ACC, KernelCall, KernelSpec, Stmt, Unsupported
 from tvlang.dtypes import DTYPES, torch_dtype
 from tvlang.ops import ELEMENTWISE
 
@@ -407,7 +407,7 @@ def block_size() -> int:
 
 
 def run_spec(
-    bound_or_spec: Bound | KernelSpec,
+    bound_or_spec: KernelCall | KernelSpec,
     inputs: Sequence[torch.Tensor],
     outputs: Sequence[torch.Tensor],
     params: Sequence[float],
@@ -417,7 +417,7 @@ def run_spec(
     """Launch the spec's kernel over ``n = outputs[0].numel()`` elements (contiguous chunks, in the
     spec's dtypes; ``start`` is the chunk's first element in its tensor).  On a GPU it runs on the
     current CUDA stream."""
-    spec = bound_or_spec.spec if isinstance(bound_or_spec, Bound) else bound_or_spec
+    spec = bound_or_spec.spec if isinstance(bound_or_spec, KernelCall) else bound_or_spec
     if len(inputs) != len(spec.inputs) or len(outputs) != len(spec.outputs):
         raise ValueError("inputs/outputs do not match the kernel's pointers")
     if len(params) != spec.params or len(keys) != spec.keys:
