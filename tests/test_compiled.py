@@ -373,3 +373,40 @@ def test_generated_loops_vectorise(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "loop vectorized" in done.stderr, source
+
+
+def test_the_plan_says_which_tensors_run_eagerly_and_the_runtime_obeys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The plan decides: `tvlang plan` names the tensors no generated kernel computes (and why),
+    the runtime never asks the compiled kernels for them, and every other tensor runs compiled."""
+    import tvlang.backends.compiled as compiled_backend
+
+    states = _states(torch.bfloat16, n=2)
+    linear = tvlang.compile("base + 0.4*(m1 - base)", bindings=states)
+    assert linear.plan(options=tvlang.Options(kernels="compiled")).eager == {}
+
+    # a function of whole rows beside libm's exp/log stays eager (it keeps torch's bits)
+    fusion = tvlang.compile("arcee_fusion(base, m1)", bindings=states)
+    plan = fusion.plan(options=tvlang.Options(kernels="compiled"))
+    assert plan.eager and set(plan.eager) <= {t.name for t in plan.tasks}
+    assert all("libm" in why for why in plan.eager.values())
+    text = fusion.explain(options=tvlang.Options(kernels="compiled"), all_tensors=True)
+    for name in plan.eager:
+        assert f"{name}  [" in text and "eager: a function of whole rows" in text
+    assert f"{len(plan.eager)} tensor" in text.splitlines()[-1]
+    assert (
+        fusion.plan(options=tvlang.Options(kernels="eager")).eager == {}
+    )  # all eager: nothing to single out
+
+    asked: list[str] = []
+    real = compiled_backend.Kernels.task
+
+    def spy(self: compiled_backend.Kernels, task: object) -> object:
+        asked.append(task.name)  # type: ignore[attr-defined]
+        return real(self, task)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compiled_backend.Kernels, "task", spy)
+    asked.clear()
+    fusion.run(options=tvlang.Options(kernels="compiled", threads=1))
+    assert sorted(asked) == sorted(t.name for t in plan.tasks)  # prepare() looked once; chunks never asked

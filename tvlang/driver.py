@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tvlang.adapters import AdapterSpec
 from tvlang.backends.compiled import resolve_mode
 from tvlang.backends.device import resolve_device
 from tvlang.codegen.c import compiler
+from tvlang.codegen.spec import eager_tasks
 from tvlang.dtypes import FLOATS, TensorMeta
 from tvlang.errors import TvInputError, TvOutputError, TvParamError
 from tvlang.executors import executor_for
@@ -491,6 +492,8 @@ def plan_program(
         tensor_dtypes=tensor_dtypes,
         device=device,
     )
+    if device != "cpu" or plan.kernels == "compiled":  # which tensors no generated kernel computes
+        plan = replace(plan, eager=eager_tasks(plan, "c" if device == "cpu" else "triton"))
     return plan, opened
 
 

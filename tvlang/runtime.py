@@ -244,7 +244,7 @@ def _eager_tasks(plan: Plan, kernels: Kernels | None) -> bool:
     kernels, else those with float outputs that no kernel computes, or copies that change the
     storage type (chunks that hold NaN/±inf under the ``error`` and ``warn`` policies, and the
     rare program part no kernel takes, import torch when they come)."""
-    if kernels is None:
+    if kernels is None or plan.eager:
         return True
     for task in plan.tasks:
         if kernels.task(task) is None and any(not _numpy_copy(plan, task, w) for w in task.writes):
@@ -379,7 +379,7 @@ def run_chunk(
     views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
     if task.program is not None and state is None:
         state = run.state(task)
-    compiled = run.kernels.task(task) if run.kernels is not None else None
+    compiled = run.kernels.task(task) if run.kernels is not None and task.name not in plan.eager else None
     if compiled is not None and _run_compiled(run, compiled, task, start, stop, views, scratch, state):
         for i in task.reads:
             sources[i].release(task.name, start, stop)

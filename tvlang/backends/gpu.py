@@ -471,7 +471,12 @@ class _Executor:
     def run_task(self, task: TensorTask) -> None:
         writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
         bound: KernelCall | None = None
-        if writes and task.numel and not any(isinstance(w.kernel, Copy) for w in task.writes):
+        if (
+            writes
+            and task.numel
+            and task.name not in self.plan.eager  # the plan's choice (tvlang.codegen.spec.eager_tasks)
+            and not any(isinstance(w.kernel, Copy) for w in task.writes)
+        ):
             try:
                 bound = task_spec(task, self.input_dtypes(task))
             except Unsupported:

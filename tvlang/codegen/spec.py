@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from tvlang.dtypes import DTYPES
 from tvlang.ops import ELEMENTWISE, REDUCTIONS
-from tvlang.plan.plan import ProgramOutput, TensorTask, WeightedSum
+from tvlang.plan.plan import Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.tensor_program import TensorProgram
 
 ACC = "ACC"  # an output kept in the accumulation dtype (a reduction's operand)
@@ -185,7 +185,9 @@ class _Builder:
                     self.keys.append(key)
                 s = self.add(Stmt("rand", (), self.keys.index(key)))
             else:
-                raise Unsupported(f"{ins.op} {ins.attr}")
+                raise Unsupported(
+                    f"no {'C' if self.target == 'c' else 'Triton'} kernel computes `{ins.attr or ins.op}`"
+                )
             done[i] = s
             return s
 
@@ -288,3 +290,33 @@ def _rows(program: TensorProgram, target: str) -> None:
     """Triton kernels compute no function of whole rows or columns: such programs run eagerly there."""
     if program.row_wise and target != "c":
         raise Unsupported("row ranks need whole rows")
+
+
+def eager_tasks(plan: Plan, target: str) -> dict[str, str]:
+    """The tensors of ``plan`` whose work no generated kernel of ``target`` (``"c"``, ``"triton"``)
+    computes, each with why: the runtime runs them on the eager path (the GPU backend: on the CPU
+    path).  Specs are built, not compiled; tasks of one structure are asked once."""
+    found: dict[str, str] = {}
+    seen: dict[tuple[object, ...], str | None] = {}
+    for task in plan.tasks:
+        if not any(isinstance(w.kernel, WeightedSum | ProgramOutput) for w in task.writes):
+            continue  # copies only
+        dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+        key = (tuple(dtypes.items()), tuple((w.dtype, w.kernel) for w in task.writes), id(task.program))
+        if key not in seen:
+            seen[key] = _why_eager(task, dtypes, target)
+        why = seen[key]
+        if why is not None:
+            found[task.name] = why
+    return found
+
+
+def _why_eager(task: TensorTask, dtypes: Mapping[int, str], target: str) -> str | None:
+    try:
+        task_spec(task, dtypes, target)
+        if target == "c" and task.program is not None:
+            for q in range(1, task.passes):
+                reduction_spec(task.program, task.program.reductions_in(q), dtypes, target)
+    except Unsupported as e:
+        return str(e)
+    return None

@@ -162,6 +162,9 @@ class Plan:
     checked: tuple[PlannedInput, ...] = ()
     # where the kernels run: "cpu", or the GPU backend ("cuda", or "interpret": Triton's interpreter)
     device: str = "cpu"
+    # tensors no generated kernel computes, with why (tvlang.codegen.spec.eager_tasks): they run on
+    # the eager path (on the GPU, on the CPU path); the backends obey it
+    eager: Mapping[str, str] = field(default_factory=dict)
 
     @cached_property
     def memo(self) -> dict[str, Any]:
@@ -264,6 +267,8 @@ class Plan:
             notes = f", {t.passes} passes" if t.passes > 1 else ""
             if t.program is not None and t.program.row_wise:
                 notes += f", whole rows of {row_length(t.shape):,} per chunk"
+            if t.name in self.eager:
+                notes += f", {self._eager_where}: {self.eager[t.name]}"
             lines.append(
                 f"  {t.name}  [{shape}]  {kernels[_writes_text(t)]}  {chunks} chunk{'s' if chunks > 1 else ''} of {size:,}{notes}"
             )
@@ -278,8 +283,20 @@ class Plan:
                 if self.device != "cpu"
                 else f"{'compiled fused' if self.kernels == 'compiled' else 'eager'} CPU kernels"
             )
+            + self._eager_summary()
         )
         return "\n".join(lines)
+
+    @property
+    def _eager_where(self) -> str:
+        return "eager" if self.device == "cpu" else "on the CPU path"
+
+    def _eager_summary(self) -> str:
+        if not self.eager:
+            return ""
+        reasons = sorted(set(self.eager.values()))
+        n = len(self.eager)
+        return f"; {n} tensor{'s' if n != 1 else ''} {self._eager_where} ({'; '.join(reasons)})"
 
 
 def row_length(shape: tuple[int, ...]) -> int:
