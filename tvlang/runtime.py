@@ -29,10 +29,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import numpy as np
 
@@ -498,17 +498,37 @@ def run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
             state.end_pass(q)
 
 
+SelectT = TypeVar("SelectT", bound=KthLargest)
+
+
 def _model_reductions(
     plan: Plan, sources: Sequence[Source], progress: Progress | None, kernels: Kernels | None = None
 ) -> dict[int, float]:
     """Model-wide k-th largest values, before any tensor is written: an exact float64 radix selection
     whose every round is one pass over every chunk of every tensor that uses it."""
-    values: dict[int, float] = {}
     scratch = Scratch()
+    return select_model_values(
+        plan,
+        lambda red: KthLargest(red.k, red.numel, "F64", kernels.histogram if kernels is not None else None),
+        lambda red, select, round_: model_reduction_round(
+            plan, sources, red, select, round_, scratch, progress, kernels
+        ),
+    )
+
+
+def select_model_values(
+    plan: Plan,
+    selector: Callable[[ModelReduction], SelectT],
+    feed: Callable[[ModelReduction, SelectT, int], None],
+) -> dict[int, float]:
+    r"""Model-wide k-th largest values, the one skeleton every backend runs: per selection (made by
+    ``selector``: on the CPU or on the device), each round ``feed``\ s it every chunk of every tensor
+    that uses it, then closes the round; the last round's result is the value."""
+    values: dict[int, float] = {}
     for red in plan.model_reductions:
-        select = KthLargest(red.k, red.numel, "F64", kernels.histogram if kernels is not None else None)
+        select = selector(red)
         for round_ in range(select.rounds):
-            model_reduction_round(plan, sources, red, select, round_, scratch, progress, kernels)
+            feed(red, select, round_)
             select.end_round()
         values[red.key] = select.result()
     return values
@@ -650,4 +670,5 @@ __all__ = [
     "check_nonfinite_mode",
     "execute",
     "model_reduction_round",
+    "select_model_values",
 ]

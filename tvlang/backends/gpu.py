@@ -58,6 +58,7 @@ from tvlang.io.endpoints import IntoSink, Sink, Source
 from tvlang.plan.plan import (
     SLOTS,
     Copy,
+    ModelReduction,
     Plan,
     ProgramOutput,
     TensorTask,
@@ -73,6 +74,7 @@ from tvlang.runtime import (
     check_nonfinite_mode,
     run_chunk,
     run_task,
+    select_model_values,
     task_chunks,
     write_to_sink,
 )
@@ -615,48 +617,53 @@ class _Executor:
             self.advance((stop - start) * moved)
 
     def model_reductions(self) -> None:
-        """Model-wide k-th largest values (float64 radix selections over every user tensor's chunks)."""
-        for red in self.plan.model_reductions:
-            select = DeviceKth(red.k, red.numel, torch.float64, self.device)
-            for round_ in range(select.rounds):
-                for task_index, operand in red.users:
-                    task = self.plan.tasks[task_index]
-                    assert task.program is not None
-                    state = ProgramState(
-                        task.program,
-                        task.name,
-                        task.numel,
-                        row_length(task.shape),
-                        codes=self.input_dtypes(task),
-                    )
-                    try:
-                        bound: KernelCall | None = program_spec(
-                            task.program, (operand,), self.input_dtypes(task)
-                        )
-                    except Unsupported:
-                        bound = None
+        """Model-wide k-th largest values (float64 radix selections over every user tensor's chunks,
+        histograms on the device), through the runtime's one skeleton (:func:`select_model_values`)."""
+        self.model_values.update(
+            select_model_values(
+                self.plan,
+                lambda red: DeviceKth(red.k, red.numel, torch.float64, self.device),
+                self.model_reduction_round,
+            )
+        )
 
-                    def on_device(
-                        start: int, outs: list[torch.Tensor], r: int = round_, sel: DeviceKth = select
-                    ) -> None:
-                        sel.add(outs[0].to(torch.float64), start, r)
+    def model_reduction_round(self, red: ModelReduction, select: DeviceKth, round_: int) -> None:
+        """One round of ``red``'s selection: every chunk of every tensor that uses it, on the device
+        (its operand from a generated kernel) or, where none computes it, from the CPU path."""
+        for task_index, operand in red.users:
+            task = self.plan.tasks[task_index]
+            assert task.program is not None
+            state = ProgramState(
+                task.program,
+                task.name,
+                task.numel,
+                row_length(task.shape),
+                codes=self.input_dtypes(task),
+            )
+            try:
+                bound: KernelCall | None = program_spec(task.program, (operand,), self.input_dtypes(task))
+            except Unsupported:
+                bound = None
 
-                    if bound is None:
-                        for start, stop in _ranges(task.numel, task.chunk or self.plan.chunk):
-                            views = {j: self.host_sources[j].read(task.name, start, stop) for j in task.reads}
-                            value = state.value(operand, views, start, stop, self.scratch())
-                            with torch.cuda.stream(self.compute) if self.cuda else _nothing():  # in order
-                                select.add(value.to(self.device, torch.float64), start, round_)
-                            for j in task.reads:
-                                self.host_sources[j].release(task.name, start, stop)
-                            self.advance((stop - start) * self.read_bytes(task))
-                        continue
-                    params = tuple(state.scalars[i] for i in bound.params)
-                    keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
-                    self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
-                self.sync()
-                select.end_round()
-            self.model_values[red.key] = select.result()
+            def on_device(
+                start: int, outs: list[torch.Tensor], r: int = round_, sel: DeviceKth = select
+            ) -> None:
+                sel.add(outs[0].to(torch.float64), start, r)
+
+            if bound is None:
+                for start, stop in _ranges(task.numel, task.chunk or self.plan.chunk):
+                    views = {j: self.host_sources[j].read(task.name, start, stop) for j in task.reads}
+                    value = state.value(operand, views, start, stop, self.scratch())
+                    with torch.cuda.stream(self.compute) if self.cuda else _nothing():  # in order
+                        select.add(value.to(self.device, torch.float64), start, round_)
+                    for j in task.reads:
+                        self.host_sources[j].release(task.name, start, stop)
+                    self.advance((stop - start) * self.read_bytes(task))
+                continue
+            params = tuple(state.scalars[i] for i in bound.params)
+            keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
+            self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
+        self.sync()
 
     def close(self) -> None:
         try:
