@@ -46,15 +46,30 @@ def ensure_family(size: int) -> list[str]:
     return [os.path.join(directory, name) for name in NAMES]
 
 
+def tree_env(src: str) -> dict[str, str]:
+    """The environment that makes a child import tvlang from ``src``; children run in a directory
+    holding no tvlang (``python -m`` puts the working directory first on the path)."""
+    return {**os.environ, "PYTHONPATH": os.path.abspath(src)}
+
+
+def check_tree(src: str, cwd: str) -> None:
+    code = "import tvlang; print(tvlang.__file__)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], env=tree_env(src), cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not found.startswith(os.path.abspath(src) + os.sep):
+        raise SystemExit(f"a child imports tvlang from {found}, not from {src}")
+
+
 def run_once(src: str, config: str, out: str) -> tuple[float, int]:
     """(wall seconds, peak RSS in KiB) of one ``tvlang run`` of ``config`` with tvlang from ``src``."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tvlang", "run", config, "-o", out, "-q"],
-        env=env,
+        env=tree_env(src),
+        cwd=os.path.dirname(config),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -83,6 +98,8 @@ def main() -> None:
     work = os.path.join(h.OUT, "compare")
     os.makedirs(work, exist_ok=True)
     trees = {"old": args.old, "new": args.new}
+    for src in trees.values():
+        check_tree(src, work)
     results: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "trees": {k: h.source_commit(v) for k, v in trees.items()},

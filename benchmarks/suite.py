@@ -755,7 +755,8 @@ def _median_wall(cmd: list[str], repeat: int, env: dict[str, str] | None = None)
     walls = []
     for _ in range(repeat):
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})}, cwd=h.ROOT)
+        # (not the checkout: `python -m` puts the working directory first on the path, ahead of --src)
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **(env or {})}, cwd=OUT)
         walls.append(time.perf_counter() - t)
     return statistics.median(walls)
 
@@ -769,7 +770,7 @@ def first_open_ms(cmd: list[str], needle: str) -> float | None:
     r = subprocess.run(
         ["strace", "-f", "--seccomp-bpf", "-ttt", "-e", "trace=execve,openat", "-o", log_path, *cmd],
         capture_output=True,
-        cwd=h.ROOT,
+        cwd=OUT,  # (see _median_wall)
         env={**os.environ, "PYTHONPATH": SRC},
     )
     if r.returncode != 0:

@@ -257,8 +257,6 @@ def c_source(spec: KernelSpec) -> str:
             src = f"in{s.attr}[i]"
             expr = f"{_DECODE[dtype]}({src})" if dtype in _DECODE else src
             body.append(f"        const {t} {name} = ({t}){expr};")
-        elif s.op == "const":
-            body.append(f"        const {t} {name} = {_literal(float(s.attr), t)};")  # type: ignore[arg-type]
         elif s.op == "wsum":
             body.append(f"        {t} {name} = 0;")
             for k, j in enumerate(s.args, first_weight[i]):
@@ -395,7 +393,7 @@ def _row_loop(
     use it are in stage k + 1.  Values used in a later stage are kept in row-length buffers; loads,
     parameters and constants are simply redone.  Sums are added in element order, as block_sums does."""
     body = spec.body
-    cheap = {i for i, s in enumerate(body) if s.op in ("load", "param", "const")}
+    cheap = {i for i, s in enumerate(body) if s.op in ("load", "param")}
     stage: dict[int, int] = {}
     for i, s in enumerate(body):
         base = max((stage[a] for a in s.args), default=0)

@@ -75,7 +75,8 @@ class Stmt:
     """One statement: ``op`` over earlier statements ``args``.
 
     ops: ``load`` (attr: input position), ``param`` (attr: parameter position; a float64
-    number), ``const`` (attr: the number), ``wsum`` (attr: weights), ``neg``, the binary
+    number; constants of the program are folded into weights or are such parameters), ``wsum``
+    (attr: weights), ``neg``, the binary
     ``add sub mul div``, ``call`` (attr: function name), ``row`` (attr: the name of a function of
     whole rows; C kernels only, which then take the row length), ``rand`` (attr: key position;
     uniform in [0, 1) from the element's index), ``mul64`` (the product of two values in

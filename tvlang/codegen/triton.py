@@ -154,16 +154,6 @@ class _Emitter:
             self.f64[i] = f"p{k}_f64"
             self.scalar.add(i)
             return
-        if stmt.op == "const":
-            name = f"c{i}"
-            self.emit(f"{name}_f64 = {self.const(float(stmt.attr), 'F64')}")  # type: ignore[arg-type]
-            if spec.acc != "F64":
-                self.emit(f"{name} = {name}_f64.to({T})")
-            else:
-                name = f"{name}_f64"
-            self.names[i], self.f64[i] = name, f"c{i}_f64"
-            self.scalar.add(i)
-            return
         name = f"v{i}"
         if stmt.op == "load":
             pos = int(stmt.attr)  # type: ignore[call-overload]
