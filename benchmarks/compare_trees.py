@@ -1,6 +1,7 @@
 """Two source trees of tvlang on the same merges, interleaved in one run: did a change slow anything?
 
     python benchmarks/compare_trees.py --old /tmp/old [--new .] [--size 256M] [--repeat 5]
+    python benchmarks/compare_trees.py --mergekit ~/mergekit-venv/bin/python --size 1G --cases task_arithmetic
 
 Make the old tree with ``git archive COMMIT tvlang grammar | tar -x -C /tmp/old`` (and
 ``echo COMMIT > /tmp/old/COMMIT``).  Each case is one ``tvlang run`` of a mergekit config on a
@@ -25,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h
-from suite import LABEL, NAMES, mergekit_config
+from suite import LABEL, MERGEKIT_FLAGS, NAMES, mergekit_config
 
 CASES = ("task_arithmetic", "ties", "dare_ties", "slerp")
 
@@ -61,34 +62,31 @@ def check_tree(src: str, cwd: str) -> None:
         raise SystemExit(f"a child imports tvlang from {found}, not from {src}")
 
 
-def run_once(src: str, config: str, out: str) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one ``tvlang run`` of ``config`` with tvlang from ``src``."""
+def run_once(argv: list[str], env: dict[str, str], cwd: str, out: str) -> tuple[float, int]:
+    """(wall seconds, peak RSS in KiB) of one merge writing ``out``."""
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tvlang", "run", config, "-o", out, "-q"],
-        env=tree_env(src),
-        cwd=os.path.dirname(config),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{src}: tvlang run {config} failed:\n{err.decode()}")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{err.decode()}")
     return wall, int(usage.ru_maxrss)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old", required=True, help="the old tree (a snapshot with tvlang/ and grammar/)")
+    ap.add_argument("--old", help="the old tree (a snapshot with tvlang/ and grammar/)")
     ap.add_argument("--new", default=h.ROOT, help="the new tree (default: this checkout)")
+    ap.add_argument(
+        "--mergekit", help="also run mergekit-yaml from this interpreter's environment on each config"
+    )
     ap.add_argument("--size", default="256M", help="bytes per checkpoint")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--mergekit-repeat", type=int, default=2)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -97,7 +95,7 @@ def main() -> None:
     h.warm([os.path.join(d, f) for d in paths for f in sorted(os.listdir(d)) if f.endswith(".safetensors")])
     work = os.path.join(h.OUT, "compare")
     os.makedirs(work, exist_ok=True)
-    trees = {"old": args.old, "new": args.new}
+    trees = {"new": args.new, **({"old": args.old} if args.old else {})}
     for src in trees.values():
         check_tree(src, work)
     results: dict[str, Any] = {
@@ -110,30 +108,48 @@ def main() -> None:
         config = os.path.join(work, f"{case}.yml")
         with open(config, "w") as f:
             f.write(mergekit_config(case, paths, "bf16"))
-        samples: dict[str, list[tuple[float, int]]] = {"old": [], "new": []}
-        for i in range(args.repeat + 1):  # the first round warms caches (kernels, grammar) and is dropped
-            for tree in ("old", "new") if i % 2 == 0 else ("new", "old"):
-                sample = run_once(trees[tree], config, os.path.join(work, f"out-{tree}"))
+        tools: dict[str, tuple[list[str], dict[str, str], int]] = {
+            tree: ([sys.executable, "-m", "tvlang", "run", config, "-o", os.path.join(work, f"out-{tree}"), "-q"],
+                   tree_env(src), args.repeat)
+            for tree, src in trees.items()
+        }  # fmt: skip
+        if args.mergekit:
+            yaml = os.path.join(os.path.dirname(args.mergekit), "mergekit-yaml")
+            argv = [yaml, config, os.path.join(work, "out-mergekit"), *MERGEKIT_FLAGS]
+            tools["mergekit"] = (argv, dict(os.environ), args.mergekit_repeat)
+        samples: dict[str, list[tuple[float, int]]] = {name: [] for name in tools}
+        names = list(tools)
+        for i in range(max(n for _, _, n in tools.values()) + 1):  # round 0 warms caches; dropped
+            for name in names[i % len(names) :] + names[: i % len(names)]:  # a rotating order
+                argv, env, n = tools[name]
+                if i > n:
+                    continue
+                sample = run_once(argv, env, work, argv[argv.index("-o") + 1] if "-o" in argv else argv[2])
                 if i:
-                    samples[tree].append(sample)
-        row = {
-            tree: {
+                    samples[name].append(sample)
+        row: dict[str, Any] = {
+            name: {
                 "wall_s": statistics.median(w for w, _ in s),
                 "peak_rss_mib": statistics.median(r for _, r in s) / 1024,
             }
-            for tree, s in samples.items()
+            for name, s in samples.items()
         }
-        row["ratio_wall"] = row["new"]["wall_s"] / row["old"]["wall_s"]
-        row["ratio_rss"] = row["new"]["peak_rss_mib"] / row["old"]["peak_rss_mib"]
+        for other in ("old", "mergekit"):
+            if other in row:
+                row[f"ratio_wall_{other}"] = row["new"]["wall_s"] / row[other]["wall_s"]
+                row[f"ratio_rss_{other}"] = row["new"]["peak_rss_mib"] / row[other]["peak_rss_mib"]
         results["cases"][case] = row
-        print(
-            f"{LABEL[case]:<28} old {row['old']['wall_s']:6.2f} s {row['old']['peak_rss_mib']:6.0f} MiB   "
-            f"new {row['new']['wall_s']:6.2f} s {row['new']['peak_rss_mib']:6.0f} MiB   "
-            f"new/old wall {row['ratio_wall']:.2f}  rss {row['ratio_rss']:.2f}",
-            flush=True,
+        cells = "   ".join(
+            f"{name} {row[name]['wall_s']:6.2f} s {row[name]['peak_rss_mib']:6.0f} MiB" for name in tools
         )
-    for tree in trees:
-        shutil.rmtree(os.path.join(work, f"out-{tree}"), ignore_errors=True)
+        ratios = "  ".join(
+            f"new/{o} wall {row[f'ratio_wall_{o}']:.3f} rss {row[f'ratio_rss_{o}']:.2f}"
+            for o in ("old", "mergekit")
+            if o in row
+        )
+        print(f"{LABEL[case]:<28} {cells}   {ratios}", flush=True)
+    for name in ("new", "old", "mergekit"):
+        shutil.rmtree(os.path.join(work, f"out-{name}"), ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
