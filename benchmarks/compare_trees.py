@@ -53,6 +53,43 @@ def tree_env(src: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.path.abspath(src)}
 
 
+_FLOOR = """
+import json, sys, threading, time
+import numpy as np
+n = 64 << 20
+a, b, c = np.ones(n, np.float32), np.ones(n, np.float32), np.empty(n, np.float32)
+np.add(a, b, out=c)
+def timed(parts):
+    def part(k):
+        lo, hi = k * n // parts, (k + 1) * n // parts
+        np.add(a[lo:hi], b[lo:hi], out=c[lo:hi])
+    best = float("inf")
+    for _ in range(7):
+        threads = [threading.Thread(target=part, args=(k,)) for k in range(parts)]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best = min(best, time.perf_counter() - t)
+    return 3 * 4 * n / best / 1e9
+print(json.dumps({"one_thread_gbs": timed(1), "two_threads_gbs": timed(2)}))
+"""
+
+
+def stream_add_floor() -> dict[str, float]:
+    """The machine's in-memory streaming add (2 reads + 1 write of float32, numpy), in GB/s: one
+    thread, and two threads on halves; best of 7 over 256 MiB arrays.  In a child process: the
+    children measured later inherit this process's peak RSS through ``ru_maxrss``."""
+    done = subprocess.run([sys.executable, "-c", _FLOOR], check=True, capture_output=True, text=True)
+    floor: dict[str, float] = json.loads(done.stdout)
+    return floor
+
+
+def dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
 def check_tree(src: str, cwd: str) -> None:
     code = "import tvlang; print(tvlang.__file__)"
     found = subprocess.run(
@@ -98,10 +135,17 @@ def main() -> None:
     trees = {"new": args.new, **({"old": args.old} if args.old else {})}
     for src in trees.values():
         check_tree(src, work)
+    floor = stream_add_floor()
+    print(
+        f"stream add (numpy, in memory): {floor['one_thread_gbs']:.1f} GB/s one thread, "
+        f"{floor['two_threads_gbs']:.1f} GB/s two",
+        flush=True,
+    )
     results: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "trees": {k: h.source_commit(v) for k, v in trees.items()},
         "size": args.size,
+        "stream_add": floor,
         "cases": {},
     }
     for case in args.cases.split(","):
@@ -138,6 +182,9 @@ def main() -> None:
             if other in row:
                 row[f"ratio_wall_{other}"] = row["new"]["wall_s"] / row[other]["wall_s"]
                 row[f"ratio_rss_{other}"] = row["new"]["peak_rss_mib"] / row[other]["peak_rss_mib"]
+        moved = sum(dir_bytes(p) for p in (paths[:2] if case == "slerp" else paths)) + dir_bytes(paths[0])
+        row["new"]["end_to_end_gbs"] = moved / row["new"]["wall_s"] / 1e9  # (bytes read + written) / wall
+        row["new"]["of_stream_add"] = row["new"]["end_to_end_gbs"] / floor["one_thread_gbs"]
         results["cases"][case] = row
         cells = "   ".join(
             f"{name} {row[name]['wall_s']:6.2f} s {row[name]['peak_rss_mib']:6.0f} MiB" for name in tools
@@ -147,7 +194,11 @@ def main() -> None:
             for o in ("old", "mergekit")
             if o in row
         )
-        print(f"{LABEL[case]:<28} {cells}   {ratios}", flush=True)
+        print(
+            f"{LABEL[case]:<28} {cells}   {ratios}   new end to end {row['new']['end_to_end_gbs']:.1f} GB/s "
+            f"= {row['new']['of_stream_add']:.2f} of one thread's stream add",
+            flush=True,
+        )
     for name in ("new", "old", "mergekit"):
         shutil.rmtree(os.path.join(work, f"out-{name}"), ignore_errors=True)
     if args.json:
