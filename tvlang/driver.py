@@ -38,6 +38,7 @@ from tvlang.io.endpoints import (
     RenamedSource,
     Sink,
     Source,
+    all_or_none,
     checkpoint_metas,
     memory_metas,
 )
@@ -98,72 +99,69 @@ def write_outputs(
     edited_dir = tempfile.TemporaryDirectory(prefix="tvlang-sidecars-")
     extra_sources: list[Source] = []  # the adapters' base model, read for modules saved whole
     try:
-        sources.extend(_source(plan, i, opened, vocab) for i in range(len(plan.inputs)))
-        for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
-            params_used = lowered.output_params[i]
-            meta = {
-                **metadata,
-                "tvlang.expression": output.expression,
-                "tvlang.output": output.name,
-                "tvlang.params": json.dumps(params_used, sort_keys=True),
-            }
-            if targets is not None:
-                sinks.append(IntoSink(targets, [name for name, _, _ in output.tensors]))
-                continue
-            if dest is None:
-                sinks.append(MemorySink(output.tensors))
-                continue
-            card = card_for(os.path.basename(dest.rstrip(os.sep)) or output.name, params_used)
-            spec = adapters.get(output.name)
-            if spec is not None:
-                base_node = bases[spec.base]
-                base = _open_base(base_node, opened, options)
-                extra_sources.append(
-                    CheckpointSource(base) if isinstance(base, Checkpoint) else MemorySource(base)
-                )
+        with all_or_none(sinks):
+            sources.extend(_source(plan, i, opened, vocab) for i in range(len(plan.inputs)))
+            for i, (output, dest) in enumerate(zip(plan.outputs, dests, strict=True)):
+                params_used = lowered.output_params[i]
+                meta = {
+                    **metadata,
+                    "tvlang.expression": output.expression,
+                    "tvlang.output": output.name,
+                    "tvlang.params": json.dumps(params_used, sort_keys=True),
+                }
+                if targets is not None:
+                    sinks.append(IntoSink(targets, [name for name, _, _ in output.tensors]))
+                    continue
+                if dest is None:
+                    sinks.append(MemorySink(output.tensors))
+                    continue
+                card = card_for(os.path.basename(dest.rstrip(os.sep)) or output.name, params_used)
+                spec = adapters.get(output.name)
+                if spec is not None:
+                    base_node = bases[spec.base]
+                    base = _open_base(base_node, opened, options)
+                    extra_sources.append(
+                        CheckpointSource(base) if isinstance(base, Checkpoint) else MemorySource(base)
+                    )
+                    sinks.append(
+                        _adapter_writer(
+                            dest,
+                            output.tensors,
+                            spec,
+                            base_node,
+                            base,
+                            extra_sources[-1],
+                            meta,
+                            card,
+                            options,
+                        )
+                    )
+                    continue
+                template = opened[plan.inputs[output.template].ref.base_key]
+                sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
+                if vocab is not None and isinstance(template, Checkpoint) and template.is_dir:
+                    sidecars = vocab.sidecars(sidecars, edited_dir.name)  # the new tokenizer and vocab_size
+                if output.layers is not None:  # a stacked model: config.json says its depth
+                    sidecars = restacked_sidecars(sidecars, output.layers, edited_dir)
                 sinks.append(
-                    _adapter_writer(
+                    CheckpointWriter(
                         dest,
                         output.tensors,
-                        spec,
-                        base_node,
-                        base,
-                        extra_sources[-1],
                         meta,
-                        card,
-                        options,
+                        max_shard_bytes=options.shard_size,
+                        sidecars=sidecars,
+                        overwrite=options.overwrite,
+                        config_dtype=_main_dtype(output.tensors),
+                        generated=None if dest.endswith(".safetensors") else {CARD_NAME: card(None)},
                     )
                 )
-                continue
-            template = opened[plan.inputs[output.template].ref.base_key]
-            sidecars = template.sidecar_files() if isinstance(template, Checkpoint) else []
-            if vocab is not None and isinstance(template, Checkpoint) and template.is_dir:
-                sidecars = vocab.sidecars(sidecars, edited_dir.name)  # the new tokenizer and vocab_size
-            if output.layers is not None:  # a stacked model: config.json says its depth
-                sidecars = restacked_sidecars(sidecars, output.layers, edited_dir)
-            sinks.append(
-                CheckpointWriter(
-                    dest,
-                    output.tensors,
-                    meta,
-                    max_shard_bytes=options.shard_size,
-                    sidecars=sidecars,
-                    overwrite=options.overwrite,
-                    config_dtype=_main_dtype(output.tensors),
-                    generated=None if dest.endswith(".safetensors") else {CARD_NAME: card(None)},
-                )
+            progress = (
+                Progress(plan.bytes_read + plan.bytes_written, sys.stderr) if options.progress else None
             )
-        progress = Progress(plan.bytes_read + plan.bytes_written, sys.stderr) if options.progress else None
-        executor = executor_for(
-            options.executor, device=resolve_device(options.device), address=options.address
-        )
-        report = executor.execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
-        for sink in sinks:
-            sink.commit()
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
+            executor = executor_for(
+                options.executor, device=resolve_device(options.device), address=options.address
+            )
+            report = executor.execute(plan, sources, sinks, progress=progress, nonfinite=options.nonfinite)
     finally:
         for source in [*sources, *extra_sources]:
             source.close()

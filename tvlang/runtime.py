@@ -224,18 +224,13 @@ class Run:
             row_length(task.shape),
             self.model_values,
             self.kernels,
-            input_codes(self.plan, task),
+            self.plan.input_dtypes(task),
         )
-
-
-def input_codes(plan: Plan, task: TensorTask) -> dict[int, str]:
-    """The dtype code of each input chunk ``task`` reads."""
-    return {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
 
 
 def torch_views(plan: Plan, task: TensorTask, views: Mapping[int, Chunk]) -> dict[int, torch.Tensor]:
     """A task's chunks as torch tensors (no copies), for the eager path."""
-    codes = input_codes(plan, task)
+    codes = plan.input_dtypes(task)
     return {i: to_torch(x, codes[i]) for i, x in views.items()}
 
 
@@ -555,7 +550,7 @@ def model_reduction_round(
             task.numel,
             row_length(task.shape),
             kernels=kernels,
-            codes=input_codes(plan, task),
+            codes=plan.input_dtypes(task),
         )
         nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
         for _, start, stop in task_chunks(plan, task):

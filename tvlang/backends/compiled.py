@@ -246,7 +246,7 @@ def c_kernel_sources(plan: Plan) -> list[tuple[str, str]]:
             task = plan.tasks[task_index]
             program = task.program
             assert program is not None
-            dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+            dtypes = plan.input_dtypes(task)
             add(
                 partial(program_spec, program, (operand,), dtypes, "c"),
                 f"model_kth#{red.key}: its operand",
@@ -255,7 +255,7 @@ def c_kernel_sources(plan: Plan) -> list[tuple[str, str]]:
     for task in plan.tasks:
         if not any(isinstance(w.kernel, WeightedSum | ProgramOutput) for w in task.writes):
             continue
-        dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+        dtypes = plan.input_dtypes(task)
         program = task.program
         for q in range(1, task.passes):
             assert program is not None

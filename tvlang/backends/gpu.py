@@ -464,11 +464,8 @@ class _Executor:
 
     # -- tasks
 
-    def input_dtypes(self, task: TensorTask) -> dict[int, str]:
-        return {i: self.plan.inputs[i].tensors[task.name].dtype for i in task.reads}
-
     def read_bytes(self, task: TensorTask) -> int:
-        return sum(ITEMSIZE[d] for d in self.input_dtypes(task).values())
+        return sum(ITEMSIZE[d] for d in self.plan.input_dtypes(task).values())
 
     def run_task(self, task: TensorTask) -> None:
         writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
@@ -480,7 +477,7 @@ class _Executor:
             and not any(isinstance(w.kernel, Copy) for w in task.writes)
         ):
             try:
-                bound = task_spec(task, self.input_dtypes(task))
+                bound = task_spec(task, self.plan.input_dtypes(task))
             except Unsupported:
                 bound = None
         if bound is None:
@@ -494,7 +491,7 @@ class _Executor:
                 task.numel,
                 row_length(task.shape),
                 self.model_values,
-                codes=self.input_dtypes(task),
+                codes=self.plan.input_dtypes(task),
             )
             for q in range(1, task.passes):
                 self.reduction_pass(task, state, q)
@@ -577,7 +574,7 @@ class _Executor:
         assert program is not None
         work = program.reductions_in(q)
         targets = _pass_targets(program, q)
-        bound = program_spec(program, targets, self.input_dtypes(task))  # supported: task_spec was
+        bound = program_spec(program, targets, self.plan.input_dtypes(task))  # supported: task_spec was
         for i, _ in work:
             self.device_reducer(state, i)
         params = tuple(state.scalars[i] for i in bound.params)
@@ -638,10 +635,12 @@ class _Executor:
                 task.name,
                 task.numel,
                 row_length(task.shape),
-                codes=self.input_dtypes(task),
+                codes=self.plan.input_dtypes(task),
             )
             try:
-                bound: KernelCall | None = program_spec(task.program, (operand,), self.input_dtypes(task))
+                bound: KernelCall | None = program_spec(
+                    task.program, (operand,), self.plan.input_dtypes(task)
+                )
             except Unsupported:
                 bound = None
 
@@ -685,7 +684,7 @@ def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
         for task_index, operand in red.users:
             task = plan.tasks[task_index]
             assert task.program is not None
-            dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+            dtypes = plan.input_dtypes(task)
             with contextlib.suppress(Unsupported):  # then it runs on the CPU path
                 add(
                     program_spec(task.program, (operand,), dtypes),
@@ -693,7 +692,7 @@ def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
                     task.name,
                 )
     for task in plan.tasks:
-        dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+        dtypes = plan.input_dtypes(task)
         writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
         if not writes or not task.numel or any(isinstance(w.kernel, Copy) for w in task.writes):
             continue

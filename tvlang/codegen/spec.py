@@ -302,7 +302,7 @@ def eager_tasks(plan: Plan, target: str) -> dict[str, str]:
     for task in plan.tasks:
         if not any(isinstance(w.kernel, WeightedSum | ProgramOutput) for w in task.writes):
             continue  # copies only
-        dtypes = {i: plan.inputs[i].tensors[task.name].dtype for i in task.reads}
+        dtypes = plan.input_dtypes(task)
         key = (tuple(dtypes.items()), tuple((w.dtype, w.kernel) for w in task.writes), id(task.program))
         if key not in seen:
             seen[key] = _why_eager(task, dtypes, target)

@@ -46,7 +46,7 @@ from tvlang.chunks import Chunk, numpy_dtype, storage
 from tvlang.dtypes import ITEMSIZE
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.io.checkpoint import Checkpoint, CheckpointWriter
-from tvlang.io.endpoints import CheckpointSource, Sink, Source
+from tvlang.io.endpoints import CheckpointSource, Sink, Source, all_or_none
 from tvlang.io.lora import LoraAdapter, LoraSource
 from tvlang.io.safetensors import SafetensorsWriter, TensorInfo, read_header
 from tvlang.plan.plan import Plan, TensorTask
@@ -420,13 +420,8 @@ def run_unit(unit: Unit, model_values: Mapping[int, float], nonfinite: str, faul
         _UnitSink(o, [s for s in unit.shards if s.output == o], fault) for o in range(len(unit.plan.outputs))
     ]
     try:
-        report = execute(unit.plan, sources, sinks, nonfinite=nonfinite, model_values=model_values)
-        for sink in sinks:
-            sink.commit()
-    except BaseException:
-        for sink in sinks:
-            sink.abort()
-        raise
+        with all_or_none(sinks):
+            report = execute(unit.plan, sources, sinks, nonfinite=nonfinite, model_values=model_values)
     finally:
         for source in sources:
             source.close()

@@ -8,7 +8,8 @@ only these two shapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tvlang.chunks import Chunk, is_torch, numel, to_torch
@@ -34,6 +35,20 @@ class Sink(Protocol):
     def write(self, name: str, start: int, chunk: Chunk) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
+
+
+@contextlib.contextmanager
+def all_or_none(sinks: Sequence[Sink]) -> Iterator[None]:
+    """Commit every sink of ``sinks`` (a list the body may still append to) once the body is done,
+    or abort every one if anything raises, Ctrl-C included: outputs appear together or not at all."""
+    try:
+        yield
+        for sink in sinks:
+            sink.commit()
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
 
 
 def checkpoint_metas(ckpt: Checkpoint) -> dict[str, TensorMeta]:

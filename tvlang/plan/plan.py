@@ -175,6 +175,10 @@ class Plan:
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "memo"}
 
+    def input_dtypes(self, task: TensorTask) -> dict[int, str]:
+        """The dtype code of ``task``'s tensor in each input it reads (what its kernels are built for)."""
+        return {i: self.inputs[i].tensors[task.name].dtype for i in task.reads}
+
     @property
     def bytes_read(self) -> int:
         """Bytes read from the inputs, every pass (model-wide ones included) counted."""
