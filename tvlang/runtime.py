@@ -216,16 +216,7 @@ class Run:
 
     def state(self, task: TensorTask) -> ProgramState:
         """A fresh run of ``task``'s program (its per-tensor numbers, its reductions' accumulators)."""
-        assert task.program is not None
-        return ProgramState(
-            task.program,
-            task.name,
-            task.numel,
-            row_length(task.shape),
-            self.model_values,
-            self.kernels,
-            self.plan.input_dtypes(task),
-        )
+        return ProgramState.of_task(self.plan, task, self.model_values, self.kernels)
 
 
 def torch_views(plan: Plan, task: TensorTask, views: Mapping[int, Chunk]) -> dict[int, torch.Tensor]:
@@ -544,14 +535,7 @@ def model_reduction_round(
     for task_index, operand in red.users:
         task = plan.tasks[task_index]
         assert task.program is not None
-        state = ProgramState(
-            task.program,
-            task.name,
-            task.numel,
-            row_length(task.shape),
-            kernels=kernels,
-            codes=plan.input_dtypes(task),
-        )
+        state = ProgramState.of_task(plan, task, kernels=kernels)
         nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
         for _, start, stop in task_chunks(plan, task):
             views = {i: sources[i].read(task.name, start, stop) for i in task.reads}

@@ -64,7 +64,6 @@ from tvlang.plan.plan import (
     TensorTask,
     TensorWrite,
     WeightedSum,
-    row_length,
 )
 from tvlang.plan.tensor_program import TensorProgram
 from tvlang.runtime import (
@@ -485,14 +484,7 @@ class _Executor:
             return
         state = None
         if task.program is not None:
-            state = ProgramState(
-                task.program,
-                task.name,
-                task.numel,
-                row_length(task.shape),
-                self.model_values,
-                codes=self.plan.input_dtypes(task),
-            )
+            state = ProgramState.of_task(self.plan, task, self.model_values)
             for q in range(1, task.passes):
                 self.reduction_pass(task, state, q)
         params = tuple(state.scalars[i] for i in bound.params) if state is not None else ()
@@ -630,13 +622,7 @@ class _Executor:
         for task_index, operand in red.users:
             task = self.plan.tasks[task_index]
             assert task.program is not None
-            state = ProgramState(
-                task.program,
-                task.name,
-                task.numel,
-                row_length(task.shape),
-                codes=self.plan.input_dtypes(task),
-            )
+            state = ProgramState.of_task(self.plan, task)
             try:
                 bound: KernelCall | None = program_spec(
                     task.program, (operand,), self.plan.input_dtypes(task)

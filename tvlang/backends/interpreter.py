@@ -29,6 +29,7 @@ from tvlang.backends.cpu import Scratch, acc_dtype
 from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest
 from tvlang.chunks import Chunk, is_torch, to_torch
 from tvlang.ops import ELEMENTWISE, work_buffer
+from tvlang.plan.plan import Plan, TensorTask, row_length
 from tvlang.plan.tensor_program import Instr, TensorProgram
 
 if TYPE_CHECKING:
@@ -279,6 +280,27 @@ class ProgramState:
     def acc_dtype(self) -> torch.dtype:
         """The accumulation dtype, as torch's (the eager instructions')."""
         return acc_dtype(self.program.acc)
+
+    @classmethod
+    def of_task(
+        cls,
+        plan: Plan,
+        task: TensorTask,
+        model_values: Mapping[int, float] | None = None,
+        kernels: Kernels | None = None,
+    ) -> ProgramState:
+        """A fresh run of ``task``'s program in ``plan`` (its per-tensor numbers, its reductions'
+        accumulators), with the row length and input dtypes the plan gives it."""
+        assert task.program is not None
+        return cls(
+            task.program,
+            task.name,
+            task.numel,
+            row_length(task.shape),
+            model_values,
+            kernels,
+            plan.input_dtypes(task),
+        )
 
     def _settle(self, done: int) -> None:
         """Compute every scalar known once ``done`` data passes have finished."""
