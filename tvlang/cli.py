@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -29,7 +28,7 @@ from tvlang.source import SourceText, Span
 # clean exit instead of a traceback.
 if TYPE_CHECKING:
     from tvlang.api import Program
-    from tvlang.config import PreparedJob
+    from tvlang.job import PreparedJob
     from tvlang.lower import Binding
 
 
@@ -127,7 +126,7 @@ def _target(args: argparse.Namespace) -> PreparedJob:
     file, an expression, a job file or a mergekit config (YAML/JSON).  A job's fields are
     overridden by the flags given."""
     from tvlang.api import declare_params
-    from tvlang.config import JOB_SUFFIXES, PreparedJob, load_job, prepare_job
+    from tvlang.job import JOB_SUFFIXES, PreparedJob
 
     file = getattr(args, "file", None)
     if file is None or not file.lower().endswith(JOB_SUFFIXES):
@@ -136,6 +135,8 @@ def _target(args: argparse.Namespace) -> PreparedJob:
         if getattr(args, "expr", None) is not None:  # an expression declares what --set gives
             program = declare_params(program, params, "--set")
         return PreparedJob(None, program, params, {}, _options(args), getattr(args, "output", None))
+    from tvlang.config import load_job, prepare_job  # job files only: YAML, mergekit configs
+
     return prepare_job(
         load_job(file),
         output=getattr(args, "output", None),
@@ -432,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted: no output was written", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     except Exception:
+        import traceback
+
         print("internal error (this is a bug in tvlang; please report it):", file=sys.stderr)
         traceback.print_exc()
         return 2
@@ -441,7 +444,14 @@ def run() -> NoReturn:
     """The command's entry point: :func:`main`, then exit without the interpreter's teardown.
 
     By then every output is committed and closed; what teardown would do is unload torch's
-    operator libraries one by one (measured: 0.3 s of a 1 GB merge's 2.5 s)."""
+    operator libraries one by one (measured: 0.3 s of a 1 GB merge's 2.5 s).
+
+    numpy's OpenBLAS is given one thread unless the environment says otherwise: at load it starts
+    a thread per CPU that spins for ~0.1 s of CPU time, which on a busy machine delays the
+    start by a third (measured 214 → 161 ms to the first read, the other core busy); and the
+    runtime parallelises over chunks itself, as it runs torch on one intra-op thread."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -12,23 +12,61 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
+import types
 from collections.abc import Iterator
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import lark
-from lark import Lark, Token, Transformer, v_args
-from lark.grammar import Rule
-from lark.lark import PostLex
-from lark.lexer import TerminalDef
 
-from tvlang.cache import cache_root
-from tvlang.errors import TvSyntaxError
-from tvlang.source import SourceText, Span
-from tvlang.syntax import ast
+def _import_lark() -> None:
+    """Import Lark without the ``regex`` module.  Lark imports ``regex`` whenever it is installed
+    (it comes with ``transformers``), only for its option ``regex=True``, which tvlang never sets;
+    that import is ~13 ms, a tenth of a merge's start-up.  So it is hidden while Lark loads, and
+    Lark is then given a stand-in that imports it on first use: other users of Lark in the process
+    see the library they would have seen."""
+    if "lark" in sys.modules or "regex" in sys.modules:
+        return
+    sys.modules["regex"] = None  # type: ignore[assignment]  # (None: "import regex" fails)
+    try:
+        import lark.lark
+        import lark.utils
+    finally:
+        del sys.modules["regex"]
+    from importlib.util import find_spec
+
+    if find_spec("regex") is None:
+        return
+    stand_in = _Deferred("regex")
+    for module in (lark.lark, lark.utils):
+        if getattr(module, "_has_regex", True) is False:
+            module._has_regex = True  # type: ignore[attr-defined]
+            module.regex = stand_in  # type: ignore[attr-defined]
+
+
+class _Deferred(types.ModuleType):
+    """A module imported when one of its attributes is first asked for."""
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.__name__), name)
+
+
+_import_lark()
+
+import lark  # noqa: E402
+from lark import Lark, Token, Transformer, v_args  # noqa: E402
+from lark.grammar import Rule  # noqa: E402
+from lark.lark import PostLex  # noqa: E402
+from lark.lexer import TerminalDef  # noqa: E402
+
+from tvlang.cache import cache_root  # noqa: E402
+from tvlang.errors import TvSyntaxError  # noqa: E402
+from tvlang.source import SourceText, Span  # noqa: E402
+from tvlang.syntax import ast  # noqa: E402
 
 # Limits against hostile input: deep nesting would otherwise overflow the
 # Python stack in later recursive passes.
@@ -37,11 +75,15 @@ MAX_NESTING = 200
 
 
 def grammar_text() -> str:
-    """The grammar: packaged inside the wheel, or read from the repository in a checkout."""
-    packaged = resources.files("tvlang").joinpath("grammar/tvlang.lark")
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parents[2] / "grammar" / "tvlang.lark").read_text(encoding="utf-8")
+    """The grammar: packaged inside the wheel, or read from the repository in a checkout.  Plain
+    files are read directly (importlib.resources costs ~2 ms of imports at every start)."""
+    package = Path(__file__).resolve().parents[1]
+    for path in (package / "grammar" / "tvlang.lark", package.parent / "grammar" / "tvlang.lark"):
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    from importlib import resources  # a package that is not plain files (a zip)
+
+    return resources.files("tvlang").joinpath("grammar/tvlang.lark").read_text(encoding="utf-8")
 
 
 _ESCAPE = re.compile(r"\\(.)")
