@@ -324,7 +324,15 @@ def _add_option(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument(setting.flag, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line.  ``command``: only that subcommand gets its option flags (the others keep
+    their arguments and help line); :func:`main` builds this, as the flags of all of them take
+    ~4 ms, a tenth of a merge's own start-up."""
+
+    def common(p: argparse.ArgumentParser, name: str, *, running: bool = False) -> None:
+        if command is None or command == name:
+            _common(p, running=running)
+
     parser = argparse.ArgumentParser(
         prog="tvlang", description="Model-weight arithmetic: check, plan and run merges."
     )
@@ -335,12 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a .tv program, a job file (.yaml, .yml, .json) or a mergekit config"
     )
     run.add_argument("file", help="the .tv program, or a job file whose fields the flags override")
-    _common(run, running=True)
+    common(run, "run", running=True)
     run.set_defaults(func=_cmd_run, parser=run)
 
     ev = sub.add_parser("eval", help="evaluate an expression over bound checkpoints")
     ev.add_argument("expr", help='the expression, e.g. "base + 0.4*(ft - base)"')
-    _common(ev, running=True)
+    common(ev, "eval", running=True)
     ev.set_defaults(func=_cmd_run, parser=ev)
 
     for name, helptext, func in (
@@ -360,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "pass, the plan, or the generated kernels (c: the compiled CPU backend's, triton: the GPU's)",
             )
             p.add_argument("--triton", action="store_true", help="the same as --stage triton")
-        _common(p)
+        common(p, name)
         p.set_defaults(func=func)
 
     imp = sub.add_parser("import-mergekit", help="translate a mergekit config (YAML) into a .tv program")
@@ -384,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--study", help="the trials file to write and resume (default: OUTPUT.trials.json; "
                     "or an Optuna storage such as sqlite:///study.db)")  # fmt: skip
     tn.add_argument("--resume", action="store_true", help="continue the trials already in the study")
-    _common(tn, running=True)
+    common(tn, "tune", running=True)
     tn.set_defaults(func=_cmd_tune, parser=tn)
 
     demo = sub.add_parser(
@@ -420,10 +428,16 @@ def _sigterm_aborts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named: the first argument that is not a flag (``tvlang`` itself takes no
+    flag with a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_aborts():
-            args = build_parser().parse_args(argv)
+            args = build_parser(_command(sys.argv[1:] if argv is None else argv)).parse_args(argv)
             code: int = args.func(args)
             return code
     except TvError as err:
