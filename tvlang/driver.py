@@ -176,7 +176,7 @@ def write_outputs(
         stderr = sys.stderr
         for line in report.lines():
             print(line, file=stderr)
-    if options.progress:
+    if options.progress and adapters:  # (only adapter outputs have a LoraWriter's summary)
         from tvlang.io.lora_out import LoraWriter
 
         for sink in sinks:
