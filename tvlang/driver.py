@@ -27,7 +27,7 @@ from tvlang.codegen.c import compiler
 from tvlang.dtypes import FLOATS, TensorMeta
 from tvlang.errors import TvInputError, TvOutputError, TvParamError
 from tvlang.executors import executor_for
-from tvlang.io.card import CARD_NAME
+from tvlang.io.card import CARD_NAME, hub_id
 from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
     CheckpointSource,
@@ -338,7 +338,6 @@ def _adapter_writer(
     card: Any,
     options: Options,
 ) -> LoraWriter:
-    from tvlang.io.card import hub_id
     from tvlang.io.lora_out import AdapterLayout, LoraWriter
 
     assert dest is not None
