@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -29,7 +28,7 @@ from tvlang.source import SourceText, Span
 # clean exit instead of a traceback.
 if TYPE_CHECKING:
     from tvlang.api import Program
-    from tvlang.config import PreparedJob
+    from tvlang.job import PreparedJob
     from tvlang.lower import Binding
 
 
@@ -127,7 +126,7 @@ def _target(args: argparse.Namespace) -> PreparedJob:
     file, an expression, a job file or a mergekit config (YAML/JSON).  A job's fields are
     overridden by the flags given."""
     from tvlang.api import declare_params
-    from tvlang.config import JOB_SUFFIXES, PreparedJob, load_job, prepare_job
+    from tvlang.job import JOB_SUFFIXES, PreparedJob
 
     file = getattr(args, "file", None)
     if file is None or not file.lower().endswith(JOB_SUFFIXES):
@@ -136,6 +135,8 @@ def _target(args: argparse.Namespace) -> PreparedJob:
         if getattr(args, "expr", None) is not None:  # an expression declares what --set gives
             program = declare_params(program, params, "--set")
         return PreparedJob(None, program, params, {}, _options(args), getattr(args, "output", None))
+    from tvlang.config import load_job, prepare_job  # job files only: YAML, mergekit configs
+
     return prepare_job(
         load_job(file),
         output=getattr(args, "output", None),
@@ -323,7 +324,15 @@ def _add_option(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument(setting.flag, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line.  ``command``: only that subcommand gets its option flags (the others keep
+    their arguments and help line); :func:`main` builds this, as the flags of all of them take
+    ~4 ms, a tenth of a merge's own start-up."""
+
+    def common(p: argparse.ArgumentParser, name: str, *, running: bool = False) -> None:
+        if command is None or command == name:
+            _common(p, running=running)
+
     parser = argparse.ArgumentParser(
         prog="tvlang", description="Model-weight arithmetic: check, plan and run merges."
     )
@@ -334,12 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="run a .tv program, a job file (.yaml, .yml, .json) or a mergekit config"
     )
     run.add_argument("file", help="the .tv program, or a job file whose fields the flags override")
-    _common(run, running=True)
+    common(run, "run", running=True)
     run.set_defaults(func=_cmd_run, parser=run)
 
     ev = sub.add_parser("eval", help="evaluate an expression over bound checkpoints")
     ev.add_argument("expr", help='the expression, e.g. "base + 0.4*(ft - base)"')
-    _common(ev, running=True)
+    common(ev, "eval", running=True)
     ev.set_defaults(func=_cmd_run, parser=ev)
 
     for name, helptext, func in (
@@ -359,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "pass, the plan, or the generated kernels (c: the compiled CPU backend's, triton: the GPU's)",
             )
             p.add_argument("--triton", action="store_true", help="the same as --stage triton")
-        _common(p)
+        common(p, name)
         p.set_defaults(func=func)
 
     imp = sub.add_parser("import-mergekit", help="translate a mergekit config (YAML) into a .tv program")
@@ -383,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--study", help="the trials file to write and resume (default: OUTPUT.trials.json; "
                     "or an Optuna storage such as sqlite:///study.db)")  # fmt: skip
     tn.add_argument("--resume", action="store_true", help="continue the trials already in the study")
-    _common(tn, running=True)
+    common(tn, "tune", running=True)
     tn.set_defaults(func=_cmd_tune, parser=tn)
 
     demo = sub.add_parser(
@@ -419,10 +428,16 @@ def _sigterm_aborts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _command(argv: Sequence[str]) -> str | None:
+    """The subcommand named: the first argument that is not a flag (``tvlang`` itself takes no
+    flag with a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_aborts():
-            args = build_parser().parse_args(argv)
+            args = build_parser(_command(sys.argv[1:] if argv is None else argv)).parse_args(argv)
             code: int = args.func(args)
             return code
     except TvError as err:
@@ -432,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted: no output was written", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     except Exception:
+        import traceback
+
         print("internal error (this is a bug in tvlang; please report it):", file=sys.stderr)
         traceback.print_exc()
         return 2
@@ -441,7 +458,14 @@ def run() -> NoReturn:
     """The command's entry point: :func:`main`, then exit without the interpreter's teardown.
 
     By then every output is committed and closed; what teardown would do is unload torch's
-    operator libraries one by one (measured: 0.3 s of a 1 GB merge's 2.5 s)."""
+    operator libraries one by one (measured: 0.3 s of a 1 GB merge's 2.5 s).
+
+    numpy's OpenBLAS is given one thread unless the environment says otherwise: at load it starts
+    a thread per CPU that spins for ~0.1 s of CPU time, which on a busy machine delays the
+    start by a third (measured 214 → 161 ms to the first read, the other core busy); and the
+    runtime parallelises over chunks itself, as it runs torch on one intra-op thread."""
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -44,25 +44,22 @@ tvlang.errors.TvParamError: error[E406]: unknown field `expresion`
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from tvlang import mergekit
-from tvlang.api import Program
 from tvlang.driver import OutSpec
-from tvlang.errors import TvError, TvInputError, TvParamError
+from tvlang.errors import TvInputError, TvParamError
 from tvlang.fields import FieldPath, Fields, describe, did_you_mean, dotted, read_json, read_yaml
-from tvlang.job import Job
+from tvlang.job import JOB_SUFFIXES, Job, PreparedJob
 from tvlang.lower import Binding, ParamValue
 from tvlang.options import SETTINGS, Options
-from tvlang.plan import Plan, parse_dtype
+from tvlang.plan import parse_dtype
 from tvlang.source import SourceText
 
-JOB_SUFFIXES = (".yaml", ".yml", ".json")
 ROLES = ("model", "task", "delta")
 MAX_JOB_CHARS = 1 << 20  # a job is a few lines; refuse anything that could not be one
 
@@ -248,45 +245,6 @@ def as_job(spec: Any, *, base_dir: str | os.PathLike[str] | None = None) -> Job:
     raise TvParamError(f"cannot run a {type(spec).__name__} as a job", code="E406")
 
 
-@dataclass(frozen=True)
-class PreparedJob:
-    """A job with its overrides applied: what ``run``, ``check`` and ``plan`` all act on.  Errors
-    about the job's own bindings and parameters point at the job file."""
-
-    job: Job | None  # None: a program given directly (a .tv file, an expression)
-    program: Program
-    params: Mapping[str, ParamValue]
-    bindings: Mapping[str, Any]
-    options: Options
-    output: OutSpec
-    overridden: frozenset[str] = frozenset()
-
-    def run(self, output: OutSpec = None) -> Any:
-        """See :meth:`Program.run`; ``output`` (else the job's) says where."""
-        with self._located():
-            out = output if output is not None else self.output
-            return self.program.run(out, self.params, self.bindings, self.options)
-
-    def plan(self) -> Plan:
-        with self._located():
-            return self.program.plan(self.params, self.bindings, self.options)
-
-    def explain(self, *, all_tensors: bool = False, stage: str | None = None) -> str:
-        with self._located():
-            return self.program.explain(
-                self.params, self.bindings, self.options, all_tensors=all_tensors, stage=stage
-            )
-
-    @contextlib.contextmanager
-    def _located(self) -> Iterator[None]:
-        try:
-            yield
-        except TvError as e:
-            if self.job is not None:
-                _relocate(e, self.job, set(self.overridden))
-            raise
-
-
 def prepare_job(
     spec: Job | str | os.PathLike[str] | Mapping[str, Any],
     *,
@@ -354,28 +312,6 @@ def _absolute(value: Any) -> Any:
     if isinstance(value, Binding) and isinstance(value.value, (str, os.PathLike)):
         return replace(value, value=os.path.abspath(value.value))
     return os.path.abspath(value) if isinstance(value, (str, os.PathLike)) else value
-
-
-def _relocate(err: TvError, job: Job, overridden: set[str]) -> None:
-    """An error about a binding or parameter the job gave points at the job file, not at the
-    command-line stand-in (``--bind NAME``, ``--set``) the lowering names."""
-    if err.span is None:
-        return
-    origin = err.span.source.name
-    translated = job.where.get(f"expression:{err.span.text}")  # a call a mergekit config wrote
-    if translated is not None and err.span.source.text == job.expression:
-        err.notes = (*err.notes, f"in the translated program: `{err.span.text}`")
-        err.span = translated
-        return
-    if origin.startswith("--bind "):
-        name, field_ = origin.removeprefix("--bind "), "bindings"
-    elif origin == "--set":
-        name, field_ = err.span.text, "params"
-    else:
-        return
-    span = job.where.get(f"{field_}.{name}.path") or job.where.get(f"{field_}.{name}")
-    if name not in overridden and span is not None:
-        err.span = span
 
 
 def register_resolver(name: str = "tvlang.sum") -> None:

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvlang.adapters import AdapterSpec
 from tvlang.backends.compiled import resolve_mode
@@ -44,7 +44,6 @@ from tvlang.io.endpoints import (
 )
 from tvlang.io.lora import CONFIG as LORA_CONFIG
 from tvlang.io.lora import LoraAdapter, LoraSource
-from tvlang.io.lora_out import AdapterLayout, LoraWriter
 from tvlang.io.overlap import InputFiles, refuse_overlap
 from tvlang.io.safetensors import (
     MAX_HEADER_BYTES,
@@ -52,7 +51,6 @@ from tvlang.io.safetensors import (
     parse_json_object,
     remove_stale_temporaries,
 )
-from tvlang.io.vocab import VocabPlan
 from tvlang.ir import Graph, InputRef, Node
 from tvlang.ir.node import Origin
 from tvlang.layermap import restacked_sidecars
@@ -60,6 +58,11 @@ from tvlang.lower import Lowered
 from tvlang.options import Options
 from tvlang.plan import Plan, build_plan, parse_dtype
 from tvlang.runtime import Progress
+
+# Imported where needed, not at every start: LoRA outputs and `vocab` statements are rare.
+if TYPE_CHECKING:
+    from tvlang.io.lora_out import LoraWriter
+    from tvlang.io.vocab import VocabPlan
 
 OutSpec = str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None
 CardFor = Callable[[str, Mapping[str, float]], Any]  # (title, params) -> card(section, base) -> text
@@ -172,7 +175,9 @@ def write_outputs(
         stderr = sys.stderr
         for line in report.lines():
             print(line, file=stderr)
-    if options.progress:
+    if options.progress and adapters:  # (only adapter outputs have a LoraWriter's summary)
+        from tvlang.io.lora_out import LoraWriter
+
         for sink in sinks:
             for line in sink.summary() if isinstance(sink, LoraWriter) else ():
                 print(line, file=sys.stderr)
@@ -332,6 +337,8 @@ def _adapter_writer(
     card: Any,
     options: Options,
 ) -> LoraWriter:
+    from tvlang.io.lora_out import AdapterLayout, LoraWriter
+
     assert dest is not None
     ref: InputRef = base_node.arg
     metas = checkpoint_metas(base) if isinstance(base, Checkpoint) else memory_metas(base, ref.label)
@@ -374,6 +381,8 @@ def vocab_plan(lowered: Lowered, graph: Graph, options: Options) -> VocabPlan | 
     def check(ref: InputRef, ckpt: Checkpoint) -> None:
         if roots is not None:
             _check_inside_roots(ckpt, roots, ref)
+
+    from tvlang.io.vocab import VocabPlan
 
     return VocabPlan(lowered.vocab, graph.inputs(), check)
 

@@ -1,19 +1,31 @@
 """A validated job: what to compute, from which checkpoints, where to write it and how.
 
 Job files (:mod:`tvlang.config`) and mergekit configs (:mod:`tvlang.mergekit`) both become a
-:class:`Job`; every command that takes a program runs one the same way.
+:class:`Job`; every command that takes a program runs one the same way, as a :class:`PreparedJob`.
+Reading job files (YAML, mergekit configs) lives in :mod:`tvlang.config`, which a command given a
+``.tv`` file or an expression never imports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from tvlang.api import Program, compile_file, declare_params
+from tvlang.driver import OutSpec
+from tvlang.errors import TvError
 from tvlang.lower import Binding, ParamValue
 from tvlang.options import Options
 from tvlang.source import Span
 from tvlang.syntax.parser import parse
+
+if TYPE_CHECKING:
+    from tvlang.plan import Plan
+
+#: The names of job files (else a program file): YAML or JSON.
+JOB_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass(frozen=True)
@@ -48,4 +60,65 @@ class Job:
         return program
 
 
-__all__ = ["Job"]
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job with its overrides applied: what ``run``, ``check`` and ``plan`` all act on.  Errors
+    about the job's own bindings and parameters point at the job file."""
+
+    job: Job | None  # None: a program given directly (a .tv file, an expression)
+    program: Program
+    params: Mapping[str, ParamValue]
+    bindings: Mapping[str, Any]
+    options: Options
+    output: OutSpec
+    overridden: frozenset[str] = frozenset()
+
+    def run(self, output: OutSpec = None) -> Any:
+        """See :meth:`Program.run`; ``output`` (else the job's) says where."""
+        with self._located():
+            out = output if output is not None else self.output
+            return self.program.run(out, self.params, self.bindings, self.options)
+
+    def plan(self) -> Plan:
+        with self._located():
+            return self.program.plan(self.params, self.bindings, self.options)
+
+    def explain(self, *, all_tensors: bool = False, stage: str | None = None) -> str:
+        with self._located():
+            return self.program.explain(
+                self.params, self.bindings, self.options, all_tensors=all_tensors, stage=stage
+            )
+
+    @contextlib.contextmanager
+    def _located(self) -> Iterator[None]:
+        try:
+            yield
+        except TvError as e:
+            if self.job is not None:
+                _relocate(e, self.job, set(self.overridden))
+            raise
+
+
+def _relocate(err: TvError, job: Job, overridden: set[str]) -> None:
+    """An error about a binding or parameter the job gave points at the job file, not at the
+    command-line stand-in (``--bind NAME``, ``--set``) the lowering names."""
+    if err.span is None:
+        return
+    origin = err.span.source.name
+    translated = job.where.get(f"expression:{err.span.text}")  # a call a mergekit config wrote
+    if translated is not None and err.span.source.text == job.expression:
+        err.notes = (*err.notes, f"in the translated program: `{err.span.text}`")
+        err.span = translated
+        return
+    if origin.startswith("--bind "):
+        name, field_ = origin.removeprefix("--bind "), "bindings"
+    elif origin == "--set":
+        name, field_ = err.span.text, "params"
+    else:
+        return
+    span = job.where.get(f"{field_}.{name}.path") or job.where.get(f"{field_}.{name}")
+    if name not in overridden and span is not None:
+        err.span = span
+
+
+__all__ = ["JOB_SUFFIXES", "Job", "PreparedJob"]

@@ -6,13 +6,12 @@ without reading a checkpoint header is raised here, positioned at the source.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec, layer_length
 from tvlang.check import KindError
@@ -21,18 +20,28 @@ from tvlang.hub import resolve_reference
 from tvlang.ir import build
 from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
 from tvlang.ir.printer import format_weight
-from tvlang.ir.vocab import TokenRule, VocabSpec
 from tvlang.ops import COMPARISONS
 from tvlang.passes.linearize import linear_form
 from tvlang.source import SourceText, Span
 from tvlang.syntax import ast
 from tvlang.syntax.parser import too_deep
 
+if TYPE_CHECKING:  # (imported by the `vocab` statement's lowering, which few programs have)
+    from tvlang.ir.vocab import TokenRule, VocabSpec
+
 MAX_INPUTS = 4096
 MAX_OUTPUTS = 4096
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_EXPANSION = 64
 DEFAULT_OUTPUT = "out"
+
+
+def _close_matches(word: str, choices: Sequence[str]) -> list[str]:
+    """The closest of ``choices`` to a misspelt ``word`` (at most one), for an error's help.
+    difflib is imported here, when an error needs it, not at every start (~2 ms)."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=1)
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,7 @@ class Lowering:
                 help="move its binding above this line",
                 code="E200",
             )
-        close = difflib.get_close_matches(name.id, [*self.env, *self.later_bindings], n=1)
+        close = _close_matches(name.id, [*self.env, *self.later_bindings])
         raise TvNameError(
             f"unknown name `{name.id}`",
             name.span,
@@ -200,7 +209,7 @@ class Lowering:
         fn = BUILTINS.get(e.func.id)
         if fn is None:
             known = [*BUILTINS, *self.defs]
-            close = difflib.get_close_matches(e.func.id, known, n=1)
+            close = _close_matches(e.func.id, known)
             raise TvNameError(
                 f"unknown function `{e.func.id}`",
                 e.func.span,
@@ -254,7 +263,7 @@ class Lowering:
             given[name], spans[name] = arg, arg.span
         for kw in e.kwargs:
             if kw.name.id not in names or kw.name.id == variadic:
-                close = difflib.get_close_matches(kw.name.id, names, n=1)
+                close = _close_matches(kw.name.id, names)
                 raise TvTypeError(
                     f"`{fname}` has no parameter `{kw.name.id}`",
                     kw.name.span,
@@ -634,7 +643,7 @@ def _lower(
                 raise TvTypeError(f"more than {MAX_OUTPUTS} outputs", stmt.span, code="E208")
     if overrides:
         unknown = next(iter(overrides))
-        close = difflib.get_close_matches(unknown, list(declared), n=1)
+        close = _close_matches(unknown, list(declared))
         src = SourceText(f"{unknown}={overrides[unknown]:g}", "--set")
         raise TvParamError(
             f"no parameter named `{unknown}`",
@@ -696,6 +705,8 @@ VOCAB_OPTIONS = ("base", "pad_to")
 
 
 def _vocab(ctx: Lowering, stmt: ast.Vocab) -> VocabSpec:
+    from tvlang.ir.vocab import VocabSpec
+
     source = None if stmt.source.id == "union" else _model_ref(ctx, stmt.source, "`vocab`")
     base: InputRef | None = None
     pad_to: int | None = None
@@ -703,7 +714,7 @@ def _vocab(ctx: Lowering, stmt: ast.Vocab) -> VocabSpec:
     for opt in stmt.options:
         key = opt.name.id
         if key not in VOCAB_OPTIONS or key in seen:
-            close = difflib.get_close_matches(key, VOCAB_OPTIONS, n=1)
+            close = _close_matches(key, VOCAB_OPTIONS)
             raise TvNameError(
                 f"`{key}` given twice" if key in seen else f"`vocab` has no option `{key}`",
                 opt.name.span,
@@ -726,6 +737,8 @@ def _vocab(ctx: Lowering, stmt: ast.Vocab) -> VocabSpec:
 
 
 def _token_rule(ctx: Lowering, stmt: ast.TokenRow) -> TokenRule:
+    from tvlang.ir.vocab import TokenRule
+
     force = False
     for flag in stmt.flags:
         if flag.id != "force" or force:

@@ -22,12 +22,12 @@ identifiers and the pass's structure reach the compiler; no name or string from 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -542,14 +542,26 @@ def compiler() -> str | None:
 
 
 def _host_key() -> str:
-    """What a ``-march=native`` binary depends on: the CPU's model and flags, the compiler."""
-    cpu = platform.processor() + platform.machine()
+    """What a ``-march=native`` binary depends on: the CPU's model and flags, the compiler.  Worked
+    out once per process and compiler (each kernel load asks)."""
+    return _host_key_for(os.environ.get("CC", "cc"), os.environ.get("PATH"))
+
+
+@functools.cache
+def _host_key_for(cc: str, path: str | None) -> str:
+    return hashlib.sha256(f"{_cpu()}{compiler()}{FLAGS}{sys.platform}".encode()).hexdigest()[:12]
+
+
+@functools.cache
+def _cpu() -> str:
+    """The CPU's model and flags: /proc/cpuinfo where there is one; elsewhere what ``platform``
+    says (``platform.processor()`` runs ``uname -p``, ~6 ms, so only where it is needed)."""
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu += "".join(sorted({ln for ln in fh if ln.startswith(("flags", "model name"))}))
+            lines = "".join(sorted({ln for ln in fh if ln.startswith(("flags", "model name"))}))
     except OSError:
-        pass
-    return hashlib.sha256(f"{cpu}{compiler()}{FLAGS}{sys.platform}".encode()).hexdigest()[:12]
+        return platform.processor() + platform.machine()
+    return platform.machine() + lines
 
 
 def cache_dir() -> Path:
@@ -653,6 +665,8 @@ def _compile(source: str, directory: Path, path: Path) -> Path:
     os.close(fd)
     src = Path(tmp).with_suffix(".c")
     src.write_text(source)
+    import subprocess  # (only to compile: not at every start)
+
     try:
         done = subprocess.run(
             [cc, *FLAGS, "-o", tmp, str(src), "-lm"], capture_output=True, text=True, timeout=120

@@ -28,7 +28,6 @@ import mmap
 import os
 import platform
 import re
-import secrets
 import shutil
 import stat
 import threading
@@ -497,7 +496,7 @@ def encode_header(planned: Sequence[PlannedTensor], metadata: Mapping[str, str] 
 def temp_sibling(path: str, tag: str = "tmp") -> str:
     """A hidden, unique name next to `path`: same filesystem, so a rename is atomic."""
     head, tail = os.path.split(path)
-    return os.path.join(head, f".{tail}.tvlang-{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(head, f".{tail}.tvlang-{tag}-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 _TEMP_NAME = re.compile(r"^\.(?P<tail>.+)\.tvlang-(?P<tag>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")

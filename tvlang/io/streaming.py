@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import ctypes.util
 import mmap
 import os
 import sys
@@ -60,8 +59,8 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        fn = libc.sync_file_range
+        # the process's own symbols, libc's among them (ctypes.util.find_library runs ldconfig: ~2 ms)
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]

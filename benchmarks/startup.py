@@ -1,0 +1,212 @@
+"""Start-up of a plain merge (issue 16: start to first byte read < 150 ms): a baseline tvlang against this one.
+
+Every measurement is a fresh process, the baseline (a checkout of ``--baseline``, by default the
+commit this branch started from) and the current tree alternating, in the same run:
+
+* ``python -c pass`` and ``python -c "import tvlang.cli, tvlang.api"`` (import only; again with
+  ``OPENBLAS_NUM_THREADS=1`` for both, which the ``tvlang`` command sets: the imports alone);
+* a tiny merge, ``python -m tvlang eval 'base + 0.4*(amazon_sent - base)' ... -o out.safetensors``:
+  wall and CPU time (user + system) of the whole process;
+* start to first byte read of that merge: from just before the process starts to the first
+  ``ChunkReader``, (a) through the command's entry point (``tvlang.cli.run``; the reader is patched
+  when its module is first imported, so nothing is imported ahead of the command), and (b) as
+  benchmarks/torch_free.py measures it (the reader imported first, then ``tvlang.cli.main``).
+
+Medians of ``--repeat`` runs after one warm-up run per case (kernels compiled, page cache warm);
+both trees' bytecode is compiled first, as an installed package's is.  ``--write`` puts the table
+into benchmarks/RESULTS.md.
+
+    python benchmarks/startup.py --repeat 9 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from torch_free import checkout, launch, med
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+BEGIN, END = "<!-- startup:begin -->", "<!-- startup:end -->"
+
+# (a): the reader is timed from its module's import on; the command runs as `tvlang` does.
+ENTRY = """\
+import importlib.abc, importlib.util, os, sys, time
+
+def stamp(module):
+    init = module.ChunkReader.__init__
+    def timed(self, *a, **k):
+        if not getattr(module.ChunkReader, "_seen", False):
+            module.ChunkReader._seen = True
+            with open(os.environ["TV_FIRST_READ"], "w") as f:
+                f.write(repr(time.time()))
+        init(self, *a, **k)
+    module.ChunkReader.__init__ = timed
+
+class Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "tvlang.io.safetensors":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+        def exec_module(module):
+            execute(module)
+            stamp(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Hook())
+sys.argv = ["tvlang", *sys.argv[1:]]
+from tvlang.cli import run
+run()
+"""
+
+# (b): as benchmarks/torch_free.py (numpy and the reader imported before the command starts).
+MAIN = """\
+import os, sys, time
+from tvlang.io.safetensors import ChunkReader
+init = ChunkReader.__init__
+def timed(self, *a, **k):
+    if not getattr(ChunkReader, "_seen", False):
+        ChunkReader._seen = True
+        with open(os.environ["TV_FIRST_READ"], "w") as f:
+            f.write(repr(time.time()))
+    init(self, *a, **k)
+ChunkReader.__init__ = timed
+from tvlang.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+MERGE = [
+    "eval",
+    "base + 0.4*(amazon_sent - base)",
+    "--bind",
+    "base=ckpt/base",
+    "--bind",
+    "amazon_sent=ckpt/amazon_sent",
+    "-q",
+    "--force",
+    "-o",
+    "out.safetensors",
+]
+
+
+def first_read(script: str, path: str, cwd: str) -> tuple[float, float, float]:
+    """(seconds from just before the process starts to the first reader, wall, CPU seconds)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".t") as stamp:
+        t, wall, _, cpu = launch(
+            [sys.executable, "-c", script, *MERGE], path, cwd, {"TV_FIRST_READ": stamp.name}
+        )
+        return float(Path(stamp.name).read_text()) - t, wall, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", help="git revision to compare with (default: merge-base of HEAD and main)")
+    ap.add_argument("--repeat", type=int, default=9)
+    ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
+    opts = ap.parse_args()
+    git = ["git", "-C", str(ROOT)]
+    baseline = (
+        opts.baseline or subprocess.check_output([*git, "merge-base", "HEAD", "main"], text=True).strip()
+    )
+    base_rev = subprocess.check_output([*git, "rev-parse", "--short=12", baseline], text=True).strip()
+    head_rev = subprocess.check_output([*git, "rev-parse", "--short=12", "HEAD"], text=True).strip()
+    sys.path.insert(0, str(ROOT))
+    from tvlang.demo import make_playground
+    from tvlang.synth import llama_spec
+
+    tmp = tempfile.mkdtemp(prefix="tvlang-startup-")
+    try:
+        os.makedirs(os.path.join(tmp, "old"))
+        versions = {"baseline": checkout(baseline, os.path.join(tmp, "old")), "this": str(ROOT)}
+        play = os.path.join(tmp, "play")
+        make_playground(play, llama_spec(64, 2, 256).shapes())
+        for path in versions.values():  # as installed: bytecode compiled (not charged to any run)
+            subprocess.run(
+                [sys.executable, "-m", "compileall", "-q", os.path.join(path, "tvlang")], check=True
+            )
+
+        def wall_cpu(cmd: list[str], env: dict[str, str] | None = None) -> object:
+            return lambda path: launch(cmd, path, play, env)[1:4:2]  # (wall, CPU)
+
+        cases = [
+            ("`python -c pass`", wall_cpu([sys.executable, "-c", "pass"])),
+            (
+                '`python -c "import tvlang.cli, tvlang.api"` (import only)',
+                wall_cpu([sys.executable, "-c", "import tvlang.cli, tvlang.api"]),
+            ),
+            (
+                "the same, both with `OPENBLAS_NUM_THREADS=1` (the imports alone)",
+                wall_cpu([sys.executable, "-c", "import tvlang.cli, tvlang.api"], {"OPENBLAS_NUM_THREADS": "1"}),
+            ),
+            ("tiny merge: `python -m tvlang eval ...`, whole process", wall_cpu([sys.executable, "-m", "tvlang", *MERGE])),
+            ("start to first byte read, through `tvlang.cli.run`", lambda p: first_read(ENTRY, p, play)[::2]),
+            ("start to first byte read, as torch_free.py (reader imported first)", lambda p: first_read(MAIN, p, play)[::2]),
+        ]  # fmt: skip
+        load = os.getloadavg()[0]
+        rows = []
+        for label, measure in cases:
+            got: dict[str, list[tuple[float, float]]] = {v: [] for v in versions}
+            for path in versions.values():
+                measure(path)  # type: ignore[operator]  # warm-up: kernels compiled, pages cached
+            for _ in range(opts.repeat):
+                for v, path in versions.items():
+                    got[v].append(measure(path))  # type: ignore[operator]
+            rows.append((label, {v: (med(x[0] for x in r), med(x[1] for x in r)) for v, r in got.items()}))
+            print(label, rows[-1][1], file=sys.stderr, flush=True)
+        load = (load + os.getloadavg()[0]) / 2
+        text = report(rows, opts, base_rev, head_rev, load)
+        print(text)
+        if opts.write:
+            write(text)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(
+    rows: list[tuple[str, dict[str, tuple[float, float]]]],
+    opts: argparse.Namespace,
+    base_rev: str,
+    head_rev: str,
+    load: float,
+) -> str:
+    lines = [
+        f"Generated by `python benchmarks/startup.py --repeat {opts.repeat} --write` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, baseline `{base_rev}` against `{head_rev}` (this), each a fresh "
+        f"process, alternating; medians of {opts.repeat}. Machine: {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, shared with other jobs (load average {load:.1f}).",
+        "",
+        "| case | ms, baseline | ms, this | ratio | CPU ms, baseline | CPU ms, this |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in rows:
+        (w0, c0), (w1, c1) = r["baseline"], r["this"]
+        lines.append(
+            f"| {label} | {w0 * 1e3:.0f} | {w1 * 1e3:.0f} | {w0 / w1:.2f}x | {c0 * 1e3:.0f} | {c1 * 1e3:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write(text: str) -> None:
+    body = RESULTS.read_text()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in body:
+        head, rest = body.split(BEGIN, 1)
+        body = head + block + rest.split(END, 1)[1]
+    else:
+        body += "\n## Start-up of a plain merge (issue 16)\n\n" + block + "\n"
+    RESULTS.write_text(body)
+
+
+if __name__ == "__main__":
+    main()

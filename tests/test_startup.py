@@ -1,0 +1,118 @@
+"""A plain merge's start-up stays lean: what only job files, mergekit configs, LoRA outputs, `vocab`
+statements or error messages need is imported when they need it (docs/performance.md, "Start-up").
+
+Each command runs in a fresh process, which reports which of those modules it imported; a timing
+test would be flaky on a shared machine, this one is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tvlang.cli import build_parser
+from tvlang.codegen import c
+from tvlang.demo import make_playground
+from tvlang.synth import llama_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Imported lazily: none of them may be loaded by a plain merge, check or plan.
+LAZY = (
+    "tvlang.config",  # job files
+    "tvlang.mergekit",  # mergekit configs
+    "tvlang.fields",
+    "yaml",
+    "tvlang.io.lora_out",  # --as-lora outputs
+    "tvlang.io.vocab",  # `vocab` statements
+    "tvlang.ir.vocab",
+    "difflib",  # "did you mean" in error messages
+    "subprocess",  # compiling a kernel not yet in the cache; `uname -p`
+    "ctypes.util",
+    "importlib.resources",
+    "torch",
+)
+
+REPORT = f"""\
+import json, sys
+from tvlang.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({{"code": code, "loaded": sorted(m for m in {LAZY!r} if m in sys.modules)}}))
+"""
+
+
+def run_cli(cwd: Path, *args: str) -> list[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", REPORT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["code"] == 0, done.stdout + done.stderr
+    loaded: list[str] = report["loaded"]
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("startup")
+    make_playground(str(root), llama_shapes(hidden=64, layers=2, vocab=256))
+    return root
+
+
+@pytest.mark.skipif(c.compiler() is None, reason="no C compiler: merges run on the eager (torch) path")
+@pytest.mark.parametrize(
+    "args",
+    [
+        [
+            "eval",
+            "base + 0.4*(ft - base)",
+            "--bind",
+            "base=ckpt/base",
+            "--bind",
+            "ft=ckpt/amazon_sent",
+            "-o",
+            "one.safetensors",
+            "--force",
+        ],
+        ["run", "sentiment.tv", "-o", "merged", "--force"],  # a directory: model card, side files
+        ["check", "sentiment.tv"],
+        ["plan", "sentiment.tv"],
+    ],
+    ids=["eval to a file", "run to a directory", "check", "plan"],
+)
+def test_a_plain_command_imports_none_of_the_optional_modules(playground: Path, args: list[str]) -> None:
+    run_cli(playground, *args)  # the first run may compile kernels (subprocess): the second may not
+    assert run_cli(playground, *args) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "m.tv", "-o", "out", "--set", "lam=0.1,0.2", "--threads", "2", "-q", "--force"],
+        ["eval", "a + b", "--bind", "a=x", "--task", "b=y", "--dtype", "bf16", "--as-lora", "8"],
+        ["plan", "m.tv", "--stage", "c", "--memory", "1G"],
+        ["check", "-e", "a", "--keys", "union"],
+        ["tune", "m.tv", "--param", "lam=0:1", "--score", "m:f", "-o", "o"],
+        ["import-mergekit", "m.yml"],
+        ["demo", "-q"],
+    ],
+)
+def test_a_parser_for_one_command_reads_it_as_the_whole_parser_does(argv: list[str]) -> None:
+    def parsed(command: str | None) -> dict[str, object]:
+        return {k: v for k, v in vars(build_parser(command).parse_args(argv)).items() if k != "parser"}
+
+    assert parsed(argv[0]) == parsed(None)
+
+
+def test_the_kernel_host_key_follows_the_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key is worked out once per compiler, not once per process: changing $CC changes it."""
+    key = c._host_key()
+    assert c._host_key() == key
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert c._host_key() != key
