@@ -123,7 +123,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "tvlang.hub",
         ),
     ),
-    ("lowering", ("tvlang.builtins", "tvlang.methods", "tvlang.lower", "tvlang.adapters")),
+    ("lowering", ("tvlang.lowering",)),
     ("planning", ("tvlang.plan",)),
     ("kernels", ("tvlang.numerics", "tvlang.codegen", "tvlang.backends")),
     ("io", ("tvlang.io",)),

@@ -9,7 +9,7 @@ import torch
 
 import tvlang
 from tvlang.errors import TvError
-from tvlang.lower import lower
+from tvlang.lowering.lower import lower
 from tvlang.syntax.parser import parse
 
 from .conftest import golden

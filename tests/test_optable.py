@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import tvlang
-from tvlang.builtins import BUILTINS
 from tvlang.codegen import c
 from tvlang.codegen.spec import computes
 from tvlang.dtypes import DTYPES
+from tvlang.lowering.builtins import BUILTINS
 from tvlang.ops import COMPARISONS, ELEMENTWISE, KIND_RULES, REDUCTIONS, ROW_FUNCTIONS
 
 needs_cc = pytest.mark.skipif(c.compiler() is None, reason="no C compiler here: compiled kernels are off")

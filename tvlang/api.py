@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from tvlang.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.backends.compiled import c_kernel_sources
 from tvlang.driver import OutSpec, PlanCache, plan_program, vocab_plan, write_outputs
 from tvlang.errors import TvError, TvInputError, TvNameError, TvParamError
@@ -28,7 +27,8 @@ from tvlang.io.endpoints import (
 from tvlang.ir import Graph, Node, Op, format_graph
 from tvlang.ir.build import sub
 from tvlang.ir.node import Origin
-from tvlang.lower import Binding, Lowered, ParamValue, lower
+from tvlang.lowering.adapters import AdapterSpec, check_adapter, strip_adapters
+from tvlang.lowering.lower import Binding, Lowered, ParamValue, lower
 from tvlang.options import Options
 from tvlang.passes import STAGES, optimize, stages
 from tvlang.plan import Plan

@@ -29,7 +29,7 @@ from tvlang.source import SourceText, Span
 if TYPE_CHECKING:
     from tvlang.api import Program
     from tvlang.job import PreparedJob
-    from tvlang.lower import Binding
+    from tvlang.lowering.lower import Binding
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
@@ -44,7 +44,7 @@ def _pairs(items: Sequence[str] | None, flag: str) -> list[tuple[str, str]]:
 
 def _params(args: argparse.Namespace) -> dict[str, float | list[float]]:
     """``--set lam=0.4``; a sweep: ``--set lam=0.2,0.4,0.6`` or ``--set lam=0:1:0.25`` (stop included)."""
-    from tvlang.lower import MAX_OUTPUTS
+    from tvlang.lowering.lower import MAX_OUTPUTS
 
     params: dict[str, float | list[float]] = {}
     for name, value in _pairs(args.set, "--set"):
@@ -82,7 +82,7 @@ def _params(args: argparse.Namespace) -> dict[str, float | list[float]]:
 
 def _bindings(args: argparse.Namespace) -> dict[str, Binding]:
     from tvlang.api import delta, task_vector
-    from tvlang.lower import Binding
+    from tvlang.lowering.lower import Binding
 
     bindings: dict[str, Binding] = {}
     base = getattr(args, "base", "base")

@@ -55,7 +55,7 @@ from tvlang.driver import OutSpec
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.fields import FieldPath, Fields, describe, did_you_mean, dotted, read_json, read_yaml
 from tvlang.job import JOB_SUFFIXES, Job, PreparedJob
-from tvlang.lower import Binding, ParamValue
+from tvlang.lowering.lower import Binding, ParamValue
 from tvlang.options import SETTINGS, Options
 from tvlang.plan import parse_dtype
 from tvlang.source import SourceText

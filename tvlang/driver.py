@@ -20,7 +20,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tvlang.adapters import AdapterSpec
 from tvlang.backends.compiled import resolve_mode
 from tvlang.backends.device import resolve_device
 from tvlang.codegen.c import compiler
@@ -54,7 +53,8 @@ from tvlang.io.safetensors import (
 from tvlang.ir import Graph, InputRef, Node
 from tvlang.ir.node import Origin
 from tvlang.layermap import restacked_sidecars
-from tvlang.lower import Lowered
+from tvlang.lowering.adapters import AdapterSpec
+from tvlang.lowering.lower import Lowered
 from tvlang.options import Options
 from tvlang.plan import Plan, build_plan, parse_dtype
 from tvlang.runtime import Progress

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from tvlang.errors import TvParamError
-from tvlang.lower import ParamValue
+from tvlang.lowering.lower import ParamValue
 from tvlang.options import parse_size
 from tvlang.source import SourceText, Span
 

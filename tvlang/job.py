@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tvlang.api import Program, compile_file, declare_params
 from tvlang.driver import OutSpec
 from tvlang.errors import TvError
-from tvlang.lower import Binding, ParamValue
+from tvlang.lowering.lower import Binding, ParamValue
 from tvlang.options import Options
 from tvlang.source import Span
 from tvlang.syntax.parser import parse

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from tvlang.api import Program
-from tvlang.builtins import BUILTINS
 from tvlang.errors import TvInputError, TvParamError
 from tvlang.fields import FieldPath, Fields, describe, dotted, read_json, read_yaml
 from tvlang.job import Job
-from tvlang.lower import Binding
+from tvlang.lowering.builtins import BUILTINS
+from tvlang.lowering.lower import Binding
 from tvlang.options import Options
 from tvlang.source import SourceText, Span
 

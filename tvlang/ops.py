@@ -3,7 +3,7 @@
 An :class:`ElementwiseOp` entry says everything about one function, in one place:
 
 - its parameters (name and the kind each accepts) and its kind rule (:data:`KIND_RULES`), which
-  :mod:`tvlang.builtins` turns into the function users call;
+  :mod:`tvlang.lowering.builtins` turns into the function users call;
 - its value on plain floats (constant folding, per-tensor numbers);
 - its eager meaning on chunks (torch, ``out=`` a scratch buffer; operands already in the
   accumulation dtype or Python floats), which imports torch only when it runs;

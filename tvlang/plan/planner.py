@@ -300,7 +300,7 @@ def _model_reduction(key: int, node: Node, tasks: Sequence[TensorTask]) -> Model
             continue
         for ins in t.program.instrs:
             if ins.op == "global" and ins.attr == key:
-                # lowering guarantees both (tvlang.methods.magnitude_prune): no per-tensor statistic
+                # lowering guarantees both (tvlang.lowering.methods.magnitude_prune): no per-tensor statistic
                 # feeds a model-wide one, and its density is a constant
                 assert t.program.instrs[ins.args[0]].need == 0
                 users.append((i, ins.args[0]))

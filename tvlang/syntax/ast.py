@@ -1,6 +1,6 @@
 """The abstract syntax tree: frozen, slotted dataclasses, each with its source span.
 
-The parser builds it; :mod:`tvlang.lower` walks it.  Nothing here knows about
+The parser builds it; :mod:`tvlang.lowering.lower` walks it.  Nothing here knows about
 kinds or tensors.
 """
 

@@ -11,19 +11,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tvlang import methods
 from tvlang.check import KindError
 from tvlang.errors import TvTypeError
 from tvlang.ir.build import call, context, div, mul, numel, rand, reduce, sub
 from tvlang.ir.node import DELTA, MODEL, Graph, InputRef, Kind, Node, Op, scalar_value
 from tvlang.layermap import LayerView
+from tvlang.lowering import methods
 from tvlang.ops import ELEMENTWISE, ElementwiseOp
 from tvlang.passes.rewrite import rewrite
 from tvlang.source import Span
 
 
 class Lowering(Protocol):
-    """What a builtin needs of the lowering that calls it (:class:`tvlang.lower.Lowering`):
+    """What a builtin needs of the lowering that calls it (:class:`tvlang.lowering.lower.Lowering`):
     builtins are a table the lowering reads, so they never import it."""
 
     expansions: list[str]  # call sites of the user methods being expanded (random streams)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tvlang.builtins import BUILTINS, REQUIRED, ParamSpec, layer_length
 from tvlang.check import KindError
 from tvlang.errors import TvInputError, TvNameError, TvParamError, TvTypeError
 from tvlang.hub import resolve_reference
 from tvlang.ir import build
 from tvlang.ir.node import DELTA, MODEL, SCALAR, Graph, InputRef, Kind, Node, Op, const, scalar_value
 from tvlang.ir.printer import format_weight
+from tvlang.lowering.builtins import BUILTINS, REQUIRED, ParamSpec, layer_length
 from tvlang.ops import COMPARISONS
 from tvlang.passes.linearize import linear_form
 from tvlang.source import SourceText, Span
