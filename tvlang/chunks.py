@@ -32,11 +32,15 @@ if TYPE_CHECKING:
 Chunk: TypeAlias = "np.ndarray[Any, Any] | torch.Tensor"
 
 _NUMPY = {code: np.dtype(d.numpy) for code, d in DTYPES.items()}
-# The kernel dtypes' storage types are distinct (float64, float32, float16, uint16), so a numpy
-# chunk says which of them it holds; a uint8 chunk (U8 or float8) takes no kernel.
-_KERNEL_CODE = {_NUMPY[code]: code for code in KERNEL_DTYPES}
+# The float codes a numpy storage type names alone (float64, float32, float16, uint16 for bfloat16);
+# uint8 is U8 or either float8, so only the plan can say which.
+_FLOAT_CODE = {
+    _NUMPY[code]: code
+    for code in KERNEL_DTYPES
+    if [_NUMPY[c] for c in KERNEL_DTYPES].count(_NUMPY[code]) == 1
+}
 # Every storage type names one code but uint8 (U8 or a float8): taken as U8 unless told otherwise.
-_GUESS = {**{_NUMPY[code]: code for code in DTYPES if not code.startswith("F8")}, **_KERNEL_CODE}
+_GUESS = {**{_NUMPY[code]: code for code in DTYPES if not code.startswith("F8")}, **_FLOAT_CODE}
 
 
 def numpy_dtype(code: str) -> np.dtype[Any]:
@@ -52,14 +56,24 @@ def is_torch(x: object) -> TypeIs[torch.Tensor]:
     return tensor is not None and isinstance(x, tensor)
 
 
-def kernel_code(x: Chunk) -> str | None:
-    """The dtype code of a chunk a generated kernel can take (None for any other)."""
+def storage_code(x: Chunk) -> str | None:
+    """The kernel dtype code a chunk's storage says by itself: a torch tensor's dtype, or a numpy
+    type that only one kernel dtype uses; None otherwise (uint8: U8 or a float8; the plan knows)."""
     if is_torch(x):
         from tvlang.dtypes import code_of
 
         code = code_of(x.dtype)
         return code if code in KERNEL_DTYPES else None
-    return _KERNEL_CODE.get(x.dtype)
+    return _FLOAT_CODE.get(x.dtype)
+
+
+def holds(x: Chunk, code: str) -> bool:
+    """Whether the chunk ``x`` is stored as ``code``'s dtype (numpy: its storage type)."""
+    if is_torch(x):
+        from tvlang.dtypes import code_of
+
+        return code_of(x.dtype) == code
+    return bool(x.dtype == _NUMPY[code])
 
 
 def address(x: Chunk) -> int:
@@ -137,11 +151,12 @@ def widen(x: np.ndarray[Any, Any], code: str, dtype: str = "float64") -> np.ndar
 __all__ = [
     "Chunk",
     "address",
+    "holds",
     "is_torch",
-    "kernel_code",
     "numel",
     "numpy_dtype",
     "storage",
+    "storage_code",
     "to_torch",
     "widen",
     "work_array",

@@ -19,9 +19,10 @@ from typing import Any
 
 from tvlang.backends.cpu import Scratch
 from tvlang.backends.interpreter import random_key
-from tvlang.chunks import Chunk, is_torch, kernel_code
+from tvlang.chunks import Chunk, holds, is_torch, storage_code
 from tvlang.codegen import c
 from tvlang.codegen.spec import SUM, KernelCall, Unsupported, program_spec, reduction_spec, task_spec
+from tvlang.dtypes import KERNEL_DTYPES
 from tvlang.plan.plan import BLOCK, Plan, ProgramOutput, TensorTask, WeightedSum
 from tvlang.plan.tensor_program import TensorProgram
 
@@ -50,9 +51,9 @@ class Kernels:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._tasks: dict[int, TaskKernel | None] = {}
-        self._programs: dict[tuple[int, tuple[int, ...], tuple[str | None, ...]], Compiled | None] = {}
+        self._programs: dict[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...]], Compiled | None] = {}
         self._reductions: dict[
-            tuple[int, tuple[tuple[int, int], ...], tuple[str | None, ...]], Compiled | None
+            tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, str], ...]], Compiled | None
         ] = {}
         self._keys: dict[tuple[int, str, str], int] = {}
         self._lock = threading.Lock()
@@ -91,15 +92,14 @@ class Kernels:
         return result
 
     def program(
-        self, program: TensorProgram, targets: tuple[int, ...], inputs: Mapping[int, Chunk]
+        self, program: TensorProgram, targets: tuple[int, ...], codes: Mapping[int, str]
     ) -> Compiled | None:
         """The kernel computing the program instructions ``targets`` into accumulation-dtype buffers
-        from chunks like ``inputs`` (model-wide selections' operands; a program's outputs when a
-        chunk is redone eagerly)."""
-        key = (id(program), targets, tuple(kernel_code(inputs[i]) for i in sorted(inputs)))
+        from inputs of the dtypes ``codes`` (model-wide selections' operands; a program's outputs
+        when a chunk is redone eagerly)."""
+        key = (id(program), targets, tuple(sorted(codes.items())))
         if key not in self._programs:
-            dtypes = _kernel_codes(inputs)
-            self._programs[key] = self._build(lambda: program_spec(program, targets, dtypes, "c"))
+            self._programs[key] = self._build(lambda: program_spec(program, targets, codes, "c"))
         return self._programs[key]
 
     def run_program(
@@ -112,10 +112,12 @@ class Kernels:
         tensor: str,
         start: int,
         row: int = 1,
+        codes: Mapping[int, str] | None = None,
     ) -> bool:
         """Compute ``targets`` of one chunk into ``outputs`` (accumulation dtype); False when no
-        kernel does (the caller then runs them eagerly).  ``row``: elements per row."""
-        compiled = self.program(program, targets, views)
+        kernel does (the caller then runs them eagerly).  ``row``: elements per row; ``codes``: the
+        inputs' dtypes, as the plan says (a numpy chunk of bytes may hold either float8)."""
+        compiled = self.program(program, targets, input_codes(views, codes))
         if compiled is None:
             return False
         keys = self.random_keys(compiled.bound, tensor)
@@ -132,12 +134,14 @@ class Kernels:
         start: int,
         stop: int,
         row: int = 1,
+        codes: Mapping[int, str] | None = None,
     ) -> list[Chunk] | None:
         """One chunk of a reduction pass: per (reduction, round) of ``work``, its operand (k-th
-        largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it."""
-        key = (id(program), tuple(work), tuple(kernel_code(views[i]) for i in sorted(views)))
+        largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it.
+        ``codes``: the inputs' dtypes, as the plan says."""
+        dtypes = input_codes(views, codes)
+        key = (id(program), tuple(work), tuple(sorted(dtypes.items())))
         if key not in self._reductions:
-            dtypes = _kernel_codes(views)
             self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes, "c"))
         compiled = self._reductions[key]
         if compiled is None:
@@ -179,15 +183,17 @@ class Kernels:
             self.failures.append(str(e))
 
 
-def _kernel_codes(chunks: Mapping[int, Chunk]) -> dict[int, str]:
-    """The dtype code of each chunk a generated kernel can take."""
-    codes = {i: kernel_code(x) for i, x in chunks.items()}
-    return {i: code for i, code in codes.items() if code is not None}
+def input_codes(views: Mapping[int, Chunk], known: Mapping[int, str] | None) -> dict[int, str]:
+    """The dtype code of each input chunk: the plan's (``known``), else what its storage says by
+    itself; an input whose dtype no generated kernel takes (or that bytes cannot name) is left out."""
+    codes = {i: (known or {}).get(i) or storage_code(x) for i, x in views.items()}
+    return {i: code for i, code in codes.items() if code is not None and code in KERNEL_DTYPES}
 
 
 def _takes(x: Any, code: str) -> bool:
-    """Whether a kernel built for ``code`` takes the chunk ``x`` (contiguous, on the CPU)."""
-    if kernel_code(x) != code:
+    """Whether a kernel built for ``code`` takes the chunk ``x`` (stored as ``code``, contiguous,
+    on the CPU)."""
+    if not holds(x, code):
         return False
     if is_torch(x):
         return bool(x.is_contiguous() and x.device.type == "cpu")

@@ -55,6 +55,7 @@ class Kernels(Protocol):
         tensor: str,
         start: int,
         row: int = 1,
+        codes: Mapping[int, str] | None = None,
     ) -> bool: ...
 
     def run_reductions(
@@ -68,6 +69,7 @@ class Kernels(Protocol):
         start: int,
         stop: int,
         row: int = 1,
+        codes: Mapping[int, str] | None = None,
     ) -> list[Chunk] | None: ...
 
 
@@ -354,7 +356,16 @@ class ProgramState:
         work = self.program.reductions_in(q)
         if self.kernels is not None:
             outs = self.kernels.run_reductions(
-                self.program, work, views, scratch, self.scalars, self.tensor, start, stop, self.row
+                self.program,
+                work,
+                views,
+                scratch,
+                self.scalars,
+                self.tensor,
+                start,
+                stop,
+                self.row,
+                self.codes,
             )
             if outs is not None:
                 for (i, round_), out in zip(work, outs, strict=True):
@@ -431,7 +442,7 @@ class ProgramState:
             n = stop - start
             outs = [scratch.array(("slot", k), self.program.acc, n) for k in range(len(targets))]
             if self.kernels.run_program(
-                self.program, targets, views, outs, self.scalars, self.tensor, start, self.row
+                self.program, targets, views, outs, self.scalars, self.tensor, start, self.row, self.codes
             ):
                 return list(outs)
         views = self.torch_views(views)
