@@ -103,14 +103,13 @@ def child_main(kind: str, report: str, args: list[str]) -> None:
         from mergekit.scripts.run_yaml import main as mergekit_yaml
 
         info.update(torch=torch.__version__, mergekit=importlib.metadata.version("mergekit"))
-    else:
-        import safetensors.torch  # noqa: F401
-        import torch
+    else:  # what the `tvlang` command imports, and no more (a file merge never imports torch)
+        import importlib.metadata
 
         import tvlang
         import tvlang.cli
 
-        info.update(torch=torch.__version__, tvlang=tvlang.__version__)
+        info.update(torch=importlib.metadata.version("torch"), tvlang=tvlang.__version__)
     cpu0, t0 = h.cpu_s(), time.perf_counter()
     if kind == "tvlang":
         info["rc"] = tvlang.cli.main(args)
