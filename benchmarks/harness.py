@@ -148,3 +148,20 @@ def machine_facts(torch_version: str) -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "cpu_model": m.group(1) if m else "?",
             "mem_total_gib": round(mem / 2**20, 1), "python": platform.python_version(), "torch": torch_version,
             "kernel": platform.release()}  # fmt: skip
+
+
+def write_section(path: str, body: str, begin: str, end: str, title: str) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` (RESULTS.md), or append
+    the section under the heading ``title`` if they are missing."""
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        a, b = text.index(begin), text.index(end) + len(end)
+        text = text[:a] + section + text[b:]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
+    with open(path, "w") as f:
+        f.write(text)

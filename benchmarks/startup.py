@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h
 from torch_free import checkout, launch, med
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,14 +200,7 @@ def report(
 
 
 def write(text: str) -> None:
-    body = RESULTS.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        body += "\n## Start-up of a plain merge (issue 16)\n\n" + block + "\n"
-    RESULTS.write_text(body)
+    h.write_section(str(RESULTS), text, BEGIN, END, "Start-up of a plain merge (issue 16)")
 
 
 if __name__ == "__main__":

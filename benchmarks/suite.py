@@ -1244,24 +1244,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(
-    path: str, body: str, begin: str = BEGIN, end: str = END, title: str = "Benchmark suite (issue 5)"
-) -> None:
-    """Replace the text between the suite markers in ``path`` (append the section if they are missing)."""
-    text = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    section = f"{begin}\n{body}\n{end}"
-    if begin in text and end in text:
-        a, b = text.index(begin), text.index(end) + len(end)
-        text = text[:a] + section + text[b:]
-    else:
-        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def plot(doc: dict[str, Any], path: str) -> None:
     """Time and peak RSS of task arithmetic against model size, tvlang against the baselines."""
     import matplotlib
@@ -1488,9 +1470,9 @@ def main() -> None:
         json.dump(doc, f, indent=1)
     plot(doc, png)
     body = markdown(doc)
-    write_section(md, body)
+    h.write_section(md, body, BEGIN, END, "Benchmark suite (issue 5)")
     if io is not None:
-        write_section(md, io_markdown(doc), IO_BEGIN, IO_END, "I/O against the device (issue 16)")
+        h.write_section(md, io_markdown(doc), IO_BEGIN, IO_END, "I/O against the device (issue 16)")
         body += "\n\n" + io_markdown(doc)
     print(body)
     log(f"wrote {json_path}, {md} (between {BEGIN} and {END}) and {png}")
@@ -1529,7 +1511,7 @@ def io_main(args: argparse.Namespace, mk: dict[str, Any], started: str, md: str)
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
     body = io_markdown(doc)
-    write_section(md, body, IO_BEGIN, IO_END, "I/O against the device (issue 16)")
+    h.write_section(md, body, IO_BEGIN, IO_END, "I/O against the device (issue 16)")
     print(body)
     log(f"wrote {json_path} and {md} (between {IO_BEGIN} and {IO_END})")
 

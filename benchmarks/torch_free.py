@@ -31,6 +31,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- torch_free:begin -->", "<!-- torch_free:end -->"
@@ -241,14 +244,9 @@ def report(
 
 
 def write(text: str) -> None:
-    body = RESULTS.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        body += "\n## A torch-free hot path: start-up and memory (issue 16, item 1)\n\n" + block + "\n"
-    RESULTS.write_text(body)
+    h.write_section(
+        str(RESULTS), text, BEGIN, END, "A torch-free hot path: start-up and memory (issue 16, item 1)"
+    )
 
 
 if __name__ == "__main__":
