@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h
-from torch_free import checkout, launch, med
+from torch_free import checkout, launch, med, revisions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
@@ -117,12 +117,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     opts = ap.parse_args()
-    git = ["git", "-C", str(ROOT)]
-    baseline = (
-        opts.baseline or subprocess.check_output([*git, "merge-base", "HEAD", "main"], text=True).strip()
-    )
-    base_rev = subprocess.check_output([*git, "rev-parse", "--short=12", baseline], text=True).strip()
-    head_rev = subprocess.check_output([*git, "rev-parse", "--short=12", "HEAD"], text=True).strip()
+    baseline, base_rev, head_rev = revisions(opts.baseline)
     sys.path.insert(0, str(ROOT))
     from tvlang.demo import make_playground
     from tvlang.synth import llama_spec

@@ -104,6 +104,18 @@ def first_read(path: str, cwd: str, args: Sequence[str]) -> float:
         return float(Path(stamp.name).read_text()) - t
 
 
+def revisions(baseline: str | None) -> tuple[str, str, str]:
+    """(the baseline revision, its short hash, HEAD's short hash); the baseline defaults to the
+    merge-base of HEAD and main."""
+    git = ["git", "-C", str(ROOT)]
+    baseline = baseline or subprocess.check_output([*git, "merge-base", "HEAD", "main"], text=True).strip()
+    short = [
+        subprocess.check_output([*git, "rev-parse", "--short=12", r], text=True).strip()
+        for r in (baseline, "HEAD")
+    ]
+    return baseline, short[0], short[1]
+
+
 def checkout(rev: str, into: str) -> str:
     """The package at ``rev`` (``git archive``), for the baseline."""
     archive = subprocess.run(
@@ -123,12 +135,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "tvlang-bench-torch-free"))
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     opts = ap.parse_args()
-    git = ["git", "-C", str(ROOT)]
-    baseline = (
-        opts.baseline or subprocess.check_output([*git, "merge-base", "HEAD", "main"], text=True).strip()
-    )
-    base_rev = subprocess.check_output([*git, "rev-parse", "--short=12", baseline], text=True).strip()
-    head_rev = subprocess.check_output([*git, "rev-parse", "--short=12", "HEAD"], text=True).strip()
+    baseline, base_rev, head_rev = revisions(opts.baseline)
     sys.path.insert(0, str(ROOT))
     from tvlang.demo import make_playground
     from tvlang.synth import llama_spec, spec_for_bytes, write_family
