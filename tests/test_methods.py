@@ -306,12 +306,12 @@ output builtin = base + ties(m1 - base, m2 - base, density=0.4)
     out = prog.run()
     for k in s[0]:
         assert torch.equal(out["mine"][k], out["builtin"][k])
-    # Planned alone, each compiles to the same program: float32 inputs accumulate in float64, so the
-    # thresholds take 4 radix rounds (16 bits each), then one element-wise pass writes the output.
+    # Planned alone, each compiles to the same program: one pass selects the thresholds (a sampled
+    # bracket; radix rounds repeat that pass only where it misses), one element-wise pass writes.
     defs = program.split("output")[0]
     mine = tvlang.compile(defs + "output o = base + my_ties(m1 - base, m2 - base)", bindings=_bind(s)).plan()
     builtin = tvlang.compile("base + ties(m1 - base, m2 - base, density=0.4)", bindings=_bind(s)).plan()
-    assert mine.tasks[0].passes == builtin.tasks[0].passes == 5
+    assert mine.tasks[0].passes == builtin.tasks[0].passes == 2
     ops = [sorted((i.op, str(i.attr), i.need) for i in p.tasks[0].program.instrs) for p in (mine, builtin)]
     assert ops[0] == ops[1]
 

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 
 import numpy as np
 
@@ -465,23 +465,38 @@ def run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
     state = run.state(task)
     read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
     write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
-    for q in range(1, task.passes + 1):
-        for _, start, stop in task_chunks(plan, task):
-            if run.failed.is_set():
-                return
-            if q < task.passes:
-                views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
-                state.feed(q, views, start, stop, scratch)
-                for i in task.reads:
-                    sources[i].release(task.name, start, stop)
-                moved = read_bytes
-            else:
-                run_chunk(run, task, start, stop, scratch, state)
-                moved = read_bytes + write_bytes
-            if run.progress is not None:
-                run.progress.advance((stop - start) * moved)
-        if q < task.passes:
-            state.end_pass(q)
+
+    def read(start: int, stop: int) -> dict[int, Chunk]:
+        return {i: sources[i].read(task.name, start, stop) for i in task.reads}
+
+    def release(start: int, stop: int) -> None:
+        for i in task.reads:
+            sources[i].release(task.name, start, stop)
+
+    for q in range(1, task.passes):
+        repeat = False  # a selection whose sampled bracket missed runs the pass again (radix rounds)
+        while not run.failed.is_set():
+            positions = state.sample_positions(q, task.chunk or plan.chunk)
+            if positions is not None:
+                gathered = {i: sources[i].gather(task.name, positions) for i in task.reads}
+                if all(g is not None for g in gathered.values()):
+                    state.feed_sample(q, cast(dict[int, Chunk], gathered), scratch)
+            for _, start, stop in task_chunks(plan, task):
+                if run.failed.is_set():
+                    return
+                state.feed(q, read(start, stop), start, stop, scratch)
+                release(start, stop)
+                if run.progress is not None and not repeat:  # (the plan counts each pass once)
+                    run.progress.advance((stop - start) * read_bytes)
+            if state.end_pass(q):
+                break
+            repeat = True
+    for _, start, stop in task_chunks(plan, task):
+        if run.failed.is_set():
+            return
+        run_chunk(run, task, start, stop, scratch, state)
+        if run.progress is not None:
+            run.progress.advance((stop - start) * (read_bytes + write_bytes))
 
 
 SelectT = TypeVar("SelectT", bound=KthLargest)

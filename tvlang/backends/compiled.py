@@ -52,16 +52,16 @@ class Kernels:
         self.plan = plan
         self._tasks: dict[int, TaskKernel | None] = {}
         self._programs: dict[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...]], Compiled | None] = {}
-        self._reductions: dict[
-            tuple[int, tuple[tuple[int, int], ...], tuple[tuple[int, str], ...]], Compiled | None
-        ] = {}
+        self._reductions: dict[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...]], Compiled | None] = {}
         self._keys: dict[tuple[int, str, str], int] = {}
         self._lock = threading.Lock()
         self.failures: list[str] = []
-        self.histogram: c.RadixHistogram | None = None  # for k-th largest values
+        self.histogram: c.RadixHistogram | None = None  # for k-th largest values: radix rounds
+        self.bracket: c.BracketCount | None = None  # and the sampled selection's pass
         if any(t.passes > 1 for t in plan.tasks) or plan.model_reductions:
             try:
                 self.histogram = c.radix_histogram()
+                self.bracket = c.bracket_count()
             except c.CompileError as e:
                 self._failed(e)
 
@@ -126,7 +126,7 @@ class Kernels:
     def run_reductions(
         self,
         program: TensorProgram,
-        work: Sequence[tuple[int, int]],
+        work: Sequence[int],
         views: Mapping[int, Chunk],
         scratch: Scratch,
         scalars: Mapping[int, float],
@@ -136,7 +136,7 @@ class Kernels:
         row: int = 1,
         codes: Mapping[int, str] | None = None,
     ) -> list[Chunk] | None:
-        """One chunk of a reduction pass: per (reduction, round) of ``work``, its operand (k-th
+        """One chunk of a reduction pass: per reduction of ``work``, its operand (k-th
         largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it.
         ``codes``: the inputs' dtypes, as the plan says."""
         dtypes = input_codes(views, codes)

@@ -44,6 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from tvlang.backends.cpu import Scratch, all_finite
@@ -130,6 +131,10 @@ class _HostSource:
 
     def release(self, name: str, start: int, stop: int) -> None:
         self.source.release(name, start, stop)
+
+    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
+        found = self.source.gather(name, positions)
+        return found.cpu() if found is not None and is_torch(found) and found.device.type != "cpu" else found
 
     def close(self) -> None:
         self.source.close()
@@ -561,23 +566,31 @@ class _Executor:
             write_to_sink(self.sinks[write.output], task.name, start, out)
 
     def reduction_pass(self, task: TensorTask, state: ProgramState, q: int) -> None:
-        """Data pass ``q`` of a task with reductions: its operands by a kernel, reduced on the device."""
+        """Data pass ``q`` of a task with reductions: its operands by a kernel, reduced on the device;
+        the pass repeats while a k-th largest value needs another radix round."""
         program = task.program
         assert program is not None
-        work = program.reductions_in(q)
-        targets = _pass_targets(program, q)
-        bound = program_spec(program, targets, self.plan.input_dtypes(task))  # supported: task_spec was
-        for i, _ in work:
+        for i in program.reductions_in(q):
             self.device_reducer(state, i)
-        params = tuple(state.scalars[i] for i in bound.params)
-        keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
+        while True:
+            work = state.running(q)
+            targets = _pass_targets(program, work)
+            bound = program_spec(program, targets, self.plan.input_dtypes(task))  # supported: task_spec was
+            params = tuple(state.scalars[i] for i in bound.params)
+            keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
 
-        def on_device(start: int, outs: list[torch.Tensor]) -> None:
-            state.reduce(work, dict(zip(targets, outs, strict=True)), start)
+            def on_device(
+                start: int,
+                outs: list[torch.Tensor],
+                work: list[int] = work,
+                targets: tuple[int, ...] = targets,
+            ) -> None:
+                state.reduce(work, dict(zip(targets, outs, strict=True)), start)
 
-        self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
-        self.sync()
-        state.end_pass(q)
+            self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
+            self.sync()
+            if state.end_pass(q):
+                return
 
     def device_reducer(self, state: ProgramState, i: int) -> None:
         """Swap the CPU accumulator the program state made for reduction ``i`` for a device one."""
@@ -688,7 +701,7 @@ def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
             continue
         for q in range(1, task.passes):
             assert task.program is not None
-            targets = _pass_targets(task.program, q)
+            targets = _pass_targets(task.program, task.program.reductions_in(q))
             add(program_spec(task.program, targets, dtypes), f"pass {q}: reduction operands", task.name)
         add(bound, "element-wise pass: the outputs", task.name)
     out = []
@@ -698,11 +711,10 @@ def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
     return out
 
 
-def _pass_targets(program: TensorProgram, q: int) -> tuple[int, ...]:
-    """The tensor operands of the reductions in data pass ``q``, each once."""
-    work = program.reductions_in(q)
+def _pass_targets(program: TensorProgram, work: Sequence[int]) -> tuple[int, ...]:
+    """The tensor operands of the reductions ``work``, each once."""
     return tuple(
-        dict.fromkeys(a for i, _ in work for a in program.instrs[i].args[:2] if program.instrs[a].tensor)
+        dict.fromkeys(a for i in work for a in program.instrs[i].args[:2] if program.instrs[a].tensor)
     )
 
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tvlang.backends.cpu import Scratch, acc_dtype
-from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest
+from tvlang.backends.reductions import BlockSum, ColumnSum, Count, KthLargest, SampledKth, sample_positions
 from tvlang.chunks import Chunk, is_torch, to_torch
 from tvlang.ops import ELEMENTWISE, work_buffer
 from tvlang.plan.plan import Plan, TensorTask, row_length
@@ -35,7 +35,7 @@ from tvlang.plan.tensor_program import Instr, TensorProgram
 if TYPE_CHECKING:
     import torch
 
-    from tvlang.codegen.c import RadixHistogram
+    from tvlang.codegen.c import BracketCount, RadixHistogram
 
 
 class Kernels(Protocol):
@@ -43,7 +43,8 @@ class Kernels(Protocol):
     which builds on this module): each call returns None/False when no kernel does the work, and
     the program then runs it eagerly."""
 
-    histogram: RadixHistogram | None  # for k-th largest values
+    histogram: RadixHistogram | None  # for k-th largest values: the radix selection's rounds
+    bracket: BracketCount | None  # and the sampled selection's pass
 
     def run_program(
         self,
@@ -61,7 +62,7 @@ class Kernels(Protocol):
     def run_reductions(
         self,
         program: TensorProgram,
-        work: Sequence[tuple[int, int]],
+        work: Sequence[int],
         views: Mapping[int, Chunk],
         scratch: Scratch,
         scalars: Mapping[int, float],
@@ -276,6 +277,7 @@ class ProgramState:
         self.scalars: dict[int, float] = {}
         self.columns: dict[int, torch.Tensor] = {}  # column functions' results, one number per column
         self.reducers: dict[int, Any] = {}
+        self.finished: set[int] = set()  # reductions whose passes are over
         self._settle(0)
 
     @property
@@ -323,13 +325,14 @@ class ProgramState:
                 ins.op == "reduce"
                 and i not in self.reducers
                 and i not in self.scalars
-                and ins.need - ins.rounds == done
+                and ins.need == done + 1
             ):
                 if ins.attr == "kth":
-                    self.reducers[i] = KthLargest(
+                    self.reducers[i] = SampledKth(
                         self.scalars[ins.args[1]],
                         self.numel,
                         self.program.acc,
+                        self.kernels.bracket if self.kernels is not None else None,
                         self.kernels.histogram if self.kernels is not None else None,
                     )
                 elif ins.attr == "count":
@@ -351,9 +354,50 @@ class ProgramState:
             return scalar_call(ins.attr, vals)
         return _scalar_binary(ins.op, vals[0], vals[1])
 
+    def running(self, q: int) -> list[int]:
+        """The reductions of data pass ``q`` still to be fed: all of them the first time the pass
+        runs; when it repeats, the selections that need another round."""
+        return [i for i in self.program.reductions_in(q) if i in self.reducers and i not in self.finished]
+
+    def _sampling(self, q: int) -> list[int]:
+        """The selections of pass ``q`` that want a sample and can take one from scattered elements
+        (an operand of no position: no random mask, no row or column function)."""
+        return [
+            i
+            for i in self.running(q)
+            if getattr(self.reducers[i], "wants_sample", False)
+            and self.program.position_free(self.program.instrs[i].args[0])
+        ]
+
+    def sample_positions(self, q: int, chunk: int) -> np.ndarray[Any, Any] | None:
+        """The elements to gather for the selections of pass ``q`` before it starts
+        (:func:`tvlang.backends.reductions.sample_positions`), or None: nothing to sample, or a
+        tensor of one chunk (that chunk is the sample)."""
+        if self.numel <= chunk or not self._sampling(q):
+            return None
+        positions = sample_positions(self.numel)
+        return None if 2 * positions.size > self.numel else positions
+
+    def feed_sample(self, q: int, views: Mapping[int, Chunk], scratch: Scratch) -> None:
+        """The gathered elements (``views``: each input's, at :meth:`sample_positions`) for the
+        selections of pass ``q`` that sample."""
+        work = self._sampling(q)
+        n = next(iter(views.values())).shape[0] if views else 0
+        if self.kernels is not None:
+            outs = self.kernels.run_reductions(
+                self.program, work, views, scratch, self.scalars, self.tensor, 0, n, self.row, self.codes
+            )
+            if outs is not None:
+                for i, out in zip(work, outs, strict=True):
+                    self.reducers[i].sample(out)
+                return
+        targets = tuple(self.program.instrs[i].args[0] for i in work)
+        for i, value in zip(work, self._run(targets, views, 0, n, scratch), strict=True):
+            self.reducers[i].sample(value)
+
     def feed(self, q: int, views: Mapping[int, Chunk], start: int, stop: int, scratch: Scratch) -> None:
         """Data pass ``q`` over one chunk: advance the reductions that run in it."""
-        work = self.program.reductions_in(q)
+        work = self.running(q)
         if self.kernels is not None:
             outs = self.kernels.run_reductions(
                 self.program,
@@ -368,30 +412,30 @@ class ProgramState:
                 self.codes,
             )
             if outs is not None:
-                for (i, round_), out in zip(work, outs, strict=True):
+                for i, out in zip(work, outs, strict=True):
                     red = self.reducers[i]
-                    if isinstance(red, KthLargest):
-                        red.add(out, start, round_)
+                    if isinstance(red, SampledKth | KthLargest):
+                        red.add(out, start, red.round)
                     elif isinstance(red, BlockSum):
                         red.add_sums(out, start)
                     else:
                         red.add(out, start)
                 return
         targets = tuple(
-            a for i, _ in work for a in self.program.instrs[i].args[:2] if self.program.instrs[a].tensor
+            a for i in work for a in self.program.instrs[i].args[:2] if self.program.instrs[a].tensor
         )
         values = dict(zip(targets, self._run(targets, views, start, stop, scratch), strict=True))
         self.reduce(work, values, start)
 
-    def reduce(self, work: list[tuple[int, int]], values: Mapping[int, torch.Tensor], start: int) -> None:
-        """Advance the reductions ``work`` (pairs of reduction and round) by one chunk of their
-        operands ``values`` (by instruction), on whatever device the operands are."""
-        for i, round_ in work:
+    def reduce(self, work: list[int], values: Mapping[int, torch.Tensor], start: int) -> None:
+        """Advance the reductions ``work`` by one chunk of their operands ``values`` (by
+        instruction), on whatever device the operands are."""
+        for i in work:
             ins = self.program.instrs[i]
             operand = values[ins.args[0]]
             red = self.reducers[i]
             if ins.attr == "kth":
-                red.add(operand, start, round_)
+                red.add(operand, start, red.round)
             elif ins.attr == "colsum":
                 red.add(operand, start)
             elif ins.attr in ("dot", "sumsq"):  # products in float64: exact for float32 operands
@@ -404,12 +448,20 @@ class ProgramState:
         """Instruction ``i`` on one chunk (for the model-wide passes)."""
         return self._run((i,), views, start, stop, scratch)[0]
 
-    def end_pass(self, q: int) -> None:
-        for i, _ in self.program.reductions_in(q):
+    def end_pass(self, q: int) -> bool:
+        """The end of one run of data pass ``q``: True when its reductions are all done (their
+        results are then known), False when a selection needs the pass again."""
+        for i in self.running(q):
             red = self.reducers[i]
-            if isinstance(red, KthLargest):
+            if isinstance(red, SampledKth | KthLargest):
                 red.end_round()
+                if not red.done:
+                    continue
+            self.finished.add(i)
+        if self.running(q):
+            return False
         self._settle(q)
+        return True
 
     def outputs(self, views: Mapping[int, Chunk], start: int, stop: int, scratch: Scratch) -> list[Chunk]:
         """The program's outputs on one chunk, in the accumulation dtype (numpy when a kernel

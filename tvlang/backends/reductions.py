@@ -5,13 +5,21 @@ in element order (the compiled kernels add the same way), and the block sums are
 added in block order at the end, exactly (``math.fsum``: the correctly rounded sum of the block
 sums), so chunk size, thread count, kernel mode and device never change the bits.  Block sums and
 histograms live in numpy arrays: the compiled path fills them without torch; the eager path's
-torch operands are converted where they meet them.  The k-th largest value is an exact radix selection: each
-round histograms the next 16 bits of an order-preserving integer key, among
-the elements whose higher bits matched the rounds before.
+torch operands are converted where they meet them.
+
+The k-th largest value is selected exactly, on order-preserving integer keys of the floats
+(so NaN, ±inf and ±0 sort as everywhere else).  :class:`KthLargest` is the radix selection: each
+round histograms the next 16 bits of the key among the elements whose higher bits matched the
+rounds before (2 passes for float32, 4 for float64); the model-wide selections and the GPU use it.
+A tensor's selection on the CPU is :class:`SampledKth`: a sample of the keys brackets the answer,
+one pass counts the keys above the bracket and keeps the few inside it, and the answer is selected
+among those kept; where the bracket misses (the sample misled) the radix passes follow.  Either way
+the answer is the same key.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import struct
@@ -21,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tvlang.chunks import Chunk, is_torch, storage, to_torch
+from tvlang.chunks import numel as chunk_numel
 from tvlang.ops import work_buffer
 from tvlang.plan.plan import BLOCK
 
@@ -152,6 +161,17 @@ def _is_f64(dtype: object) -> bool:
     return str(dtype).removeprefix("torch.") in ("F64", "float64")
 
 
+def _target(k: float, numel: int) -> tuple[int, float | None]:
+    """The rank asked for as an integer, and the answer when no selection is needed (+inf for
+    k < 1, -inf past the last element)."""
+    k_int = math.floor(k) if math.isfinite(k) else (0 if k < 0 else numel + 1)
+    if k_int < 1:
+        return k_int, math.inf
+    if k_int > numel:
+        return k_int, -math.inf
+    return k_int, None
+
+
 class KthLargest:
     """The k-th largest value, selected exactly over ``rounds`` passes of 16 bits each."""
 
@@ -167,12 +187,7 @@ class KthLargest:
         self.histogram = histogram
         self.bits = 64 if _is_f64(dtype) else 32
         self.rounds = self.bits // 16
-        k_int = math.floor(k) if math.isfinite(k) else (0 if k < 0 else numel + 1)
-        self.fixed: float | None = None
-        if k_int < 1:
-            self.fixed = math.inf
-        elif k_int > numel:
-            self.fixed = -math.inf
+        k_int, self.fixed = _target(k, numel)
         self.remaining = k_int
         self.prefix = 0  # the digits found so far
         self.round = 0
@@ -223,7 +238,188 @@ class KthLargest:
         self.round += 1
         self.hist[:] = 0
 
+    @property
+    def done(self) -> bool:
+        """Whether the selection is over (every round run, or nothing to select)."""
+        return self.fixed is not None or self.round >= self.rounds
+
     def result(self) -> float:
         if self.fixed is not None:
             return self.fixed
         return key_to_float(self.prefix, self.bits)
+
+
+# The sampled selection.  A bracket of ±MARGIN standard deviations of the sample's rank around the
+# target holds the answer unless the sample misleads; a tensor samples enough keys that the
+# bracket is expected to keep about STASH_KEYS keys (the width shrinks as 1/sqrt(sample)), and at
+# least SAMPLE_MIN (all of a smaller tensor).
+SAMPLE_MIN = 1 << 14
+STASH_KEYS = 1 << 18
+MARGIN = 6.0
+
+
+def sample_size(numel: int) -> int:
+    """The keys to sample from a tensor of ``numel`` elements: the bracket then holds about
+    ``MARGIN · numel / sqrt(sample)`` ≤ :data:`STASH_KEYS` keys."""
+    return min(numel, max(SAMPLE_MIN, math.ceil((MARGIN * numel / STASH_KEYS) ** 2)))
+
+
+SAMPLE_RUN = 4  # sampled elements side by side (a few neighbours cost what one does to read)
+
+
+@functools.lru_cache(maxsize=256)
+def sample_positions(numel: int) -> np.ndarray[Any, Any]:
+    """The elements a tensor's selections sample, ascending: runs of :data:`SAMPLE_RUN` elements,
+    one at a jittered place in each of ``sample_size / SAMPLE_RUN`` equal strata of the tensor.
+    Spread over every row (weights' rows differ in scale, so a few contiguous ranges mislead) and,
+    by the jitter (a Weyl sequence: no generator, the same places every run), over the columns."""
+    size = sample_size(numel)
+    if size >= numel:
+        return np.arange(numel, dtype=np.int64)
+    runs = max(1, size // SAMPLE_RUN)
+    stride = (numel - SAMPLE_RUN) / runs
+    jitter = (np.arange(runs, dtype=np.float64) * 0.6180339887498949) % 1.0
+    starts = ((np.arange(runs) + jitter) * stride).astype(np.int64)
+    positions = (starts[:, None] + np.arange(SAMPLE_RUN, dtype=np.int64)).ravel()
+    positions.flags.writeable = False
+    return positions
+
+
+def key_array(values: Chunk) -> np.ndarray[Any, Any]:
+    """The order keys of a float32/float64 chunk as unsigned integers of the same width (numpy)."""
+    v = storage(values)
+    bits: np.ndarray[Any, Any] = v.view(np.uint64 if v.dtype == np.float64 else np.uint32).ravel()
+    sign = bits.dtype.type(1 << (8 * v.itemsize - 1))
+    return np.where(bits & sign, ~bits, bits ^ sign)
+
+
+def _take(values: Chunk, positions: np.ndarray[Any, Any]) -> Chunk:
+    if is_torch(values):
+        import torch
+
+        return values[torch.from_numpy(positions.copy()).to(values.device)]  # (positions: read-only)
+    return np.take(values, positions)
+
+
+class SampledKth:
+    """The k-th largest value of one tensor, usually in one pass: :meth:`sample` (or the first
+    chunk, when nothing was sampled) brackets it between two sampled keys; each chunk then counts
+    its keys above the bracket and keeps those inside; at the end of the pass the answer is the
+    right one of the kept keys.  When the bracket missed or kept more than it has room for, the
+    radix selection (:class:`KthLargest`) takes over for its rounds: :attr:`done` says whether
+    another pass is needed.  ``bracket``: the compiled count (:class:`tvlang.codegen.c.BracketCount`,
+    same counts as the numpy one)."""
+
+    def __init__(
+        self,
+        k: float,
+        numel: int,
+        dtype: object,
+        bracket: Callable[[Chunk, int, int, np.ndarray[Any, Any], np.ndarray[Any, Any]], None] | None = None,
+        histogram: Callable[[Chunk, int, int, np.ndarray[Any, Any]], None] | None = None,
+    ) -> None:
+        self.k, self.numel, self.dtype = k, numel, dtype
+        self.bracket, self.histogram = bracket, histogram
+        self.bits = 64 if _is_f64(dtype) else 32
+        self.target, self.fixed = _target(k, numel)
+        self.samples: list[np.ndarray[Any, Any]] = []
+        self.lo: int | None = None  # the bracket [lo, hi] of keys, once fixed
+        self.hi = 0
+        self.stash: np.ndarray[Any, Any] | None = None
+        self.counts = np.zeros(4, dtype=np.int64)  # above hi, equal to hi, strictly inside, equal to lo
+        self.radix: KthLargest | None = None  # the fallback
+        self.round = 0  # passes done
+
+    @property
+    def wants_sample(self) -> bool:
+        return self.fixed is None and self.lo is None and self.radix is None
+
+    def sample(self, values: Chunk) -> None:
+        """Keys of a sampled range of the tensor (before the pass)."""
+        self.samples.append(key_array(values))
+
+    def _fix_bracket(self) -> None:
+        keys = np.concatenate(self.samples) if self.samples else np.zeros(0, np.uint64)
+        self.samples = []
+        m, n = keys.size, self.numel
+        top = (1 << self.bits) - 1
+        if m == 0:
+            self.lo, self.hi = 0, top
+            self.stash = np.empty(0, dtype=np.uint64 if self.bits == 64 else np.uint32)
+            return
+        p = self.target / n
+        rank = p * m  # the answer's expected rank among the sampled keys, from the top
+        spread = MARGIN * math.sqrt(m * p * (1 - p)) + 2
+        upper, lower = math.floor(rank - spread), math.ceil(rank + spread)  # ranks from the top (1 = largest)
+        picks = [m - r for r in (upper, lower) if 1 <= r <= m]
+        ordered = np.partition(keys, picks) if picks else keys
+        self.hi = int(ordered[m - upper]) if upper >= 1 else top
+        self.lo = int(ordered[m - lower]) if lower <= m else 0
+        expected = n * (min(lower, m + 1) - max(upper, 0)) / m
+        cap = min(n, int(2 * expected) + 4096)
+        self.stash = np.empty(cap, dtype=np.uint64 if self.bits == 64 else np.uint32)
+
+    def add(self, values: Chunk, start: int, round_: int) -> None:
+        assert round_ == self.round, "rounds run in order"
+        if self.fixed is not None:
+            return
+        if self.radix is not None:
+            self.radix.add(values, start, self.radix.round)
+            return
+        if self.lo is None:  # nothing sampled: the tensor is one chunk (else its first chunk)
+            self.samples.append(key_array(_take(values, sample_positions(chunk_numel(values)))))
+            self._fix_bracket()
+        assert self.lo is not None and self.stash is not None
+        wide = "float64" if self.bits == 64 else "float32"
+        contiguous = (
+            values.is_contiguous() and values.device.type == "cpu"
+            if is_torch(values)
+            else values.flags.c_contiguous
+        )
+        if self.bracket is not None and str(values.dtype).removeprefix("torch.") == wide and contiguous:
+            self.bracket(values, self.lo, self.hi, self.stash, self.counts)
+            return
+        keys = key_array(values)
+        inside = keys[(keys > self.lo) & (keys < self.hi)]
+        kept = int(self.counts[2])
+        if kept + inside.size <= self.stash.size:
+            self.stash[kept : kept + inside.size] = inside
+        self.counts += (
+            int(np.count_nonzero(keys > self.hi)),
+            int(np.count_nonzero(keys == self.hi)),
+            inside.size,
+            int(np.count_nonzero(keys == self.lo)),
+        )
+
+    def end_round(self) -> None:
+        self.round += 1
+        if self.fixed is not None:
+            return
+        if self.radix is not None:
+            self.radix.end_round()
+            return
+        assert self.lo is not None and self.stash is not None
+        above, at_hi, inside, at_lo = (int(c) for c in self.counts)
+        if self.lo == self.hi:
+            at_lo = 0  # (the same keys as at_hi)
+        k = self.target - above  # the rank still to find, among the keys up to hi
+        if 0 < k <= at_hi:
+            self.fixed = key_to_float(self.hi, self.bits)
+        elif 0 < k - at_hi <= inside <= self.stash.size:
+            nth = inside - (k - at_hi)  # the ascending position of the (k - at_hi)-th largest kept
+            self.fixed = key_to_float(int(np.partition(self.stash[:inside], nth)[nth]), self.bits)
+        elif 0 < k - at_hi - inside <= at_lo:
+            self.fixed = key_to_float(self.lo, self.bits)
+        else:  # the sample misled (or the bracket held more than its room): radix rounds follow
+            self.radix = KthLargest(self.k, self.numel, self.dtype, self.histogram)
+        self.stash = None
+
+    @property
+    def done(self) -> bool:
+        return self.fixed is not None or (self.radix is not None and self.radix.done)
+
+    def result(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        assert self.radix is not None
+        return self.radix.result()

@@ -680,11 +680,16 @@ def _compile(source: str, directory: Path, path: Path) -> Path:
     return path
 
 
-# The k-th largest value's radix selection (tvlang.backends.reductions.KthLargest): a histogram
-# of one 16-bit digit of each value's order key, among the values whose higher digits match the
-# prefix found so far.  Integer counts, so the result is exactly the eager path's.
+# The k-th largest value's selections (tvlang.backends.reductions): the radix selection's
+# histogram of one 16-bit digit of each value's order key, among the values whose higher digits
+# match the prefix found so far (KthLargest), and the bracket count of the sampled selection
+# (SampledKth): keys above the bracket counted, keys inside it kept.  Integer counts and copied
+# keys, so the result is exactly the eager path's.
 RADIX_SOURCE = r"""#include <stdint.h>
 #include <string.h>
+#if defined(__AVX512F__) && !defined(TV_PORTABLE)
+#include <immintrin.h>
+#endif
 
 /* (Measured: one table beats four interleaved ones, 1.1 against 2.1 ns a value.) */
 #define TV_HIST(NAME, FLOAT, UINT, BITS, SIGN)                                                        \
@@ -702,6 +707,93 @@ void NAME(const FLOAT *restrict x, int64_t n, int round, uint64_t prefix, int64_
 
 TV_HIST(tv_hist32, float, uint32_t, 32, 0x80000000u)
 TV_HIST(tv_hist64, double, uint64_t, 64, 0x8000000000000000ull)
+
+/* counts[0] += keys above hi, counts[1] += keys equal to hi, counts[2] += keys strictly between lo
+   and hi, each copied to stash[counts[2]] while it fits cap (a count past cap says the stash
+   overflowed), counts[3] += keys equal to lo.  Keys are copied in element order on both paths.  The
+   portable path tests blocks of 64 first (vectorised) and looks at a block's elements one by one
+   only when one falls inside. */
+#define TV_BRACKET_PORTABLE(NAME, FLOAT, UINT, SIGN)                                                    \
+static void NAME(const FLOAT *restrict x, int64_t n, UINT lo, UINT hi, UINT *restrict stash,          \
+                 int64_t cap, int64_t *restrict counts) {                                              \
+    int64_t above = 0, at_hi = 0, inside = counts[2], at_lo = 0, i = 0;                                \
+    for (; i < n; i += 64) {                                                                           \
+        const int64_t m = n - i < 64 ? n - i : 64;                                                     \
+        int64_t ab = 0, eh = 0, in = 0, el = 0;                                                        \
+        for (int64_t j = 0; j < m; j++) {                                                              \
+            UINT u;                                                                                    \
+            memcpy(&u, &x[i + j], sizeof u);                                                           \
+            const UINT key = (u & SIGN) ? ~u : (u ^ SIGN);                                             \
+            ab += key > hi;                                                                            \
+            eh += key == hi;                                                                           \
+            in += (key > lo) & (key < hi);                                                             \
+            el += key == lo;                                                                           \
+        }                                                                                              \
+        above += ab;                                                                                   \
+        at_hi += eh;                                                                                   \
+        at_lo += el;                                                                                   \
+        if (!in) continue;                                                                             \
+        for (int64_t j = 0; j < m; j++) {                                                              \
+            UINT u;                                                                                    \
+            memcpy(&u, &x[i + j], sizeof u);                                                           \
+            const UINT key = (u & SIGN) ? ~u : (u ^ SIGN);                                             \
+            if (key > lo && key < hi) {                                                                \
+                if (inside < cap) stash[inside] = key;                                                 \
+                inside++;                                                                              \
+            }                                                                                          \
+        }                                                                                              \
+    }                                                                                                  \
+    counts[0] += above;                                                                                \
+    counts[1] += at_hi;                                                                                \
+    counts[2] = inside;                                                                                \
+    counts[3] += at_lo;                                                                                \
+}
+
+TV_BRACKET_PORTABLE(tv_bracket32_portable, float, uint32_t, 0x80000000u)
+TV_BRACKET_PORTABLE(tv_bracket64_portable, double, uint64_t, 0x8000000000000000ull)
+
+#if defined(__AVX512F__) && !defined(TV_PORTABLE)
+/* The same counts with AVX-512: compares to lane masks, the keys inside compress-stored in order
+   (measured on this project's machine: 0.18 against 0.63 ns a float32 value). */
+#define TV_BRACKET_AVX512(NAME, PORTABLE, FLOAT, UINT, LANES, S, MASK)                                  \
+void NAME(const FLOAT *restrict x, int64_t n, UINT lo, UINT hi, UINT *restrict stash, int64_t cap,    \
+          int64_t *restrict counts) {                                                                  \
+    const __m512i sign = _mm512_set1_epi##S((UINT)1 << (S - 1)), ones = _mm512_set1_epi##S(-1);        \
+    const __m512i vlo = _mm512_set1_epi##S(lo), vhi = _mm512_set1_epi##S(hi);                          \
+    int64_t above = 0, at_hi = 0, inside = counts[2], at_lo = 0, i = 0;                                \
+    for (; i + LANES <= n; i += LANES) {                                                               \
+        const __m512i u = _mm512_loadu_si512((const void *)(x + i));                                   \
+        const MASK neg = _mm512_test_epi##S##_mask(u, sign);                                           \
+        const __m512i key = _mm512_mask_xor_epi##S(_mm512_xor_si512(u, sign), neg, u, ones);           \
+        above += __builtin_popcount(_mm512_cmpgt_epu##S##_mask(key, vhi));                             \
+        at_hi += __builtin_popcount(_mm512_cmpeq_epu##S##_mask(key, vhi));                             \
+        at_lo += __builtin_popcount(_mm512_cmpeq_epu##S##_mask(key, vlo));                             \
+        const MASK in = _mm512_cmpgt_epu##S##_mask(key, vlo) & _mm512_cmplt_epu##S##_mask(key, vhi);   \
+        if (in) {                                                                                      \
+            const int c = __builtin_popcount(in);                                                      \
+            if (inside + c <= cap) _mm512_mask_compressstoreu_epi##S((void *)(stash + inside), in, key); \
+            inside += c;                                                                               \
+        }                                                                                              \
+    }                                                                                                  \
+    counts[0] += above;                                                                                \
+    counts[1] += at_hi;                                                                                \
+    counts[2] = inside;                                                                                \
+    counts[3] += at_lo;                                                                                \
+    PORTABLE(x + i, n - i, lo, hi, stash, cap, counts);                                                \
+}
+
+TV_BRACKET_AVX512(tv_bracket32, tv_bracket32_portable, float, uint32_t, 16, 32, __mmask16)
+TV_BRACKET_AVX512(tv_bracket64, tv_bracket64_portable, double, uint64_t, 8, 64, __mmask8)
+#else
+void tv_bracket32(const float *restrict x, int64_t n, uint32_t lo, uint32_t hi, uint32_t *restrict stash,
+                  int64_t cap, int64_t *restrict counts) {
+    tv_bracket32_portable(x, n, lo, hi, stash, cap, counts);
+}
+void tv_bracket64(const double *restrict x, int64_t n, uint64_t lo, uint64_t hi, uint64_t *restrict stash,
+                  int64_t cap, int64_t *restrict counts) {
+    tv_bracket64_portable(x, n, lo, hi, stash, cap, counts);
+}
+#endif
 """
 
 
@@ -723,7 +815,41 @@ class RadixHistogram:
         self._fns[size](address(values), numel(values), round_, prefix, address(hist))
 
 
+class BracketCount:
+    """The sampled selection's count of one float32/float64 chunk against a bracket of order keys
+    (:class:`tvlang.backends.reductions.SampledKth`): ``counts`` += the keys above ``hi``, equal to
+    ``hi``, strictly between (copied in element order into ``stash`` while they fit) and equal to
+    ``lo``.  ``portable``: the plain C path even where AVX-512 is there (both are tested to agree)."""
+
+    def __init__(self, portable: bool = False) -> None:
+        lib = _library(("#define TV_PORTABLE\n" if portable else "") + RADIX_SOURCE)
+        self._fns = {4: lib.tv_bracket32, 8: lib.tv_bracket64}  # by the float's size
+        for size, fn in self._fns.items():
+            key = ctypes.c_uint32 if size == 4 else ctypes.c_uint64
+            fn.restype = None
+            fn.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                key,
+                key,
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_void_p,
+            ]
+
+    def __call__(
+        self, values: Chunk, lo: int, hi: int, stash: np.ndarray[Any, Any], counts: np.ndarray[Any, Any]
+    ) -> None:
+        """``values``: a contiguous float32 or float64 CPU chunk (numpy or torch); ``stash``: keys
+        of the same width; ``counts``: four int64."""
+        size = values.itemsize
+        assert str(values.dtype).removeprefix("torch.") in ("float32", "float64")
+        assert stash.itemsize == size and stash.flags.c_contiguous and counts.dtype == np.int64
+        self._fns[size](address(values), numel(values), lo, hi, address(stash), stash.size, address(counts))
+
+
 _radix: list[RadixHistogram] = []
+_bracket: list[BracketCount] = []
 
 
 def radix_histogram() -> RadixHistogram:
@@ -735,10 +861,21 @@ def radix_histogram() -> RadixHistogram:
     return _radix[0]
 
 
+def bracket_count() -> BracketCount:
+    """The compiled bracket count (raises :class:`CompileError` without a working compiler)."""
+    if not _bracket:
+        with _lock:
+            if not _bracket:
+                _bracket.append(BracketCount())
+    return _bracket[0]
+
+
 __all__ = [
+    "BracketCount",
     "CKernel",
     "CompileError",
     "Stmt",
+    "bracket_count",
     "c_source",
     "compiler",
     "load",

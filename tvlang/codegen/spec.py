@@ -254,24 +254,24 @@ def program_spec(
 
 def reduction_spec(
     program: TensorProgram,
-    work: Sequence[tuple[int, int]],
+    work: Sequence[int],
     input_dtypes: Mapping[int, str],
     target: str = "triton",
 ) -> KernelCall:
-    """A kernel for one reduction pass (``work``: its (reduction, round) pairs), one output each:
+    """A kernel for one reduction pass (``work``: its reductions), one output each:
     the operand in the accumulation dtype for k-th largest values and counts, and the float64
     block sums of the operand (``sum``) or of the products (``dot``, ``sumsq``) otherwise, so that
     no operand of a sum is ever stored."""
     _rows(program, target)
     b = _Builder(input_dtypes, program.acc, target)
     operands = [
-        a for i, _ in work for a in program.instrs[i].args[: REDUCTIONS[program.instrs[i].attr].operands]
+        a for i in work for a in program.instrs[i].args[: REDUCTIONS[program.instrs[i].attr].operands]
     ]
     if not all(program.instrs[a].tensor for a in operands):
         raise Unsupported("a reduction of a number")
     stmts = b.program(program, operands)
     outputs = []
-    for i, _ in work:
+    for i in work:
         ins = program.instrs[i]
         fed = REDUCTIONS[ins.attr].kernel
         if fed == "operand":

@@ -484,6 +484,9 @@ class _Unread:
     def release(self, name: str, start: int, stop: int) -> None:
         pass
 
+    def gather(self, name: str, positions: Any) -> None:
+        raise AssertionError(f"tensor {name!r} is not read from this input in this unit")
+
     def close(self) -> None:
         pass
 

@@ -1,9 +1,10 @@
 """Where a plan's chunks come from and go to: checkpoints on disk or state dicts in memory.
 
 A *source* hands out chunk views of named tensors (``read``) and is told when a
-chunk is done (``release``); a *sink* takes output chunks at their element
-offsets (``write``) and is committed or aborted as a whole.  The runtime sees
-only these two shapes.
+chunk is done (``release``); where it is cheap, it also gathers scattered elements
+of a tensor (``gather``: the sample a k-th largest value is bracketed with).  A
+*sink* takes output chunks at their element offsets (``write``) and is committed
+or aborted as a whole.  The runtime sees only these two shapes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from tvlang.chunks import Chunk, is_torch, numel, to_torch
 from tvlang.dtypes import FLOATS, TensorMeta, code_of, torch_dtype
@@ -29,6 +32,11 @@ class Source(Protocol):
     def read(self, name: str, start: int, stop: int) -> Chunk: ...
     def release(self, name: str, start: int, stop: int) -> None: ...
     def close(self) -> None: ...
+
+    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
+        """The elements at ``positions`` (ascending) of a tensor, or None where reading them costs
+        about as much as reading the whole tensor (a computed input)."""
+        ...
 
 
 class Sink(Protocol):
@@ -55,6 +63,9 @@ def checkpoint_metas(ckpt: Checkpoint) -> dict[str, TensorMeta]:
     return {name: TensorMeta(info.dtype, tuple(info.shape)) for name, info in ckpt.tensors.items()}
 
 
+KEEP_GATHERED = 4 << 20  # bytes of a tensor whose pages a gather leaves mapped for the next pass
+
+
 class CheckpointSource:
     """Chunk views of a checkpoint's tensors through memory maps (see :class:`tvlang.io.ChunkReader`)."""
 
@@ -67,6 +78,15 @@ class CheckpointSource:
 
     def release(self, name: str, start: int, stop: int) -> None:
         self._reader.release(self.tensors[name], start, stop)
+
+    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
+        """From the mapping.  A large tensor's pages are then dropped again (its passes fault them
+        back in, chunk by chunk, so memory stays flat); a small one's stay for the pass that follows."""
+        info = self.tensors[name]
+        out = np.take(self._reader.read(info, 0, info.numel), positions)
+        if info.nbytes > KEEP_GATHERED:
+            self._reader.release(info, 0, info.numel)
+        return out
 
     def close(self) -> None:
         self._reader.close()
@@ -85,6 +105,9 @@ class RenamedSource:
 
     def release(self, name: str, start: int, stop: int) -> None:
         self._source.release(self._names[name], start, stop)
+
+    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
+        return self._source.gather(self._names[name], positions)
 
     def close(self) -> None:
         self._source.close()
@@ -137,6 +160,12 @@ class MemorySource:
     def release(self, name: str, start: int, stop: int) -> None:
         if stop >= self._state[name].numel():
             self._flat.pop(name, None)
+
+    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
+        import torch
+
+        flat = self._state[name].detach().reshape(-1)
+        return flat[torch.from_numpy(positions.copy()).to(flat.device)]  # (positions may be read-only)
 
     def close(self) -> None:
         self._flat.clear()

@@ -568,6 +568,9 @@ class VocabSource:
         if not self._vocab(name):
             self.inner.release(name, start, stop)
 
+    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
+        return None if self._vocab(name) else self.inner.gather(name, positions)
+
     def close(self) -> None:
         self.inner.close()
 

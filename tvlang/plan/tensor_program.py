@@ -3,9 +3,10 @@
 Reductions (sums, norms, dot products, k-th largest values) need the whole
 tensor, so they are scheduled into data passes before the element-wise pass
 that writes the outputs: pass *q* evaluates every reduction whose operands
-depend only on scalars known after pass *q-1*.  A k-th largest value is an
-exact radix selection that takes one pass per 16 bits of the accumulation
-dtype (2 for float32, 4 for float64), so memory stays one chunk at a time.
+depend only on scalars known after pass *q-1*.  A k-th largest value takes one
+pass when its sampled bracket holds the answer; when it does not (and always on
+the GPU), the executor repeats the pass for the radix selection's rounds
+(:mod:`tvlang.backends.reductions`), so memory stays one chunk at a time.
 
 The same program serves every float tensor of a task; what differs per tensor
 (its name, element count, reduction results) is supplied when it runs.
@@ -22,8 +23,6 @@ from tvlang.ir.node import Node, Op, toposort
 from tvlang.ir.printer import format_weight
 from tvlang.ops import COLUMN_FUNCTIONS, ROW_FUNCTIONS
 
-RADIX_BITS = 16
-
 
 @dataclass(frozen=True)
 class Instr:
@@ -34,7 +33,6 @@ class Instr:
     attr: Any = None  # input index | constant | weights | function name | (seed, stream)
     tensor: bool = True  # a chunk of values (else one number per tensor)
     need: int = 0  # data passes that must finish before this value is known
-    rounds: int = 0  # for reductions: the passes it takes
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,24 @@ class TensorProgram:
         """Buffers one chunk of the element-wise pass needs at once."""
         return len({slot for _, slot in self.schedule(self.outputs, frozenset())}) or 1
 
+    def position_free(self, i: int) -> bool:
+        """Whether instruction ``i``'s value at an element depends only on the inputs there (and
+        per-tensor numbers): no random mask, no function of rows, no column statistic read per
+        element.  Such a value can be computed on scattered elements gathered into one chunk."""
+        stack, seen = [i], set()
+        while stack:
+            j = stack.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            ins = self.instrs[j]
+            if not ins.tensor:
+                continue
+            if ins.op == "rand" or ins.op == "reduce" or (ins.op == "call" and ins.attr in ROW_FUNCTIONS):
+                return False
+            stack.extend(ins.args)
+        return True
+
     @property
     def row_wise(self) -> bool:
         """Whether an instruction needs whole rows in each chunk (ranks, sums or maxima of rows)."""
@@ -104,25 +120,20 @@ class TensorProgram:
         """Data passes: every reduction round, then the element-wise pass."""
         return max((self.instrs[i].need for i in self.outputs), default=0) + 1
 
-    def reductions_in(self, q: int) -> list[tuple[int, int]]:
-        """(instruction, round) pairs that run in data pass ``q`` (1-based)."""
-        out = []
-        for i, ins in enumerate(self.instrs):
-            if ins.op == "reduce":
-                start = ins.need - ins.rounds  # passes finished before its first round
-                if start < q <= ins.need:
-                    out.append((i, q - start - 1))
-        return out
+    def reductions_in(self, q: int) -> list[int]:
+        """The reductions (instructions) that run in data pass ``q`` (1-based)."""
+        return [i for i, ins in enumerate(self.instrs) if ins.op == "reduce" and ins.need == q]
 
     def describe(self) -> list[str]:
         lines = []
         for q in range(1, self.passes + 1):
             if q < self.passes:
-                what = ", ".join(
-                    f"{self.instrs[i].attr}(…)"
-                    + (f" round {r + 1}/{self.instrs[i].rounds}" if self.instrs[i].rounds > 1 else "")
-                    for i, r in self.reductions_in(q)
-                )
+                work = self.reductions_in(q)
+                what = ", ".join(f"{self.instrs[i].attr}(…)" for i in work)
+                if any(self.instrs[i].attr == "kth" for i in work):
+                    what += (
+                        " (selections: a sampled bracket; the pass repeats for radix rounds where it misses)"
+                    )
                 lines.append(f"pass {q}: reduce {what}")
             else:
                 lines.append(
@@ -166,24 +177,22 @@ def compile_program(
     ``globals_`` maps model-wide reduction nodes (by id) to their index in the plan."""
     index: dict[int, int] = {}
     instrs: list[Instr] = []
-    radix_rounds = (64 if acc == "F64" else 32) // RADIX_BITS
     for node in toposort(list(roots)):
         args = tuple(index[id(a)] for a in node.args)
         need = 0 if node.op is Op.NUMEL else max((instrs[a].need for a in args), default=0)
-        op, attr, rounds = node.op.value, node.arg, 0
+        op, attr = node.op.value, node.arg
         if node.op is Op.INPUT:
             attr = slots[node.arg.key]
         elif node.op is Op.CONST:
             attr = node.arg[0]
         elif node.op is Op.REDUCE:
-            rounds = radix_rounds if node.arg == "kth" else 1
-            need += rounds
+            need += 1
         elif node.op is Op.CALL and node.arg in COLUMN_FUNCTIONS:  # a pass, then a value per element
-            op, rounds = "reduce", 1
-            need += rounds
+            op = "reduce"
+            need += 1
         elif node.op is Op.GLOBAL:
             attr = (globals_ or {})[id(node)]  # known before the per-tensor work starts
             need = 0
-        instrs.append(Instr(op, args, attr, node.kind.tensor, need, rounds))
+        instrs.append(Instr(op, args, attr, node.kind.tensor, need))
         index[id(node)] = len(instrs) - 1
     return TensorProgram(tuple(instrs), tuple(index[id(r)] for r in roots), acc)
