@@ -254,7 +254,7 @@ class KthLargest:
 # bracket is expected to keep about STASH_KEYS keys (the width shrinks as 1/sqrt(sample)), and at
 # least SAMPLE_MIN (all of a smaller tensor).
 SAMPLE_MIN = 1 << 14
-STASH_KEYS = 1 << 18
+STASH_KEYS = 1 << 20
 MARGIN = 6.0
 
 

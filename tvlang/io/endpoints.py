@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from tvlang.chunks import Chunk, is_torch, numel, to_torch
-from tvlang.dtypes import FLOATS, TensorMeta, code_of, torch_dtype
+from tvlang.dtypes import FLOATS, ITEMSIZE, TensorMeta, code_of, torch_dtype
 from tvlang.errors import TvInputError, TvOutputError
 from tvlang.io.checkpoint import Checkpoint, CheckpointReader
 from tvlang.io.safetensors import TensorInfo
@@ -63,7 +63,9 @@ def checkpoint_metas(ckpt: Checkpoint) -> dict[str, TensorMeta]:
     return {name: TensorMeta(info.dtype, tuple(info.shape)) for name, info in ckpt.tensors.items()}
 
 
-KEEP_GATHERED = 4 << 20  # bytes of a tensor whose pages a gather leaves mapped for the next pass
+KEEP_GATHERED = (
+    4 << 20
+)  # bytes: a smaller tensor's pages stay mapped after a gather; a larger one's go by windows
 
 
 class CheckpointSource:
@@ -80,13 +82,21 @@ class CheckpointSource:
         self._reader.release(self.tensors[name], start, stop)
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
-        """From the mapping.  A large tensor's pages are then dropped again (its passes fault them
-        back in, chunk by chunk, so memory stays flat); a small one's stay for the pass that follows."""
+        """From the mapping.  A small tensor's pages stay mapped for the pass that follows; a large
+        one is gathered a window at a time, each window's pages dropped again (its passes fault them
+        back in chunk by chunk), so memory stays flat."""
         info = self.tensors[name]
-        out = np.take(self._reader.read(info, 0, info.numel), positions)
-        if info.nbytes > KEEP_GATHERED:
-            self._reader.release(info, 0, info.numel)
-        return out
+        if info.nbytes <= KEEP_GATHERED:
+            return np.take(self._reader.read(info, 0, info.numel), positions)
+        window = KEEP_GATHERED // ITEMSIZE[info.dtype]
+        parts = []
+        for start in range(0, info.numel, window):
+            stop = min(info.numel, start + window)
+            lo, hi = np.searchsorted(positions, (start, stop))
+            if hi > lo:
+                parts.append(np.take(self._reader.read(info, start, stop), positions[lo:hi] - start))
+                self._reader.release(info, start, stop)
+        return np.concatenate(parts)
 
     def close(self) -> None:
         self._reader.close()
