@@ -84,8 +84,8 @@ class ChunkBackend(Protocol):
     The executor calls ``begin``, then one ``*_chunk`` per chunk in order, then ``end``; a chunk may
     finish after its call returns, but every chunk of the pass is finished (reduced, written) when
     ``end`` returns.  A ``parallel`` back-end finishes each chunk within its call, from any thread,
-    and its ``begin`` and ``end`` of a one-pass task's output pass do nothing: the executor then
-    shares those chunks among its workers without calling them.
+    and its ``begin`` and ``end`` of a one-pass task's output pass do nothing: with several workers
+    the executor shares those chunks among them, without calling either.
     """
 
     parallel: bool
@@ -152,8 +152,8 @@ def run_plan(
     """Run every task of ``ex.plan``, in plan order, on ``backend`` (``fallback`` for the tasks it
     does not ``prepare``); the first exception stops every worker after its chunk and is re-raised.
 
-    ``workers`` share the items: a task with reductions is one item (its passes run in one worker,
-    in order), a one-pass task on a ``parallel`` back-end one item per chunk.  ``model_values``:
+    ``workers`` share the items: a task is one item (its passes run in one worker, in order), but
+    with several workers a one-pass task on a ``parallel`` back-end is one item per chunk.  ``model_values``:
     the model-wide selections, when already made elsewhere (a distributed run reduces them over
     every unit); else they are made first, on ``backend``.
     """
@@ -162,7 +162,7 @@ def run_plan(
     if model_values is None:
         model_values = model_reductions(ex, backend, scratch)
     ex.model_values.update(model_values)
-    items = _work(plan, backend, fallback)
+    items = _work(plan, backend, fallback, share=workers > 1)
     lock = threading.Lock()
 
     def worker(scratch: Scratch) -> None:
@@ -202,12 +202,13 @@ def run_plan(
 
 
 def _work(
-    plan: Plan, backend: ChunkBackend, fallback: ChunkBackend
+    plan: Plan, backend: ChunkBackend, fallback: ChunkBackend, *, share: bool
 ) -> Iterator[tuple[ChunkBackend, Pass, int, int, int]]:
-    """The work items in plan order: (back-end, pass, start, stop, bytes per element)."""
+    """The work items in plan order: (back-end, pass, start, stop, bytes per element); ``share``:
+    the chunks of one-pass tasks on a ``parallel`` back-end are items of their own."""
     for task in plan.tasks:
         chosen = backend if backend.prepare(task) else fallback
-        if task.passes > 1 or not chosen.parallel:
+        if task.passes > 1 or not (share and chosen.parallel):
             yield chosen, Pass(task, task.passes, None), WHOLE_TASK, WHOLE_TASK, 0
             continue
         p, moved = Pass(task, 1, None), moved_bytes(plan, task)
