@@ -1,7 +1,10 @@
 """The GPU backend: every task's fused Triton kernel, with checkpoints streamed through the device.
 
 Same contract as :func:`tvlang.runtime.execute`; the same plan gives the same
-outputs (see docs/gpu.md for where bits may differ).  Per task:
+outputs (see docs/gpu.md for where bits may differ).  The loop is not here: the
+executor (:mod:`tvlang.executor`) drives the tasks, their passes and their
+chunks, as it does for the CPU backend; :class:`GpuBackend` supplies the
+kernels and the staging buffers for one chunk at a time.  Per task:
 
 - the task's float outputs come from one generated kernel
   (:func:`tvlang.codegen.spec.task_spec`, :mod:`tvlang.codegen.triton`); a task
@@ -14,14 +17,15 @@ outputs (see docs/gpu.md for where bits may differ).  Per task:
   model-wide selections likewise, before any tensor is written.
 
 Streaming (CUDA): chunks go through ``SLOTS`` staging slots, each a pinned host
-buffer and a device buffer.  Chunk k+1 is copied host→device on a copy stream
-while chunk k computes on the compute stream and chunk k-1 is copied back on a
-third stream; events order the three, and a worker thread writes each chunk
-once its copy back has finished.  Device memory is the slots (about the
+buffer and a device buffer, and a pass's chunks are in flight together until
+the executor ends the pass (:meth:`GpuBackend.end`).  Chunk k+1 is copied
+host→device on a copy stream while chunk k computes on the compute stream and
+chunk k-1 is copied back on a third stream; events order the three, and a
+worker thread writes each chunk once its copy back has finished.  Device memory is the slots (about the
 plan's memory budget) plus reduction temporaries, never a whole model.
 In-memory inputs already on the device are read in place.
 
-Under ``TRITON_INTERPRET=1`` the same executor runs with ``device="cpu"``: CPU
+Under ``TRITON_INTERPRET=1`` the same back-end runs with ``device="cpu"``: CPU
 tensors, one slot, no streams, no pinning, so the whole pipeline is tested
 without a GPU.
 
