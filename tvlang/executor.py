@@ -8,11 +8,11 @@ model-wide selections (:func:`model_reductions`, run before any tensor is writte
 
 A back-end supplies kernels and buffers, never a loop: through :class:`ChunkBackend` it says
 whether it computes a task, takes one chunk of a pass at a time (it may finish the chunk later)
-and waits for what it has in flight when a pass ends.  The CPU back-end (:class:`tvlang.runtime.
-CpuBackend`) finishes each chunk before it returns, so the chunks of one-pass tasks are shared by
-``plan.threads`` workers; the GPU back-end (:mod:`tvlang.backends.gpu`) pipelines its chunks
-through staging slots and CUDA streams, and hands the tasks it has no kernel for to the CPU
-back-end, within the same loop.
+and waits for what it has in flight when a pass ends.  The CPU back-end
+(:class:`tvlang.runtime.CpuBackend`) finishes each chunk before it returns, so the chunks of
+one-pass tasks are shared by ``plan.threads`` workers; the GPU back-end
+(:class:`tvlang.backends.gpu.GpuBackend`) pipelines its chunks through staging slots and CUDA
+streams, and the tasks it has no kernel for go to the CPU back-end, within the same loop.
 """
 
 from __future__ import annotations
@@ -163,9 +163,9 @@ def run_plan(
     does not ``prepare``); the first exception stops every worker after its chunk and is re-raised.
 
     ``workers`` share the items: a task is one item (its passes run in one worker, in order), but
-    with several workers a one-pass task on a ``parallel`` back-end is one item per chunk.  ``model_values``:
-    the model-wide selections, when already made elsewhere (a distributed run reduces them over
-    every unit); else they are made first, on ``backend``.
+    with several workers a one-pass task on a ``parallel`` back-end is one item per chunk.
+    ``model_values``: the model-wide selections, when already made elsewhere (a distributed run
+    reduces them over every unit); else they are made first, on ``backend``.
     """
     plan, failed = ex.plan, ex.failed
     scratch = Scratch()
