@@ -95,8 +95,9 @@ def test_the_checks_see_imports() -> None:
 
 # The package's layers, bottom first.  A module may import its own layer (without a cycle) or
 # any layer below it, never one above.  ``ops`` is the table of the language's operations, read
-# by the IR, the lowering, the planner and the kernels alike; the GPU backend streams its own
-# chunks through the runtime, so it sits with the execution layer.
+# by the IR, the lowering, the planner and the kernels alike; the GPU backend plugs into the
+# executor (``tvlang.executor``, the one loop over tasks, passes and chunks) beside the CPU
+# backend (``tvlang.runtime``), so it sits with the execution layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "foundation",
@@ -127,7 +128,16 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("planning", ("tvlang.plan",)),
     ("kernels", ("tvlang.numerics", "tvlang.codegen", "tvlang.backends")),
     ("io", ("tvlang.io",)),
-    ("execution", ("tvlang.backends.gpu", "tvlang.backends.device", "tvlang.runtime", "tvlang.executors")),
+    (
+        "execution",
+        (
+            "tvlang.executor",
+            "tvlang.backends.gpu",
+            "tvlang.backends.device",
+            "tvlang.runtime",
+            "tvlang.executors",
+        ),
+    ),
     ("api", ("tvlang.driver", "tvlang.api", "tvlang.synth", "tvlang.demo")),
     (
         "front-ends",

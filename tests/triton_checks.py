@@ -151,6 +151,69 @@ def plan_chunks_are_streamed() -> dict[str, Any]:
     return {"planned": result, "forced": result_forced, "chunk": chunk}
 
 
+def _passes_once(calls: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``calls`` with every repeated run of a reduction pass (its begin … end block, the same
+    again right after) kept once."""
+    blocks: list[list[tuple[Any, ...]]] = []
+    for call in calls:
+        if call[0] == "begin" or not blocks:
+            blocks.append([])
+        blocks[-1].append(call)
+    kept = [b for i, b in enumerate(blocks) if i == 0 or b != blocks[i - 1]]
+    return [c for b in kept for c in b]
+
+
+@check
+def one_loop_for_both_backends() -> dict[str, Any]:
+    """Both back-ends run the executor's one loop (tvlang/executor.py): for TIES, per tensor and
+    over the whole model, the GPU back-end sees the very begin / chunk / end calls the CPU back-end
+    sees, in the same order (the model-wide rounds, then each tensor's reduction passes and its
+    output pass; a reduction pass repeated for the device's radix rounds), and writes the same bits."""
+    import tvlang
+    from tvlang import runtime
+    from tvlang.backends import gpu
+    from tvlang.executor import OperandPass
+
+    seen: list[tuple[Any, ...]] = []
+    names = ("begin", "reduce_chunk", "output_chunk", "operand_chunk", "end")
+    originals = {(cls, n): getattr(cls, n) for cls in (runtime.CpuBackend, gpu.GpuBackend) for n in names}
+
+    def recorded(name: str, original: Any) -> Any:
+        def wrapper(self: Any, p: Any, *args: Any) -> Any:
+            label = ("operand", p.operand, p.round_) if isinstance(p, OperandPass) else ("pass", p.q)
+            seen.append((name, p.task.name, label, *args[:2]))
+            return original(self, p, *args)
+
+        return wrapper
+
+    for (cls, n), original in originals.items():
+        setattr(cls, n, recorded(n, original))
+    out: dict[str, Any] = {}
+    try:
+        s = states(8, 3, ((3 * BLOCK + 5,), (37, 11), (1,)))
+        for expr in (
+            "base + ties(m1 - base, m2 - base, density=0.4)",
+            'base + ties(m1 - base, m2 - base, density=0.4, scope="model")',
+        ):
+            calls = {}
+            for device in ("cpu", "cuda"):
+                del seen[:]
+                tvlang.evaluate(expr, bindings=bind(s), device=device, threads=1, chunk=BLOCK)
+                calls[device] = list(seen)
+            # The device selects a tensor's k-th largest values by radix rounds, so it runs each such
+            # reduction pass again (float32: twice); the CPU's sampled bracket takes the pass once.
+            assert _passes_once(calls["cuda"]) == calls["cpu"], (calls["cpu"][:20], calls["cuda"][:20])
+            if "scope" not in expr:
+                assert len(calls["cuda"]) > len(calls["cpu"])
+            kinds = {c[0] for c in calls["cpu"]}
+            assert {"begin", "output_chunk", "end"} <= kinds and kinds & {"reduce_chunk", "operand_chunk"}
+            out[expr] = {"calls": len(calls["cpu"]), **both(expr, bind(s), chunk=BLOCK)}
+    finally:
+        for (cls, n), original in originals.items():
+            setattr(cls, n, original)
+    return out
+
+
 @check
 def linear_dtypes() -> dict[str, Any]:
     out: dict[str, Any] = {}

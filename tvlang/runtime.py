@@ -1,11 +1,13 @@
-"""Execute a plan: read chunk → kernel → write, on a small pool of threads.
+"""The CPU back-end: read chunk → kernel → write, one chunk at a time, for the executor's workers.
 
-Nothing here decides anything: chunk size, kernels, dtypes and thread count
-all come from the :class:`~tvlang.plan.Plan`.  Work items are chunk ranges of
-tensors, handed out in plan order; torch runs one intra-op thread per worker
-(measured on a shared 2-core machine: OpenMP regions inside small ops wait on
-descheduled threads, and ran 3–20× slower than one thread), and parallelism
-comes from the workers.
+Nothing here decides anything, and nothing here loops over tasks or passes: chunk size, kernels,
+dtypes and thread count come from the :class:`~tvlang.plan.Plan`, and the order of tasks, passes
+and chunks from :mod:`tvlang.executor`, which :func:`execute` runs with :class:`CpuBackend` (the
+GPU back-end hands it the tasks it has no kernel for).  Each chunk is finished when its call
+returns, so the chunks of one-pass tasks are shared by ``plan.threads`` workers; torch runs one
+intra-op thread per worker (measured on a shared 2-core machine: OpenMP regions inside small ops
+wait on descheduled threads, and ran 3–20× slower than one thread), and parallelism comes from the
+workers.
 
 Chunks of files are numpy arrays, and a plan whose every task has a compiled
 kernel runs without importing torch: the kernels write numpy buffers, copies of
@@ -29,10 +31,9 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
@@ -41,8 +42,9 @@ from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_fini
 from tvlang.backends.interpreter import ProgramState
 from tvlang.backends.reductions import KthLargest
 from tvlang.chunks import Chunk, is_torch, numpy_dtype, to_torch
-from tvlang.dtypes import ITEMSIZE, torch_dtype
+from tvlang.dtypes import torch_dtype
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
+from tvlang.executor import Execution, OperandPass, Pass, model_round, run_plan
 from tvlang.io.endpoints import Sink, Source
 from tvlang.options import NONFINITE_MODES
 from tvlang.plan.plan import (
@@ -196,13 +198,10 @@ def check_nonfinite_mode(mode: str) -> str:
     return mode
 
 
-WHOLE_TASK = -1  # a work item that runs every pass of a task with reductions, in one worker
-
-
 @dataclass
 class Run:
-    """What every chunk of one execution shares (the GPU backend makes one for the tasks it
-    hands back to this CPU path)."""
+    """What every chunk of one execution on the CPU back-end shares (the GPU back-end makes one for
+    the tasks it hands back to the CPU, and for the chunks it redoes there)."""
 
     plan: Plan
     sources: Sequence[Source]
@@ -211,12 +210,64 @@ class Run:
     report: NonFiniteReport
     model_values: Mapping[int, float]
     kernels: Kernels | None = None
-    progress: Progress | None = None
-    failed: threading.Event = field(default_factory=threading.Event)
 
     def state(self, task: TensorTask) -> ProgramState:
         """A fresh run of ``task``'s program (its per-tensor numbers, its reductions' accumulators)."""
         return ProgramState.of_task(self.plan, task, self.model_values, self.kernels)
+
+
+class CpuBackend:
+    """The CPU back-end of the executor (:mod:`tvlang.executor`): each chunk through the task's
+    compiled kernel, or eagerly in torch, finished before the call returns (so the chunks of
+    one-pass tasks are shared by the workers); nothing in flight, nothing to wait for."""
+
+    parallel = True
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.kernels = run.kernels
+
+    def prepare(self, task: TensorTask) -> bool:
+        return True
+
+    def begin(self, p: Pass | OperandPass) -> None:
+        return None
+
+    def reduce_chunk(self, p: Pass, start: int, stop: int, scratch: Scratch) -> None:
+        assert p.state is not None
+        sources, name = self.run.sources, p.task.name
+        views = {i: sources[i].read(name, start, stop) for i in p.task.reads}
+        p.state.feed(p.q, views, start, stop, scratch)
+        for i in p.task.reads:
+            sources[i].release(name, start, stop)
+
+    def output_chunk(self, p: Pass, start: int, stop: int, scratch: Scratch) -> None:
+        run_chunk(self.run, p.task, start, stop, scratch, p.state)
+
+    def sample(self, p: Pass, positions: np.ndarray[Any, Any], scratch: Scratch) -> None:
+        assert p.state is not None
+        gathered = {i: self.run.sources[i].gather(p.task.name, positions) for i in p.task.reads}
+        views = {i: g for i, g in gathered.items() if g is not None}
+        if len(views) == len(gathered):  # (else the first chunk brackets the selection)
+            p.state.feed_sample(p.q, views, scratch)
+
+    def operand_chunk(self, p: OperandPass, start: int, stop: int, scratch: Scratch) -> None:
+        sources, name = self.run.sources, p.task.name
+        views = {i: sources[i].read(name, start, stop) for i in p.task.reads}
+        value = p.state.value(p.operand, views, start, stop, scratch)
+        p.select.add(_float64(value, scratch), start, p.round_)
+        for i in p.task.reads:
+            sources[i].release(name, start, stop)
+
+    def end(self, p: Pass | OperandPass) -> None:
+        return None
+
+    def selector(self, red: ModelReduction) -> KthLargest:
+        kernels = self.kernels
+        return KthLargest(red.k, red.numel, "F64", kernels.histogram if kernels is not None else None)
+
+    def flush(self) -> None:
+        return None
 
 
 def torch_views(plan: Plan, task: TensorTask, views: Mapping[int, Chunk]) -> dict[int, torch.Tensor]:
@@ -266,22 +317,6 @@ class _TorchThreads:
             sys.modules["torch"].set_num_threads(self.previous)
 
 
-def _work(plan: Plan) -> Iterator[tuple[TensorTask, int, int]]:
-    for task in plan.tasks:
-        if task.passes > 1:
-            yield task, WHOLE_TASK, WHOLE_TASK
-            continue
-        yield from task_chunks(plan, task)
-
-
-def task_chunks(plan: Plan, task: TensorTask) -> Iterator[tuple[TensorTask, int, int]]:
-    n, chunk = task.numel, task.chunk or plan.chunk
-    if n == 0:
-        yield task, 0, 0
-    for start in range(0, n, chunk):
-        yield task, start, min(n, start + chunk)
-
-
 def execute(
     plan: Plan,
     sources: Sequence[Source],
@@ -291,7 +326,8 @@ def execute(
     nonfinite: str = "error",
     model_values: Mapping[int, float] | None = None,
 ) -> NonFiniteReport:
-    """Run every chunk of every tensor task; the first exception stops the run and is re-raised.
+    """Run every chunk of every tensor task on the CPU back-end, ``plan.threads`` workers sharing
+    them (:func:`tvlang.executor.run_plan`); the first exception stops the run and is re-raised.
 
     ``nonfinite``: ``"error"`` raises E308/E309 at the first NaN/±inf in an output chunk,
     ``"warn"`` counts them into the returned report, ``"propagate"`` does not look.
@@ -299,60 +335,16 @@ def execute(
     distributed run reduces them over every unit, then runs each unit's tasks here).
     """
     check_nonfinite_mode(nonfinite)
-    values: dict[int, float] = {}
     kernels = prepare_kernels(plan) if plan.kernels == "compiled" else None
-    run = Run(plan, sources, sinks, nonfinite, NonFiniteReport(plan), values, kernels, progress)
-    items = _work(plan)
-    lock = threading.Lock()
-    failed = run.failed
-    per_chunk_bytes = {
-        id(task): sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
-        + sum(ITEMSIZE[w.dtype] for w in task.writes)
-        for task in plan.tasks
-    }
-
-    def worker() -> None:
-        scratch = Scratch()
-        while not failed.is_set():
-            with lock:
-                item = next(items, None)
-            if item is None:
-                return
-            task, start, stop = item
-            try:
-                if start == WHOLE_TASK:
-                    run_task(run, task, scratch)
-                else:
-                    run_chunk(run, task, start, stop, scratch)
-            except BaseException:
-                failed.set()
-                raise
-            if progress is not None and start != WHOLE_TASK:
-                progress.advance((stop - start) * per_chunk_bytes[id(task)])
-
+    ex = Execution(plan, progress)
+    run = Run(plan, sources, sinks, nonfinite, NonFiniteReport(plan), ex.model_values, kernels)
+    cpu = CpuBackend(run)
     threads = _TorchThreads()
     threads.enter(plan.kernels != "compiled" or _eager_tasks(plan, kernels))
     try:
-        if model_values is None:
-            model_values = _model_reductions(plan, sources, progress, kernels)
-        values.update(model_values)
-        if plan.threads <= 1:
-            worker()
-        else:
-            with ThreadPoolExecutor(plan.threads, thread_name_prefix="tvlang") as pool:
-                try:
-                    futures = [pool.submit(worker) for _ in range(plan.threads)]
-                    errors = [f.exception() for f in futures]
-                except BaseException:  # Ctrl-C lands here: stop the workers after their chunk, not at the end
-                    failed.set()
-                    raise
-            first = next((e for e in errors if e is not None), None)
-            if first is not None:
-                raise first
+        run_plan(ex, cpu, cpu, workers=plan.threads, model_values=model_values)
     finally:
         threads.exit()
-    if progress is not None:
-        progress.finish()
     return run.report
 
 
@@ -458,83 +450,6 @@ def _copy(write: TensorWrite, views: Mapping[int, Chunk], scratch: Scratch, n: i
     return buf
 
 
-def run_task(run: Run, task: TensorTask, scratch: Scratch) -> None:
-    """Every pass of a task with reductions: the reduction passes feed the program's accumulators
-    chunk by chunk, then the last pass writes the outputs."""
-    plan, sources = run.plan, run.sources
-    state = run.state(task)
-    read_bytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
-    write_bytes = sum(ITEMSIZE[w.dtype] for w in task.writes)
-
-    def read(start: int, stop: int) -> dict[int, Chunk]:
-        return {i: sources[i].read(task.name, start, stop) for i in task.reads}
-
-    def release(start: int, stop: int) -> None:
-        for i in task.reads:
-            sources[i].release(task.name, start, stop)
-
-    for q in range(1, task.passes):
-        repeat = False  # a selection whose sampled bracket missed runs the pass again (radix rounds)
-        while not run.failed.is_set():
-            positions = state.sample_positions(q, task.chunk or plan.chunk)
-            if positions is not None:
-                gathered = {i: sources[i].gather(task.name, positions) for i in task.reads}
-                if all(g is not None for g in gathered.values()):
-                    state.feed_sample(q, cast(dict[int, Chunk], gathered), scratch)
-            for _, start, stop in task_chunks(plan, task):
-                if run.failed.is_set():
-                    return
-                state.feed(q, read(start, stop), start, stop, scratch)
-                release(start, stop)
-                if run.progress is not None and not repeat:  # (the plan counts each pass once)
-                    run.progress.advance((stop - start) * read_bytes)
-            if state.end_pass(q):
-                break
-            repeat = True
-    for _, start, stop in task_chunks(plan, task):
-        if run.failed.is_set():
-            return
-        run_chunk(run, task, start, stop, scratch, state)
-        if run.progress is not None:
-            run.progress.advance((stop - start) * (read_bytes + write_bytes))
-
-
-SelectT = TypeVar("SelectT", bound=KthLargest)
-
-
-def _model_reductions(
-    plan: Plan, sources: Sequence[Source], progress: Progress | None, kernels: Kernels | None = None
-) -> dict[int, float]:
-    """Model-wide k-th largest values, before any tensor is written: an exact float64 radix selection
-    whose every round is one pass over every chunk of every tensor that uses it."""
-    scratch = Scratch()
-    return select_model_values(
-        plan,
-        lambda red: KthLargest(red.k, red.numel, "F64", kernels.histogram if kernels is not None else None),
-        lambda red, select, round_: model_reduction_round(
-            plan, sources, red, select, round_, scratch, progress, kernels
-        ),
-    )
-
-
-def select_model_values(
-    plan: Plan,
-    selector: Callable[[ModelReduction], SelectT],
-    feed: Callable[[ModelReduction, SelectT, int], None],
-) -> dict[int, float]:
-    r"""Model-wide k-th largest values, the one skeleton every backend runs: per selection (made by
-    ``selector``: on the CPU or on the device), each round ``feed``\ s it every chunk of every tensor
-    that uses it, then closes the round; the last round's result is the value."""
-    values: dict[int, float] = {}
-    for red in plan.model_reductions:
-        select = selector(red)
-        for round_ in range(select.rounds):
-            feed(red, select, round_)
-            select.end_round()
-        values[red.key] = select.result()
-    return values
-
-
 def model_reduction_round(
     plan: Plan,
     sources: Sequence[Source],
@@ -545,20 +460,11 @@ def model_reduction_round(
     progress: Progress | None = None,
     kernels: Kernels | None = None,
 ) -> None:
-    """One round of ``red``'s selection: every chunk of every tensor of ``plan`` that uses it, added to
-    ``select``'s histogram (a distributed run adds each unit's histograms on the driver)."""
-    for task_index, operand in red.users:
-        task = plan.tasks[task_index]
-        assert task.program is not None
-        state = ProgramState.of_task(plan, task, kernels=kernels)
-        nbytes = sum(ITEMSIZE[plan.inputs[i].tensors[task.name].dtype] for i in task.reads)
-        for _, start, stop in task_chunks(plan, task):
-            views = {i: sources[i].read(task.name, start, stop) for i in task.reads}
-            select.add(_float64(state.value(operand, views, start, stop, scratch), scratch), start, round_)
-            for i in task.reads:
-                sources[i].release(task.name, start, stop)
-            if progress is not None:
-                progress.advance((stop - start) * nbytes)
+    """One round of ``red``'s selection on the CPU back-end: every chunk of every tensor of ``plan``
+    that uses it, added to ``select``'s histogram (a distributed run adds each unit's histograms on
+    the driver)."""
+    run = Run(plan, sources, (), "propagate", NonFiniteReport(plan), {}, kernels)
+    model_round(Execution(plan, progress), CpuBackend(run), red, select, round_, scratch)
 
 
 def _float64(values: Any, scratch: Scratch) -> Chunk:
@@ -659,10 +565,13 @@ def _nonfinite_error(
 
 __all__ = [
     "NONFINITE_MODES",
+    "CpuBackend",
     "NonFiniteReport",
     "Progress",
+    "Run",
     "check_nonfinite_mode",
     "execute",
     "model_reduction_round",
-    "select_model_values",
+    "run_chunk",
+    "write_to_sink",
 ]

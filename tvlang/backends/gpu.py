@@ -1,7 +1,10 @@
 """The GPU backend: every task's fused Triton kernel, with checkpoints streamed through the device.
 
 Same contract as :func:`tvlang.runtime.execute`; the same plan gives the same
-outputs (see docs/gpu.md for where bits may differ).  Per task:
+outputs (see docs/gpu.md for where bits may differ).  The loop is not here: the
+executor (:mod:`tvlang.executor`) drives the tasks, their passes and their
+chunks, as it does for the CPU backend; :class:`GpuBackend` supplies the
+kernels and the staging buffers for one chunk at a time.  Per task:
 
 - the task's float outputs come from one generated kernel
   (:func:`tvlang.codegen.spec.task_spec`, :mod:`tvlang.codegen.triton`); a task
@@ -14,14 +17,15 @@ outputs (see docs/gpu.md for where bits may differ).  Per task:
   model-wide selections likewise, before any tensor is written.
 
 Streaming (CUDA): chunks go through ``SLOTS`` staging slots, each a pinned host
-buffer and a device buffer.  Chunk k+1 is copied host→device on a copy stream
-while chunk k computes on the compute stream and chunk k-1 is copied back on a
-third stream; events order the three, and a worker thread writes each chunk
-once its copy back has finished.  Device memory is the slots (about the
+buffer and a device buffer, and a pass's chunks are in flight together until
+the executor ends the pass (:meth:`GpuBackend.end`).  Chunk k+1 is copied
+host→device on a copy stream while chunk k computes on the compute stream and
+chunk k-1 is copied back on a third stream; events order the three, and a
+worker thread writes each chunk once its copy back has finished.  Device memory is the slots (about the
 plan's memory budget) plus reduction temporaries, never a whole model.
 In-memory inputs already on the device are read in place.
 
-Under ``TRITON_INTERPRET=1`` the same executor runs with ``device="cpu"``: CPU
+Under ``TRITON_INTERPRET=1`` the same back-end runs with ``device="cpu"``: CPU
 tensors, one slot, no streams, no pinning, so the whole pipeline is tested
 without a GPU.
 
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,8 +57,9 @@ from tvlang.backends.reductions import DIGIT, BlockSum, Count, KthLargest, block
 from tvlang.chunks import Chunk, is_torch, to_torch
 from tvlang.codegen import triton as tcg
 from tvlang.codegen.spec import ACC, KernelCall, Unsupported, program_spec, task_spec
-from tvlang.dtypes import ITEMSIZE, code_of, torch_dtype
+from tvlang.dtypes import code_of, torch_dtype
 from tvlang.errors import TvParamError
+from tvlang.executor import Execution, OperandPass, Pass, run_plan
 from tvlang.io.endpoints import IntoSink, Sink, Source
 from tvlang.plan.plan import (
     SLOTS,
@@ -68,14 +73,12 @@ from tvlang.plan.plan import (
 )
 from tvlang.plan.tensor_program import TensorProgram
 from tvlang.runtime import (
+    CpuBackend,
     NonFiniteReport,
     Progress,
     Run,
     check_nonfinite_mode,
     run_chunk,
-    run_task,
-    select_model_values,
-    task_chunks,
     write_to_sink,
 )
 
@@ -242,51 +245,57 @@ def _arena_bytes(sizes: Sequence[tuple[int, torch.dtype]]) -> int:
 
 
 @dataclass(frozen=True)
-class _Pass:
+class _Launch:
     """One streamed pass over a task's chunks: which inputs, which kernel, what happens to its outputs."""
 
     task: TensorTask
-    bound: KernelCall | None
+    bound: KernelCall
     params: tuple[float, ...]
     keys: tuple[int, ...]
     on_device: Callable[[int, list[torch.Tensor]], None] | None  # (start, outputs) on the compute stream
     finish: Callable[[int, int, list[torch.Tensor]], None] | None  # host outputs, once back
-    moved: int  # bytes per element, for progress
 
 
-class _Executor:
+@dataclass(frozen=True)
+class _Open:
+    """The pass being streamed: its launch and the dtypes of a slot's views (inputs, then outputs)."""
+
+    launch: _Launch
+    dtypes: list[torch.dtype]
+    inputs: int  # how many of ``dtypes`` are the kernel's inputs
+
+
+class GpuBackend:
+    """The GPU back-end of the executor (:mod:`tvlang.executor`): each chunk of a pass staged into
+    the next slot, its kernel launched and its outputs finished once back, the chunks of a pass in
+    flight together; :meth:`end` waits for them."""
+
+    parallel = False  # one worker: the slots, streams and events are this back-end's alone
+    kernels = None  # programs' other chunk work runs on the device or, handed back, eagerly
+
     def __init__(
         self,
-        plan: Plan,
+        ex: Execution,
         sources: Sequence[Source],
         sinks: Sequence[Sink],
-        progress: Progress | None,
         nonfinite: str,
         device: torch.device,
     ) -> None:
-        self.plan = plan
+        self.ex = ex
+        self.plan = ex.plan
         self.sources = sources
         self.host_sources: list[Source] = [_HostSource(s) for s in sources]
         self.sinks = sinks
-        self.progress = progress
         self.nonfinite = nonfinite
         self.device = device
         self.cuda = device.type == "cuda"
-        self.report = NonFiniteReport(plan)
-        self.model_values: dict[int, float] = {}
-        self.failed = threading.Event()
+        self.report = NonFiniteReport(ex.plan)
+        self.failed = ex.failed
         # the CPU path, for what no kernel computes and for chunks whose NaN/±inf need explaining
-        self.cpu = Run(
-            plan,
-            self.host_sources,
-            sinks,
-            nonfinite,
-            self.report,
-            self.model_values,
-            None,
-            progress,
-            self.failed,
-        )
+        self.cpu = Run(ex.plan, self.host_sources, sinks, nonfinite, self.report, ex.model_values, None)
+        self.bound: dict[int, KernelCall] = {}  # the output kernel of each task prepare() took, by id
+        self.current: _Open | None = None  # the pass being streamed (None: an operand on the host)
+        self.after: Callable[[], None] | None = None  # what end() does once the pass's chunks are done
         self.local = threading.local()
         self.slots: list[_Slot] = []
         self.slot_bytes = 0
@@ -337,44 +346,105 @@ class _Executor:
         if first is not None:
             raise first
 
+    # -- the executor's protocol
+
+    def prepare(self, task: TensorTask) -> bool:
+        """Whether a generated kernel computes ``task``: float outputs and no copies among its writes,
+        not one of the plan's eager tasks (:func:`tvlang.codegen.spec.eager_tasks`), and a spec the
+        generator supports.  The executor hands any other task to the CPU back-end."""
+        writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
+        if (
+            not writes
+            or not task.numel
+            or task.name in self.plan.eager
+            or any(isinstance(w.kernel, Copy) for w in task.writes)
+        ):
+            return False
+        try:
+            self.bound[id(task)] = task_spec(task, self.plan.input_dtypes(task))
+        except Unsupported:
+            return False
+        return True
+
+    def begin(self, p: Pass | OperandPass) -> None:
+        if isinstance(p, OperandPass):
+            self.begin_operand(p)
+        elif p.output:
+            self.begin_output(p)
+        else:
+            self.begin_reduction(p)
+
+    def reduce_chunk(self, p: Pass, start: int, stop: int, scratch: Scratch) -> None:
+        self.submit(start, stop)
+
+    def output_chunk(self, p: Pass, start: int, stop: int, scratch: Scratch) -> None:
+        self.submit(start, stop)
+
+    def operand_chunk(self, p: OperandPass, start: int, stop: int, scratch: Scratch) -> None:
+        if self.current is not None:
+            self.submit(start, stop)
+            return
+        # no kernel computes this operand: the CPU path's value, added on the device in stream order
+        task = p.task
+        views = {j: self.host_sources[j].read(task.name, start, stop) for j in task.reads}
+        value = p.state.value(p.operand, views, start, stop, scratch)
+        with torch.cuda.stream(self.compute) if self.cuda else _nothing():  # in order
+            p.select.add(value.to(self.device, torch.float64), start, p.round_)
+        for j in task.reads:
+            self.host_sources[j].release(task.name, start, stop)
+
+    def end(self, p: Pass | OperandPass) -> None:
+        """Wait for every chunk of the pass (re-raising the first failure), then do what the pass
+        does after its last chunk."""
+        self.drain()
+        self.current = None
+        after, self.after = self.after, None
+        if after is not None:
+            after()
+
+    def selector(self, red: ModelReduction) -> DeviceKth:
+        """A model-wide selection whose histograms are counted on the device."""
+        return DeviceKth(red.k, red.numel, torch.float64, self.device)
+
+    def flush(self) -> None:
+        self.sync()
+
     # -- one pass
 
-    def stream(self, p: _Pass) -> None:
-        """Run a pass over every chunk of its task, overlapping copies and compute on CUDA."""
-        task, spec = p.task, p.bound.spec if p.bound is not None else None
-        assert spec is not None and p.bound is not None
+    def open(self, p: _Launch) -> None:
+        """Start streaming a pass: the slots sized for one chunk of its inputs and outputs."""
+        task, spec = p.task, p.bound.spec
         dtypes = [torch_dtype(d) for d in spec.inputs]
         out_dtypes = [torch_dtype(spec.acc if d == ACC else d) for _, d in spec.outputs]
         chunk = max(1, task.chunk or self.plan.chunk)  # the plan's (tvlang.plan.planner.gpu_chunk)
         sizes = [(min(chunk, task.numel), d) for d in dtypes + out_dtypes]
-        slots = self.slots_for(_arena_bytes(sizes))
-        for start, stop in _ranges(task.numel, chunk):
-            if self.failed.is_set():
-                break
-            slot = slots[self.count % len(slots)]
-            self.count += 1
-            if slot.pending is not None:
-                pending, slot.pending = slot.pending, None
-                pending.result()  # its outputs are written: the host buffer is free again
-            if slot.copied_in is not None:
-                slot.copied_in.synchronize()  # its inputs are on the device: the host buffer is free again
-            n = stop - start
-            host, dev = slot.views([(n, d) for d in dtypes + out_dtypes])
-            k = len(dtypes)
-            inputs = self.stage(task, p.bound.inputs, slot, start, stop, host[:k], dev[:k])
-            self.launch(p, slot, start, inputs, host[k:], dev[k:])
-            if p.finish is None:
-                self.advance(n * p.moved)
-                continue
-            finish = p.finish
-            if self.pool is None:
-                finish(start, stop, host[k:])
-                self.advance(n * p.moved)
-            else:
-                slot.pending = self.pool.submit(
-                    self.complete, slot, finish, start, stop, host[k:], n * p.moved
-                )
-        self.drain()
+        self.slots_for(_arena_bytes(sizes))
+        self.current = _Open(p, dtypes + out_dtypes, len(dtypes))
+
+    def submit(self, start: int, stop: int) -> None:
+        """One chunk of the open pass: staged into the next slot, launched, and finished once back;
+        on CUDA the copies and the compute of neighbouring chunks overlap."""
+        o = self.current
+        assert o is not None
+        p, slots, k = o.launch, self.slots, o.inputs
+        slot = slots[self.count % len(slots)]
+        self.count += 1
+        if slot.pending is not None:
+            pending, slot.pending = slot.pending, None
+            pending.result()  # its outputs are written: the host buffer is free again
+        if slot.copied_in is not None:
+            slot.copied_in.synchronize()  # its inputs are on the device: the host buffer is free again
+        n = stop - start
+        host, dev = slot.views([(n, d) for d in o.dtypes])
+        inputs = self.stage(p.task, p.bound.inputs, slot, start, stop, host[:k], dev[:k])
+        self.launch(p, slot, start, inputs, host[k:], dev[k:])
+        if p.finish is None:
+            return
+        finish = p.finish
+        if self.pool is None:
+            finish(start, stop, host[k:])
+        else:
+            slot.pending = self.pool.submit(self.complete, slot, finish, start, stop, host[k:])
 
     def stage(
         self,
@@ -410,7 +480,7 @@ class _Executor:
 
     def launch(
         self,
-        p: _Pass,
+        p: _Launch,
         slot: _Slot,
         start: int,
         inputs: list[torch.Tensor],
@@ -447,7 +517,6 @@ class _Executor:
         start: int,
         stop: int,
         host_out: list[torch.Tensor],
-        nbytes: int,
     ) -> None:
         if slot.copied_back is not None:
             slot.copied_back.synchronize()
@@ -456,55 +525,55 @@ class _Executor:
         except BaseException:
             self.failed.set()
             raise
-        self.advance(nbytes)
-
-    def advance(self, nbytes: int) -> None:
-        if self.progress is not None:
-            self.progress.advance(nbytes)
 
     def sync(self) -> None:
         if self.cuda:
             self.compute.synchronize()
 
-    # -- tasks
+    # -- the passes of a task
 
-    def read_bytes(self, task: TensorTask) -> int:
-        return sum(ITEMSIZE[d] for d in self.plan.input_dtypes(task).values())
+    def begin_reduction(self, p: Pass) -> None:
+        """Data pass ``q`` of a task with reductions: its operands by a kernel, reduced on the device
+        (the executor then closes the pass: ``state.end_pass``, and runs it again while a k-th
+        largest value needs another radix round: then only for those)."""
+        task, state, q = p.task, p.state, p.q
+        program = task.program
+        assert program is not None and state is not None
+        for i in program.reductions_in(q):
+            self.device_reducer(state, i)
+        work = state.running(q)
+        targets = _pass_targets(program, work)
+        bound = program_spec(program, targets, self.plan.input_dtypes(task))  # supported: task_spec was
+        params = tuple(state.scalars[i] for i in bound.params)
+        keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
 
-    def run_task(self, task: TensorTask) -> None:
-        writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
-        bound: KernelCall | None = None
-        if (
-            writes
-            and task.numel
-            and task.name not in self.plan.eager  # the plan's choice (tvlang.codegen.spec.eager_tasks)
-            and not any(isinstance(w.kernel, Copy) for w in task.writes)
-        ):
-            try:
-                bound = task_spec(task, self.plan.input_dtypes(task))
-            except Unsupported:
-                bound = None
-        if bound is None:
-            self.on_cpu(task)
-            return
-        state = None
-        if task.program is not None:
-            state = ProgramState.of_task(self.plan, task, self.model_values)
-            for q in range(1, task.passes):
-                self.reduction_pass(task, state, q)
+        def on_device(start: int, outs: list[torch.Tensor]) -> None:
+            state.reduce(work, dict(zip(targets, outs, strict=True)), start)
+
+        self.open(_Launch(task, bound, params, keys, on_device, None))
+        self.after = self.sync
+
+    def begin_output(self, p: Pass) -> None:
+        """The element-wise pass: the task's kernel, its outputs written from the host or, merged
+        into tensors on this device, copied there."""
+        task = p.task
+        bound = self.bound.pop(id(task))
+        state = p.state
+        if state is None and task.program is not None:
+            state = ProgramState.of_task(self.plan, task, self.ex.model_values)
         params = tuple(state.scalars[i] for i in bound.params) if state is not None else ()
         keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
-        moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
-
+        writes = [w for w in task.writes if isinstance(w.kernel, WeightedSum | ProgramOutput)]
+        launch = _Launch(task, bound, params, keys, None, None)
         targets = self.device_targets(task, writes)
         if targets is not None:
-            self.stream_into(_Pass(task, bound, params, keys, None, None, moved), targets, state)
+            self.stream_into(launch, targets, state)
             return
 
         def finish(start: int, stop: int, outs: list[torch.Tensor]) -> None:
             self.write_chunk(task, writes, state, start, stop, outs)
 
-        self.stream(_Pass(task, bound, params, keys, None, finish, moved))
+        self.open(replace(launch, finish=finish))
 
     def device_targets(self, task: TensorTask, writes: Sequence[TensorWrite]) -> list[torch.Tensor] | None:
         """The flat target of each write when every one is a float tensor on this device that the
@@ -524,7 +593,7 @@ class _Executor:
             found.append(flat)
         return found
 
-    def stream_into(self, p: _Pass, targets: list[torch.Tensor], state: ProgramState | None) -> None:
+    def stream_into(self, p: _Launch, targets: list[torch.Tensor], state: ProgramState | None) -> None:
         """The element-wise pass of a task merged into tensors on the device: each chunk's outputs
         copied into their targets on the compute stream, with a finiteness flag per chunk that the
         host reads once, after the last chunk; chunks that fail are redone on the CPU path, which
@@ -539,14 +608,17 @@ class _Executor:
             if check and stop > start:
                 flags.append((start, stop, torch.stack([_device_finite(o) for o in outs]).all()))
 
-        self.stream(replace(p, on_device=on_device))
-        self.sync()
-        if not flags:
-            return
-        finite = torch.stack([f for _, _, f in flags]).cpu().tolist()
-        for (start, stop, _), ok in zip(flags, finite, strict=True):
-            if not ok:
-                run_chunk(self.cpu, p.task, start, stop, self.scratch(), state)
+        def after() -> None:
+            self.sync()
+            if not flags:
+                return
+            finite = torch.stack([f for _, _, f in flags]).cpu().tolist()
+            for (start, stop, _), ok in zip(flags, finite, strict=True):
+                if not ok:
+                    run_chunk(self.cpu, p.task, start, stop, self.scratch(), state)
+
+        self.open(replace(p, on_device=on_device))
+        self.after = after
 
     def write_chunk(
         self,
@@ -565,32 +637,9 @@ class _Executor:
         for write, out in zip(writes, outs, strict=True):
             write_to_sink(self.sinks[write.output], task.name, start, out)
 
-    def reduction_pass(self, task: TensorTask, state: ProgramState, q: int) -> None:
-        """Data pass ``q`` of a task with reductions: its operands by a kernel, reduced on the device;
-        the pass repeats while a k-th largest value needs another radix round."""
-        program = task.program
-        assert program is not None
-        for i in program.reductions_in(q):
-            self.device_reducer(state, i)
-        while True:
-            work = state.running(q)
-            targets = _pass_targets(program, work)
-            bound = program_spec(program, targets, self.plan.input_dtypes(task))  # supported: task_spec was
-            params = tuple(state.scalars[i] for i in bound.params)
-            keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
-
-            def on_device(
-                start: int,
-                outs: list[torch.Tensor],
-                work: list[int] = work,
-                targets: tuple[int, ...] = targets,
-            ) -> None:
-                state.reduce(work, dict(zip(targets, outs, strict=True)), start)
-
-            self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
-            self.sync()
-            if state.end_pass(q):
-                return
+    def sample(self, p: Pass, positions: np.ndarray[Any, Any], scratch: Scratch) -> None:
+        """Nothing: the device's k-th largest values are radix selections, which take no sample."""
+        return None
 
     def device_reducer(self, state: ProgramState, i: int) -> None:
         """Swap the CPU accumulator the program state made for reduction ``i`` for a device one."""
@@ -607,61 +656,24 @@ class _Executor:
         else:
             state.reducers[i] = DeviceBlockSum()
 
-    def on_cpu(self, task: TensorTask) -> None:
-        """A task no generated kernel computes, on the CPU path of :mod:`tvlang.runtime`."""
-        scratch = self.scratch()
-        if task.passes > 1:
-            run_task(self.cpu, task, scratch)
+    def begin_operand(self, p: OperandPass) -> None:
+        """One round of a model-wide selection over one tensor that uses it: its operand from a
+        generated kernel, added on the device, or, where none computes it, from the CPU path
+        (:meth:`operand_chunk`)."""
+        task = p.task
+        assert task.program is not None
+        try:
+            bound = program_spec(task.program, (p.operand,), self.plan.input_dtypes(task))
+        except Unsupported:
             return
-        moved = self.read_bytes(task) + sum(ITEMSIZE[w.dtype] for w in task.writes)
-        for _, start, stop in task_chunks(self.plan, task):
-            run_chunk(self.cpu, task, start, stop, scratch)
-            self.advance((stop - start) * moved)
+        params = tuple(p.state.scalars[i] for i in bound.params)
+        keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
+        select, round_ = p.select, p.round_
 
-    def model_reductions(self) -> None:
-        """Model-wide k-th largest values (float64 radix selections over every user tensor's chunks,
-        histograms on the device), through the runtime's one skeleton (:func:`select_model_values`)."""
-        self.model_values.update(
-            select_model_values(
-                self.plan,
-                lambda red: DeviceKth(red.k, red.numel, torch.float64, self.device),
-                self.model_reduction_round,
-            )
-        )
+        def on_device(start: int, outs: list[torch.Tensor]) -> None:
+            select.add(outs[0].to(torch.float64), start, round_)
 
-    def model_reduction_round(self, red: ModelReduction, select: DeviceKth, round_: int) -> None:
-        """One round of ``red``'s selection: every chunk of every tensor that uses it, on the device
-        (its operand from a generated kernel) or, where none computes it, from the CPU path."""
-        for task_index, operand in red.users:
-            task = self.plan.tasks[task_index]
-            assert task.program is not None
-            state = ProgramState.of_task(self.plan, task)
-            try:
-                bound: KernelCall | None = program_spec(
-                    task.program, (operand,), self.plan.input_dtypes(task)
-                )
-            except Unsupported:
-                bound = None
-
-            def on_device(
-                start: int, outs: list[torch.Tensor], r: int = round_, sel: DeviceKth = select
-            ) -> None:
-                sel.add(outs[0].to(torch.float64), start, r)
-
-            if bound is None:
-                for start, stop in _ranges(task.numel, task.chunk or self.plan.chunk):
-                    views = {j: self.host_sources[j].read(task.name, start, stop) for j in task.reads}
-                    value = state.value(operand, views, start, stop, self.scratch())
-                    with torch.cuda.stream(self.compute) if self.cuda else _nothing():  # in order
-                        select.add(value.to(self.device, torch.float64), start, round_)
-                    for j in task.reads:
-                        self.host_sources[j].release(task.name, start, stop)
-                    self.advance((stop - start) * self.read_bytes(task))
-                continue
-            params = tuple(state.scalars[i] for i in bound.params)
-            keys = tuple(random_key(seed, stream, task.name) for seed, stream in bound.keys)
-            self.stream(_Pass(task, bound, params, keys, on_device, None, self.read_bytes(task)))
-        self.sync()
+        self.open(_Launch(task, bound, params, keys, on_device, None))
 
     def close(self) -> None:
         try:
@@ -669,6 +681,9 @@ class _Executor:
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
+
+
+_Executor = GpuBackend  # its former name (tests/triton_checks.py counts its write_chunk calls)
 
 
 def kernel_sources(plan: Plan) -> list[tuple[str, str]]:
@@ -733,13 +748,6 @@ def _cuda_event() -> Any:
     return torch.cuda.Event()  # type: ignore[no-untyped-call]
 
 
-def _ranges(n: int, chunk: int) -> Iterator[tuple[int, int]]:
-    if n == 0:
-        yield 0, 0
-    for start in range(0, n, chunk):
-        yield start, min(n, start + chunk)
-
-
 def execute_gpu(
     plan: Plan,
     sources: Sequence[Source],
@@ -765,23 +773,18 @@ def execute_gpu(
             help="set TRITON_INTERPRET=1 before triton is imported, or use the CPU backend (device cpu)",
             code="E402",
         )
-    ex = _Executor(plan, sources, sinks, progress, nonfinite, dev)
+    ex = Execution(plan, progress)
+    backend = GpuBackend(ex, sources, sinks, nonfinite, dev)
     previous_threads = torch.get_num_threads()
     if dev.type == "cpu":  # as the CPU backend: small host ops run faster on one intra-op thread
         torch.set_num_threads(1)
     try:
         with torch.cuda.device(dev) if dev.type == "cuda" else _nothing():
-            ex.model_reductions()
-            for task in plan.tasks:
-                if ex.failed.is_set():
-                    break
-                ex.run_task(task)
+            run_plan(ex, backend, CpuBackend(backend.cpu))
     finally:
         torch.set_num_threads(previous_threads)
-        ex.close()
-    if progress is not None:
-        progress.finish()
-    return ex.report
+        backend.close()
+    return backend.report
 
 
 class _nothing:
