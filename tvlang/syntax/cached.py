@@ -44,8 +44,8 @@ from tvlang.syntax.grammar import grammar_text
 FORMAT = 1  # of the entries' JSON; part of the key
 
 # The modules of this package whose source decides the AST of a text (the nodes, the limits,
-# the Lark transform, this encoding): their bytes are part of the key.
-SOURCES = ("ast.py", "grammar.py", "lalr.py", "cached.py")
+# the Lark transform, this encoding, the front that calls them): their bytes are part of the key.
+SOURCES = ("ast.py", "grammar.py", "lalr.py", "cached.py", "parser.py")
 
 # Every node type the encoding knows, by name; tests check that it is every class of ast.py.
 NODES: tuple[type, ...] = (
