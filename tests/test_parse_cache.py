@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,15 @@ def test_an_entry_that_cannot_be_encoded_is_not_stored(cache: Path) -> None:
     path = cache / "x.json"
     cached.store(path, other)
     assert not path.exists() and [p.name for p in cache.iterdir()] == [entry_of(GOOD).name]
+
+
+def test_the_cache_keeps_the_most_recently_used_entries(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cached, "MAX_ENTRIES", 4)
+    parse("keep = 1")
+    for i in range(8):
+        for old in cache.iterdir():
+            os.utime(old, ns=(i, i))  # every entry so far is old...
+        parse("keep = 1")  # ...until it is used again
+        parse(f"x = {i}")  # a miss: stored, then the cache is pruned
+    entries = set(cache.iterdir())
+    assert len(entries) <= 4 and entry_of("keep = 1") in entries and entry_of("x = 7") in entries

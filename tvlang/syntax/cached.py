@@ -12,6 +12,7 @@ Like Python's ``__pycache__`` for ``.tv`` files and expression strings:
 - **Keyed by** the SHA-256 of the text, its name and base directory, the grammar, the source of
   the modules that turn text into an AST (``SOURCES``), Lark's ``__init__`` (its version) and
   ``FORMAT``: changing any of them makes new keys, and the old entries are never read again.
+- **Size**: at most ``MAX_ENTRIES`` entries; past that, a miss removes the least recently used.
 - **Clearing** it is deleting the directory; nothing else refers to its files.
 
 Entries are data, never executed and never trusted blindly: an entry is rebuilt node by node
@@ -42,6 +43,7 @@ from tvlang.syntax import ast
 from tvlang.syntax.grammar import grammar_text
 
 FORMAT = 1  # of the entries' JSON; part of the key
+MAX_ENTRIES = 4096  # entries kept (about 1 KB each for a small program); see prune()
 
 # The modules of this package whose source decides the AST of a text (the nodes, the limits,
 # the Lark transform, this encoding, the front that calls them): their bytes are part of the key.
@@ -93,9 +95,12 @@ def load(path: Path, source: SourceText) -> ast.Program | None:
             data = json.load(f)
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("text") != source.text:
             return None
-        return decode(data["ast"], source)
+        program = decode(data["ast"], source)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: pruned last
+    return program
 
 
 def store(path: Path, program: ast.Program) -> None:
@@ -118,6 +123,25 @@ def store(path: Path, program: ast.Program) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        return
+    prune(path.parent)
+
+
+def prune(directory: Path) -> None:
+    """Keep the cache bounded: texts are open-ended (a script may format a new expression for each
+    of a thousand weights), so past ``MAX_ENTRIES`` files the least recently used are removed,
+    down to three quarters of it.  Run on a miss only, where Lark's import dwarfs the listing."""
+    try:
+        with os.scandir(directory) as it:
+            files = [(e.stat().st_mtime_ns, e.path) for e in it if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    if len(files) <= MAX_ENTRIES:
+        return
+    files.sort()
+    for _, old in files[: len(files) - MAX_ENTRIES * 3 // 4]:
+        with contextlib.suppress(OSError):
+            os.unlink(old)
 
 
 def encode(program: ast.Program) -> Any:
@@ -235,4 +259,16 @@ def _decode(v: Any, hint: Any, source: SourceText) -> Any:
     return cls(*(_decode(x, h, source) for x, (_, h) in zip(v[1:], fields, strict=True)))
 
 
-__all__ = ["FORMAT", "NODES", "SOURCES", "Invalid", "decode", "encode", "entry", "load", "store"]
+__all__ = [
+    "FORMAT",
+    "MAX_ENTRIES",
+    "NODES",
+    "SOURCES",
+    "Invalid",
+    "decode",
+    "encode",
+    "entry",
+    "load",
+    "prune",
+    "store",
+]
