@@ -2,7 +2,7 @@
 grammar in ``grammar/tvlang.lark`` (:mod:`tvlang.syntax.lalr`), whose result is then cached.
 
 A repeated run (the same program, the same expression) rebuilds its AST from the cache's JSON
-and never imports Lark, about a third of a small merge's start-up (docs/performance.md).
+and never imports Lark, about 20 ms of a small merge's start-up (docs/performance.md).
 
 >>> prog = parse("out = base + 0.4*(ft - base)")
 >>> type(prog.statements[0]).__name__, prog.statements[0].value.op
