@@ -111,6 +111,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "tvlang.chunks",
         ),
     ),
+    # the AST, the grammar's text and the parse cache: what a cached parse needs, without Lark
+    ("syntax tree", ("tvlang.syntax.ast", "tvlang.syntax.grammar", "tvlang.syntax.cached")),
     (
         "language",
         (

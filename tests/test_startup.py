@@ -1,5 +1,6 @@
 """A plain merge's start-up stays lean: what only job files, mergekit configs, LoRA outputs, `vocab`
-statements or error messages need is imported when they need it (docs/performance.md, "Start-up").
+statements or error messages need is imported when they need it, and Lark only when the text was
+not parsed before (docs/performance.md, "Start-up").
 
 Each command runs in a fresh process, which reports which of those modules it imported; a timing
 test would be flaky on a shared machine, this one is not.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,8 @@ LAZY = (
     "ctypes.util",
     "importlib.resources",
     "torch",
+    "lark",  # a text parsed before comes from the parse cache
+    "regex",  # (which Lark imports when it is installed)
 )
 
 REPORT = f"""\
@@ -46,8 +50,9 @@ print(json.dumps({{"code": code, "loaded": sorted(m for m in {LAZY!r} if m in sy
 """
 
 
-def run_cli(cwd: Path, *args: str) -> list[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def run_cli(cwd: Path, cache: Path, *args: str) -> list[str]:
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "TVLANG_CACHE": str(cache)}
     done = subprocess.run(
         [sys.executable, "-c", REPORT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
@@ -65,30 +70,63 @@ def playground(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own cache: kernels compiled once for its tests, parses of its own."""
+    return tmp_path_factory.mktemp("cache")
+
+
+EVAL = [
+    "eval",
+    "base + 0.4*(ft - base)",
+    "--bind",
+    "base=ckpt/base",
+    "--bind",
+    "ft=ckpt/amazon_sent",
+    "-o",
+    "one.safetensors",
+    "--force",
+]
+RUN = ["run", "sentiment.tv", "-o", "merged", "--force"]  # a directory: model card, side files
+
+
 @pytest.mark.skipif(c.compiler() is None, reason="no C compiler: merges run on the eager (torch) path")
 @pytest.mark.parametrize(
     "args",
     [
-        [
-            "eval",
-            "base + 0.4*(ft - base)",
-            "--bind",
-            "base=ckpt/base",
-            "--bind",
-            "ft=ckpt/amazon_sent",
-            "-o",
-            "one.safetensors",
-            "--force",
-        ],
-        ["run", "sentiment.tv", "-o", "merged", "--force"],  # a directory: model card, side files
+        EVAL,
+        RUN,
         ["check", "sentiment.tv"],
         ["plan", "sentiment.tv"],
     ],
     ids=["eval to a file", "run to a directory", "check", "plan"],
 )
-def test_a_plain_command_imports_none_of_the_optional_modules(playground: Path, args: list[str]) -> None:
-    run_cli(playground, *args)  # the first run may compile kernels (subprocess): the second may not
-    assert run_cli(playground, *args) == []
+def test_a_plain_command_imports_none_of_the_optional_modules(
+    playground: Path, cache: Path, args: list[str]
+) -> None:
+    run_cli(playground, cache, *args)  # the first may compile kernels (subprocess) and parse: not the second
+    assert run_cli(playground, cache, *args) == []
+
+
+def written(path: Path) -> dict[str, bytes]:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return {str(f.relative_to(path.parent)): f.read_bytes() for f in files if f.is_file()}
+
+
+@pytest.mark.skipif(c.compiler() is None, reason="no C compiler: merges run on the eager (torch) path")
+@pytest.mark.parametrize(
+    ("args", "output"), [(EVAL, "one.safetensors"), (RUN, "merged")], ids=["eval", "run"]
+)
+def test_a_repeated_merge_parses_from_the_cache_without_lark(
+    playground: Path, cache: Path, args: list[str], output: str
+) -> None:
+    """With an empty parse cache (kernels kept) the first run parses with Lark; the second reads its
+    AST from the cache, imports neither Lark nor ``regex``, and writes the same bytes."""
+    shutil.rmtree(cache / "parse", ignore_errors=True)
+    assert "lark" in run_cli(playground, cache, *args)
+    first = written(playground / output)
+    assert run_cli(playground, cache, *args) == []
+    assert written(playground / output) == first
 
 
 @pytest.mark.parametrize(
