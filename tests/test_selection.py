@@ -99,6 +99,19 @@ def test_a_gathered_sample_brackets_in_one_pass_and_a_misleading_one_falls_back(
     assert _select(x, k, 16_384, c.bracket_count(), misleading) == (_reference(x, k), 3)
 
 
+def test_the_bracket_comes_from_the_sample_alone_not_the_first_chunk() -> None:
+    """A tensor whose first chunk is unlike the rest (the first rows of an embedding): the sample
+    spread over the tensor brackets the answer, and the first chunk must not pull it away."""
+    rng = np.random.default_rng(8)
+    x = np.abs(rng.standard_normal(400_000)).astype(np.float32)
+    x[:16_384] *= 100
+    k = x.size // 2
+    assert _select(x, k, 16_384, c.bracket_count(), np.take(x, sample_positions(x.size))) == (
+        _reference(x, k),
+        1,
+    )
+
+
 def test_a_bracket_that_holds_too_many_keys_falls_back_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     x = np.random.default_rng(4).standard_normal(100_000).astype(np.float32)
     sel = SampledKth(50_000, x.size, "F32", c.bracket_count(), c.radix_histogram())

@@ -355,8 +355,10 @@ class SampledKth:
         ordered = np.partition(keys, picks) if picks else keys
         self.hi = int(ordered[m - upper]) if upper >= 1 else top
         self.lo = int(ordered[m - lower]) if lower <= m else 0
-        expected = n * (min(lower, m + 1) - max(upper, 0)) / m
-        cap = min(n, int(2 * expected) + 4096)
+        # Room for the keys strictly inside: the sample's share of them, MARGIN deviations more
+        # (the keys equal to lo or hi, often many where values repeat, are only counted).
+        share = int(np.count_nonzero((keys > self.lo) & (keys < self.hi))) / m
+        cap = min(n, int(n * (share + MARGIN * math.sqrt(share * (1 - share) / m))) + 4096)
         self.stash = np.empty(cap, dtype=np.uint64 if self.bits == 64 else np.uint32)
 
     def add(self, values: Chunk, start: int, round_: int) -> None:
@@ -366,8 +368,9 @@ class SampledKth:
         if self.radix is not None:
             self.radix.add(values, start, self.radix.round)
             return
-        if self.lo is None:  # nothing sampled: the tensor is one chunk (else its first chunk)
-            self.samples.append(key_array(_take(values, sample_positions(chunk_numel(values)))))
+        if self.lo is None:
+            if not self.samples:  # nothing sampled: the tensor is one chunk (else its first chunk)
+                self.samples.append(key_array(_take(values, sample_positions(chunk_numel(values)))))
             self._fix_bracket()
         assert self.lo is not None and self.stash is not None
         wide = "float64" if self.bits == 64 else "float32"
