@@ -221,16 +221,23 @@ def run_plan(
 def _work(
     plan: Plan, backend: ChunkBackend, fallback: ChunkBackend, *, share: bool
 ) -> Iterator[tuple[ChunkBackend, Pass, int, int, int]]:
-    """The work items in plan order: (back-end, pass, start, stop, bytes per element); ``share``:
-    the chunks of one-pass tasks on a ``parallel`` back-end are items of their own."""
+    """The work items: (back-end, pass, start, stop, bytes per element); ``share``: the chunks of
+    one-pass tasks on a ``parallel`` back-end are items of their own.  Shared among workers, the
+    whole tasks go first, largest first (so the last task to finish is a small one, not an
+    embedding that leaves the other workers idle), then the shared chunks in plan order; one
+    worker takes everything in plan order.  Outputs land at their offsets in any order."""
+    whole, shared = [], []
     for task in plan.tasks:
         chosen = backend if backend.prepare(task) else fallback
         if task.passes > 1 or not (share and chosen.parallel):
-            yield chosen, Pass(task, task.passes, None), WHOLE_TASK, WHOLE_TASK, 0
+            whole.append((chosen, Pass(task, task.passes, None), WHOLE_TASK, WHOLE_TASK, 0))
             continue
         p, moved = Pass(task, 1, None), moved_bytes(plan, task)
-        for start, stop in task_chunks(plan, task):
-            yield chosen, p, start, stop, moved
+        shared += [(chosen, p, start, stop, moved) for start, stop in task_chunks(plan, task)]
+    if share:
+        whole.sort(key=lambda item: -item[1].task.numel * item[1].task.passes)
+    yield from whole
+    yield from shared
 
 
 def run_task(ex: Execution, backend: ChunkBackend, task: TensorTask, scratch: Scratch) -> None:
