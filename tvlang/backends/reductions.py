@@ -30,6 +30,7 @@ import numpy as np
 
 from tvlang.chunks import Chunk, is_torch, storage, to_torch
 from tvlang.chunks import numel as chunk_numel
+from tvlang.codegen.c import STASH_SLACK
 from tvlang.ops import work_buffer
 from tvlang.plan.plan import BLOCK
 
@@ -345,7 +346,7 @@ class SampledKth:
         top = (1 << self.bits) - 1
         if m == 0:
             self.lo, self.hi = 0, top
-            self.stash = np.empty(0, dtype=np.uint64 if self.bits == 64 else np.uint32)
+            self.stash = np.empty(STASH_SLACK, dtype=np.uint64 if self.bits == 64 else np.uint32)
             return
         p = self.target / n
         rank = p * m  # the answer's expected rank among the sampled keys, from the top
@@ -358,7 +359,7 @@ class SampledKth:
         # Room for the keys strictly inside: the sample's share of them, MARGIN deviations more
         # (the keys equal to lo or hi, often many where values repeat, are only counted).
         share = int(np.count_nonzero((keys > self.lo) & (keys < self.hi))) / m
-        cap = min(n, int(n * (share + MARGIN * math.sqrt(share * (1 - share) / m))) + 4096)
+        cap = min(n, int(n * (share + MARGIN * math.sqrt(share * (1 - share) / m))) + 4096) + STASH_SLACK
         self.stash = np.empty(cap, dtype=np.uint64 if self.bits == 64 else np.uint32)
 
     def add(self, values: Chunk, start: int, round_: int) -> None:
@@ -408,7 +409,7 @@ class SampledKth:
         k = self.target - above  # the rank still to find, among the keys up to hi
         if 0 < k <= at_hi:
             self.fixed = key_to_float(self.hi, self.bits)
-        elif 0 < k - at_hi <= inside <= self.stash.size:
+        elif 0 < k - at_hi <= inside <= self.stash.size - STASH_SLACK:  # (else some were not kept)
             nth = inside - (k - at_hi)  # the ascending position of the (k - at_hi)-th largest kept
             self.fixed = key_to_float(int(np.partition(self.stash[:inside], nth)[nth]), self.bits)
         elif 0 < k - at_hi - inside <= at_lo:
