@@ -8,6 +8,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tvlang import cli
+from tvlang.backends import compiled
 from tvlang.backends.reductions import SAMPLE_MIN, SampledKth, key_array, key_to_float, sample_positions
 from tvlang.codegen import c
 
@@ -165,28 +167,30 @@ def test_sample_positions_spread_over_the_tensor() -> None:
     assert sample_positions(1000).tolist() == list(range(1000))
 
 
-def _family(tmp: Path) -> dict[str, str]:
-    """A base and three fine-tunes whose rows differ in scale, bf16 (the ties of bf16 deltas)."""
+def _family(tmp: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
+    """A base and three fine-tunes whose rows differ in scale (bf16: the ties of bf16 deltas;
+    float32: selections over float64 keys)."""
     g = torch.Generator().manual_seed(0)
     scale = torch.rand(600, 1, generator=g) * 3 + 0.05
-    base = {"w": torch.randn(600, 700, generator=g).bfloat16(), "b": torch.randn(700, generator=g).bfloat16()}
+    base = {"w": torch.randn(600, 700, generator=g).to(dtype), "b": torch.randn(700, generator=g).to(dtype)}
     paths = {}
     for i, name in enumerate(("base", "m1", "m2", "m3")):
         state = base if i == 0 else {
-            "w": (base["w"].float() + 0.01 * scale * torch.randn(600, 700, generator=g)).bfloat16(),
-            "b": (base["b"].float() + 0.01 * torch.randn(700, generator=g)).bfloat16(),
+            "w": (base["w"].float() + 0.01 * scale * torch.randn(600, 700, generator=g)).to(dtype),
+            "b": (base["b"].float() + 0.01 * torch.randn(700, generator=g)).to(dtype),
         }  # fmt: skip
         paths[name] = str(tmp / f"{name}.safetensors")
         save_file(state, paths[name])
     return paths
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ties_through_the_cli_is_the_same_when_every_bracket_misses(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:
     """Brackets that hold no answer (moved above every key): every selection then repeats its pass
     for the radix rounds, and the output bits do not change."""
-    paths = _family(tmp_path)
+    paths = _family(tmp_path, dtype)
     expr = "base + ties(m1 - base, m2 - base, m3 - base, density=0.4)"
     binds = [f"--bind={k}={v}" for k, v in paths.items()]
 
@@ -196,7 +200,19 @@ def test_ties_through_the_cli_is_the_same_when_every_bracket_misses(
         )
         return load_file(str(tmp_path / out))
 
+    fused: list[bool] = []
+    run_bracketed = compiled.Kernels.run_bracketed
+
+    def counted(self: compiled.Kernels, *args: Any, **kwargs: Any) -> bool:
+        fused.append(run_bracketed(self, *args, **kwargs))
+        return fused[-1]
+
+    monkeypatch.setattr(compiled.Kernels, "run_bracketed", counted)
     sampled = run("sampled.safetensors")
+    assert fused and all(fused)  # the pass's kernel counted its operands block by block
+    monkeypatch.setattr(compiled.Kernels, "run_bracketed", lambda *a, **k: False)
+    unfused = run("unfused.safetensors")  # the operands stored, then counted
+    monkeypatch.undo()
     eager = run("eager.safetensors", "--kernels", "eager")
     passes: list[int] = []
     end_round = SampledKth.end_round
@@ -215,9 +231,10 @@ def test_ties_through_the_cli_is_the_same_when_every_bracket_misses(
     monkeypatch.setattr(SampledKth, "end_round", counting)
     monkeypatch.setattr(SampledKth, "_fix_bracket", above_everything)
     missed = run("missed.safetensors")
-    assert max(passes) == 3  # the bracket pass, then two radix rounds (float32 keys)
+    assert max(passes) == (3 if dtype == torch.bfloat16 else 5)  # the bracket pass, then the radix rounds
     for name in sampled:
         assert torch.equal(sampled[name], eager[name]) and torch.equal(sampled[name], missed[name])
+        assert torch.equal(sampled[name], unfused[name])
     monkeypatch.undo()
     passes.clear()
     monkeypatch.setattr(SampledKth, "end_round", counting)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from tvlang.backends.cpu import Scratch
 from tvlang.backends.interpreter import random_key
 from tvlang.chunks import Chunk, holds, is_torch, storage_code
@@ -139,11 +141,7 @@ class Kernels:
         """One chunk of a reduction pass: per reduction of ``work``, its operand (k-th
         largest, count) or its float64 block sums (sum, dot, sumsq); None when no kernel does it.
         ``codes``: the inputs' dtypes, as the plan says."""
-        dtypes = input_codes(views, codes)
-        key = (id(program), tuple(work), tuple(sorted(dtypes.items())))
-        if key not in self._reductions:
-            self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes, "c"))
-        compiled = self._reductions[key]
+        compiled = self._reduction(program, work, input_codes(views, codes))
         if compiled is None:
             return None
         n = stop - start
@@ -155,6 +153,45 @@ class Kernels:
         ]
         keys = self.random_keys(compiled.bound, tensor)
         return outs if call(compiled, views, outs, scalars, keys, start, n, row) >= 0 else None
+
+    def run_bracketed(
+        self,
+        program: TensorProgram,
+        work: Sequence[int],
+        views: Mapping[int, Chunk],
+        scalars: Mapping[int, float],
+        tensor: str,
+        start: int,
+        stop: int,
+        selections: list[tuple[int, int, np.ndarray[Any, Any], np.ndarray[Any, Any]]],
+        codes: Mapping[int, str] | None = None,
+    ) -> bool:
+        """One chunk of a reduction pass whose reductions ``work`` are all k-th largest values with a
+        bracket (``selections``: each one's ``(lo, hi, stash, counts)``), counted as the pass's
+        kernel computes them, a block at a time (:meth:`tvlang.codegen.c.CKernel.bracketed`);
+        False (nothing counted) when no kernel does it."""
+        if self.bracket is None or program.row_wise:
+            return False
+        compiled = self._reduction(program, work, input_codes(views, codes))
+        if compiled is None:
+            return False
+        bound = compiled.bound
+        inputs = [views[i] for i in bound.inputs]
+        if not all(_takes(x, d) for x, d in zip(inputs, bound.spec.inputs, strict=True)):
+            return False
+        params = [scalars[i] for i in bound.params]
+        keys = self.random_keys(bound, tensor)
+        kernel = compiled.kernel
+        return kernel.bracketed(self.bracket, inputs, params, keys, start, stop - start, selections) >= 0
+
+    def _reduction(
+        self, program: TensorProgram, work: Sequence[int], dtypes: dict[int, str]
+    ) -> Compiled | None:
+        """The compiled kernel of a reduction pass's ``work`` (built once), or None."""
+        key = (id(program), tuple(work), tuple(sorted(dtypes.items())))
+        if key not in self._reductions:
+            self._reductions[key] = self._build(lambda: reduction_spec(program, work, dtypes, "c"))
+        return self._reductions[key]
 
     def random_keys(self, bound: KernelCall, tensor: str) -> list[int]:
         out = []

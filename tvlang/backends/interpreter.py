@@ -59,6 +59,19 @@ class Kernels(Protocol):
         codes: Mapping[int, str] | None = None,
     ) -> bool: ...
 
+    def run_bracketed(
+        self,
+        program: TensorProgram,
+        work: Sequence[int],
+        views: Mapping[int, Chunk],
+        scalars: Mapping[int, float],
+        tensor: str,
+        start: int,
+        stop: int,
+        selections: list[tuple[int, int, np.ndarray[Any, Any], np.ndarray[Any, Any]]],
+        codes: Mapping[int, str] | None = None,
+    ) -> bool: ...
+
     def run_reductions(
         self,
         program: TensorProgram,
@@ -399,6 +412,25 @@ class ProgramState:
         """Data pass ``q`` over one chunk: advance the reductions that run in it."""
         work = self.running(q)
         if self.kernels is not None:
+            brackets = [self.reducers[i] for i in work]
+            selections = [r.bracketing() for r in brackets if isinstance(r, SampledKth)]
+            if (
+                work
+                and len(selections) == len(work)
+                and all(sel is not None for sel in selections)
+                and self.kernels.run_bracketed(
+                    self.program,
+                    work,
+                    views,
+                    self.scalars,
+                    self.tensor,
+                    start,
+                    stop,
+                    [sel for sel in selections if sel is not None],
+                    self.codes,
+                )
+            ):
+                return
             outs = self.kernels.run_reductions(
                 self.program,
                 work,

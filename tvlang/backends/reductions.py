@@ -335,6 +335,18 @@ class SampledKth:
     def wants_sample(self) -> bool:
         return self.fixed is None and self.lo is None and self.radix is None
 
+    def bracketing(self) -> tuple[int, int, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """``(lo, hi, stash, counts)`` for a compiled count of the next chunk, once a sample has fixed
+        the bracket (None: nothing sampled yet, or the selection is not counting a bracket)."""
+        if self.fixed is not None or self.radix is not None:
+            return None
+        if self.lo is None:
+            if not self.samples:
+                return None
+            self._fix_bracket()
+        assert self.lo is not None and self.stash is not None
+        return self.lo, self.hi, self.stash, self.counts
+
     def sample(self, values: Chunk) -> None:
         """Keys of a sampled range of the tensor (before the pass)."""
         self.samples.append(key_array(values))

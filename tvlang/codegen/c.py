@@ -583,6 +583,54 @@ class CKernel:
     def __post_init__(self) -> None:
         w = self.spec.weights
         self._weights = (ctypes.c_double * max(1, len(w)))(*w)
+        self._address = ctypes.cast(self._fn, ctypes.c_void_p).value
+
+    def bracketed(
+        self,
+        counter: BracketCount,
+        inputs: list[Chunk],
+        params: list[float] | tuple[float, ...],
+        keys: list[int] | tuple[int, ...],
+        start: int,
+        n: int,
+        selections: list[tuple[int, int, np.ndarray[Any, Any], np.ndarray[Any, Any]]],
+    ) -> int:
+        """Run this reduction kernel (its outputs: one operand per selection, in the accumulation
+        dtype) over elements [0, n) a block at a time, counting each block of each operand against
+        its selection's bracket at once (``counter``'s count; ``selections``: per output its
+        ``(lo, hi, stash, counts)``, the counts updated in place), so no operand is stored.
+        Returns the kernel's result: negative when it computed nothing."""
+        assert not has_rows(self.spec) and len(selections) == len(self.spec.outputs)
+        assert all(dtype == ACC for _, dtype in self.spec.outputs)
+        for x in inputs:
+            assert numel(x) == n
+        wide = self.spec.acc == "F64"
+        key_t = ctypes.c_uint64 if wide else ctypes.c_uint32
+        k = len(selections)
+        buffers = _block_buffers(k, wide)
+        for _, _, stash, counts in selections:
+            assert stash.itemsize == (8 if wide else 4) and stash.flags.c_contiguous
+            assert counts.dtype == np.int64 and counts.size == 4 and counts.flags.c_contiguous
+        return int(
+            counter.driven[8 if wide else 4](
+                self._address,
+                n,
+                start,
+                len(inputs),
+                (ctypes.c_void_p * max(1, len(inputs)))(*[address(x) for x in inputs]),
+                (ctypes.c_int64 * max(1, len(inputs)))(*[x.itemsize for x in inputs]),
+                (ctypes.c_double * max(1, len(params)))(*params),
+                (ctypes.c_int64 * max(1, len(keys)))(*keys),
+                self._weights,
+                k,
+                address(buffers),
+                (key_t * k)(*[lo for lo, _, _, _ in selections]),
+                (key_t * k)(*[hi for _, hi, _, _ in selections]),
+                (ctypes.c_void_p * k)(*[address(stash) for _, _, stash, _ in selections]),
+                (ctypes.c_int64 * k)(*[stash.size for _, _, stash, _ in selections]),
+                (ctypes.c_void_p * k)(*[address(counts) for _, _, _, counts in selections]),
+            )
+        )
 
     def __call__(
         self,
@@ -617,6 +665,18 @@ class CKernel:
 
 _lock = threading.Lock()
 _loaded: dict[str, CKernel] = {}
+_blocks = threading.local()
+TV_BLOCK = 8192  # elements per block of CKernel.bracketed (the C source's TV_BLOCK)
+
+
+def _block_buffers(count: int, wide: bool) -> np.ndarray[Any, Any]:
+    """This thread's ``count`` operand blocks for :meth:`CKernel.bracketed` (kept in the cache)."""
+    dtype = np.float64 if wide else np.float32
+    buf: np.ndarray[Any, Any] | None = getattr(_blocks, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < count * TV_BLOCK:
+        buf = np.empty(count * TV_BLOCK, dtype=dtype)
+        _blocks.buf = buf
+    return buf
 
 
 def load(spec: KernelSpec) -> CKernel:
@@ -794,6 +854,38 @@ void tv_bracket64(const double *restrict x, int64_t n, uint64_t lo, uint64_t hi,
     tv_bracket64_portable(x, n, lo, hi, stash, cap, counts);
 }
 #endif
+
+/* A reduction pass whose every reduction is a bracketed selection, over one chunk: the pass's
+   generated kernel computes the operands a block at a time into buffers that stay in the cache,
+   and each block is counted against its selection's bracket at once (the same counts as the kernel
+   over the whole chunk, then a count of each operand).  Returns the kernel's first negative result,
+   else 0.  in_sizes: each input's element size; buffers: nsel blocks of TV_BLOCK floats; per
+   selection its bracket, stash and four counts, as tv_bracket32/64 take them. */
+typedef int64_t (*tv_kernel_t)(int64_t, int64_t, void *const *, void *const *, const double *,
+                               const int64_t *, const double *);
+#define TV_BLOCK 8192
+#define TV_MAX_ARGS 64
+#define TV_BRACKETED(NAME, FLOAT, UINT, COUNT)                                                          \
+int64_t NAME(tv_kernel_t kernel, int64_t n, int64_t start, int nin, void *const *in,                 \
+             const int64_t *in_sizes, const double *params, const int64_t *keys, const double *weights, \
+             int nsel, FLOAT *buffers, const UINT *lo, const UINT *hi, UINT *const *stash,            \
+             const int64_t *cap, int64_t *const *counts) {                                             \
+    void *ins[TV_MAX_ARGS], *outs[TV_MAX_ARGS];                                                        \
+    if (nin > TV_MAX_ARGS || nsel > TV_MAX_ARGS) return -2;                                            \
+    for (int k = 0; k < nsel; k++) outs[k] = buffers + (int64_t)k * TV_BLOCK;                          \
+    for (int64_t b = 0; b < n; b += TV_BLOCK) {                                                        \
+        const int64_t m = n - b < TV_BLOCK ? n - b : TV_BLOCK;                                         \
+        for (int j = 0; j < nin; j++) ins[j] = (char *)in[j] + b * in_sizes[j];                        \
+        const int64_t r = kernel(m, start + b, ins, outs, params, keys, weights);                      \
+        if (r < 0) return r;                                                                           \
+        for (int k = 0; k < nsel; k++)                                                                 \
+            COUNT(buffers + (int64_t)k * TV_BLOCK, m, lo[k], hi[k], stash[k], cap[k], counts[k]);     \
+    }                                                                                                  \
+    return 0;                                                                                          \
+}
+
+TV_BRACKETED(tv_bracketed32, float, uint32_t, tv_bracket32)
+TV_BRACKETED(tv_bracketed64, double, uint64_t, tv_bracket64)
 """
 
 
@@ -840,6 +932,12 @@ class BracketCount:
                 ctypes.c_int64,
                 ctypes.c_void_p,
             ]
+        self.driven = {4: lib.tv_bracketed32, 8: lib.tv_bracketed64}  # (CKernel.bracketed)
+        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        for fn in self.driven.values():
+            fn.restype = i64
+            fn.argtypes = [pointer, i64, i64, i32, pointer, pointer, pointer, pointer, pointer, i32]
+            fn.argtypes += [pointer] * 6
 
     def __call__(
         self, values: Chunk, lo: int, hi: int, stash: np.ndarray[Any, Any], counts: np.ndarray[Any, Any]
