@@ -412,24 +412,7 @@ class ProgramState:
         """Data pass ``q`` over one chunk: advance the reductions that run in it."""
         work = self.running(q)
         if self.kernels is not None:
-            brackets = [self.reducers[i] for i in work]
-            selections = [r.bracketing() for r in brackets if isinstance(r, SampledKth)]
-            if (
-                work
-                and len(selections) == len(work)
-                and all(sel is not None for sel in selections)
-                and self.kernels.run_bracketed(
-                    self.program,
-                    work,
-                    views,
-                    self.scalars,
-                    self.tensor,
-                    start,
-                    stop,
-                    [sel for sel in selections if sel is not None],
-                    self.codes,
-                )
-            ):
+            if self._counted_in_kernel(work, views, start, stop):
                 return
             outs = self.kernels.run_reductions(
                 self.program,
@@ -458,6 +441,21 @@ class ProgramState:
         )
         values = dict(zip(targets, self._run(targets, views, start, stop, scratch), strict=True))
         self.reduce(work, values, start)
+
+    def _counted_in_kernel(self, work: list[int], views: Mapping[int, Chunk], start: int, stop: int) -> bool:
+        """Whether the pass's compiled kernel counted this chunk against every selection's bracket
+        as it computed the operands (the usual TIES pass: every reduction a sampled selection)."""
+        assert self.kernels is not None
+        selections = []
+        for i in work:
+            red = self.reducers[i]
+            selection = red.bracketing() if isinstance(red, SampledKth) else None
+            if selection is None:
+                return False
+            selections.append(selection)
+        return bool(work) and self.kernels.run_bracketed(
+            self.program, work, views, self.scalars, self.tensor, start, stop, selections, self.codes
+        )
 
     def reduce(self, work: list[int], values: Mapping[int, torch.Tensor], start: int) -> None:
         """Advance the reductions ``work`` by one chunk of their operands ``values`` (by
