@@ -40,6 +40,8 @@ LAZY = (
     "torch",
     "lark",  # a text parsed before comes from the parse cache
     "regex",  # (which Lark imports when it is installed)
+    "concurrent.futures",  # the executor's workers are plain threads
+    "logging",
 )
 
 REPORT = f"""\
