@@ -165,8 +165,9 @@ def run_plan(
     workers: int = 1,
     model_values: Mapping[int, float] | None = None,
 ) -> None:
-    """Run every task of ``ex.plan``, in plan order, on ``backend`` (``fallback`` for the tasks it
-    does not ``prepare``); the first exception stops every worker after its chunk and is re-raised.
+    """Run every task of ``ex.plan`` on ``backend`` (``fallback`` for the tasks it does not
+    ``prepare``), in the order :func:`_work` gives; the first exception stops every worker after its
+    chunk and is re-raised.
 
     ``workers`` share the items: a task is one item (its passes run in one worker, in order), but
     with several workers a one-pass task on a ``parallel`` back-end is one item per chunk.

@@ -666,7 +666,7 @@ class CKernel:
 _lock = threading.Lock()
 _loaded: dict[str, CKernel] = {}
 _blocks = threading.local()
-TV_BLOCK = 8192  # elements per block of CKernel.bracketed (the C source's TV_BLOCK)
+TV_BLOCK = 8192  # elements per block of CKernel.bracketed (written into RADIX_SOURCE: one value)
 
 
 def _block_buffers(count: int, wide: bool) -> np.ndarray[Any, Any]:
@@ -863,7 +863,7 @@ void tv_bracket64(const double *restrict x, int64_t n, uint64_t lo, uint64_t hi,
    selection its bracket, stash and four counts, as tv_bracket32/64 take them. */
 typedef int64_t (*tv_kernel_t)(int64_t, int64_t, void *const *, void *const *, const double *,
                                const int64_t *, const double *);
-#define TV_BLOCK 8192
+#define TV_BLOCK @TV_BLOCK@
 #define TV_MAX_ARGS 64
 #define TV_BRACKETED(NAME, FLOAT, UINT, COUNT)                                                          \
 int64_t NAME(tv_kernel_t kernel, int64_t n, int64_t start, int nin, void *const *in,                 \
@@ -886,7 +886,7 @@ int64_t NAME(tv_kernel_t kernel, int64_t n, int64_t start, int nin, void *const 
 
 TV_BRACKETED(tv_bracketed32, float, uint32_t, tv_bracket32)
 TV_BRACKETED(tv_bracketed64, double, uint64_t, tv_bracket64)
-"""
+""".replace("@TV_BLOCK@", str(TV_BLOCK))
 
 
 class RadixHistogram:
