@@ -434,3 +434,29 @@ def test_float8_files_run_compiled_like_eager(tmp_path: Path, src: str, dtype: t
         save_file({"w": (base + noise * torch.randn(base.shape, generator=g)).to(dtype)}, paths[name])
     eager, compiled = _both(src, paths, dtype="fp32", chunk=1000)
     _assert_same_bits(eager, compiled)
+
+
+def test_compiled_selections_take_whole_chunks_where_eager_ones_stay_small() -> None:
+    """A compiled program holds no per-op temporaries, so a two-pass TIES task gets the plan's
+    full chunk (fewer page drops, which interrupt the other cores); op by op it stays at the
+    eager cap, whose temporaries must stay in cache."""
+    from tvlang.plan.planner import MAX_CHUNK, PROGRAM_CHUNK
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1 << 21, generator=g)
+    states = {
+        "base": {"w": base},
+        **{f"m{i}": {"w": base + 0.01 * torch.randn(base.shape, generator=g)} for i in (1, 2)},
+    }
+    program = tvlang.compile("base + ties(m1 - base, m2 - base, density=0.5)", bindings=states)
+    compiled = program.plan(options=tvlang.Options(kernels="compiled"))
+    eager = program.plan(options=tvlang.Options(kernels="eager"))
+    assert [t.passes for t in compiled.tasks] == [2]
+    assert compiled.tasks[0].chunk == MAX_CHUNK > PROGRAM_CHUNK == eager.tasks[0].chunk
+    assert f"2 chunks of {MAX_CHUNK:,}, 2 passes" in program.explain(
+        options=tvlang.Options(kernels="compiled")
+    )
+    assert f"8 chunks of {PROGRAM_CHUNK:,}, 2 passes" in program.explain(
+        options=tvlang.Options(kernels="eager")
+    )
+    _assert_same_bits(*_both("base + ties(m1 - base, m2 - base, density=0.5)", states))
