@@ -334,9 +334,9 @@ def c_source(spec: KernelSpec) -> str:
             statement(i, body)
         for k, (i, dtype) in enumerate(spec.outputs):
             output(k, i, dtype, body)
-        if finite:
-            body.append(f"        bad += !({' && '.join(finite)});")
-        loop = _blocked(body, sums) if sums else ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]
+        if finite:  # counted in 32-bit lanes, per span: a 64-bit count would widen every vector
+            body.append(f"        nbad += !({' && '.join(finite)});")
+        loop = _blocked(body, sums) if sums else _spans(body)
 
     # Every pointer is a restrict parameter of the loop's own function (GCC honours restrict on
     # parameters; on locals cast from an array it still checks aliasing at run time, and gives
@@ -510,6 +510,24 @@ def _row_loop(
     return lines
 
 
+SPAN = 1 << 30  # elements per span of the element loop: its count of non-finite results fits 32 bits
+
+
+def _spans(body: list[str]) -> list[str]:
+    """The element loop, over spans of at most ``SPAN`` elements, each counting its non-finite
+    results (``nbad``) in 32 bits."""
+    return [
+        f"    for (int64_t s0 = 0; s0 < n; s0 += {SPAN}) {{",
+        f"        const int64_t s1 = n - s0 < {SPAN} ? n : s0 + {SPAN};",
+        "        uint32_t nbad = 0;",
+        "        for (int64_t i = s0; i < s1; i++) {",
+        *("    " + line for line in body),
+        "        }",
+        "        bad += nbad;",
+        "    }",
+    ]
+
+
 def _blocked(body: list[str], sums: list[int]) -> list[str]:
     """The element loop inside a loop over ``BLOCK``-element blocks: the (vectorised) element loop
     stores each summand of a block in a small buffer, then one scalar loop adds each buffer in
@@ -518,9 +536,11 @@ def _blocked(body: list[str], sums: list[int]) -> list[str]:
         *(f"    double t{k}[{BLOCK}];" for k in sums),
         f"    for (int64_t b0 = 0; b0 < n; b0 += {BLOCK}) {{",
         f"        const int64_t b1 = n - b0 < {BLOCK} ? n : b0 + {BLOCK};",
+        "        uint32_t nbad = 0;",
         "        for (int64_t i = b0; i < b1; i++) {",
         *("    " + line for line in body),
         "        }",
+        "        bad += nbad;",
         *(f"        double s{k} = 0;" for k in sums),
         "        for (int64_t j = 0; j < b1 - b0; j++) {",
         *(f"            s{k} += t{k}[j];" for k in sums),
