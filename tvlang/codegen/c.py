@@ -336,7 +336,12 @@ def c_source(spec: KernelSpec) -> str:
             output(k, i, dtype, body)
         if finite:  # counted in 32-bit lanes, per span: a 64-bit count would widen every vector
             body.append(f"        nbad += !({' && '.join(finite)});")
-        loop = _blocked(body, sums) if sums else _spans(body)
+        if sums:
+            loop = _blocked(body, sums, bool(finite))
+        elif finite:
+            loop = _spans(body)
+        else:
+            loop = ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]
 
     # Every pointer is a restrict parameter of the loop's own function (GCC honours restrict on
     # parameters; on locals cast from an array it still checks aliasing at run time, and gives
@@ -528,19 +533,20 @@ def _spans(body: list[str]) -> list[str]:
     ]
 
 
-def _blocked(body: list[str], sums: list[int]) -> list[str]:
+def _blocked(body: list[str], sums: list[int], counted: bool) -> list[str]:
     """The element loop inside a loop over ``BLOCK``-element blocks: the (vectorised) element loop
     stores each summand of a block in a small buffer, then one scalar loop adds each buffer in
-    element order, the sums side by side (sequential additions do not vectorise)."""
+    element order, the sums side by side (sequential additions do not vectorise).  ``counted``:
+    the body counts non-finite results (``nbad``, per block)."""
     return [
         *(f"    double t{k}[{BLOCK}];" for k in sums),
         f"    for (int64_t b0 = 0; b0 < n; b0 += {BLOCK}) {{",
         f"        const int64_t b1 = n - b0 < {BLOCK} ? n : b0 + {BLOCK};",
-        "        uint32_t nbad = 0;",
+        *(["        uint32_t nbad = 0;"] if counted else []),
         "        for (int64_t i = b0; i < b1; i++) {",
         *("    " + line for line in body),
         "        }",
-        "        bad += nbad;",
+        *(["        bad += nbad;"] if counted else []),
         *(f"        double s{k} = 0;" for k in sums),
         "        for (int64_t j = 0; j < b1 - b0; j++) {",
         *(f"            s{k} += t{k}[j];" for k in sums),
