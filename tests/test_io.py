@@ -445,6 +445,70 @@ def test_release_keeps_rss_flat(tmp_path: Path) -> None:
     assert sweep(release=False) > 48 * 2**20  # the measurement does see mapped pages
 
 
+def test_releasing_a_whole_tensor_reaches_the_folios_around_its_ends(tmp_path: Path) -> None:
+    """A fault maps a large folio whole, neighbours' pages included: a chunk inside a tensor drops
+    the whole pages inside it, but a range that ends the tensor (or starts it) reaches out to the
+    2 MiB folio boundary around that end, clipped to the file."""
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(3000), "b": torch.zeros(5), "c": torch.zeros(2**20)}, str(path))
+    infos = read_header(path)[0]
+    calls: list[tuple[int, int]] = []
+
+    class Recorder:
+        def madvise(self, advice: int, start: int, length: int) -> None:
+            calls.append((start, start + length))
+
+    folio, page = 2 << 20, os.sysconf("SC_PAGE_SIZE")
+    with ChunkReader(path) as r:
+        size = r._size
+        r._mm = Recorder()  # type: ignore[assignment]
+        c = infos["c"]
+        r.release(c, 1000, 200_000)  # inside: whole pages only
+        r.release(c, 200_000, c.numel)  # its end: out to the folio boundary, clipped to the file
+        r.release(infos["b"], 0, 5)  # a tiny tensor: every folio it touches
+        r._mm = None
+    begin, end = c.offset + 4000, c.offset + 800_000
+    assert calls[0] == (-(-begin // page) * page, end // page * page)
+    assert calls[1] == (-(-end // page) * page, min(size, -(-(c.offset + c.nbytes) // folio) * folio))
+    b = infos["b"]
+    assert calls[2] == (b.offset // folio * folio, min(size, -(-(b.offset + b.nbytes) // folio) * folio))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_small_tensors_leave_no_pages_mapped(tmp_path: Path) -> None:
+    """Reading then releasing small tensors, each between large ones, leaves the mapping about empty
+    even where the page cache holds the file in large folios (a fault maps a folio whole)."""
+    path = tmp_path / "norms.safetensors"
+    plan = [(f"{i:02d}{kind}", "F32", (n,)) for i in range(24) for kind, n in (("n", 1536), ("w", 2**20))]
+    with SafetensorsWriter(path, plan) as w:
+        for name, _, (n,) in plan:
+            w.write(name, 0, torch.full((n,), float(name[:2])))
+    fd = os.open(path, os.O_RDONLY)
+    try:  # into large folios, as a sequential read leaves a file: drop it, read it back
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        while os.read(fd, 16 << 20):
+            pass
+    finally:
+        os.close(fd)
+    infos = read_header(path)[0]
+    norms = [infos[name] for name, _, _ in plan if name.endswith("n")]
+
+    def sweep(release: bool) -> int:
+        with ChunkReader(path) as r:
+            base = _rss_file_kib()
+            for info in norms:
+                assert float(r.read(info, 0, info.numel)[7]) == float(info.name[:2])
+                if release:
+                    r.release(info, 0, info.numel)
+            return (_rss_file_kib() - base) * 1024
+
+    kept = sweep(release=False)
+    if kept < 12 * 2**20:
+        pytest.skip(f"the page cache holds this file in small folios here ({kept >> 10} KiB mapped)")
+    assert sweep(release=True) < 2 * 2**20
+
+
 def test_map_larger_than_memory(tmp_path: Path) -> None:
     """A private writable map would be charged in full and fail past RAM + swap."""
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "2":

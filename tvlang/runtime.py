@@ -260,7 +260,12 @@ class CpuBackend:
             sources[i].release(name, start, stop)
 
     def end(self, p: Pass | OperandPass) -> None:
-        return None
+        # A pass is one thread's scan of the tensor: each chunk's first fault mapped the folio it
+        # starts in whole, the previous chunk's tail included, after that chunk was released.
+        # Releasing the whole tensor drops those tails (and the folios around its ends).
+        sources, name, numel = self.run.sources, p.task.name, p.task.numel
+        for i in p.task.reads:
+            sources[i].release(name, 0, numel)
 
     def selector(self, red: ModelReduction) -> KthLargest:
         kernels = self.kernels

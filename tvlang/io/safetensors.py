@@ -78,6 +78,9 @@ MAX_HEADER_BYTES = 100_000_000
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _PAGE = mmap.PAGESIZE
+# The largest folio the page cache holds a file in (x86-64, arm64 with 4 KiB pages): a fault maps
+# the whole folio around the byte it touches, so a tensor's edges map its neighbours' pages too.
+_FOLIO = 2 << 20
 
 # E3xx: inputs.  E5xx: outputs.
 _E_MISSING = "E300"
@@ -416,16 +419,20 @@ class ChunkReader:
         """Drop the whole pages inside elements ``[start, stop)`` from this process's memory.
 
         Pages shared with a neighbouring range are kept, so threads working on adjacent
-        ranges never lose each other's pages. Later access simply faults the data back in.
-        A no-op once closed.
+        ranges never lose each other's pages. At the tensor's own ends, though, the range
+        reaches out to the large folios around them (2 MiB): a fault maps a folio whole, so
+        a small tensor would otherwise leave its neighbours' pages mapped until the file is
+        closed (measured: 10 MiB a layer norm over five inputs).  A neighbour still in use
+        simply faults those pages back in.  A no-op once closed.
         """
         mm = self._mm
         if mm is None:
             return
         self._check(info, start, stop)
         size = ITEMSIZE[info.dtype]
-        lo = -(-(info.offset + start * size) // _PAGE) * _PAGE
-        hi = (info.offset + stop * size) // _PAGE * _PAGE
+        begin, end = info.offset + start * size, info.offset + stop * size
+        lo = begin // _FOLIO * _FOLIO if start == 0 else -(-begin // _PAGE) * _PAGE
+        hi = min(self._size, -(-end // _FOLIO) * _FOLIO) if stop == info.numel else end // _PAGE * _PAGE
         if hi > lo:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
