@@ -364,8 +364,12 @@ class SampledKth:
         rank = p * m  # the answer's expected rank among the sampled keys, from the top
         spread = MARGIN * math.sqrt(m * p * (1 - p)) + 2
         upper, lower = math.floor(rank - spread), math.ceil(rank + spread)  # ranks from the top (1 = largest)
-        picks = [m - r for r in (upper, lower) if 1 <= r <= m]
-        ordered = np.partition(keys, picks) if picks else keys
+        picks = sorted(m - r for r in (upper, lower) if 1 <= r <= m)
+        ordered = keys  # (concatenated: ours to reorder in place)
+        if picks:  # one position at a time: numpy's vectorised selection (two at once take a
+            ordered.partition(picks[-1])  # general path 20 times slower: 134 against 7 µs)
+            if len(picks) == 2:
+                ordered[: picks[-1]].partition(picks[0])
         self.hi = int(ordered[m - upper]) if upper >= 1 else top
         self.lo = int(ordered[m - lower]) if lower <= m else 0
         # Room for the keys strictly inside: the sample's share of them, MARGIN deviations more
