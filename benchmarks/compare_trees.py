@@ -18,6 +18,7 @@ new / old of each.  The parent never imports torch.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shutil
@@ -103,8 +104,11 @@ def check_tree(src: str, cwd: str) -> None:
 
 
 def run_once(argv: list[str], env: dict[str, str], cwd: str, out: str) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one merge writing ``out``."""
-    shutil.rmtree(out, ignore_errors=True)
+    """(wall seconds, peak RSS in KiB) of one merge writing ``out``.  Every tool's output goes
+    first, not only this one's: another tool's 1 GiB output, left in the page cache, moved the
+    next run's time by up to 2x in either direction on this project's machine."""
+    for old in glob.glob(os.path.join(os.path.dirname(out), "out-*")):
+        shutil.rmtree(old, ignore_errors=True)
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
