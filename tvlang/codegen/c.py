@@ -855,25 +855,25 @@ void NAME(const FLOAT *restrict x, int64_t n, UINT lo, UINT hi, UINT *restrict s
     const __m512i sign = _mm512_set1_epi##S((UINT)1 << (S - 1)), one = _mm512_set1_epi##S(1);         \
     const __m512i vlo = _mm512_set1_epi##S(lo), vhi = _mm512_set1_epi##S(hi);                          \
     int64_t inside = counts[2], i = 0;                                                                 \
-    while (i + LANES <= n) { /* spans whose per-lane counts (vector adds, no mask moves) fit 32 bits */ \
-    const int64_t end = n - i > (1 << 28) ? i + (1 << 28) : n;                                          \
-    __m512i above = _mm512_setzero_si512(), at_hi = above, at_lo = above;                              \
-    /* The key: u ^ (all ones where negative, else the sign bit), in two instructions. */              \
-    _Pragma("GCC unroll 4")                                                                            \
-    for (; i + LANES <= end; i += LANES) {                                                             \
-        const __m512i u = _mm512_loadu_si512((const void *)(x + i));                                   \
-        const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi##S(u, S - 1), sign));  \
-        above = _mm512_mask_add_epi##S(above, _mm512_cmpgt_epu##S##_mask(key, vhi), above, one);       \
-        at_hi = _mm512_mask_add_epi##S(at_hi, _mm512_cmpeq_epu##S##_mask(key, vhi), at_hi, one);       \
-        at_lo = _mm512_mask_add_epi##S(at_lo, _mm512_cmpeq_epu##S##_mask(key, vlo), at_lo, one);       \
-        const MASK in = _mm512_mask_cmplt_epu##S##_mask(_mm512_cmpgt_epu##S##_mask(key, vlo), key, vhi); \
-        if (inside + LANES <= cap) /* the kept keys packed to the front, the whole vector stored */     \
-            _mm512_storeu_si512((void *)(stash + inside), _mm512_maskz_compress_epi##S(in, key));      \
-        inside += __builtin_popcount(in);                                                              \
-    }                                                                                                  \
-    counts[0] += _mm512_reduce_add_epi##S(above);                                                      \
-    counts[1] += _mm512_reduce_add_epi##S(at_hi);                                                      \
-    counts[3] += _mm512_reduce_add_epi##S(at_lo);                                                      \
+    while (i + LANES <= n) { /* spans whose per-lane counts fit 32 bits */                             \
+        const int64_t end = n - i > (1 << 28) ? i + (1 << 28) : n;                                      \
+        __m512i above = _mm512_setzero_si512(), at_hi = above, at_lo = above;                          \
+        _Pragma("GCC unroll 4")                                                                        \
+        for (; i + LANES <= end; i += LANES) {                                                         \
+            const __m512i u = _mm512_loadu_si512((const void *)(x + i));                               \
+            /* the key: u ^ (all ones where negative, else the sign bit) */                            \
+            const __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi##S(u, S - 1), sign)); \
+            above = _mm512_mask_add_epi##S(above, _mm512_cmpgt_epu##S##_mask(key, vhi), above, one);   \
+            at_hi = _mm512_mask_add_epi##S(at_hi, _mm512_cmpeq_epu##S##_mask(key, vhi), at_hi, one);   \
+            at_lo = _mm512_mask_add_epi##S(at_lo, _mm512_cmpeq_epu##S##_mask(key, vlo), at_lo, one);   \
+            const MASK in = _mm512_mask_cmplt_epu##S##_mask(_mm512_cmpgt_epu##S##_mask(key, vlo), key, vhi); \
+            if (inside + LANES <= cap) /* the kept keys packed to the front, the whole vector stored */ \
+                _mm512_storeu_si512((void *)(stash + inside), _mm512_maskz_compress_epi##S(in, key));  \
+            inside += __builtin_popcount(in);                                                          \
+        }                                                                                              \
+        counts[0] += _mm512_reduce_add_epi##S(above);                                                  \
+        counts[1] += _mm512_reduce_add_epi##S(at_hi);                                                  \
+        counts[3] += _mm512_reduce_add_epi##S(at_lo);                                                  \
     }                                                                                                  \
     counts[2] = inside;                                                                                \
     PORTABLE(x + i, n - i, lo, hi, stash, cap, counts);                                                \
