@@ -31,7 +31,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -45,6 +45,7 @@ from tvlang.chunks import Chunk, is_torch, numpy_dtype, to_torch
 from tvlang.dtypes import torch_dtype
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
 from tvlang.executor import Execution, OperandPass, Pass, model_round, run_plan
+from tvlang.io import pages
 from tvlang.io.endpoints import Sink, Source
 from tvlang.options import NONFINITE_MODES
 from tvlang.plan.plan import (
@@ -238,8 +239,7 @@ class CpuBackend:
         sources, name = self.run.sources, p.task.name
         views = {i: sources[i].read(name, start, stop) for i in p.task.reads}
         p.state.feed(p.q, views, start, stop, scratch)
-        for i in p.task.reads:
-            sources[i].release(name, start, stop)
+        release(sources, p.task.reads, name, start, stop)
 
     def output_chunk(self, p: Pass, start: int, stop: int, scratch: Scratch) -> None:
         run_chunk(self.run, p.task, start, stop, scratch, p.state)
@@ -256,16 +256,13 @@ class CpuBackend:
         views = {i: sources[i].read(name, start, stop) for i in p.task.reads}
         value = p.state.value(p.operand, views, start, stop, scratch)
         p.select.add(_float64(value, scratch), start, p.round_)
-        for i in p.task.reads:
-            sources[i].release(name, start, stop)
+        release(sources, p.task.reads, name, start, stop)
 
     def end(self, p: Pass | OperandPass) -> None:
         # A pass is one thread's scan of the tensor: each chunk's first fault mapped the folio it
         # starts in whole, the previous chunk's tail included, after that chunk was released.
         # Releasing the whole tensor drops those tails (and the folios around its ends).
-        sources, name, numel = self.run.sources, p.task.name, p.task.numel
-        for i in p.task.reads:
-            sources[i].release(name, 0, numel)
+        release(self.run.sources, p.task.reads, p.task.name, 0, p.task.numel)
 
     def selector(self, red: ModelReduction) -> KthLargest:
         kernels = self.kernels
@@ -364,15 +361,13 @@ def run_chunk(
         state = run.state(task)
     compiled = run.kernels.task(task) if run.kernels is not None and task.name not in plan.eager else None
     if compiled is not None and _run_compiled(run, compiled, task, start, stop, views, scratch, state):
-        for i in task.reads:
-            sources[i].release(task.name, start, stop)
+        release(sources, task.reads, task.name, start, stop)
         return
     n = stop - start
     if compiled is None and task.writes and all(_numpy_copy(plan, task, w) for w in task.writes):
         for write in task.writes:  # integer tensors (and copies of floats): numpy copies
             write_to_sink(run.sinks[write.output], task.name, start, _copy(write, views, scratch, n))
-        for i in task.reads:
-            sources[i].release(task.name, start, stop)
+        release(sources, task.reads, task.name, start, stop)
         return
     import torch
 
@@ -404,8 +399,15 @@ def run_chunk(
             counted.update(found.inputs)
             report.add(task.name, write.output, found)
         write_to_sink(run.sinks[write.output], task.name, start, out)
-    for i in task.reads:
-        sources[i].release(task.name, start, stop)
+    release(sources, task.reads, task.name, start, stop)
+
+
+def release(sources: Sequence[Source], reads: Iterable[int], name: str, start: int, stop: int) -> None:
+    """Drop elements ``[start, stop)`` of tensor ``name`` in each input of ``reads``, in one call
+    for all of them where the system allows (:class:`tvlang.io.pages.Batch`)."""
+    with pages.Batch():
+        for i in reads:
+            sources[i].release(name, start, stop)
 
 
 def _run_compiled(
@@ -540,8 +542,7 @@ def _nonfinite_error(
         run_kernel(kernel, views, out, scratch)
         if not output_finite(kernel, out, scratch):
             total.add(task.name, write.output, census(kernel, views, out, scratch))
-        for i in slots:
-            sources[i].release(task.name, lo, hi)
+        release(sources, slots, task.name, lo, hi)
     bad = [(slot, counts) for (_, slot), counts in sorted(total.inputs.items(), key=lambda kv: kv[0][1])]
     how = 'rerun with --nonfinite warn (Options(nonfinite="warn")) to write the output anyway, or propagate'
     if bad:

@@ -42,7 +42,7 @@ import numpy as np
 from tvlang.chunks import Chunk, is_torch, numpy_dtype, storage
 from tvlang.dtypes import DTYPES, ITEMSIZE, code_of, torch_dtype
 from tvlang.errors import TvInputError, TvOutputError
-from tvlang.io import streaming
+from tvlang.io import pages, streaming
 
 if TYPE_CHECKING:
     import torch
@@ -376,6 +376,7 @@ class ChunkReader:
                 raise _malformed(self.path, "file is empty")
             self._mm: mmap.mmap | None
             self._mm, self._bytes = _map_file(fd)
+            self._address = int(self._bytes.ctypes.data)
         finally:
             os.close(fd)  # the map keeps its own descriptor
         self._size = len(self._mm)
@@ -434,7 +435,7 @@ class ChunkReader:
         lo = begin // _FOLIO * _FOLIO if start == 0 else -(-begin // _PAGE) * _PAGE
         hi = min(self._size, -(-end // _FOLIO) * _FOLIO) if stop == info.numel else end // _PAGE * _PAGE
         if hi > lo:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            pages.drop(mm, self._address, lo, hi - lo)  # (with other readers', inside a pages.Batch)
 
     def close(self) -> None:
         # Not mm.close(): live views (numpy's, and torch's made from them) would point at
