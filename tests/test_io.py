@@ -445,10 +445,10 @@ def test_release_keeps_rss_flat(tmp_path: Path) -> None:
     assert sweep(release=False) > 48 * 2**20  # the measurement does see mapped pages
 
 
-def test_releasing_a_whole_tensor_reaches_the_folios_around_its_ends(tmp_path: Path) -> None:
-    """A fault maps a large folio whole, neighbours' pages included: a chunk inside a tensor drops
-    the whole pages inside it, but a range that ends the tensor (or starts it) reaches out to the
-    2 MiB folio boundary around that end, clipped to the file."""
+def test_releases_drop_whole_2_mib_blocks(tmp_path: Path) -> None:
+    """A fault maps a large folio whole (often as one 2 MiB mapping, which a partial drop would
+    split): a release drops from the 2 MiB boundary at or below its start to the one at or below
+    its end, and a range that ends the tensor up to the next boundary, clipped to the file."""
     path = tmp_path / "x.safetensors"
     save_file({"a": torch.zeros(3000), "b": torch.zeros(5), "c": torch.zeros(2**20)}, str(path))
     infos = read_header(path)[0]
@@ -458,18 +458,18 @@ def test_releasing_a_whole_tensor_reaches_the_folios_around_its_ends(tmp_path: P
         def madvise(self, advice: int, start: int, length: int) -> None:
             calls.append((start, start + length))
 
-    folio, page = 2 << 20, os.sysconf("SC_PAGE_SIZE")
+    folio = 2 << 20
     with ChunkReader(path) as r:
         size = r._size
         r._mm = Recorder()  # type: ignore[assignment]
         c = infos["c"]
-        r.release(c, 1000, 200_000)  # inside: whole pages only
-        r.release(c, 200_000, c.numel)  # its end: out to the folio boundary, clipped to the file
-        r.release(infos["b"], 0, 5)  # a tiny tensor: every folio it touches
+        r.release(c, 1000, 600_000)  # inside: whole blocks only
+        r.release(c, 600_000, c.numel)  # its end: out to the next boundary, clipped to the file
+        r.release(infos["b"], 0, 5)  # a tiny tensor: every block it touches
         r._mm = None
-    begin, end = c.offset + 4000, c.offset + 800_000
-    assert calls[0] == (-(-begin // page) * page, end // page * page)
-    assert calls[1] == (-(-end // page) * page, min(size, -(-(c.offset + c.nbytes) // folio) * folio))
+    begin, end = c.offset + 4000, c.offset + 2_400_000
+    assert calls[0] == (begin // folio * folio, end // folio * folio)
+    assert calls[1] == (end // folio * folio, min(size, -(-(c.offset + c.nbytes) // folio) * folio))
     b = infos["b"]
     assert calls[2] == (b.offset // folio * folio, min(size, -(-(b.offset + b.nbytes) // folio) * folio))
 

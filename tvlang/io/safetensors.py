@@ -417,14 +417,17 @@ class ChunkReader:
         return out
 
     def release(self, info: TensorInfo, start: int, stop: int) -> None:
-        """Drop the whole pages inside elements ``[start, stop)`` from this process's memory.
+        """Drop elements ``[start, stop)`` from this process's memory, in whole 2 MiB blocks.
 
-        Pages shared with a neighbouring range are kept, so threads working on adjacent
-        ranges never lose each other's pages. At the tensor's own ends, though, the range
-        reaches out to the large folios around them (2 MiB): a fault maps a folio whole, so
-        a small tensor would otherwise leave its neighbours' pages mapped until the file is
-        closed (measured: 10 MiB a layer norm over five inputs).  A neighbour still in use
-        simply faults those pages back in.  A no-op once closed.
+        A fault maps a large folio (up to 2 MiB) whole, often as one 2 MiB mapping, and
+        dropping part of such a mapping splits it, with a flush of every other core's TLB
+        that cannot wait for the next. So the range dropped runs from the 2 MiB boundary at or
+        below ``start`` (the block it shares with the range before, which a scan has finished)
+        to the one at or below ``stop`` (the rest goes with the range after), and at the
+        tensor's end up to the next boundary. A small tensor would otherwise leave its
+        neighbours' pages mapped until the file is closed (measured: 10 MiB a layer norm
+        over five inputs). A neighbour still in use simply faults its pages back in. A no-op
+        once closed.
         """
         mm = self._mm
         if mm is None:
@@ -432,8 +435,8 @@ class ChunkReader:
         self._check(info, start, stop)
         size = ITEMSIZE[info.dtype]
         begin, end = info.offset + start * size, info.offset + stop * size
-        lo = begin // _FOLIO * _FOLIO if start == 0 else -(-begin // _PAGE) * _PAGE
-        hi = min(self._size, -(-end // _FOLIO) * _FOLIO) if stop == info.numel else end // _PAGE * _PAGE
+        lo = begin // _FOLIO * _FOLIO
+        hi = min(self._size, -(-end // _FOLIO) * _FOLIO) if stop == info.numel else end // _FOLIO * _FOLIO
         if hi > lo:
             pages.drop(mm, self._address, lo, hi - lo)  # (with other readers', inside a pages.Batch)
 
