@@ -112,3 +112,22 @@ def test_the_batched_call_drops_exactly_the_ranges_given() -> None:
     assert int(a[4 * MiB : 6 * MiB].sum()) == 2 * MiB and int(a[7 * MiB :].sum()) == MiB
     del a
     mm.close()
+
+
+def test_a_batch_longer_than_the_call_takes_goes_range_by_range() -> None:
+    """process_madvise takes at most 1024 ranges: a longer batch is dropped one range at a time,
+    and the batched call stays on for the next one."""
+    page = mmap.PAGESIZE
+    mm = mmap.mmap(-1, 2048 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(mm, np.uint8)
+    a[:] = 1
+    usable = pages._batcher.usable
+    with pages.Batch():
+        for k in range(0, 2048, 2):  # every other page: 1024 ranges would fit, 1025 do not
+            pages.drop(mm, a.ctypes.data, k * page, page)
+        pages.drop(mm, a.ctypes.data, 2047 * page, page)
+    left = a.reshape(2048, page).sum(axis=1)
+    assert (left[0:2048:2] == 0).all() and (left[1:2046:2] == page).all() and left[2047] == 0
+    assert pages._batcher.usable == usable
+    del a, left
+    mm.close()

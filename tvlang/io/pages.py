@@ -22,6 +22,7 @@ from typing import Any
 __all__ = ["Batch", "drop"]
 
 _SYS_PROCESS_MADVISE = 440  # one number on x86-64 and on arm64 (the generic syscall table)
+_MAX_RANGES = 1024  # UIO_MAXIOV: a longer batch drops range by range
 _MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
 _local = threading.local()
 
@@ -31,7 +32,8 @@ class _Iovec(ctypes.Structure):
 
 
 class _Batcher:
-    """``process_madvise`` on this process, or None once it proved unusable."""
+    """``process_madvise`` on this process; ``usable`` turns False for good once the system
+    refuses it."""
 
     def __init__(self) -> None:
         self.syscall: Any = None
@@ -42,7 +44,7 @@ class _Batcher:
 
     def drop(self, ranges: list[tuple[mmap.mmap, int, int, int]]) -> bool:
         """Drop every ``(map, address, offset, length)`` range in one call; False where it cannot."""
-        if not self.usable:
+        if not self.usable or len(ranges) > _MAX_RANGES:
             return False
         with self.lock:  # the descriptor is per process: made again after a fork
             if self.pid != os.getpid():
