@@ -8,6 +8,7 @@ test would be flaky on a shared machine, this one is not.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -52,11 +53,26 @@ print(json.dumps({{"code": code, "loaded": sorted(m for m in {LAZY!r} if m in sy
 """
 
 
-def run_cli(cwd: Path, cache: Path, *args: str) -> list[str]:
+# The same through the command's own entry point (`tvlang`, `python -m tvlang`), which ends the
+# process with os._exit: the report is printed just before.
+REPORT_FROM_RUN = f"""\
+import json, os, sys
+leave = os._exit
+def report(code):
+    print(json.dumps({{"code": code, "loaded": sorted(m for m in {LAZY!r} if m in sys.modules)}}), flush=True)
+    leave(code)
+os._exit = report
+sys.argv = ["tvlang", *sys.argv[1:]]
+from tvlang.cli import run
+run()
+"""
+
+
+def run_cli(cwd: Path, cache: Path, *args: str, script: str = REPORT) -> list[str]:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "TVLANG_CACHE": str(cache)}
     done = subprocess.run(
-        [sys.executable, "-c", REPORT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,6 +145,22 @@ def test_a_repeated_merge_parses_from_the_cache_without_lark(
     first = written(playground / output)
     assert run_cli(playground, cache, *args) == []
     assert written(playground / output) == first
+
+
+@pytest.mark.skipif(importlib.util.find_spec("regex") is None, reason="`regex` is not installed here")
+@pytest.mark.skipif(c.compiler() is None, reason="no C compiler: merges run on the eager (torch) path")
+def test_the_command_parses_a_new_program_with_lark_but_without_regex(playground: Path, cache: Path) -> None:
+    """Lark imports the optional ``regex`` module whenever it is installed and uses it for nothing
+    tvlang asks; the command's process imports Lark without it, and writes the same bytes as a
+    host's process, whose Lark keeps it."""
+    shutil.rmtree(cache / "parse", ignore_errors=True)
+    assert {"lark", "regex"} <= set(run_cli(playground, cache, *EVAL))  # as a library: main() in a host
+    as_host = written(playground / "one.safetensors")
+    shutil.rmtree(cache / "parse", ignore_errors=True)
+    loaded = run_cli(playground, cache, *EVAL, script=REPORT_FROM_RUN)
+    assert "lark" in loaded
+    assert "regex" not in loaded
+    assert written(playground / "one.safetensors") == as_host
 
 
 @pytest.mark.parametrize(

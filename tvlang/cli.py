@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from tvlang import syntax
 from tvlang.errors import TvError, TvOutputError, TvParamError
 from tvlang.options import SETTINGS, Options, help_text, parse_text
 from tvlang.passes import STAGES
@@ -463,9 +464,13 @@ def run() -> NoReturn:
     numpy's OpenBLAS is given one thread unless the environment says otherwise: at load it starts
     a thread per CPU that spins for ~0.1 s of CPU time, which on a busy machine delays the
     start by a third (measured 214 → 161 ms to the first read, the other core busy); and the
-    runtime parallelises over chunks itself, as it runs torch on one intra-op thread."""
+    runtime parallelises over chunks itself, as it runs torch on one intra-op thread.
+
+    Lark, when a new program needs it, is imported without the optional ``regex`` module, which
+    nothing in this process uses (:data:`tvlang.syntax.lark_imports_regex`)."""
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    syntax.lark_imports_regex = False
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -18,17 +18,18 @@ from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-import lark
-from lark import Lark, Token, Transformer, v_args
-from lark.grammar import Rule
-from lark.lark import PostLex
-from lark.lexer import TerminalDef
-
 from tvlang.cache import cache_root
 from tvlang.errors import TvSyntaxError
 from tvlang.source import SourceText, Span
-from tvlang.syntax import ast
+from tvlang.syntax import ast, lark_import
 from tvlang.syntax.grammar import MAX_NESTING, grammar_text, too_deep
+
+with lark_import():  # without the optional `regex` module in the command's process
+    import lark
+    from lark import Lark, Token, Transformer, v_args
+    from lark.grammar import Rule
+    from lark.lark import PostLex
+    from lark.lexer import TerminalDef
 
 _ESCAPE = re.compile(r"\\(.)")
 _ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
