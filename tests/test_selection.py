@@ -17,7 +17,14 @@ from safetensors.torch import load_file, save_file
 
 from tvlang import cli
 from tvlang.backends import compiled
-from tvlang.backends.reductions import SAMPLE_MIN, SampledKth, key_array, key_to_float, sample_positions
+from tvlang.backends.reductions import (
+    SAMPLE_MIN,
+    SampledKth,
+    key_array,
+    key_to_float,
+    order_at,
+    sample_positions,
+)
 from tvlang.codegen import c
 
 BITS = {np.float32: 32, np.float64: 64}
@@ -268,3 +275,25 @@ def test_ties_matches_a_float64_reference_on_rows_of_different_scale(tmp_path: P
     differ = got != want  # (float32 accumulation, then one rounding: the exact answer almost everywhere)
     assert differ.double().mean() < 1e-3
     assert ((got.double() - want.double()).abs()[differ] <= want.double().abs()[differ] * 2**-7).all()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        np.random.default_rng(3).integers(0, 2**32, 50_001, dtype=np.uint64).astype(np.uint32),  # distinct
+        np.random.default_rng(4).integers(0, 40, 50_001, dtype=np.uint32),  # repeats: sorted instead
+        np.full(5, 7, dtype=np.uint32),
+        np.random.default_rng(5).integers(0, 2**64 - 1, 3_000, dtype=np.uint64),
+    ],
+    ids=["distinct", "repeating", "all equal", "64-bit"],
+)
+@pytest.mark.parametrize("picks", [[0], [1, 2], [2, 1, 2], [0, 4], [4]])
+def test_ordering_at_positions_matches_a_sort(keys: np.ndarray, picks: list[int]) -> None:
+    """The keys a selection brackets with, and its answer, are read at positions that
+    :func:`order_at` fills as a sort would, whether it selects or sorts (keys that repeat)."""
+    picks = [p * (keys.size - 1) // 4 for p in picks]
+    ordered = keys.copy()
+    order_at(ordered, picks)
+    expected = np.sort(keys)
+    assert [ordered[p] for p in picks] == [expected[p] for p in picks]
+    assert np.array_equal(np.sort(ordered), expected)  # a reordering, nothing lost
