@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DType:
+    """One storage type: its names in safetensors, numpy, torch and the generated kernels."""
+
     code: str  # the safetensors code
     itemsize: int
     is_float: bool

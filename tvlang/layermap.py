@@ -35,6 +35,9 @@ NOT_PER_LAYER = frozenset({"architectures"})
 
 @dataclass(frozen=True)
 class LayerView:
+    """A checkpoint's layers [lo, hi), placed at ``offset`` in the output, with or without the
+    tensors before the layers (``pre``: embeddings) and after them (``post``: norm, head)."""
+
     lo: int
     hi: int
     offset: int = 0

@@ -36,6 +36,8 @@ KIND_RULES = {
 
 @dataclass(frozen=True)
 class ElementwiseOp:
+    """One element-wise function: its value on floats, on chunks, and its C and Triton spellings."""
+
     name: str
     arity: int
     scalar: Callable[..., float]  # the value on plain floats

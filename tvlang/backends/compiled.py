@@ -38,12 +38,16 @@ def resolve_mode(mode: str) -> str:
 
 @dataclass(frozen=True)
 class Compiled:
+    """A loaded kernel and the call that binds it to a task's values."""
+
     kernel: c.CKernel
     bound: KernelCall
 
 
 @dataclass(frozen=True)
 class TaskKernel(Compiled):
+    """A task's output kernel and the writes it fills."""
+
     writes: tuple[int, ...]  # the task's writes (indices) that the outputs fill, in order
 
 

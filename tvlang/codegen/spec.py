@@ -90,6 +90,8 @@ class Stmt:
 
 @dataclass(frozen=True)
 class KernelSpec:
+    """What a generated kernel computes: its pointers' dtypes and its statements."""
+
     inputs: tuple[str, ...]  # dtype of each input pointer
     outputs: tuple[tuple[int, str], ...]  # (statement, dtype or ACC) per output pointer
     body: tuple[Stmt, ...]

@@ -29,6 +29,8 @@ PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class LoraPair:
+    """One adapted weight's factors, in float64: its update is ``b_scaled @ a``."""
+
     a: np.ndarray[Any, Any]  # r × in, float64
     b_scaled: np.ndarray[Any, Any]  # out × r, float64, times the scale
     fan_in_fan_out: bool  # GPT-2 style Conv1D: the weight is stored transposed (in × out)

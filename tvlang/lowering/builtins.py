@@ -36,6 +36,8 @@ REQUIRED: Any = object()
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """One parameter of a built-in function: its name, kind and default."""
+
     name: str
     # "path" | "string" (a string literal), "number" (a scalar, possibly per tensor), "int" (a
     # constant integer), "model" | "delta" | "tensor" (either), "value" (a number or a tensor),
@@ -48,6 +50,8 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class Builtin:
+    """A built-in function: its parameters and how a call lowers to the IR."""
+
     name: str
     params: tuple[ParamSpec, ...]
     summary: str

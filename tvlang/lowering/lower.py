@@ -60,6 +60,8 @@ class Binding:
 
 @dataclass(frozen=True)
 class Lowered:
+    """A program lowered to the IR, with the parameters it used."""
+
     graph: Graph
     params: dict[str, float]  # every parameter's value as used (the first combination of a sweep)
     output_spans: dict[str, Span]

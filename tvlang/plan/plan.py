@@ -29,6 +29,8 @@ _WHERE = {"cuda": "on the GPU", "interpret": "in Triton's interpreter (on the CP
 
 @dataclass(frozen=True)
 class PlannedInput:
+    """A checkpoint the plan reads, with the tensors it has."""
+
     ref: InputRef
     location: str  # a path, or "memory"
     tensors: Mapping[str, TensorMeta] = field(repr=False)
@@ -92,6 +94,8 @@ Kernel = WeightedSum | Copy | ProgramOutput
 
 @dataclass(frozen=True)
 class TensorWrite:
+    """One tensor of one output, and the kernel that computes it."""
+
     output: int  # index into Plan.outputs
     dtype: str
     kernel: Kernel
@@ -119,6 +123,8 @@ class TensorTask:
 
 @dataclass(frozen=True)
 class PlannedOutput:
+    """A checkpoint the plan writes: its tensors in order and what it follows."""
+
     name: str
     kind: str  # "model" or "delta"
     template: int  # input whose names, order, non-float tensors and side files the output follows
@@ -149,6 +155,8 @@ class ModelReduction:
 
 @dataclass(frozen=True)
 class Plan:
+    """The whole program lowered to per-tensor tasks, with the budget they run under."""
+
     inputs: tuple[PlannedInput, ...]
     outputs: tuple[PlannedOutput, ...]
     tasks: tuple[TensorTask, ...] = field(repr=False)

@@ -26,6 +26,8 @@ from tvlang.ops import COLUMN_FUNCTIONS, ROW_FUNCTIONS
 
 @dataclass(frozen=True)
 class Instr:
+    """One instruction of a tensor program: its operation, operands and attribute."""
+
     # input, const, numel, wsum, add, sub, mul, div, neg, pow, call, reduce, rand; a tensor-valued
     # reduce is a column function (tvlang.ops.COLUMN_FUNCTIONS): per-column results, read per element
     op: str
@@ -37,6 +39,8 @@ class Instr:
 
 @dataclass(frozen=True)
 class TensorProgram:
+    """What one tensor task computes, as straight-line instructions over its chunks."""
+
     instrs: tuple[Instr, ...]
     outputs: tuple[int, ...]  # the instruction computing each output
     acc: str  # "F32" or "F64"

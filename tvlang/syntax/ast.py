@@ -13,24 +13,32 @@ from tvlang.source import SourceText, Span
 
 @dataclass(frozen=True, slots=True)
 class Number:
+    """A number literal."""
+
     value: float
     span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class String:
+    """A string literal."""
+
     value: str
     span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class Name:
+    """A name."""
+
     id: str
     span: Span
 
 
 @dataclass(frozen=True, slots=True)
 class Unary:
+    """A unary ``-x`` or ``+x``."""
+
     op: str  # "-" or "+"
     operand: Expr
     span: Span
@@ -38,6 +46,8 @@ class Unary:
 
 @dataclass(frozen=True, slots=True)
 class Binary:
+    """A binary operation."""
+
     op: str  # "+", "-", "*", "/", "**"
     left: Expr
     right: Expr
@@ -46,6 +56,8 @@ class Binary:
 
 @dataclass(frozen=True, slots=True)
 class Keyword:
+    """A keyword argument, ``name=value``."""
+
     name: Name
     value: Expr
     span: Span
@@ -53,6 +65,8 @@ class Keyword:
 
 @dataclass(frozen=True, slots=True)
 class Call:
+    """A function call."""
+
     func: Name
     args: tuple[Expr, ...]
     kwargs: tuple[Keyword, ...]
@@ -61,6 +75,8 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Compare:
+    """A comparison."""
+
     op: str  # "<", "<=", ">", ">=", "==", "!="
     left: Expr
     right: Expr
@@ -149,5 +165,7 @@ Stmt = Binding | Param | Output | ExprStmt | Define | Vocab | TokenRow
 
 @dataclass(frozen=True, slots=True)
 class Program:
+    """A whole program (or an expression as one): its statements."""
+
     statements: tuple[Stmt, ...]
     source: SourceText
