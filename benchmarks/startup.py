@@ -1,7 +1,8 @@
 """Start-up of a plain merge (issue 16: start to first byte read < 150 ms): a baseline tvlang against this one.
 
 Every measurement is a fresh process, the baseline (a checkout of ``--baseline``, by default the
-commit this branch started from) and the current tree alternating, in the same run:
+commit this branch started from, or on main the commit before HEAD) and the current tree alternating,
+in the same run:
 
 * ``python -c pass`` and ``python -c "import tvlang.cli, tvlang.api"`` (import only; again with
   ``OPENBLAS_NUM_THREADS=1`` for both, which the ``tvlang`` command sets: the imports alone);
@@ -157,7 +158,10 @@ def parts(path: str, cwd: str, env: dict[str, str]) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", help="git revision to compare with (default: merge-base of HEAD and main)")
+    ap.add_argument(
+        "--baseline",
+        help="git revision to compare with (default: merge-base of HEAD and main; on main, HEAD~1)",
+    )
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     opts = ap.parse_args()

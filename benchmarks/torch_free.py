@@ -1,7 +1,8 @@
 """Start-up and memory without torch on the hot path (issue 16, item 1): a baseline tvlang against this one.
 
 Every measurement is a fresh process, run alternately for the baseline (a checkout of ``--baseline``,
-by default the commit this branch started from) and the current tree, in the same run:
+by default the commit this branch started from, or on main the commit before HEAD) and the current
+tree, in the same run:
 
 * ``python -c pass``, and ``python -c "import tvlang.cli, tvlang.api"``: wall time and peak RSS;
 * start to first byte read: from just before the process starts to the first chunk a checkpoint
@@ -106,9 +107,13 @@ def first_read(path: str, cwd: str, args: Sequence[str]) -> float:
 
 def revisions(baseline: str | None) -> tuple[str, str, str]:
     """(the baseline revision, its short hash, HEAD's short hash); the baseline defaults to the
-    merge-base of HEAD and main."""
+    merge-base of HEAD and main, or on main itself (where that is HEAD) to HEAD's parent."""
     git = ["git", "-C", str(ROOT)]
-    baseline = baseline or subprocess.check_output([*git, "merge-base", "HEAD", "main"], text=True).strip()
+    if baseline is None:
+        head = subprocess.check_output([*git, "rev-parse", "HEAD"], text=True).strip()
+        baseline = subprocess.check_output([*git, "merge-base", "HEAD", "main"], text=True).strip()
+        if baseline == head:
+            baseline = "HEAD~1"
     short = [
         subprocess.check_output([*git, "rev-parse", "--short=12", r], text=True).strip()
         for r in (baseline, "HEAD")
@@ -128,7 +133,10 @@ def checkout(rev: str, into: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--baseline", help="git revision to compare with (default: merge-base of HEAD and main)")
+    ap.add_argument(
+        "--baseline",
+        help="git revision to compare with (default: merge-base of HEAD and main; on main, HEAD~1)",
+    )
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--big", action="store_true", help="also the 1 GB x 5 linear merge")
     ap.add_argument("--big-repeat", type=int, default=3)
