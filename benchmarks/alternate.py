@@ -7,7 +7,8 @@ fresh process per run, the output removed before each; medians of ``--repeat`` r
 A tree is a directory with tvlang/ in it (``git archive COMMIT tvlang grammar | tar -x -C DIR``),
 or ``.`` for this checkout. Unlike benchmarks/compare_trees.py, the cases run in the order given
 and nothing runs between them (no ``sync``): the quickest check of one change against the commit
-before it. The parent never imports tvlang.
+before it.  Memory freed during the runs stays in the guest (``harness.freed_memory_kept``).  The
+parent never imports tvlang.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +41,9 @@ def main() -> None:
             raise SystemExit(f"a case is LABEL=TREE:CONFIG, not {case!r}")
         cases.append((label, os.path.abspath(ROOT if tree == "." else tree), os.path.abspath(config)))
     times: dict[str, list[float]] = {label: [] for label, _, _ in cases}
-    with tempfile.TemporaryDirectory(prefix="tvlang-alternate-") as work:
+    with h.freed_memory_kept() as kept, tempfile.TemporaryDirectory(prefix="tvlang-alternate-") as work:
+        if not kept:
+            print(h.NOT_KEPT, flush=True)
         out = os.path.join(work, "out")
         for _ in range(args.repeat):
             for label, tree, config in cases:

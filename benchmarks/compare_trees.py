@@ -9,7 +9,8 @@ generated Llama-shaped bf16 family (``benchmarks/out/data/compare/``), each run 
 with a warm page cache, the two trees alternating so that a busy neighbour hurts both alike.
 First the inputs are dropped from the page cache and read back in order, so that every run finds
 them in the large folios a sequential read leaves, not in whatever folios they were written or
-faulted in with (``--as-cached`` skips that; it moves a 1 GiB merge's time by a quarter).
+faulted in with (``--as-cached`` skips that; it moves a 1 GiB merge's time by a quarter); and
+memory freed during the runs stays in the guest (``harness.freed_memory_kept``).
 Reported per case and tree: the median wall time (process start to exit, imports included) and
 the median peak resident memory of the process (``ru_maxrss`` from ``wait4``), and the ratio
 new / old of each.  The parent never imports torch.
@@ -122,6 +123,13 @@ def run_once(argv: list[str], env: dict[str, str], cwd: str, out: str) -> tuple[
 
 
 def main() -> None:
+    with h.freed_memory_kept() as kept:
+        if not kept:
+            print(h.NOT_KEPT, flush=True)
+        compare(kept)
+
+
+def compare(kept: bool) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", help="the old tree (a snapshot with tvlang/ and grammar/)")
     ap.add_argument("--new", default=h.ROOT, help="the new tree (default: this checkout)")
@@ -160,6 +168,7 @@ def main() -> None:
         "trees": {k: h.source_commit(v) for k, v in trees.items()},
         "size": args.size,
         "stream_add": floor,
+        "freed_memory_kept": kept,
         "cases": {},
     }
     for case in args.cases.split(","):

@@ -14,6 +14,7 @@ the load other processes put on the machine meanwhile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -24,6 +25,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,6 +132,41 @@ def reread(paths: list[str]) -> None:
         finally:
             os.close(fd)
     warm(paths)
+
+
+# Free page reporting (virtio-balloon): the guest hands memory it has freed back to the host, and the
+# next touch of those pages faults in the host, about 2.7 s per GiB on this project's machine.  A
+# merge's output written right after another run freed its 1 GiB (an output deleted, a process
+# gone) paid it: the same task arithmetic took 0.61 or 1.6 s depending on what ran before it
+# (benchmarks/PROFILE.md).  Where the guest kernel has this knob, pages freed less than this long
+# ago are not reported.
+REPORTING_DELAY = "/sys/module/page_reporting/parameters/min_free_ms"
+HOLD_MS = 60_000
+
+
+NOT_KEPT = (
+    "note: memory freed between runs may go back to the host here (no page-reporting knob, or not "
+    "root), and a run right after another can pay the host's first touch of its output"
+)
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """Keep freed memory in the guest while the block runs (root, and a kernel with the knob); the
+    old setting comes back after.  Yields whether it took effect; a benchmark says so when not."""
+    try:
+        with open(REPORTING_DELAY) as f:
+            old = f.read().strip()
+        with open(REPORTING_DELAY, "w") as f:
+            f.write(str(HOLD_MS))
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        with open(REPORTING_DELAY, "w") as f:
+            f.write(old)
 
 
 def source_digest(src: str) -> str:
