@@ -460,3 +460,21 @@ def test_compiled_selections_take_whole_chunks_where_eager_ones_stay_small() -> 
         options=tvlang.Options(kernels="eager")
     )
     _assert_same_bits(*_both("base + ties(m1 - base, m2 - base, density=0.5)", states))
+
+
+def test_tensors_of_one_shape_share_a_kernel_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan's tasks with the same writes, program and input dtypes share one kernel, its spec
+    built once; a task whose weights differ gets its own, and the bits stay the eager path's."""
+    from tvlang.backends import compiled
+
+    built = []
+    monkeypatch.setattr(compiled, "task_spec", lambda *a: built.append(a) or task_spec(*a))
+    b = _states(torch.bfloat16)
+    src = 'base + (0.5 - matches("t1")) * (m1 - base)'  # 0.5 for every tensor but t1: -0.5
+    plan = tvlang.compile(src, bindings=b).plan()
+    kernels = compiled.prepare_kernels(plan)
+    by_name = {task.name: kernels.task(task) for task in plan.tasks}
+    assert by_name["t0"] is by_name["t2"] is by_name["t3"]
+    assert by_name["t1"] is not by_name["t0"]
+    assert len(built) == 2
+    _assert_same_bits(*_both(src, b))

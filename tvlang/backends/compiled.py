@@ -57,6 +57,10 @@ class Kernels:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self._tasks: dict[int, TaskKernel | None] = {}
+        # Tasks of one shape (the same writes, program and input dtypes, as their repr spells them:
+        # -0.0 is not 0.0 there) share a kernel, built once.  A plan's tensors are mostly a few
+        # shapes repeated: a Llama-shaped task arithmetic has 156 tasks and one kernel.
+        self._shapes: dict[str, TaskKernel | None] = {}
         self._programs: dict[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...]], Compiled | None] = {}
         self._reductions: dict[tuple[int, tuple[int, ...], tuple[tuple[int, str], ...]], Compiled | None] = {}
         self._keys: dict[tuple[int, str, str], int] = {}
@@ -91,9 +95,14 @@ class Kernels:
         if writes:
             metas = (self.plan.inputs[i].tensors.get(task.name) for i in task.reads)
             dtypes = {i: m.dtype for i, m in zip(task.reads, metas, strict=True) if m is not None}
-            compiled = self._build(lambda: task_spec(task, dtypes, "c"))
-            if compiled is not None:
-                result = TaskKernel(compiled.kernel, compiled.bound, writes)
+            shape = repr((task.writes, task.program, sorted(dtypes.items())))
+            if shape in self._shapes:
+                result = self._shapes[shape]
+            else:
+                compiled = self._build(lambda: task_spec(task, dtypes, "c"))
+                if compiled is not None:
+                    result = TaskKernel(compiled.kernel, compiled.bound, writes)
+                self._shapes[shape] = result
         self._tasks[key] = result
         return result
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from tvlang.dtypes import DTYPES
 from tvlang.ops import ELEMENTWISE, REDUCTIONS
@@ -99,7 +100,7 @@ class KernelSpec:
     params: int  # float64 per-tensor numbers
     keys: int  # int64 random keys
 
-    @property
+    @cached_property
     def key(self) -> str:
         return hashlib.sha256(repr(self).encode()).hexdigest()[:24]
 
