@@ -41,7 +41,7 @@ import numpy as np
 from tvlang.cache import cache_root
 from tvlang.chunks import Chunk, address, numel
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
-from tvlang.dtypes import DTYPES
+from tvlang.dtypes import DTYPES, ITEMSIZE
 from tvlang.ops import ELEMENTWISE
 from tvlang.plan.plan import BLOCK
 
@@ -336,12 +336,13 @@ def c_source(spec: KernelSpec) -> str:
             output(k, i, dtype, body)
         if finite:  # counted in 32-bit lanes, per span: a 64-bit count would widen every vector
             body.append(f"        nbad += !({' && '.join(finite)});")
+        sizes = [ITEMSIZE[d] for d in spec.inputs]
         if sums:
-            loop = _blocked(body, sums, bool(finite))
+            loop = _blocked(body, sums, bool(finite), sizes)
         elif finite:
-            loop = _spans(body)
+            loop = _spans(body, sizes)
         else:
-            loop = ["    for (int64_t i = 0; i < n; i++) {", *body, "    }"]
+            loop = _element_loop("0", "n", body, sizes)
 
     # Every pointer is a restrict parameter of the loop's own function (GCC honours restrict on
     # parameters; on locals cast from an array it still checks aliasing at run time, and gives
@@ -517,23 +518,50 @@ def _row_loop(
 
 SPAN = 1 << 30  # elements per span of the element loop: its count of non-finite results fits 32 bits
 
+# The element loop runs in blocks of PREFETCH_BLOCK elements, each first asking for the inputs' cache
+# lines PREFETCH_AHEAD elements ahead: the hardware's prefetchers stop at every 4 KiB page, and a
+# kernel reading five inputs from memory stalls at each.  Measured on this project's machine: task
+# arithmetic's kernel over 5 × 128 MiB bf16, 0.88 → 0.79 ns an element on one core (1 to 4 KiB ahead
+# alike, 8 KiB less); the whole 1 GiB merge 0.66 → 0.63 s.  A prefetch never changes a value.
+PREFETCH_BLOCK = 256
+PREFETCH_AHEAD = 1024
+LINE = 64  # bytes per cache line
 
-def _spans(body: list[str]) -> list[str]:
+
+def _element_loop(lo: str, hi: str, body: list[str], sizes: list[int], indent: str = "    ") -> list[str]:
+    """``for (i = lo; i < hi; i++) { body }`` (``body`` indented for a loop at four spaces), in
+    prefetching blocks; ``sizes``: each input's element size in bytes, ``in0`` first.  Prefetches
+    reach up to element ``n``, past ``hi``, and never beyond."""
+    ahead = [
+        f"{indent}        for (int l = 0; l < {PREFETCH_BLOCK * size}; l += {LINE})"
+        f" __builtin_prefetch((const char *)(in{k} + b + {PREFETCH_AHEAD}) + l);"
+        for k, size in enumerate(sizes)
+    ]
+    return [
+        f"{indent}for (int64_t b = {lo}; b < {hi}; b += {PREFETCH_BLOCK}) {{",
+        f"{indent}    const int64_t be = {hi} - b < {PREFETCH_BLOCK} ? {hi} : b + {PREFETCH_BLOCK};",
+        *([f"{indent}    if (be + {PREFETCH_AHEAD} <= n) {{", *ahead, f"{indent}    }}"] if ahead else []),
+        f"{indent}    for (int64_t i = b; i < be; i++) {{",
+        *(indent + "    " + line.removeprefix("    ") for line in body),
+        f"{indent}    }}",
+        f"{indent}}}",
+    ]
+
+
+def _spans(body: list[str], sizes: list[int]) -> list[str]:
     """The element loop, over spans of at most ``SPAN`` elements, each counting its non-finite
     results (``nbad``) in 32 bits."""
     return [
         f"    for (int64_t s0 = 0; s0 < n; s0 += {SPAN}) {{",
         f"        const int64_t s1 = n - s0 < {SPAN} ? n : s0 + {SPAN};",
         "        uint32_t nbad = 0;",
-        "        for (int64_t i = s0; i < s1; i++) {",
-        *("    " + line for line in body),
-        "        }",
+        *_element_loop("s0", "s1", body, sizes, "        "),
         "        bad += nbad;",
         "    }",
     ]
 
 
-def _blocked(body: list[str], sums: list[int], counted: bool) -> list[str]:
+def _blocked(body: list[str], sums: list[int], counted: bool, sizes: list[int]) -> list[str]:
     """The element loop inside a loop over ``BLOCK``-element blocks: the (vectorised) element loop
     stores each summand of a block in a small buffer, then one scalar loop adds each buffer in
     element order, the sums side by side (sequential additions do not vectorise).  ``counted``:
@@ -543,9 +571,7 @@ def _blocked(body: list[str], sums: list[int], counted: bool) -> list[str]:
         f"    for (int64_t b0 = 0; b0 < n; b0 += {BLOCK}) {{",
         f"        const int64_t b1 = n - b0 < {BLOCK} ? n : b0 + {BLOCK};",
         *(["        uint32_t nbad = 0;"] if counted else []),
-        "        for (int64_t i = b0; i < b1; i++) {",
-        *("    " + line for line in body),
-        "        }",
+        *_element_loop("b0", "b1", body, sizes, "        "),
         *(["        bad += nbad;"] if counted else []),
         *(f"        double s{k} = 0;" for k in sums),
         "        for (int64_t j = 0; j < b1 - b0; j++) {",
