@@ -120,10 +120,10 @@ def reread(paths: list[str]) -> None:
     """Drop each file from the page cache (``POSIX_FADV_DONTNEED``: clean pages only, no root
     needed) and read it back in order, so that every run starts from the same page cache: the
     large folios (2 MiB) a sequential read leaves.  A file's history can leave it in small ones
-    (written in pieces not aligned to 2 MiB, as tvlang's own writer writes, or partly reclaimed and
-    faulted back), and page faults through a memory map then cost more: task arithmetic at 1 GiB
-    took 0.88 s on inputs in small folios and 0.67 s on the same inputs read back
-    (benchmarks/PROFILE.md)."""
+    (written page by page, or partly reclaimed and faulted back), and page faults through a memory
+    map then cost more: task arithmetic at 1 GiB took 0.79 s on inputs in 4 KiB folios and 0.62 s
+    on the same inputs read back; on inputs written in 2 MiB pieces 8 KiB off the 2 MiB
+    boundaries, as tvlang's writer writes tensors, 0.65 against 0.63 s (benchmarks/PROFILE.md)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:

@@ -1304,6 +1304,13 @@ def plot(doc: dict[str, Any], path: str) -> None:
 
 
 def main() -> None:
+    with h.freed_memory_kept() as kept:
+        if not kept:
+            print(h.NOT_KEPT, flush=True)
+        run_suite()
+
+
+def run_suite() -> None:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
