@@ -5,7 +5,9 @@ calls the CPU back-end sees.)"""
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -183,3 +185,55 @@ def test_a_backend_plugs_in_through_the_protocol(monkeypatch: pytest.MonkeyPatch
     assert len(v_chunks) == 3
     rounds = [i for i, e in enumerate(log) if e[0] == "own" and e[4][0] == "operand"]
     assert rounds == list(range(len(rounds)))  # the model-wide rounds come first
+
+
+def test_shared_chunks_release_their_pages_in_order_and_the_task_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With several workers, a one-pass task's chunks are done in any order; each chunk's pages are
+    released only once every chunk before it is done (a release drops the block a chunk shares
+    with the one before, and a chunk still reading it would map it again for good), and the worker
+    that finishes the last chunk ends the pass, which releases the whole tensor."""
+    events: list[tuple[Any, ...]] = []
+    lock = threading.Lock()
+    ending = threading.local()
+    run_chunk, release, end = runtime.run_chunk, runtime.release, runtime.CpuBackend.end
+
+    def slow_first(run: Any, task: Any, start: int, stop: int, *args: Any, **kw: Any) -> None:
+        if task.name == "v" and start == 0:
+            time.sleep(0.2)  # the other worker does the chunks after it meanwhile
+        run_chunk(run, task, start, stop, *args, **kw)
+        with lock:
+            events.append(("done", task.name, start, stop))
+
+    def recorded(sources: Any, reads: Any, name: str, start: int, stop: int) -> None:
+        with lock:
+            events.append(("end" if getattr(ending, "on", False) else "release", name, start, stop))
+        release(sources, reads, name, start, stop)
+
+    def ended(self: runtime.CpuBackend, p: Any) -> None:
+        ending.on = True
+        try:
+            end(self, p)
+        finally:
+            ending.on = False
+
+    s = _states()
+    expr = "base + 0.5*(a - base)"
+    expected = tvlang.evaluate(expr, bindings=s, chunk=500, threads=1)
+    monkeypatch.setattr(runtime, "run_chunk", slow_first)
+    monkeypatch.setattr(runtime, "release", recorded)
+    monkeypatch.setattr(runtime.CpuBackend, "end", ended)
+    got = tvlang.evaluate(expr, bindings=s, chunk=500, threads=2)
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+    v = [e for e in events if e[1] == "v"]
+    assert [e[2:] for e in v if e[0] == "end"] == [(0, 9000)]  # once, after the last chunk
+    assert v.index(next(e for e in v if e[0] == "end")) > max(i for i, e in enumerate(v) if e[0] == "done")
+    ranges = sorted(e[2:] for e in v if e[0] == "release")
+    assert ranges[0][0] == 0 and ranges[-1][1] == 9000  # every chunk released once, as they tile
+    assert all(b == a for (_, b), (a, _) in itertools.pairwise(ranges))
+    assert ranges[0][1] > 500  # chunk 0 was done last: its release took the chunks done before it
+    for i, (kind, _, _, b) in enumerate(v):
+        if kind == "release":  # every chunk below its end was done before
+            assert set(range(0, b, 500)) <= {e[2] for e in v[:i] if e[0] == "done"}

@@ -61,6 +61,7 @@ class Pass:
     task: TensorTask
     q: int
     state: ProgramState | None  # the task's program run; None in a one-pass task (made per back-end)
+    shared: bool = False  # its chunks are work items of their own, done by any worker in any order
 
     @property
     def output(self) -> bool:
@@ -181,6 +182,7 @@ def run_plan(
     ex.model_values.update(model_values)
     items = _work(plan, backend, fallback, share=workers > 1)
     lock = threading.Lock()
+    unfinished: dict[int, int] = {}  # a shared task's chunks not yet done, by id of its pass
 
     def worker(scratch: Scratch) -> None:
         while not failed.is_set():
@@ -199,6 +201,15 @@ def run_plan(
                 raise
             if start != WHOLE_TASK:
                 ex.advance((stop - start) * moved)
+                with lock:  # the worker that finishes a shared task's last chunk ends its pass
+                    if id(p) not in unfinished:
+                        unfinished[id(p)] = sum(1 for _ in task_chunks(plan, p.task))
+                    unfinished[id(p)] -= 1
+                    last = unfinished[id(p)] == 0
+                    if last:
+                        del unfinished[id(p)]
+                if last:
+                    chosen.end(p)
 
     if workers <= 1:
         worker(scratch)
@@ -244,7 +255,7 @@ def _work(
         if task.passes > 1 or not (share and chosen.parallel):
             whole.append((chosen, Pass(task, task.passes, None), WHOLE_TASK, WHOLE_TASK, 0))
             continue
-        p, moved = Pass(task, 1, None), moved_bytes(plan, task)
+        p, moved = Pass(task, 1, None, shared=True), moved_bytes(plan, task)
         shared += [(chosen, p, start, stop, moved) for start, stop in task_chunks(plan, task)]
     if share:
         whole.sort(key=lambda item: -item[1].task.numel * item[1].task.passes)
