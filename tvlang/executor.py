@@ -171,7 +171,8 @@ def run_plan(
     chunk and is re-raised.
 
     ``workers`` share the items: a task is one item (its passes run in one worker, in order), but
-    with several workers a one-pass task on a ``parallel`` back-end is one item per chunk.
+    with several workers a one-pass task on a ``parallel`` back-end is one item per chunk (a
+    ``shared`` pass), and the worker that finishes its last chunk calls ``end``.
     ``model_values``: the model-wide selections, when already made elsewhere (a distributed run
     reduces them over every unit); else they are made first, on ``backend``.
     """
