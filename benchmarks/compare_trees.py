@@ -10,7 +10,8 @@ with a warm page cache, the two trees alternating so that a busy neighbour hurts
 First the inputs are dropped from the page cache and read back in order, so that every run finds
 them in the large folios a sequential read leaves, not in whatever folios they were written or
 faulted in with (``--as-cached`` skips that; it moves a 1 GiB merge's time by a quarter); and
-memory freed during the runs stays in the guest (``harness.freed_memory_kept``).
+memory freed during the runs stays in the guest (``harness.freed_memory_kept``).  ``--busy`` keeps
+one CPU busy meanwhile, as another job on a shared machine would.
 Reported per case and tree: the median wall time (process start to exit, imports included) and
 the median peak resident memory of the process (``ru_maxrss`` from ``wait4``), and the ratio
 new / old of each.  The parent never imports torch.
@@ -19,6 +20,7 @@ new / old of each.  The parent never imports torch.
 from __future__ import annotations
 
 import argparse
+import atexit
 import glob
 import json
 import os
@@ -147,7 +149,15 @@ def compare(kept: bool) -> None:
         help="leave the inputs in the page cache as they are (default: drop and read them back in "
         "order first, so every run finds them in the same large folios)",
     )
+    ap.add_argument(
+        "--busy",
+        action="store_true",
+        help="keep one CPU busy with a spinning process during the runs (a shared machine's load)",
+    )
     args = ap.parse_args()
+    if args.busy:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        atexit.register(spinner.kill)
     size = h.parse_size(args.size)
     paths = ensure_family(size)
     inputs = [os.path.join(d, f) for d in paths for f in sorted(os.listdir(d)) if f.endswith(".safetensors")]
@@ -169,6 +179,7 @@ def compare(kept: bool) -> None:
         "size": args.size,
         "stream_add": floor,
         "freed_memory_kept": kept,
+        "busy": args.busy,
         "cases": {},
     }
     for case in args.cases.split(","):
