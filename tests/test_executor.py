@@ -5,7 +5,6 @@ calls the CPU back-end sees.)"""
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Sequence
@@ -187,13 +186,13 @@ def test_a_backend_plugs_in_through_the_protocol(monkeypatch: pytest.MonkeyPatch
     assert rounds == list(range(len(rounds)))  # the model-wide rounds come first
 
 
-def test_shared_chunks_release_their_pages_in_order_and_the_task_ends(
+def test_a_block_two_shared_chunks_share_goes_with_the_second_to_finish(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With several workers, a one-pass task's chunks are done in any order; each chunk's pages are
-    released only once every chunk before it is done (a release drops the block a chunk shares
-    with the one before, and a chunk still reading it would map it again for good), and the worker
-    that finishes the last chunk ends the pass, which releases the whole tensor."""
+    """With several workers, a one-pass task's chunks are done in any order.  A release drops the
+    2 MiB blocks of its range, and the ones it shares with the chunks before and after it only when
+    those are done too: dropped under a chunk still reading it, a block was mapped again for good.
+    The worker that finishes the last chunk ends the pass, which releases the whole tensor."""
     events: list[tuple[Any, ...]] = []
     lock = threading.Lock()
     ending = threading.local()
@@ -206,10 +205,11 @@ def test_shared_chunks_release_their_pages_in_order_and_the_task_ends(
         with lock:
             events.append(("done", task.name, start, stop))
 
-    def recorded(sources: Any, reads: Any, name: str, start: int, stop: int) -> None:
+    def recorded(sources: Any, reads: Any, name: str, start: int, stop: int, **flags: Any) -> None:
         with lock:
-            events.append(("end" if getattr(ending, "on", False) else "release", name, start, stop))
-        release(sources, reads, name, start, stop)
+            kind = "end" if getattr(ending, "on", False) else "release"
+            events.append((kind, name, start, stop, flags.get("before", True), flags.get("after")))
+        release(sources, reads, name, start, stop, **flags)
 
     def ended(self: runtime.CpuBackend, p: Any) -> None:
         ending.on = True
@@ -228,12 +228,16 @@ def test_shared_chunks_release_their_pages_in_order_and_the_task_ends(
     assert all(torch.equal(got[k], v) for k, v in expected.items())
 
     v = [e for e in events if e[1] == "v"]
-    assert [e[2:] for e in v if e[0] == "end"] == [(0, 9000)]  # once, after the last chunk
-    assert v.index(next(e for e in v if e[0] == "end")) > max(i for i, e in enumerate(v) if e[0] == "done")
-    ranges = sorted(e[2:] for e in v if e[0] == "release")
-    assert ranges[0][0] == 0 and ranges[-1][1] == 9000  # every chunk released once, as they tile
-    assert all(b == a for (_, b), (a, _) in itertools.pairwise(ranges))
-    assert ranges[0][1] > 500  # chunk 0 was done last: its release took the chunks done before it
-    for i, (kind, _, _, b) in enumerate(v):
-        if kind == "release":  # every chunk below its end was done before
-            assert set(range(0, b, 500)) <= {e[2] for e in v[:i] if e[0] == "done"}
+    ends = [i for i, e in enumerate(v) if e[0] == "end"]
+    assert len(ends) == 1 and ends[0] > max(i for i, e in enumerate(v) if e[0] == "done")
+    releases = {e[2]: e for e in v if e[0] == "release"}
+    assert sorted(releases) == list(range(0, 9000, 500))  # each chunk released once, when done
+    for i, e in enumerate(v):
+        if e[0] == "release":
+            _, _, start, stop, before, after = e
+            done = {d[2] for d in v[:i] if d[0] == "done"}
+            assert before == (start == 0 or start - 500 in done)  # the block before: if done too
+            assert after == (stop == 9000 or stop in done)
+    for b in range(500, 9000, 500):  # each shared block goes with exactly one of its two chunks
+        assert releases[b - 500][5] != releases[b][4]
+    assert releases[0][4:] == (True, True)  # chunk 0, done last, takes both its blocks

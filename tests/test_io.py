@@ -466,12 +466,17 @@ def test_releases_drop_whole_2_mib_blocks(tmp_path: Path) -> None:
         r.release(c, 1000, 600_000)  # inside: whole blocks only
         r.release(c, 600_000, c.numel)  # its end: out to the next boundary, clipped to the file
         r.release(infos["b"], 0, 5)  # a tiny tensor: every block it touches
+        # a chunk whose neighbours are still being read keeps the blocks it shares with them
+        r.release(c, 1000, c.numel, before=False)
+        r.release(c, 1000, 600_000, after=True)  # ... and takes the one after once that is done
         r._mm = None
     begin, end = c.offset + 4000, c.offset + 2_400_000
     assert calls[0] == (begin // folio * folio, end // folio * folio)
     assert calls[1] == (end // folio * folio, min(size, -(-(c.offset + c.nbytes) // folio) * folio))
     b = infos["b"]
     assert calls[2] == (b.offset // folio * folio, min(size, -(-(b.offset + b.nbytes) // folio) * folio))
+    assert calls[3] == (-(-begin // folio) * folio, min(size, -(-(c.offset + c.nbytes) // folio) * folio))
+    assert calls[4] == (begin // folio * folio, -(-end // folio) * folio)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")

@@ -228,7 +228,7 @@ class CpuBackend:
         self.run = run
         self.kernels = run.kernels
         self._lock = threading.Lock()
-        self._unreleased: dict[int, tuple[int, dict[int, int]]] = {}  # see _released_in_order
+        self._finished: dict[int, tuple[set[int], set[int]]] = {}  # see _neighbours_done
 
     def prepare(self, task: TensorTask) -> bool:
         return True
@@ -248,24 +248,20 @@ class CpuBackend:
             run_chunk(self.run, p.task, start, stop, scratch, p.state)
             return
         run_chunk(self.run, p.task, start, stop, scratch, p.state, release_inputs=False)
-        done = self._released_in_order(p, start, stop)
-        if done is not None:
-            release(self.run.sources, p.task.reads, p.task.name, *done)
+        before, after = self._neighbours_done(p, start, stop)
+        release(self.run.sources, p.task.reads, p.task.name, start, stop, before=before, after=after)
 
-    def _released_in_order(self, p: Pass, start: int, stop: int) -> tuple[int, int] | None:
-        """The chunks of a shared pass that may be released now that ``[start, stop)`` is done, as
-        one range: each waits for every chunk before it.  A release drops the 2 MiB block a chunk
-        shares with the one before; dropped while that chunk was still being read, the block was
-        faulted back in, and no later release covered it: with two workers and the other core busy,
-        a linear merge peaked at 392 MiB at 1 GiB and 1364 MiB at 4 GiB (in order: 101 and 111)."""
+    def _neighbours_done(self, p: Pass, start: int, stop: int) -> tuple[bool, bool]:
+        """Whether the chunks before and after ``[start, stop)`` of a shared pass are done (or there
+        are none), now that it is: a block two chunks share goes with the second of them to finish.
+        A release that dropped it while the other chunk still read it left that chunk to map it
+        again, and no later release covered it: with two workers and the other core busy, a linear
+        merge peaked at 392 MiB at 1 GiB and 1364 MiB at 4 GiB."""
         with self._lock:
-            first, finished = self._unreleased.get(id(p), (0, {}))
-            finished[start] = stop
-            end = first
-            while end in finished:
-                end = finished.pop(end)
-            self._unreleased[id(p)] = (end, finished)
-        return (first, end) if end > first else None
+            starts, stops = self._finished.setdefault(id(p), (set(), set()))
+            starts.add(start)
+            stops.add(stop)
+            return start == 0 or start in stops, stop == p.task.numel or stop in starts
 
     def sample(self, p: Pass, positions: np.ndarray[Any, Any], scratch: Scratch) -> None:
         assert p.state is not None
@@ -287,7 +283,7 @@ class CpuBackend:
         # Releasing the whole tensor drops those tails (and the folios around its ends).
         if isinstance(p, Pass) and p.shared:
             with self._lock:
-                self._unreleased.pop(id(p), None)
+                self._finished.pop(id(p), None)
         release(self.run.sources, p.task.reads, p.task.name, 0, p.task.numel)
 
     def selector(self, red: ModelReduction) -> KthLargest:
@@ -439,12 +435,22 @@ def run_chunk(
         release(sources, task.reads, task.name, start, stop)
 
 
-def release(sources: Sequence[Source], reads: Iterable[int], name: str, start: int, stop: int) -> None:
+def release(
+    sources: Sequence[Source],
+    reads: Iterable[int],
+    name: str,
+    start: int,
+    stop: int,
+    *,
+    before: bool = True,
+    after: bool | None = None,
+) -> None:
     """Drop elements ``[start, stop)`` of tensor ``name`` in each input of ``reads``, in one call
-    for all of them where the system allows (:class:`tvlang.io.pages.Batch`)."""
+    for all of them where the system allows (:class:`tvlang.io.pages.Batch`); ``before``/``after``:
+    the blocks shared with the neighbouring ranges too (:meth:`tvlang.io.ChunkReader.release`)."""
     with pages.Batch():
         for i in reads:
-            sources[i].release(name, start, stop)
+            sources[i].release(name, start, stop, before=before, after=after)
 
 
 def _run_compiled(

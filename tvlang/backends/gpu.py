@@ -132,8 +132,10 @@ class _HostSource:
         view = self.source.read(name, start, stop)
         return view.cpu() if is_torch(view) and view.device.type != "cpu" else view
 
-    def release(self, name: str, start: int, stop: int) -> None:
-        self.source.release(name, start, stop)
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
+        self.source.release(name, start, stop, before=before, after=after)
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
         found = self.source.gather(name, positions)

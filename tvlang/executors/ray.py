@@ -481,7 +481,9 @@ class _Unread:
     def read(self, name: str, start: int, stop: int) -> torch.Tensor:
         raise AssertionError(f"tensor {name!r} is not read from this input in this unit")
 
-    def release(self, name: str, start: int, stop: int) -> None:
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
         pass
 
     def gather(self, name: str, positions: Any) -> None:

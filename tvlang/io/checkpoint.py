@@ -244,11 +244,13 @@ class CheckpointReader:
         """See :meth:`ChunkReader.read`."""
         return self._reader(info.path).read(info, start, stop)
 
-    def release(self, info: TensorInfo, start: int, stop: int) -> None:
+    def release(
+        self, info: TensorInfo, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
         """See :meth:`ChunkReader.release`; nothing to do for a file never read."""
         reader = self._readers.get(info.path)
         if reader is not None:
-            reader.release(info, start, stop)
+            reader.release(info, start, stop, before=before, after=after)
 
     def close(self) -> None:
         with self._lock:

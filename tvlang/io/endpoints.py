@@ -30,7 +30,13 @@ class Source(Protocol):
     """Files give numpy chunks of the storage dtype, memory gives torch tensors (:mod:`tvlang.chunks`)."""
 
     def read(self, name: str, start: int, stop: int) -> Chunk: ...
-    def release(self, name: str, start: int, stop: int) -> None: ...
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
+        """Drop elements ``[start, stop)`` from memory; ``before``/``after``: also the block this
+        range shares with the range before/after it (:meth:`tvlang.io.ChunkReader.release`)."""
+        ...
+
     def close(self) -> None: ...
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
@@ -78,8 +84,10 @@ class CheckpointSource:
     def read(self, name: str, start: int, stop: int) -> Chunk:
         return self._reader.read(self.tensors[name], start, stop)
 
-    def release(self, name: str, start: int, stop: int) -> None:
-        self._reader.release(self.tensors[name], start, stop)
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
+        self._reader.release(self.tensors[name], start, stop, before=before, after=after)
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
         """From the mapping.  A small tensor's pages stay mapped for the pass that follows; a large
@@ -113,8 +121,10 @@ class RenamedSource:
     def read(self, name: str, start: int, stop: int) -> Chunk:
         return self._source.read(self._names[name], start, stop)
 
-    def release(self, name: str, start: int, stop: int) -> None:
-        self._source.release(self._names[name], start, stop)
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
+        self._source.release(self._names[name], start, stop, before=before, after=after)
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
         return self._source.gather(self._names[name], positions)
@@ -167,7 +177,9 @@ class MemorySource:
             self._flat[name] = flat
         return flat[start:stop]
 
-    def release(self, name: str, start: int, stop: int) -> None:
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
         if stop >= self._state[name].numel():
             self._flat.pop(name, None)
 

@@ -131,7 +131,9 @@ class LoraSource:
             np.matmul(pair.b_scaled[r0:r1], pair.a, out=block)
         return block.reshape(-1)[start - r0 * cols : stop - r0 * cols]
 
-    def release(self, name: str, start: int, stop: int) -> None:
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
         pass
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> None:

@@ -416,18 +416,20 @@ class ChunkReader:
         out.view(np.uint8)[:] = raw
         return out
 
-    def release(self, info: TensorInfo, start: int, stop: int) -> None:
+    def release(
+        self, info: TensorInfo, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
         """Drop elements ``[start, stop)`` from this process's memory, in whole 2 MiB blocks.
 
         A fault maps a large folio (up to 2 MiB) whole, often as one 2 MiB mapping, and
         dropping part of such a mapping splits it, with a flush of every other core's TLB
         that cannot wait for the next. So the range dropped runs from the 2 MiB boundary at or
-        below ``start`` (the block it shares with the range before, which a scan has finished)
-        to the one at or below ``stop`` (the rest goes with the range after), and at the
-        tensor's end up to the next boundary. A small tensor would otherwise leave its
-        neighbours' pages mapped until the file is closed (measured: 10 MiB a layer norm
-        over five inputs). A neighbour still in use simply faults its pages back in. A no-op
-        once closed.
+        below ``start`` (the block it shares with the range before, which a scan has finished;
+        above it when not ``before``) to the one at or below ``stop`` (the rest goes with the
+        range after), and at the tensor's end, or with ``after``, up to the next boundary. A
+        small tensor would otherwise leave its neighbours' pages mapped until the file is closed
+        (measured: 10 MiB a layer norm over five inputs). A neighbour still in use simply faults
+        its pages back in. A no-op once closed.
         """
         mm = self._mm
         if mm is None:
@@ -435,8 +437,10 @@ class ChunkReader:
         self._check(info, start, stop)
         size = ITEMSIZE[info.dtype]
         begin, end = info.offset + start * size, info.offset + stop * size
-        lo = begin // _FOLIO * _FOLIO
-        hi = min(self._size, -(-end // _FOLIO) * _FOLIO) if stop == info.numel else end // _FOLIO * _FOLIO
+        lo = begin // _FOLIO * _FOLIO if before else -(-begin // _FOLIO) * _FOLIO
+        if after is None:
+            after = stop == info.numel
+        hi = min(self._size, -(-end // _FOLIO) * _FOLIO) if after else end // _FOLIO * _FOLIO
         if hi > lo:
             pages.drop(mm, self._address, lo, hi - lo)  # (with other readers', inside a pages.Batch)
 

@@ -564,9 +564,11 @@ class VocabSource:
         self.plan.gather(self.k, name, r0, r1, block)
         return block.view(-1)[start - r0 * cols : stop - r0 * cols]
 
-    def release(self, name: str, start: int, stop: int) -> None:
+    def release(
+        self, name: str, start: int, stop: int, *, before: bool = True, after: bool | None = None
+    ) -> None:
         if not self._vocab(name):
-            self.inner.release(name, start, stop)
+            self.inner.release(name, start, stop, before=before, after=after)
 
     def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
         return None if self._vocab(name) else self.inner.gather(name, positions)
