@@ -278,9 +278,10 @@ class CpuBackend:
         release(sources, p.task.reads, name, start, stop)
 
     def end(self, p: Pass | OperandPass) -> None:
-        # A pass is one thread's scan of the tensor: each chunk's first fault mapped the folio it
-        # starts in whole, the previous chunk's tail included, after that chunk was released.
-        # Releasing the whole tensor drops those tails (and the folios around its ends).
+        # Every chunk of the pass is done (in one worker's scan, or shared among workers). A
+        # chunk's first fault mapped the folio it starts in whole, the previous chunk's tail
+        # included, after that chunk was released: releasing the whole tensor drops those tails
+        # (and the folios around its ends).
         if isinstance(p, Pass) and p.shared:
             with self._lock:
                 self._finished.pop(id(p), None)
