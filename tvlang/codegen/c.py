@@ -723,7 +723,10 @@ class CKernel:
 _lock = threading.Lock()
 _loaded: dict[str, CKernel] = {}
 _blocks = threading.local()
-TV_BLOCK = 8192  # elements per block of CKernel.bracketed (written into RADIX_SOURCE: one value)
+# Elements per block of CKernel.bracketed (written into RADIX_SOURCE: one value).  Measured on the
+# 1 GiB TIES (benchmarks/PROFILE.md): 8192 (four 32 KiB operand blocks, in L2) 1.58 s; 2048 1.59;
+# 1024 1.53; 512 1.49; 256 1.46, with the next block prefetched during the count in every case.
+TV_BLOCK = 256
 
 
 def _block_buffers(count: int, wide: bool) -> np.ndarray[Any, Any]:
@@ -919,11 +922,13 @@ void tv_bracket64(const double *restrict x, int64_t n, uint64_t lo, uint64_t hi,
 #endif
 
 /* A reduction pass whose every reduction is a bracketed selection, over one chunk: the pass's
-   generated kernel computes the operands a block at a time into buffers that stay in the cache,
+   generated kernel computes the operands a block at a time into buffers that stay in the L1 cache,
    and each block is counted against its selection's bracket at once (the same counts as the kernel
-   over the whole chunk, then a count of each operand).  Returns the kernel's first negative result,
-   else 0.  in_sizes: each input's element size; buffers: nsel blocks of TV_BLOCK floats; per
-   selection its bracket, stash and four counts, as tv_bracket32/64 take them. */
+   over the whole chunk, then a count of each operand).  Before the count, the next block's inputs
+   are prefetched, so that memory works while the count computes (a kernel's own prefetches stop
+   at the end of its block).  Returns the kernel's first negative result, else 0.  in_sizes: each
+   input's element size; buffers: nsel blocks of TV_BLOCK floats; per selection its bracket, stash
+   and four counts, as tv_bracket32/64 take them. */
 typedef int64_t (*tv_kernel_t)(int64_t, int64_t, void *const *, void *const *, const double *,
                                const int64_t *, const double *);
 #define TV_BLOCK @TV_BLOCK@
@@ -941,6 +946,10 @@ int64_t NAME(tv_kernel_t kernel, int64_t n, int64_t start, int nin, void *const 
         for (int j = 0; j < nin; j++) ins[j] = (char *)in[j] + b * in_sizes[j];                        \
         const int64_t r = kernel(m, start + b, ins, outs, params, keys, weights);                      \
         if (r < 0) return r;                                                                           \
+        const int64_t next = n - b - m < TV_BLOCK ? n - b - m : TV_BLOCK;                              \
+        for (int j = 0; j < nin; j++)                                                                  \
+            for (int64_t l = 0; l < next * in_sizes[j]; l += 64)                                       \
+                __builtin_prefetch((const char *)in[j] + (b + m) * in_sizes[j] + l);                   \
         for (int k = 0; k < nsel; k++)                                                                 \
             COUNT(buffers + (int64_t)k * TV_BLOCK, m, lo[k], hi[k], stash[k], cap[k], counts[k]);     \
     }                                                                                                  \
