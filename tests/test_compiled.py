@@ -7,18 +7,22 @@ on the same inputs, for bf16, fp16 and fp32, at chunk sizes that split tensors r
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import tvlang
 from tvlang.codegen import c
-from tvlang.codegen.spec import KernelSpec, Stmt, task_spec
+from tvlang.codegen.spec import SUM, KernelSpec, Stmt, task_spec
 from tvlang.errors import TvParamError
+from tvlang.plan.plan import BLOCK, LANES
 
 pytestmark = pytest.mark.skipif(c.compiler() is None, reason="no C compiler here: compiled kernels are off")
 
@@ -330,6 +334,37 @@ def test_reduction_pass_block_sums_match_eager(n: int) -> None:
     states = {k: {"w": torch.randn(n, generator=g)} for k in ("base", "m1", "m2", "m3")}
     for src in ("slerp(m1, m2, 0.3)", "model_stock(base, m1, m2, m3)", "base + dare(m1 - base, 0.5, seed=1)"):
         _assert_same_bits(*_both(src, states, chunk=4096))
+
+
+def _lanes_reference(block: list[float]) -> float:
+    """A block's sum in the documented order, in Python floats: element j in lane j % LANES, each
+    lane in element order from +0.0, then the lanes pairwise."""
+    lanes = [0.0] * LANES
+    for j, x in enumerate(block):
+        lanes[j % LANES] += x
+    while len(lanes) > 1:
+        lanes = [a + b for a, b in zip(lanes[0::2], lanes[1::2], strict=True)]
+    return lanes[0]
+
+
+@pytest.mark.parametrize("n", [1, 7, 9, BLOCK, BLOCK + 13, 2 * BLOCK + LANES])
+def test_block_sums_add_lanes_in_the_documented_order(n: int) -> None:
+    """The eager block sums and a compiled kernel's SUM output both add each block in LANES
+    lanes, pairwise at the end, bit for bit as a plain Python loop does; the values span 16
+    orders of magnitude, so that another order (one running sum) gives other bits."""
+    from tvlang.backends.reductions import block_sums
+
+    g = np.random.default_rng(n)
+    values = g.standard_normal(n) * 10.0 ** g.integers(-8, 8, n)
+    blocks = [values[b : b + BLOCK].tolist() for b in range(0, n, BLOCK)]
+    expected = [_lanes_reference(block) for block in blocks]
+    if n >= BLOCK:  # (the order matters for these values)
+        assert expected != [functools.reduce(operator.add, block, 0.0) for block in blocks]
+    assert block_sums(torch.from_numpy(values)).tolist() == expected
+    spec = KernelSpec(("F64",), ((0, SUM),), (Stmt("load", (), 0),), "F64", 0, 0)
+    sums = np.empty(len(blocks), dtype=np.float64)
+    c.load(spec)([values], [sums], n=n)
+    assert sums.tolist() == expected
 
 
 def _gcc() -> bool:

@@ -1,9 +1,9 @@
 """Per-tensor reductions over chunks, with results that do not depend on chunking.
 
-Sums are taken over fixed blocks of ``BLOCK`` elements in float64, each block
-in element order (the compiled kernels add the same way), and the block sums are
-added in block order at the end, exactly (``math.fsum``: the correctly rounded sum of the block
-sums), so chunk size, thread count, kernel mode and device never change the bits.  Block sums and
+Sums are taken over fixed blocks of ``BLOCK`` elements in float64, each block in ``LANES``
+interleaved lanes added in one fixed order (the compiled kernels add the same way), and the block
+sums are added in block order at the end, exactly (``math.fsum``: the correctly rounded sum of the
+block sums), so chunk size, thread count and kernel mode never change the bits.  Block sums and
 histograms live in numpy arrays: the compiled path fills them without torch; the eager path's
 torch operands are converted where they meet them.
 
@@ -32,7 +32,7 @@ from tvlang.chunks import Chunk, is_torch, storage, to_torch
 from tvlang.chunks import numel as chunk_numel
 from tvlang.codegen.c import STASH_SLACK
 from tvlang.ops import work_buffer
-from tvlang.plan.plan import BLOCK
+from tvlang.plan.plan import BLOCK, LANES
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +41,11 @@ DIGIT = 1 << 16
 
 
 def block_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The float64 sum of each ``BLOCK``-element block of ``values`` (the last may be shorter), each
-    added in element order, as the compiled kernels do: a cumulative sum is sequential, and its last
-    column is the sum (measured: identical bits to a plain loop; ``Tensor.sum`` reassociates)."""
+    """The float64 sum of each ``BLOCK``-element block of ``values`` (the last may be shorter), in
+    the order the compiled kernels add: element j of a block in lane ``j % LANES``, each lane in
+    element order, the lanes then pairwise (:data:`tvlang.plan.plan.LANES`).  A cumulative sum is
+    sequential, so its last row holds the lanes (measured: identical bits to a plain loop;
+    ``Tensor.sum`` reassociates)."""
     import torch
 
     v = values if values.dtype == torch.float64 else values.to(torch.float64)
@@ -53,17 +55,28 @@ def block_sums(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     result = out if out is not None else torch.empty(blocks, dtype=torch.float64, device=v.device)
     if full:
         on_cpu = v.device.type == "cpu"  # (a reused buffer: no temporaries on the hot path)
-        scan_buf = work_buffer("block-scan", torch.float64, full).view(-1, BLOCK) if on_cpu else None
-        scan = torch.cumsum(v[:full].view(-1, BLOCK), dim=1, out=scan_buf)
-        result[: full // BLOCK].copy_(scan[:, -1])
+        shape = (-1, BLOCK // LANES, LANES)
+        scan_buf = work_buffer("block-scan", torch.float64, full).view(shape) if on_cpu else None
+        scan = torch.cumsum(v[:full].view(shape), dim=1, out=scan_buf)
+        result[: full // BLOCK].copy_(pairwise_lanes(scan[:, -1, :]))
     if full < n:
-        result[blocks - 1] = torch.cumsum(v[full:], dim=0)[-1]
+        tail = v[full:]
+        if tail.numel() % LANES:  # (+0.0 changes no lane: a lane's sum, begun at +0.0, is never -0.0)
+            tail = torch.cat([tail, tail.new_zeros(LANES - tail.numel() % LANES)])
+        result[blocks - 1] = pairwise_lanes(torch.cumsum(tail.view(-1, LANES), dim=0)[-1:, :])[0]
     return result
+
+
+def pairwise_lanes(lanes: torch.Tensor) -> torch.Tensor:
+    """Each row of ``lanes`` (``(rows, LANES)``) summed pairwise: ((l0 + l1) + (l2 + l3)) + …"""
+    while lanes.shape[1] > 1:
+        lanes = lanes[:, 0::2] + lanes[:, 1::2]
+    return lanes[:, 0]
 
 
 class BlockSum:
     """Σ of values (or of products of two operands) in float64, chunk-order independent: the
-    block sums (in element order within each block), then their exact sum, rounded once
+    block sums (:func:`block_sums`' order within each block), then their exact sum, rounded once
     (:func:`math.fsum` over the blocks in block order, on every path)."""
 
     def __init__(self) -> None:

@@ -43,7 +43,7 @@ from tvlang.chunks import Chunk, address, numel
 from tvlang.codegen.spec import ACC, SUM, KernelSpec, Stmt
 from tvlang.dtypes import DTYPES, ITEMSIZE
 from tvlang.ops import ELEMENTWISE
-from tvlang.plan.plan import BLOCK
+from tvlang.plan.plan import BLOCK, LANES
 
 FLAGS = (
     "-O3",
@@ -124,6 +124,18 @@ static inline uint64_t tv_mix(uint64_t key, uint64_t i) {
     x ^= x >> 33;
     return x;
 }
+"""
+
+
+# A block sum's lanes (tvlang.plan.plan.LANES), for kernels with sums: one vector of the compiler's
+# vector extension (GCC and Clang; lowered to narrower registers where 512-bit ones are missing).
+LANES_PRELUDE = f"""typedef double tv_lanes __attribute__((vector_size({8 * LANES})));
+
+static inline tv_lanes tv_lanes_at(const double *p) {{
+    tv_lanes v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}}
 """
 
 
@@ -296,15 +308,15 @@ def c_source(spec: KernelSpec) -> str:
     def output(k: int, i: int, dtype: str, body: list[str], blocked: bool = True) -> None:
         """The lines writing output ``k`` (statement ``i``) at element ``i``."""
         v = val(i)
-        if dtype == SUM:  # added in element order, one sum per block, as block_sums does
+        if dtype == SUM:  # one sum per block, its lanes added as block_sums does
             sums.append(k)
             if blocked:
                 body.append(f"        t{k}[i - b0] = (double){v};")
-            else:  # row by row: the running sum, stored at each block's end
-                body.append(f"        s{k} += (double){v};")
+            else:  # row by row: the running lanes, added and stored at each block's end
+                body.append(f"        s{k}[i % {LANES}] += (double){v};")
                 body.append(f"        if ((i + 1) % {BLOCK} == 0 || i + 1 == n) {{")
-                body.append(f"            out{k}[i / {BLOCK}] = s{k};")
-                body.append(f"            s{k} = 0;")
+                body.append(f"            out{k}[i / {BLOCK}] = {_pairwise(f's{k}')};")
+                body.append(f"            for (int l = 0; l < {LANES}; l++) s{k}[l] = 0;")
                 body.append("        }")
             return
         if dtype == ACC:
@@ -361,7 +373,7 @@ def c_source(spec: KernelSpec) -> str:
             f" accumulating in {t} */",
             PRELUDE,
             *(_F8_TABLES[d] for d in sorted(set(spec.inputs)) if d in _F8_TABLES),
-            *([ROW_PRELUDE] if rows else []),
+            *([ROW_PRELUDE] if rows else [LANES_PRELUDE] if sums else []),
             "static __attribute__((noinline)) int64_t tv_loop(",
             f"    int64_t n, int64_t start{row_param}, const double *restrict params,"
             " const int64_t *restrict keys,",
@@ -402,7 +414,7 @@ def _row_loop(
     what needs no row function; a row function of a stage-k value is known after stage k's loop
     over the row (a per-row number for sums and maxima, a row of ranks), and the statements that
     use it are in stage k + 1.  Values used in a later stage are kept in row-length buffers; loads,
-    parameters and constants are simply redone.  Sums are added in element order, as block_sums does."""
+    parameters and constants are simply redone.  Sums are added in lanes, as block_sums does."""
     body = spec.body
     cheap = {i for i, s in enumerate(body) if s.op in ("load", "param")}
     stage: dict[int, int] = {}
@@ -441,7 +453,7 @@ def _row_loop(
         offset = f"(size_t)row * ({' + '.join(f'sizeof({x})' for x in before)})" if before else "0"
         lines.append(f"    {ct} *restrict {name} = ({ct} *)(mem + {offset});")
         before.append(ct)
-    lines += [f"    double s{k} = 0;" for k, (_, d) in enumerate(spec.outputs) if d == SUM]
+    lines += [f"    double s{k}[{LANES}] = {{0}};" for k, (_, d) in enumerate(spec.outputs) if d == SUM]
     lines.append("    for (int64_t row0 = 0; row0 < n; row0 += row) {")
     for k in range(last + 1):
         if k > 0:  # the row functions of stage k
@@ -563,9 +575,11 @@ def _spans(body: list[str], sizes: list[int]) -> list[str]:
 
 def _blocked(body: list[str], sums: list[int], counted: bool, sizes: list[int]) -> list[str]:
     """The element loop inside a loop over ``BLOCK``-element blocks: the (vectorised) element loop
-    stores each summand of a block in a small buffer, then one scalar loop adds each buffer in
-    element order, the sums side by side (sequential additions do not vectorise).  ``counted``:
-    the body counts non-finite results (``nbad``, per block)."""
+    stores each summand of a block in a small buffer, then one loop adds each buffer in
+    :data:`~tvlang.plan.plan.LANES` lanes (element j in lane j % LANES: one vector of the
+    compiler's vector extension, ``tv_lanes``, per sum; written out as an array of lanes, GCC
+    split it into scalars), the sums side by side, and the lanes pairwise.  ``counted``: the body counts non-finite
+    results (``nbad``, per block)."""
     return [
         *(f"    double t{k}[{BLOCK}];" for k in sums),
         f"    for (int64_t b0 = 0; b0 < n; b0 += {BLOCK}) {{",
@@ -573,13 +587,26 @@ def _blocked(body: list[str], sums: list[int], counted: bool, sizes: list[int]) 
         *(["        uint32_t nbad = 0;"] if counted else []),
         *_element_loop("b0", "b1", body, sizes, "        "),
         *(["        bad += nbad;"] if counted else []),
-        *(f"        double s{k} = 0;" for k in sums),
-        "        for (int64_t j = 0; j < b1 - b0; j++) {",
-        *(f"            s{k} += t{k}[j];" for k in sums),
+        *(f"        tv_lanes s{k} = {{0}};" for k in sums),
+        f"        const int64_t whole = (b1 - b0) / {LANES} * {LANES};",
+        f"        for (int64_t j = 0; j < whole; j += {LANES}) {{",
+        *(f"            s{k} += tv_lanes_at(t{k} + j);" for k in sums),
         "        }",
-        *(f"        out{k}[b0 / {BLOCK}] = s{k};" for k in sums),
+        "        for (int64_t j = whole; j < b1 - b0; j++) {",
+        *(f"            s{k}[j - whole] += t{k}[j];" for k in sums),
+        "        }",
+        *(f"        out{k}[b0 / {BLOCK}] = {_pairwise(f's{k}')};" for k in sums),
         "    }",
     ]
+
+
+def _pairwise(lanes: str) -> str:
+    """C for the sum of the array ``lanes``' LANES elements, pairwise: ((l0 + l1) + (l2 + l3)) + …,
+    as :func:`tvlang.backends.reductions.pairwise_lanes` adds them."""
+    terms = [f"{lanes}[{j}]" for j in range(LANES)]
+    while len(terms) > 1:
+        terms = [f"({a} + {b})" for a, b in zip(terms[0::2], terms[1::2], strict=True)]
+    return terms[0][1:-1]
 
 
 def _call(fn: str, a: list[str], t: str, f: str) -> str:

@@ -18,8 +18,9 @@ operation, with the same roundings:
 - an output is rounded once to its dtype (16-bit outputs of a float64
   accumulator go through float32, as torch's conversion does), kept in ``T``
   ("ACC") for the operands of k-th largest values and counts, or added up in
-  float64 per 4096-element block, in element order ("SUM"), for sums, norms
-  and dot products.
+  float64 per 4096-element block, in eight interleaved lanes ("SUM",
+  :func:`tvlang.backends.reductions.block_sums`), for sums, norms and dot
+  products.
 
 Nothing per tensor is in a spec (names, counts, random keys and reduction
 results are arguments), so one compiled kernel serves every tensor of the same

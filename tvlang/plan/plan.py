@@ -21,6 +21,10 @@ from tvlang.layermap import LayerSources, layer_ranges
 from tvlang.plan.tensor_program import TensorProgram
 
 BLOCK = 4096  # reductions add fixed blocks of this many elements, so no chunking changes a sum
+# Within a block, element j is added to lane j % LANES, each lane in element order, and the lanes
+# are then added pairwise ((l0 + l1) + (l2 + l3)) + …: one fixed order, which vector registers
+# follow (a single running sum waits four cycles an element on its own additions).
+LANES = 8
 SLOTS = 3  # staging slots on the GPU: copy in, compute, copy back, each on its own chunk
 GPU_DEVICES = ("cuda", "interpret")  # devices whose chunks stream through SLOTS staging slots
 
