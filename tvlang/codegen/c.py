@@ -576,10 +576,10 @@ def _spans(body: list[str], sizes: list[int]) -> list[str]:
 def _blocked(body: list[str], sums: list[int], counted: bool, sizes: list[int]) -> list[str]:
     """The element loop inside a loop over ``BLOCK``-element blocks: the (vectorised) element loop
     stores each summand of a block in a small buffer, then one loop adds each buffer in
-    :data:`~tvlang.plan.plan.LANES` lanes (element j in lane j % LANES: one vector of the
-    compiler's vector extension, ``tv_lanes``, per sum; written out as an array of lanes, GCC
-    split it into scalars), the sums side by side, and the lanes pairwise.  ``counted``: the body counts non-finite
-    results (``nbad``, per block)."""
+    :data:`~tvlang.plan.plan.LANES` lanes (element j in lane j % LANES), the sums side by side,
+    and the lanes pairwise.  A sum's lanes are one ``tv_lanes`` vector (written as an array of
+    lanes, GCC split the loop into scalars).  ``counted``: the body counts non-finite results
+    (``nbad``, per block)."""
     return [
         *(f"    double t{k}[{BLOCK}];" for k in sums),
         f"    for (int64_t b0 = 0; b0 < n; b0 += {BLOCK}) {{",
@@ -750,9 +750,9 @@ class CKernel:
 _lock = threading.Lock()
 _loaded: dict[str, CKernel] = {}
 _blocks = threading.local()
-# Elements per block of CKernel.bracketed (written into RADIX_SOURCE: one value).  Measured on the
-# 1 GiB TIES (benchmarks/PROFILE.md): 8192 (four 32 KiB operand blocks, in L2) 1.58 s; 2048 1.59;
-# 1024 1.53; 512 1.49; 256 1.46, with the next block prefetched during the count in every case.
+# Elements per block of CKernel.bracketed (written into RADIX_SOURCE: one value).  The 1 GiB TIES
+# (benchmarks/PROFILE.md, medians of 5): 8192 without the driver's prefetch 1.54-1.60 s; with it,
+# 8192 1.68, 2048 1.59, 1024 1.53, 512 1.47-1.49, 256 1.46 (four operand blocks in the L1 cache).
 TV_BLOCK = 256
 
 
