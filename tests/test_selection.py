@@ -19,6 +19,7 @@ from tvlang import cli
 from tvlang.backends import compiled
 from tvlang.backends.reductions import (
     SAMPLE_MIN,
+    SAMPLE_RUN,
     SampledKth,
     key_array,
     key_to_float,
@@ -26,6 +27,8 @@ from tvlang.backends.reductions import (
     sample_positions,
 )
 from tvlang.codegen import c
+from tvlang.io import endpoints
+from tvlang.io.checkpoint import Checkpoint
 
 BITS = {np.float32: 32, np.float64: 64}
 
@@ -172,6 +175,35 @@ def test_sample_positions_spread_over_the_tensor() -> None:
     columns = np.bincount(p % 4096, minlength=4096)
     assert (columns > 0).mean() > 0.9  # and the columns, not a few repeated ones
     assert sample_positions(1000).tolist() == list(range(1000))
+    runs = p.reshape(-1, SAMPLE_RUN)  # whole runs of neighbours, each at a multiple of the run
+    assert (runs[:, 0] % SAMPLE_RUN == 0).all() and (runs - runs[:, :1] == np.arange(SAMPLE_RUN)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_a_checkpoint_gathers_runs_as_the_elements_they_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """The gather by runs (one item per run, a window at a time for a large tensor) takes the same
+    elements as a take of the whole tensor, whatever the tensor's size: whole runs, strata that
+    meet (20 000 elements), a tensor sampled whole that is no multiple of the run, the last window
+    cut short; and scattered positions gathered one by one (``run`` 1) the same way."""
+    monkeypatch.setattr(endpoints, "KEEP_GATHERED", 4096)  # bytes: every tensor here by windows
+    g = torch.Generator().manual_seed(3)
+    sizes = {"large": 1_000_003, "met": 20_000, "whole": 1_001, "tiny": 3}
+    state = {name: torch.randn(n, generator=g).to(dtype) for name, n in sizes.items()}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    source = endpoints.CheckpointSource(Checkpoint.open(path))
+    try:
+        for name, n in sizes.items():
+            full = state[name].view(bits).numpy()
+            for positions, run in ((sample_positions(n), SAMPLE_RUN), (np.arange(0, n, 7), 1)):
+                got = source.gather(name, positions, run)
+                assert got is not None
+                assert got.tobytes() == full[positions].tobytes(), name
+    finally:
+        source.close()
 
 
 def _family(tmp: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:

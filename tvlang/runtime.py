@@ -40,7 +40,7 @@ import numpy as np
 from tvlang.backends.compiled import Kernels, TaskKernel, call, prepare_kernels
 from tvlang.backends.cpu import Census, Scratch, all_finite, census, output_finite, run_kernel
 from tvlang.backends.interpreter import ProgramState
-from tvlang.backends.reductions import KthLargest
+from tvlang.backends.reductions import SAMPLE_RUN, KthLargest
 from tvlang.chunks import Chunk, is_torch, numpy_dtype, to_torch
 from tvlang.dtypes import torch_dtype
 from tvlang.errors import TvError, TvInputError, TvOutputError, TvParamError
@@ -265,7 +265,7 @@ class CpuBackend:
 
     def sample(self, p: Pass, positions: np.ndarray[Any, Any], scratch: Scratch) -> None:
         assert p.state is not None
-        gathered = {i: self.run.sources[i].gather(p.task.name, positions) for i in p.task.reads}
+        gathered = {i: self.run.sources[i].gather(p.task.name, positions, SAMPLE_RUN) for i in p.task.reads}
         views = {i: g for i, g in gathered.items() if g is not None}
         if len(views) == len(gathered):  # (else the first chunk brackets the selection)
             p.state.feed_sample(p.q, views, scratch)

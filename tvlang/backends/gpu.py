@@ -137,8 +137,8 @@ class _HostSource:
     ) -> None:
         self.source.release(name, start, stop, before=before, after=after)
 
-    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
-        found = self.source.gather(name, positions)
+    def gather(self, name: str, positions: np.ndarray[Any, Any], run: int = 1) -> Chunk | None:
+        found = self.source.gather(name, positions, run)
         return found.cpu() if found is not None and is_torch(found) and found.device.type != "cpu" else found
 
     def close(self) -> None:

@@ -286,7 +286,9 @@ def sample_positions(numel: int) -> np.ndarray[Any, Any]:
     """The elements a tensor's selections sample, ascending: runs of :data:`SAMPLE_RUN` elements,
     one at a jittered place in each of ``sample_size / SAMPLE_RUN`` equal strata of the tensor.
     Spread over every row (weights' rows differ in scale, so a few contiguous ranges mislead) and,
-    by the jitter (a Weyl sequence: no generator, the same places every run), over the columns."""
+    by the jitter (a Weyl sequence: no generator, the same places every run), over the columns.
+    Each run starts at a multiple of :data:`SAMPLE_RUN`, so a source can gather a run as one item
+    (``Source.gather``'s ``run``); a tensor no larger than its sample is sampled whole."""
     size = sample_size(numel)
     if size >= numel:
         return np.arange(numel, dtype=np.int64)
@@ -294,6 +296,7 @@ def sample_positions(numel: int) -> np.ndarray[Any, Any]:
     stride = (numel - SAMPLE_RUN) / runs
     jitter = (np.arange(runs, dtype=np.float64) * 0.6180339887498949) % 1.0
     starts = ((np.arange(runs) + jitter) * stride).astype(np.int64)
+    starts = np.unique(starts - starts % SAMPLE_RUN)  # (strata narrower than two runs may meet)
     positions = (starts[:, None] + np.arange(SAMPLE_RUN, dtype=np.int64)).ravel()
     positions.flags.writeable = False
     return positions

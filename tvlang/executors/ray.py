@@ -486,7 +486,7 @@ class _Unread:
     ) -> None:
         pass
 
-    def gather(self, name: str, positions: Any) -> None:
+    def gather(self, name: str, positions: Any, run: int = 1) -> None:
         raise AssertionError(f"tensor {name!r} is not read from this input in this unit")
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ class LoraSource:
     ) -> None:
         pass
 
-    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> None:
+    def gather(self, name: str, positions: np.ndarray[Any, Any], run: int = 1) -> None:
         return None  # each element is a dot product of a row of B and a column of A: no cheap sample
 
     def close(self) -> None:

@@ -570,8 +570,8 @@ class VocabSource:
         if not self._vocab(name):
             self.inner.release(name, start, stop, before=before, after=after)
 
-    def gather(self, name: str, positions: np.ndarray[Any, Any]) -> Chunk | None:
-        return None if self._vocab(name) else self.inner.gather(name, positions)
+    def gather(self, name: str, positions: np.ndarray[Any, Any], run: int = 1) -> Chunk | None:
+        return None if self._vocab(name) else self.inner.gather(name, positions, run)
 
     def close(self) -> None:
         self.inner.close()
