@@ -144,26 +144,37 @@ def test_a_bracket_that_holds_too_many_keys_falls_back_exactly(monkeypatch: pyte
 @pytest.mark.parametrize("portable", [False, True])
 def test_compiled_bracket_counts_and_keeps_like_numpy(dtype: type, portable: bool) -> None:
     """Both C paths (AVX-512 where the machine has it, and the plain one) against numpy: the four
-    counts, the kept keys in element order, and the count past a full stash."""
+    counts, the kept keys in element order, and the count past a full stash; for a bracket inside
+    the keys and for the edges of its inside test (lo = hi, hi = lo + 1, the whole key range)."""
     x = _cases(dtype)["specials"][:39_997]  # not a multiple of the vector width
     keys = np.sort(key_array(x))
-    lo, hi = int(keys[15_000]), int(keys[16_000])
-    unsigned = np.uint64 if dtype == np.float64 else np.uint32
-    want_inside = key_array(x)[(key_array(x) > lo) & (key_array(x) < hi)]
-    want = [
-        int((key_array(x) > hi).sum()),
-        int((key_array(x) == hi).sum()),
-        want_inside.size,
-        int((key_array(x) == lo).sum()),
+    top = 2 ** BITS[dtype] - 1
+    k = int(keys[20_000])
+    brackets = [
+        (int(keys[15_000]), int(keys[16_000])),
+        (k, k),
+        (k, k + 1),
+        (k - 1, k + 1),
+        (0, top),
+        (top, top),
     ]
+    unsigned = np.uint64 if dtype == np.float64 else np.uint32
     count = c.BracketCount(portable=portable)
-    for cap in (x.size, 100):
-        stash, counts = np.zeros(cap, unsigned), np.zeros(4, np.int64)
-        for start in range(0, x.size, 7_001):
-            count(np.ascontiguousarray(x[start : start + 7_001]), lo, hi, stash, counts)
-        assert counts.tolist() == want
-        if cap >= want_inside.size:
-            assert (stash[: want_inside.size] == want_inside).all()
+    for lo, hi in brackets:
+        want_inside = key_array(x)[(key_array(x) > lo) & (key_array(x) < hi)]
+        want = [
+            int((key_array(x) > hi).sum()),
+            int((key_array(x) == hi).sum()),
+            want_inside.size,
+            int((key_array(x) == lo).sum()),
+        ]
+        for cap in (x.size, 100):
+            stash, counts = np.zeros(cap, unsigned), np.zeros(4, np.int64)
+            for start in range(0, x.size, 7_001):
+                count(np.ascontiguousarray(x[start : start + 7_001]), lo, hi, stash, counts)
+            assert counts.tolist() == want, (lo, hi)
+            if cap >= want_inside.size:
+                assert (stash[: want_inside.size] == want_inside).all()
 
 
 def test_sample_positions_spread_over_the_tensor() -> None:

@@ -904,12 +904,17 @@ TV_BRACKET_PORTABLE(tv_bracket64_portable, double, uint64_t, 0x8000000000000000u
    register and stored as a whole vector, without a branch (a store whose lanes past the kept keys
    the next store overwrites; measured on this project's machine: 0.2 ns a float32 value whatever
    share of keys falls inside, against 0.3 to 0.7 with a branch per vector, 0.63 portable), the
-   counts kept in vector lanes rather than popcounts of masks moved out (0.165 ns). */
+   counts kept in vector lanes rather than popcounts of masks moved out (0.165 ns).  The loop is
+   bound by the one port that runs compares into masks and the compress (two of its operations):
+   the inside test is one compare of key - (lo + 1), not two (0.144 against 0.162 ns). */
 #define TV_BRACKET_AVX512(NAME, PORTABLE, FLOAT, UINT, LANES, S, MASK)                                  \
 void NAME(const FLOAT *restrict x, int64_t n, UINT lo, UINT hi, UINT *restrict stash, int64_t cap,    \
           int64_t *restrict counts) {                                                                  \
     const __m512i sign = _mm512_set1_epi##S((UINT)1 << (S - 1)), one = _mm512_set1_epi##S(1);         \
     const __m512i vlo = _mm512_set1_epi##S(lo), vhi = _mm512_set1_epi##S(hi);                          \
+    /* strictly inside: key - (lo + 1) below hi - lo - 1, as unsigned (no key when hi <= lo + 1) */   \
+    const __m512i vlo1 = _mm512_set1_epi##S((UINT)(lo + 1));                                           \
+    const __m512i vwidth = _mm512_set1_epi##S(hi > lo ? (UINT)(hi - lo - 1) : 0);                      \
     int64_t inside = counts[2], i = 0;                                                                 \
     while (i + LANES <= n) { /* spans whose per-lane counts fit 32 bits */                             \
         const int64_t end = n - i > (1 << 28) ? i + (1 << 28) : n;                                      \
@@ -922,7 +927,7 @@ void NAME(const FLOAT *restrict x, int64_t n, UINT lo, UINT hi, UINT *restrict s
             above = _mm512_mask_add_epi##S(above, _mm512_cmpgt_epu##S##_mask(key, vhi), above, one);   \
             at_hi = _mm512_mask_add_epi##S(at_hi, _mm512_cmpeq_epu##S##_mask(key, vhi), at_hi, one);   \
             at_lo = _mm512_mask_add_epi##S(at_lo, _mm512_cmpeq_epu##S##_mask(key, vlo), at_lo, one);   \
-            const MASK in = _mm512_mask_cmplt_epu##S##_mask(_mm512_cmpgt_epu##S##_mask(key, vlo), key, vhi); \
+            const MASK in = _mm512_cmplt_epu##S##_mask(_mm512_sub_epi##S(key, vlo1), vwidth);               \
             if (inside + LANES <= cap) /* the kept keys packed to the front, the whole vector stored */ \
                 _mm512_storeu_si512((void *)(stash + inside), _mm512_maskz_compress_epi##S(in, key));  \
             inside += __builtin_popcount(in);                                                          \
