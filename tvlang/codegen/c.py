@@ -904,9 +904,10 @@ TV_BRACKET_PORTABLE(tv_bracket64_portable, double, uint64_t, 0x8000000000000000u
    register and stored as a whole vector, without a branch (a store whose lanes past the kept keys
    the next store overwrites; measured on this project's machine: 0.2 ns a float32 value whatever
    share of keys falls inside, against 0.3 to 0.7 with a branch per vector, 0.63 portable), the
-   counts kept in vector lanes rather than popcounts of masks moved out (0.165 ns).  The loop is
-   bound by the one port that runs compares into masks and the compress (two of its operations):
-   the inside test is one compare of key - (lo + 1), not two (0.144 against 0.162 ns). */
+   counts kept in vector lanes rather than popcounts of masks moved out (0.165 ns).  Only one port
+   runs compares into masks and the compress (two operations): the inside test is one compare of
+   key - (lo + 1), not two, which leaves six of the loop's thirteen vector operations there and
+   the loop bound by both vector ports (0.144 against 0.162 ns, benchmarks/PROFILE.md). */
 #define TV_BRACKET_AVX512(NAME, PORTABLE, FLOAT, UINT, LANES, S, MASK)                                  \
 void NAME(const FLOAT *restrict x, int64_t n, UINT lo, UINT hi, UINT *restrict stash, int64_t cap,    \
           int64_t *restrict counts) {                                                                  \
