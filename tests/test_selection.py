@@ -197,10 +197,11 @@ def test_a_checkpoint_gathers_runs_as_the_elements_they_hold(
     """The gather by runs (one item per run, a window at a time for a large tensor) takes the same
     elements as a take of the whole tensor, whatever the tensor's size: whole runs, strata that
     meet (20 000 elements), a tensor sampled whole that is no multiple of the run, the last window
-    cut short; and scattered positions gathered one by one (``run`` 1) the same way."""
+    cut short, an empty tensor; and scattered positions gathered one by one (``run`` 1) the same
+    way."""
     monkeypatch.setattr(endpoints, "KEEP_GATHERED", 4096)  # bytes: every tensor here by windows
     g = torch.Generator().manual_seed(3)
-    sizes = {"large": 1_000_003, "met": 20_000, "whole": 1_001, "tiny": 3}
+    sizes = {"large": 1_000_003, "met": 20_000, "whole": 1_001, "tiny": 3, "empty": 0}
     state = {name: torch.randn(n, generator=g).to(dtype) for name, n in sizes.items()}
     path = tmp_path / "m.safetensors"
     save_file(state, str(path))

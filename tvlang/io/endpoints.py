@@ -103,11 +103,11 @@ class CheckpointSource:
             run = 1  # (not whole runs: a tensor sampled whole)
         index = positions[::run] // run if run > 1 else positions  # (runs start at multiples of run)
         item = np.dtype(f"V{run * size}")
-        window = max(run, KEEP_GATHERED // size // run * run)
         small = info.nbytes <= KEEP_GATHERED
+        window = max(1, info.numel) if small else max(run, KEEP_GATHERED // size // run * run)
         parts = []
-        for start in range(0, info.numel, info.numel if small else window):
-            stop = info.numel if small else min(info.numel, start + window)
+        for start in range(0, info.numel, window):
+            stop = min(info.numel, start + window)
             end = start + (stop - start) // run * run  # (every run lies inside [start, end))
             lo, hi = np.searchsorted(index, (start // run, end // run))
             if hi > lo:
@@ -115,7 +115,9 @@ class CheckpointSource:
                 parts.append(np.take(chunk.view(item), index[lo:hi] - start // run).view(chunk.dtype))
                 if not small:
                     self._reader.release(info, start, stop)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # (positions are never empty)
+        if not parts:  # (no positions)
+            return self._reader.read(info, 0, 0)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def close(self) -> None:
         self._reader.close()
