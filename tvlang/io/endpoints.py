@@ -96,7 +96,7 @@ class CheckpointSource:
         one is gathered a window at a time, each window's pages dropped again (its passes fault them
         back in chunk by chunk), so memory stays flat.  Runs of ``run`` elements are taken as one
         item each (numpy's take then indexes a quarter as much for runs of four: the samples of the
-        1 GiB TIES's inputs in 0.19-0.20 CPU-s against 0.25-0.34, benchmarks/PROFILE.md)."""
+        1 GiB TIES's inputs in 0.14 CPU-s against 0.21, benchmarks/sample_gather.py)."""
         info = self.tensors[name]
         size = ITEMSIZE[info.dtype]
         if run > 1 and positions.size % run:
