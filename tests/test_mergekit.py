@@ -476,11 +476,9 @@ ERRORS = [  # config text, a phrase of the message, the text the caret underline
         "one",
     ),
     ("merge_method: ties\ntokenizer: {tokens: {x: {force: true}}}\n" + BASED, "needs a `source:`", "x"),
-    (
-        "merge_method: ties\nchat_template: chatml\n" + BASED,
-        "`chat_template:` is not supported",
-        "chat_template",
-    ),
+    ("merge_method: ties\nchat_template: llama3\n" + BASED, "tvlang has no `llama3` chat template", "llama3"),
+    ("merge_method: ties\nchat_template: hello\n" + BASED, "'hello' is not a chat template", "hello"),
+    ("merge_method: ties\nchat_template: [chatml]\n" + BASED, "must be a non-empty string", "[chatml]"),
     ("merge_method: ties\nname: x\n" + BASED, "unknown mergekit field `name`", "name"),
     ("merge_method: tiez\n" + BASED, "unknown merge_method `tiez`", "tiez"),
     # no mergekit release has it (its registry's SCE merge is `sce`): an unknown name, as in mergekit

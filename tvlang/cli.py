@@ -305,8 +305,13 @@ def _common(p: argparse.ArgumentParser, *, program: bool = True, running: bool =
 
 # The Options fields every command that takes a program sets by flag, and those only a run sets.
 _OPTION_FLAGS = ("dtype", "memory", "threads", "chunk", "kernels", "rows", "keys", "shard_size", "device")
-_RUN_OPTION_FLAGS = ("executor", "address", "overwrite", "nonfinite", "as_lora", "lora_base", "lora_svd")
-_METAVARS = {"as_lora": "RANK", "lora_base": "NAME", "threads": "N", "memory": "SIZE", "shard_size": "SIZE"}
+_RUN_OPTION_FLAGS = (
+    "executor", "address", "overwrite", "nonfinite", "as_lora", "lora_base", "lora_svd", "chat_template",
+)  # fmt: skip
+_METAVARS = {
+    "as_lora": "RANK", "lora_base": "NAME", "threads": "N", "memory": "SIZE", "shard_size": "SIZE",
+    "chat_template": "TEMPLATE",
+}  # fmt: skip
 
 
 def _add_option(p: argparse.ArgumentParser, name: str) -> None:

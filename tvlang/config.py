@@ -56,7 +56,7 @@ from tvlang.errors import TvInputError, TvParamError
 from tvlang.fields import FieldPath, Fields, describe, did_you_mean, dotted, read_json, read_yaml
 from tvlang.job import JOB_SUFFIXES, Job, PreparedJob
 from tvlang.lowering.lower import Binding, ParamValue
-from tvlang.options import SETTINGS, Options
+from tvlang.options import SETTINGS, Options, check_chat_template
 from tvlang.plan import parse_dtype
 from tvlang.source import SourceText
 
@@ -105,12 +105,16 @@ def _output(f: Fields, value: Any) -> str | dict[str, str] | None:
     return f.path(("output",), value)
 
 
+# Options whose default is None: a job's `null` there means the default.
+_UNSET_BY_NULL = ("dtype", "roots", "threads", "chunk", "address", "as_lora", "chat_template")
+
+
 def _option(f: Fields, name: str, value: Any) -> Any:
     """A job's (or an override's) value of the :class:`Options` field ``name``, checked as the
     field's setting says (tvlang.options), with the error at the field."""
     setting = SETTINGS[name]
     at: FieldPath = (name,)
-    if value is None and name in ("dtype", "roots", "threads", "chunk", "address", "as_lora"):
+    if value is None and name in _UNSET_BY_NULL:
         return None
     if setting.kind == "size":
         return f.size(at, value)
@@ -120,6 +124,13 @@ def _option(f: Fields, name: str, value: Any) -> Any:
         return f.boolean(at, value)
     if setting.kind == "text":
         return f.string(at, value)
+    if setting.kind == "template":
+        text = f.string(at, value)
+        try:
+            check_chat_template(text)
+        except TvParamError as e:
+            f.fail(at, e.message, help=e.help)
+        return text
     if setting.kind == "paths":
         f.expect(at, value, isinstance(value, (list, tuple)), "a list of directories")
         return tuple(f.path((name, i), r) for i, r in enumerate(value))

@@ -27,6 +27,7 @@ from tvlang.codegen.spec import eager_tasks
 from tvlang.dtypes import FLOATS, TensorMeta
 from tvlang.errors import TvInputError, TvOutputError, TvParamError
 from tvlang.executors import executor_for
+from tvlang.io import chat_template
 from tvlang.io.card import CARD_NAME, hub_id
 from tvlang.io.checkpoint import INDEX_NAME, Checkpoint, CheckpointWriter
 from tvlang.io.endpoints import (
@@ -68,6 +69,32 @@ OutSpec = str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]] | None
 CardFor = Callable[[str, Mapping[str, float]], Any]  # (title, params) -> card(section, base) -> text
 
 
+def _chat_template(
+    plan: Plan,
+    opened: Mapping[str, Any],
+    options: Options,
+    dests: Sequence[str | None],
+    adapters: Mapping[str, AdapterSpec],
+) -> str | None:
+    """The chat template the run's model directories get (``Options.chat_template``; ``auto``
+    looks at every input model directory), or None: none asked for, or ``auto`` found none.  An
+    output written to files that cannot carry one (a single file, an adapter) is refused with E402
+    before anything is written; results in memory have no tokenizer files to set it in."""
+    if options.chat_template is None:
+        return None
+    for output, dest in zip(plan.outputs, dests, strict=True):
+        if dest is not None and (output.name in adapters or dest.endswith(".safetensors")):  # (as the writer)
+            kind = "a LoRA adapter" if output.name in adapters else "one .safetensors file"
+            raise TvParamError(
+                f"output {dest} is {kind}: it has no tokenizer files to carry a chat template",
+                help="write the output as a model directory, or run without --chat-template",
+                code="E402",
+            )
+    handles = [opened.get(inp.ref.base_key) for inp in plan.inputs]
+    folders = [h.path for h in handles if isinstance(h, Checkpoint) and h.is_dir]
+    return chat_template.choose(options.chat_template, folders)
+
+
 def write_outputs(
     plan: Plan,
     opened: dict[str, Any],
@@ -96,6 +123,7 @@ def write_outputs(
         for stale, pid in remove_stale_temporaries(target):
             print(f"note: removed {stale}, left by an interrupted run (process {pid})", file=sys.stderr)
     check_free_space_together(to_disk)
+    template_text = _chat_template(plan, opened, options, dests, adapters)
     sources: list[Source] = []
     sinks: list[Sink] = []
     # side files an output changes (tokenizer, config.json) wait here until the writer copies them
@@ -146,6 +174,9 @@ def write_outputs(
                     sidecars = vocab.sidecars(sidecars, edited_dir.name)  # the new tokenizer and vocab_size
                 if output.layers is not None:  # a stacked model: config.json says its depth
                     sidecars = restacked_sidecars(sidecars, output.layers, edited_dir)
+                if template_text is not None:  # one folder per output: each keeps its files' names
+                    folder = tempfile.mkdtemp(dir=edited_dir.name)
+                    sidecars = chat_template.carry(sidecars, template_text, dest, folder)
                 sinks.append(
                     CheckpointWriter(
                         dest,

@@ -38,7 +38,7 @@ from tvlang.fields import FieldPath, Fields, describe, dotted, read_json, read_y
 from tvlang.job import Job
 from tvlang.lowering.builtins import BUILTINS
 from tvlang.lowering.lower import Binding
-from tvlang.options import Options
+from tvlang.options import CHAT_TEMPLATES, Options, check_chat_template
 from tvlang.source import SourceText, Span
 
 # modules.M.slices[i].sources[j].parameters.NAME[k].value[l] is the deepest field a mergekit config has
@@ -49,11 +49,8 @@ REQUIRED: Any = object()
 
 TOP_LEVEL = (
     "merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "tokenizer",
-    "slices", "modules",
+    "chat_template", "slices", "modules",
 )  # fmt: skip
-UNSUPPORTED_TOP_LEVEL = {
-    "chat_template": "tvlang does not write chat templates; it copies the base model's tokenizer files",
-}
 BOOLEANS = (
     "int8_mask",
     "normalize",
@@ -159,13 +156,15 @@ class Translation:
     ``program`` is the complete ``.tv`` text; ``body`` is the same program without its ``load()``
     lines, for the caller to bind ``models`` (name → absolute checkpoint path) instead, so that a
     missing checkpoint is reported at its ``model:`` line in the YAML (``where``).  ``dtype`` is
-    the output dtype (``--dtype``) from mergekit's ``out_dtype`` or ``dtype``, or None."""
+    the output dtype (``--dtype``) from mergekit's ``out_dtype`` or ``dtype``, or None;
+    ``chat_template`` the output's chat template (``--chat-template``), or None."""
 
     program: str
     body: str
     models: Mapping[str, str]
     dtype: str | None
     method: str
+    chat_template: str | None = None
     name: str = "<mergekit>"
     base_dir: str = "."
     notes: tuple[str, ...] = ()
@@ -181,7 +180,7 @@ class Translation:
             bindings={n: Binding(p, "model") for n, p in self.models.items()},
             params={},
             output=None,
-            options=replace(Options(), dtype=self.dtype),
+            options=replace(Options(), dtype=self.dtype, chat_template=self.chat_template),
             name=self.name,
             base_dir=self.base_dir,
             where=dict(self.where),
@@ -436,16 +435,12 @@ class _Translator:
         for k in data:
             if not isinstance(k, str):
                 self.fail((str(k),), f"field names must be strings, not {describe(k)}", key=True)
-            if k in UNSUPPORTED_TOP_LEVEL:
-                self.fail(
-                    (k,), f"mergekit's `{k}:` is not supported", key=True, help=UNSUPPORTED_TOP_LEVEL[k]
-                )
             if k not in TOP_LEVEL:
                 self.fail(
                     (k,),
                     f"unknown mergekit field `{k}`",
                     key=True,
-                    help=_close(k, (*TOP_LEVEL, *UNSUPPORTED_TOP_LEVEL), "fields"),
+                    help=_close(k, TOP_LEVEL, "fields"),
                 )
         if "merge_method" not in data:
             self.fail((), "a mergekit config needs `merge_method:`", help="supported: " + ", ".join(METHODS))
@@ -1143,6 +1138,19 @@ class _Translator:
             )
         return codes.get("out_dtype", codes.get("dtype"))
 
+    def _chat_template(self) -> str | None:
+        """mergekit's ``chat_template:`` (auto, chatml, or a template's text), checked here so that
+        a bad one is reported at its line."""
+        raw = self.data.get("chat_template")
+        if raw is None:
+            return None
+        text = self.f.string(("chat_template",), raw)
+        try:
+            check_chat_template(text)
+        except TvParamError as e:
+            self.fail(("chat_template",), e.message, help=e.help)
+        return text
+
     def _assemble(self, body: str, dtype: str | None) -> Translation:
         everyone = ([self.base] if self.base is not None else []) + [
             m for m in self.models if m.name != "base"
@@ -1164,6 +1172,10 @@ class _Translator:
         if dtype is not None:
             given = self.data.get("out_dtype") or self.data.get("dtype")
             header.append(f"# mergekit writes {given}: run this program with `--dtype {dtype}`.")
+        template = self._chat_template()
+        if template is not None:
+            flag = f"--chat-template {template}" if template in CHAT_TEMPLATES else "--chat-template TEMPLATE"
+            header.append(f"# mergekit sets the output's chat template: run this program with `{flag}`.")
         if self.method.sparsify in ("random", "della"):
             self.notes.append(
                 f"the random masks come from tvlang's seeded generator (seed={self.seed}), not torch's: "
@@ -1178,6 +1190,7 @@ class _Translator:
             models=models,
             dtype=dtype,
             method=self.name,
+            chat_template=template,
             name=self.f.name,
             base_dir=self.f.base_dir,
             notes=tuple(self.notes),

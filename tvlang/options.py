@@ -32,6 +32,9 @@ KERNEL_MODES = ("auto", "compiled", "eager")
 DEVICES = ("cpu", "cuda", "auto")
 EXECUTORS = ("local", "ray")
 SVD_METHODS = ("auto", "exact", "randomized")
+CHAT_TEMPLATES = ("auto", "chatml")  # besides a template's own text (tvlang.io.chat_template)
+# mergekit's other template names: formats that vary by model family, whose own files carry them
+FAMILY_TEMPLATES = ("alpaca", "exaone", "llama3", "mistral")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -60,9 +63,10 @@ class Setting:
     """How one field of :class:`Options` is given and checked.
 
     ``kind``: ``size`` (bytes, or text like ``512M``), ``count`` (an integer of at least 1),
-    ``choice`` (one of ``choices``), ``flag`` (true or false), ``text``, ``dtype`` (an output dtype
-    name) or ``paths``.  ``what`` names the value in errors (``unknown kernel mode 'x'``); ``help``
-    is the command line's help text; ``flag`` its option, where it has one."""
+    ``choice`` (one of ``choices``), ``flag`` (true or false), ``text``, ``template`` (a chat
+    template: :func:`check_chat_template`), ``dtype`` (an output dtype name) or ``paths``.
+    ``what`` names the value in errors (``unknown kernel mode 'x'``); ``help`` is the command
+    line's help text; ``flag`` its option, where it has one."""
 
     kind: str
     help: str
@@ -205,6 +209,15 @@ class Options:
         "base",
         Setting("text", "the adapter's base model, a name in the program (default: base)", "--lora-base"),
     )
+    chat_template: str | None = _setting(
+        None,
+        Setting(
+            "template",
+            "the chat template the outputs' tokenizer files carry: auto (the one most input models "
+            "carry), chatml, or a Jinja template's text (default: the template model's files unchanged)",
+            "--chat-template",
+        ),
+    )
     lora_svd: str = _setting(
         "auto",
         Setting(
@@ -278,6 +291,8 @@ def check(name: str, value: Any, setting: Setting | None = None) -> None:
             raise TvParamError(f"{name} must be an integer, not {value!r}", code="E402")
         if value < 1:
             raise TvParamError(f"{name} must be at least 1, not {value}", code="E402")
+    if kind == "template" and value is not None:
+        check_chat_template(value)
     if (
         kind == "dtype"
         and value is not None
@@ -288,11 +303,35 @@ def check(name: str, value: Any, setting: Setting | None = None) -> None:
         )
 
 
+def check_chat_template(value: Any) -> None:
+    """Raise E402 unless ``value`` is ``auto``, a name of :data:`CHAT_TEMPLATES` or looks like a
+    Jinja template's text (mergekit's test: at least 20 characters, one of them ``{``)."""
+    if not isinstance(value, str):
+        raise TvParamError(f"a chat template is text, not {type(value).__name__}", code="E402")
+    if value in CHAT_TEMPLATES:
+        return
+    if value in FAMILY_TEMPLATES:
+        raise TvParamError(
+            f"tvlang has no `{value}` chat template",
+            help=f"a {value} model carries its own in its tokenizer files: `auto` takes the one most input "
+            "models carry; or give the template's text",
+            code="E402",
+        )
+    if len(value) < 20 or "{" not in value:
+        raise TvParamError(
+            f"{value!r} is not a chat template",
+            help="give auto, chatml, or a Jinja template's text",
+            code="E402",
+        )
+
+
 __all__ = [
+    "CHAT_TEMPLATES",
     "DEFAULT_MEMORY",
     "DEFAULT_SHARD_SIZE",
     "DEVICES",
     "EXECUTORS",
+    "FAMILY_TEMPLATES",
     "KERNEL_MODES",
     "KEY_POLICIES",
     "NONFINITE_MODES",
@@ -302,6 +341,7 @@ __all__ = [
     "Options",
     "Setting",
     "check",
+    "check_chat_template",
     "default",
     "format_size",
     "help_text",
