@@ -13,7 +13,7 @@ import torch
 
 import tvlang
 from tvlang import cli
-from tvlang.errors import TvParamError
+from tvlang.errors import TvInputError, TvParamError
 from tvlang.io.chat_template import CHATML, choose, model_template
 from tvlang.synth import llama_shapes, make_state, save_checkpoint, write_tokenizer
 
@@ -164,9 +164,25 @@ def test_outputs_without_tokenizer_files_are_refused_before_writing(root: Path, 
     with pytest.raises(TvParamError, match=r"no tokenizer_config\.json to carry the chat template") as e:
         lone.run(str(tmp_path / "lone"), options=tvlang.Options(chat_template="chatml"))
     assert e.value.code == "E402" and not (tmp_path / "lone").exists()
+    with pytest.raises(TvParamError, match="is a LoRA adapter") as e:
+        program.run(str(tmp_path / "adapter"), options=tvlang.Options(chat_template="chatml", as_lora=2))
+    assert e.value.code == "E402" and not (tmp_path / "adapter").exists()
     # a result in memory has no tokenizer files: the option changes nothing there
     result = program.run(options=tvlang.Options(chat_template="chatml"))
     assert "model.embed_tokens.weight" in result
+
+
+def test_auto_names_an_input_whose_tokenizer_config_is_not_json(root: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "m1", broken)
+    (broken / "tokenizer_config.json").write_text('{"chat_template": ')
+    program = tvlang.compile(
+        "base + 0.5*(m1 - base)", bindings={"base": str(root / "base"), "m1": str(broken)}
+    )
+    with pytest.raises(TvInputError, match="not valid JSON") as e:
+        program.run(str(tmp_path / "out"), options=tvlang.Options(chat_template="auto"))
+    assert str(broken / "tokenizer_config.json") in e.value.message and e.value.code == "E301"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
