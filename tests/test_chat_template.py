@@ -219,6 +219,14 @@ def test_bad_values_are_e402_on_every_front_end(
     assert phrase in err and f"{job.name}:" in err  # at the job file's field
 
 
+def test_plan_says_which_template_the_outputs_get(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["plan", str(config(root, "chatml")), "--stage", "plan"]) == 0
+    assert "chat template: chatml, into the tokenizer files" in capsys.readouterr().out
+    args = ["plan", "-e", "base", "--bind", f"base={root / 'base'}"]
+    assert cli.main(args) == 0
+    assert "chat template" not in capsys.readouterr().out
+
+
 def test_the_translated_program_says_which_flag_to_run_it_with(root: Path) -> None:
     from tvlang.mergekit import load_config
 

@@ -29,7 +29,7 @@ from tvlang.ir.build import sub
 from tvlang.ir.node import Origin
 from tvlang.lowering.adapters import AdapterSpec, check_adapter, strip_adapters
 from tvlang.lowering.lower import Binding, Lowered, ParamValue, lower
-from tvlang.options import Options
+from tvlang.options import CHAT_TEMPLATES, Options
 from tvlang.passes import STAGES, optimize, stages
 from tvlang.plan import Plan
 from tvlang.source import SourceText, Span
@@ -161,6 +161,12 @@ class Program:
         if vocab is not None:
             sections.append(vocab.describe())
             vocab.close()
+        if options.chat_template is not None:
+            template = options.chat_template
+            named = template if template in CHAT_TEMPLATES else f"the text given ({len(template)} characters)"
+            sections.append(
+                f"chat template: {named}, into the tokenizer files of each model directory output"
+            )
         if stage == "plan":
             return "\n".join(sections[7:])
         if lowered.params:
