@@ -107,6 +107,20 @@ def test_auto_takes_the_template_most_inputs_carry(root: Path) -> None:
     assert choose("chatml", dirs) == CHATML and choose(ZEPHYR, dirs) == ZEPHYR
 
 
+def test_a_list_of_named_templates_gives_its_default(tmp_path: Path) -> None:
+    """tokenizer_config.json may hold several templates by name (transformers' older format): the
+    one named `default` is the model's; without one, or with an empty one, the model has none."""
+    config = tmp_path / "tokenizer_config.json"
+    for value, want in [
+        ([{"name": "tool_use", "template": PLAIN}, {"name": "default", "template": ZEPHYR}], ZEPHYR),
+        ([{"name": "tool_use", "template": PLAIN}], None),
+        ("  ", None),
+        (ZEPHYR, ZEPHYR),
+    ]:
+        config.write_text(json.dumps({"chat_template": value}))
+        assert model_template(str(tmp_path)) == want
+
+
 def test_the_named_templates_are_the_ones_options_accept() -> None:
     from tvlang.io.chat_template import NAMED
     from tvlang.options import CHAT_TEMPLATES, FAMILY_TEMPLATES
