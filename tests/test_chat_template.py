@@ -119,6 +119,8 @@ def test_a_list_of_named_templates_gives_its_default(tmp_path: Path) -> None:
     ]:
         config.write_text(json.dumps({"chat_template": value}))
         assert model_template(str(tmp_path)) == want
+    (tmp_path / "chat_template.jinja").write_text("\n")  # read first, and empty: no template
+    assert model_template(str(tmp_path)) is None
 
 
 def test_the_named_templates_are_the_ones_options_accept() -> None:

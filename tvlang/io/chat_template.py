@@ -39,12 +39,13 @@ def model_template(directory: str) -> str | None:
     ``chat_template.jinja``, else ``tokenizer_config.json``'s ``chat_template`` (a string, or the
     template named ``default`` of a list of them); None where there is none."""
     jinja = os.path.join(directory, JINJA_FILE)
-    if os.path.isfile(jinja):
-        return _read_text(jinja)
     config_path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(config_path):
+    if os.path.isfile(jinja):
+        value: Any = _read_text(jinja)
+    elif os.path.isfile(config_path):
+        value = _read_config(config_path).get("chat_template")
+    else:
         return None
-    value = _read_config(config_path).get("chat_template")
     if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
         value = named.get("default")
@@ -97,7 +98,7 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read(MAX_CONFIG_BYTES)
     except (OSError, UnicodeDecodeError) as e:
-        raise TvInputError(f"{path}: cannot read the chat template ({e})", code="E300") from None
+        raise TvInputError(f"{path}: cannot read it ({e})", code="E300") from None
 
 
 def _read_config(path: str) -> dict[str, Any]:
